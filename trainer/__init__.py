@@ -1,0 +1,1 @@
+"""Training engine: plain Python, no ComfyUI imports."""

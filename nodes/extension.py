@@ -1,7 +1,7 @@
 """The V3 extension that hands ComfyUI the pack's node list."""
 from comfy_api.latest import ComfyExtension, io
 
-NODE_MODULES: tuple[str, ...] = ()
+NODE_MODULES: tuple[str, ...] = ("dataset_nodes",)
 
 
 class SDXLLoraTrainerExtension(ComfyExtension):

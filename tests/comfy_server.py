@@ -53,6 +53,7 @@ class ComfyServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base / "server.log"
         self.client_id = uuid.uuid4().hex
+        self.startup_log = ""  # the log up to the moment the server answered (import errors show here)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _prepare_base(self) -> None:
@@ -80,6 +81,7 @@ class ComfyServer:
                 raise ServerError(f"ComfyUI exited with {self.proc.returncode} during start:\n{self.log()[-4000:]}")
             try:
                 self.get("/system_stats", timeout=2)
+                self.startup_log = self.log()
                 return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.5)

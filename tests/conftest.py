@@ -10,7 +10,6 @@ without executing the pack's ``__init__`` and without clashing with ComfyUI's ow
 """
 from __future__ import annotations
 
-import json
 import sys
 import types
 from pathlib import Path
@@ -19,7 +18,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "sdxl_lora_trainer"
-GOLDEN_DIR = Path(__import__("os").environ.get("SDXL_LORA_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
 
 if PACKAGE not in sys.modules:
     _pkg = types.ModuleType(PACKAGE)
@@ -29,6 +27,8 @@ if PACKAGE not in sys.modules:
 
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
+
+from golden_data import load_golden  # noqa: E402
 
 TIERS = ("unit", "host", "server")
 
@@ -47,10 +47,7 @@ def golden():
 
     def load(name: str) -> dict:
         if name not in cache:
-            path = GOLDEN_DIR / f"{name}.json"
-            if not path.is_file():
-                pytest.fail(f"golden file {path} is missing: CI and the README expect ../shared beside the clone")
-            cache[name] = json.loads(path.read_text())
+            cache[name] = load_golden(name)
         return cache[name]
 
     return load

@@ -12,7 +12,7 @@ def pack_nodes(info: dict) -> dict:
 
 
 def test_no_import_errors(server):
-    log = server.log()
+    log = server.startup_log
     assert "Cannot import" not in log, log
     assert re.search(r"IMPORT FAILED.*sdxl_lora_trainer", log) is None, log
     assert "Traceback" not in log, log

@@ -53,7 +53,7 @@ UNET_CONFIG: dict[str, Any] = {
     "transformer_depth_middle": 1,
     "use_linear_in_transformer": True,
     "context_dim": CONTEXT_DIM,
-    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0, 0],  # deepest level first, like SDXL's [10]*3+[2]*3+[0]*3
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }

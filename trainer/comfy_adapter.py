@@ -350,16 +350,40 @@ def clip_settings(clip: Any) -> dict[str, Any]:
 
 # -- host services: progress, cancel, events, folders -------------------------------------------
 
+_cancel_seen = False
+
+
 def interrupted() -> bool:
-    """True once the user pressed Cancel (POST /interrupt); the flag is left for ComfyUI to clear."""
+    """True once the user pressed Cancel (POST /interrupt) during this run.
+
+    ComfyUI clears its flag when one of its own progress hooks raises; ``note_interrupt`` keeps the
+    request visible so the loop can still stop at the step boundary and save.
+    """
     import comfy.model_management as mm
 
-    return bool(mm.processing_interrupted())
+    return _cancel_seen or bool(mm.processing_interrupted())
+
+
+def note_interrupt() -> None:
+    global _cancel_seen
+    _cancel_seen = True
+
+
+def reset_interrupt_note() -> None:
+    global _cancel_seen
+    _cancel_seen = False
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    import comfy.model_management as mm
+
+    return isinstance(exc, mm.InterruptProcessingException)
 
 
 def raise_interrupt() -> None:
     import comfy.model_management as mm
 
+    reset_interrupt_note()
     mm.throw_exception_if_processing_interrupted()
     raise mm.InterruptProcessingException()
 
@@ -374,6 +398,8 @@ class Progress:
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
     def update(self, step: int, total: int, text: str | None = None, preview: Any = None) -> None:
+        if interrupted():
+            return  # ComfyUI's hook would raise here; the loop stops at the step boundary and saves
         self.bar.update_absolute(step, total, preview)
         if text is not None and self.node_id is not None:
             server = _server()
@@ -410,3 +436,72 @@ def temp_directory() -> str:
     import folder_paths
 
     return folder_paths.get_temp_directory()
+
+
+def lora_file_names() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_file_path(name: str) -> str:
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise("loras", name)
+
+
+def load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    import comfy.utils
+
+    return comfy.utils.load_torch_file(path, safe_load=True)
+
+
+def apply_lora(model: Any, clip: Any, weights: dict[str, torch.Tensor], strength_model: float = 1.0,
+               strength_clip: float = 1.0) -> tuple[Any, Any]:
+    """MODEL/CLIP clones with the LoRA patched in exactly as LoraLoader does (the inputs stay untouched)."""
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(model, clip, weights, strength_model, strength_clip)
+
+
+def output_directory() -> str:
+    import folder_paths
+
+    return folder_paths.get_output_directory()
+
+
+def encode_conditioning(clip: Any, text: str) -> Any:
+    """CONDITIONING exactly as CLIPTextEncode makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def sample_image(model: Any, vae: Any, positive: Any, negative: Any, *, width: int, height: int, seed: int,
+                 steps: int, cfg: float, sampler_name: str, scheduler: str) -> torch.Tensor:
+    """One image [1,H,W,3] with ComfyUI's own KSampler path; the noise comes from a private generator
+    (comfy.sample.prepare_noise would reseed the global RNG) and the global RNG state is restored."""
+    import comfy.sample
+
+    rng_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        latent = torch.zeros([1, 4, height // 8, width // 8])
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+        samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                      denoise=1.0, disable_pbar=True, seed=seed)
+        return vae.decode(samples)
+    finally:
+        torch.set_rng_state(rng_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+
+
+def sampler_names() -> list[str]:
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def scheduler_names() -> list[str]:
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SCHEDULERS)

@@ -120,7 +120,8 @@ class LoopHooks:
     """What the host provides: cancel checks and per-step reporting (all optional)."""
 
     should_stop: Callable[[], bool] = lambda: False
-    on_step: Callable[[StepRecord, int], None] = lambda record, total: None  # after each optimizer step
+    # after each optimizer step, with the (then complete, resumable) loop state
+    on_step: Callable[[StepRecord, int, "LoopState"], None] = lambda record, total, state: None
 
 
 def _current_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -168,8 +169,9 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
         group_timesteps: list[float] = []
         started = time.perf_counter()
         while state.global_step < settings.max_train_steps:
-            order = list(data.epoch_order(state.epoch))
-            while state.batch_in_epoch < num_batches and state.global_step < settings.max_train_steps:
+            epoch = state.epoch
+            order = list(data.epoch_order(epoch))
+            while state.epoch == epoch and state.global_step < settings.max_train_steps:
                 if micro_in_group == 0 and hooks.should_stop():
                     state.interrupted = True
                     break
@@ -217,12 +219,16 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
                     state.history.append(record)
                     micro_in_group = 0
                     group_losses, group_timesteps = [], []
-                    hooks.on_step(record, settings.max_train_steps)
+                    if state.batch_in_epoch >= num_batches:
+                        state.epoch += 1
+                        state.batch_in_epoch = 0
+                    # the state is complete at every step boundary, so on_step may save it for resuming
+                    state.noise_rng = generator.get_state()
+                    state.py_random = py_random.getstate()
+                    state.dropout_rng = torch.get_rng_state()
+                    hooks.on_step(record, settings.max_train_steps, state)
             if state.interrupted:
                 break
-            if state.batch_in_epoch >= num_batches:
-                state.epoch += 1
-                state.batch_in_epoch = 0
         state.noise_rng = generator.get_state()
         state.py_random = py_random.getstate()
         state.dropout_rng = torch.get_rng_state()

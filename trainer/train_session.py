@@ -129,8 +129,14 @@ def build_network(model: Any, clip: Any, config: NetworkConfig, seed: int,
 def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource, text: Optional[TextSource],
           network_config: NetworkConfig, config: TrainConfig, *, initial_weights: Optional[dict] = None,
           resume: Optional[dict] = None, should_stop: Callable[[], bool] = lambda: False,
-          on_step: Callable[[StepRecord, int], None] = lambda r, t: None) -> TrainResult:
-    """Train a LoRA on ``model`` (and ``clip``). ``resume`` = trainer/train_state.load output."""
+          on_step: Callable[[StepRecord, int, "TrainResult"], None] = lambda r, t, res: None,
+          on_finish: Optional[Callable[["TrainResult"], Any]] = None) -> TrainResult:
+    """Train a LoRA on ``model`` (and ``clip``). ``resume`` = trainer/train_state.load_state output.
+
+    ``on_step(record, total, result)`` runs after every optimizer step inside the training context
+    (LoRA attached): ``result.state`` is then complete, so it can save the LoRA or a resumable state.
+    ``on_finish(result)`` runs once after the last step, still inside the context (final previews).
+    """
     host.require_sdxl(model)
     train_te = network_config.train_te1 or network_config.train_te2
     dtype = DTYPES[config.train_dtype]
@@ -180,7 +186,7 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
         unet = host.diffusion_model(model)
         frozen = [unet] + ([m for m in host.text_encoders(clip)] if train_te else [])
         params = [p for g in groups for p in g["params"]]
-        result = TrainResult(network=network, state=state or LoopState(), total_steps=total,
+        result = TrainResult(network=network, state=state if state is not None else LoopState(), total_steps=total,
                              steps_per_epoch=steps_per_epoch, prediction_type=host.prediction_type(model),
                              optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                              group_names=group_names)
@@ -198,9 +204,11 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
                     LoopSettings(max_train_steps=total, gradient_accumulation_steps=config.gradient_accumulation_steps,
                                  max_grad_norm=config.max_grad_norm, scale_weight_norms=config.scale_weight_norms,
                                  seed=config.seed),
-                    schedule, config.noise, loss_settings, state=state,
-                    hooks=LoopHooks(should_stop=should_stop, on_step=on_step),
+                    schedule, config.noise, loss_settings, state=result.state,
+                    hooks=LoopHooks(should_stop=should_stop, on_step=lambda rec, tot, st: on_step(rec, tot, result)),
                     max_norm=network.apply_max_norm, scaler=scaler)
+                if on_finish is not None and not result.state.interrupted:
+                    on_finish(result)
             finally:
                 optimizer_eval_mode(optimizer)
         network.eval()

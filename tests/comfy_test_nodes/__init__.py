@@ -5,7 +5,7 @@ Loaded only by the tests (tests/comfy_server.py links it into a throw-away base 
 import os
 import sys
 
-_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TESTS = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 

@@ -1,0 +1,89 @@
+"""The LoRA network node: kohya's network settings as one value the train node takes."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..trainer import comfy_adapter
+from ..trainer.lora_network import NetworkConfig, parse_block_list
+from .common import CATEGORY, Network
+
+NONE = "none"
+
+
+class NetworkSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDXLLoraNetwork",
+            display_name="SDXL LoRA: Network",
+            category=CATEGORY,
+            description="kohya networks.lora settings: rank/alpha, conv layers, per-block dims, dropouts, which "
+                        "parts to train, and an optional LoRA file to continue from.",
+            inputs=[
+                io.Int.Input("network_dim", default=16, min=1, max=1024, tooltip="LoRA rank of the attention/"
+                             "linear layers (kohya network_dim)."),
+                io.Float.Input("network_alpha", default=8.0, min=0.0, max=1024.0, step=0.5, tooltip="Scale = alpha "
+                               "/ rank. 0 means alpha = rank (kohya)."),
+                io.Int.Input("conv_dim", default=0, min=0, max=1024, tooltip="Rank of LoRA on the 3x3 convs of "
+                             "ResBlocks and Down/Upsample (kohya conv_dim); 0 = off."),
+                io.Float.Input("conv_alpha", default=1.0, min=0.0, max=1024.0, step=0.5, tooltip="Alpha of the "
+                               "conv LoRA."),
+                io.Boolean.Input("train_unet", default=True, tooltip="Train LoRA on the U-Net."),
+                io.Boolean.Input("train_clip_l", default=False, tooltip="Train LoRA on CLIP-L (text encoder 1, "
+                                 "keys lora_te1_). Needs the CLIP input of the train node; text is encoded live."),
+                io.Boolean.Input("train_clip_g", default=False, tooltip="Train LoRA on CLIP-G (text encoder 2, "
+                                 "keys lora_te2_)."),
+                io.Float.Input("dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Dropout on the LoRA "
+                               "down-projection output (kohya network_dropout)."),
+                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Drop whole "
+                               "ranks per sample (kohya rank_dropout)."),
+                io.Float.Input("module_dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Skip a whole "
+                               "LoRA module per step with this probability (kohya module_dropout)."),
+                io.String.Input("block_dims", default="", tooltip="23 comma-separated ranks for kohya's SDXL "
+                                "blocks (0 disables a block); empty = network_dim everywhere."),
+                io.String.Input("block_alphas", default="", tooltip="23 alphas matching block_dims."),
+                io.String.Input("conv_block_dims", default="", tooltip="23 conv ranks per block."),
+                io.String.Input("conv_block_alphas", default="", tooltip="23 conv alphas per block."),
+                io.String.Input("block_lr_weight", default="", tooltip="23 learning-rate multipliers per block "
+                                "(0 freezes a block)."),
+                io.Combo.Input("start_from", options=[NONE] + comfy_adapter.lora_file_names(), default=NONE,
+                               tooltip="Continue training this LoRA file; its dims and alphas replace the ones "
+                                       "above."),
+            ],
+            outputs=[Network.Output(display_name="network", tooltip="Network settings for the train node.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start_from: str = NONE, **_: object) -> bool | str:
+        """Naming start_from here makes ComfyUI skip its stale-list check: a LoRA saved by an earlier run of
+        this server is accepted before the browser reloads the list; execute resolves it or says why not."""
+        return True
+
+    @classmethod
+    def execute(cls, network_dim: int, network_alpha: float, conv_dim: int, conv_alpha: float, train_unet: bool,
+                train_clip_l: bool, train_clip_g: bool, dropout: float, rank_dropout: float, module_dropout: float,
+                block_dims: str, block_alphas: str, conv_block_dims: str, conv_block_alphas: str,
+                block_lr_weight: str, start_from: str) -> io.NodeOutput:
+        common = dict(dropout=dropout or None, rank_dropout=rank_dropout or None,
+                      module_dropout=module_dropout or None, train_unet=train_unet, train_te1=train_clip_l,
+                      train_te2=train_clip_g,
+                      block_lr_weight=parse_block_list(block_lr_weight or None, "block_lr_weight", as_int=False))
+        initial = None
+        if start_from != NONE:
+            initial = comfy_adapter.load_safetensors(comfy_adapter.lora_file_path(start_from))
+            config = NetworkConfig.from_kohya_state_dict(initial, **common)
+        else:
+            config = NetworkConfig(
+                network_dim=network_dim, network_alpha=network_alpha, conv_dim=conv_dim or None,
+                conv_alpha=conv_alpha if conv_dim else None,
+                block_dims=parse_block_list(block_dims or None, "block_dims", as_int=True),
+                block_alphas=parse_block_list(block_alphas or None, "block_alphas", as_int=False),
+                conv_block_dims=parse_block_list(conv_block_dims or None, "conv_block_dims", as_int=True),
+                conv_block_alphas=parse_block_list(conv_block_alphas or None, "conv_block_alphas", as_int=False),
+                **common)
+        if not (config.train_unet or config.train_te1 or config.train_te2):
+            raise ValueError("Nothing to train: enable train_unet, train_clip_l or train_clip_g.")
+        return io.NodeOutput({"config": config, "initial_weights": initial, "start_from": start_from})
+
+
+NODES = [NetworkSettings]

@@ -1,0 +1,147 @@
+"""Resumable training state as safetensors + JSON: loading never executes code (no pickle).
+
+A state folder holds ``state.safetensors`` (LoRA weights, optimizer tensors, RNG states) and
+``state.json`` (counters, optimizer hyper-parameters and scalar state, scheduler and grad-scaler
+state, the loop's Python RNG state and loss history, and a fingerprint of the run settings that
+must not change on resume). Both are written atomically, tensors first, so a folder is either the
+old state or the new one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .loop import LoopState
+
+STATE_FORMAT = "sdxl_lora_trainer.state/1"
+TENSORS = "state.safetensors"
+META = "state.json"
+
+
+class StateError(ValueError):
+    pass
+
+
+def _json_value(v: Any) -> Any:
+    """Optimizer/scheduler values that JSON can hold; tuples are kept as lists (restored below)."""
+    if isinstance(v, torch.Tensor):
+        raise TypeError("tensors go to safetensors")
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"__float__": repr(v)}
+    if isinstance(v, tuple):
+        return {"__tuple__": [_json_value(x) for x in v]}
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise StateError(f"cannot store a {type(v).__name__} in the training state")
+
+
+def _from_json(v: Any) -> Any:
+    if isinstance(v, dict):
+        if "__float__" in v:
+            return float(v["__float__"])
+        if "__tuple__" in v:
+            return tuple(_from_json(x) for x in v["__tuple__"])
+        return {k: _from_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_from_json(x) for x in v]
+    return v
+
+
+def split_optimizer_state(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, entry in opt_state["state"].items():
+        scalars[str(pid)] = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[str(pid)][name] = _json_value(value)
+    return tensors, {"state": scalars, "param_groups": _json_value(opt_state["param_groups"])}
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {int(pid): dict(_from_json(v)) for pid, v in meta["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": _from_json(meta["param_groups"])}
+
+
+def save_state(folder: str | os.PathLike, *, network: dict[str, torch.Tensor], optimizer: dict,
+               scheduler: Optional[dict], scaler: Optional[dict], loop: LoopState, fingerprint: dict) -> Path:
+    """Write the state folder atomically (each file via temp + rename; tensors first)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"network.{k}": v.detach().cpu().contiguous() for k, v in network.items()}
+    opt_tensors, opt_meta = split_optimizer_state(optimizer)
+    tensors.update(opt_tensors)
+    for name, t in loop.tensors().items():
+        if t is not None:
+            tensors[f"rng.{name}"] = t
+    meta = {"format": STATE_FORMAT, "fingerprint": fingerprint, "optimizer": opt_meta,
+            "scheduler": _json_value(_scheduler_state(scheduler)), "scaler": _json_value(scaler),
+            "loop": loop.to_json()}
+    _atomic(out / TENSORS, lambda p: save_file(tensors, p))
+    _atomic(out / META, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    return out
+
+
+def _scheduler_state(state: Optional[dict]) -> Optional[dict]:
+    """LambdaLR keeps plain functions as None in its state dict; anything else callable is dropped."""
+    if state is None:
+        return None
+    return {k: v for k, v in state.items() if not callable(v)}
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_state(folder: str | os.PathLike, fingerprint: Optional[dict] = None) -> dict:
+    """Read a state folder; with ``fingerprint`` refuse a state written for other run settings."""
+    root = Path(folder)
+    meta_path, tensor_path = root / META, root / TENSORS
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise StateError(f"{root} is not a training state folder (it needs {META} and {TENSORS}); pick the "
+                         "folder a previous run saved its state to.")
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensor_path))
+    except Exception as e:  # noqa: BLE001 - any parse error means the folder is unusable
+        raise StateError(f"the training state in {root} is damaged ({e}); resume from an older state.") from e
+    if meta.get("format") != STATE_FORMAT:
+        raise StateError(f"{root}: unknown state format {meta.get('format')!r}")
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        diff = sorted(k for k in set(fingerprint) | set(meta.get("fingerprint", {}))
+                      if fingerprint.get(k) != meta.get("fingerprint", {}).get(k))
+        raise StateError(f"{root} was saved by a run with different settings ({', '.join(diff)}); resuming "
+                         "needs the same dataset, network and training settings (only max steps may grow).")
+    network = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
+    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    loop = LoopState.from_saved(meta["loop"], {"noise_rng": rng.get("noise_rng"),
+                                               "dropout_rng": rng.get("dropout_rng")})
+    return {"network": network, "optimizer": join_optimizer_state(tensors, meta["optimizer"]),
+            "scheduler": _from_json(meta["scheduler"]), "scaler": _from_json(meta["scaler"]), "loop": loop}

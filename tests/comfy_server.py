@@ -167,3 +167,67 @@ def execution_error(entry: dict) -> str | None:
         if kind == "execution_error":
             return f"{data.get('exception_type')}: {data.get('exception_message')}"
     return None
+
+
+class WsListener:
+    """Collects the server's websocket messages for this client in a background thread.
+
+    ``events`` holds (type, data) of JSON messages; ``binary`` counts binary frames (preview images).
+    """
+
+    def __init__(self, server: ComfyServer) -> None:
+        import threading
+
+        self.server = server
+        self.events: list[tuple[str, Any]] = []
+        self.binary = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import asyncio
+
+        import aiohttp
+
+        async def main() -> None:
+            url = f"ws://127.0.0.1:{self.server.port}/ws?clientId={self.server.client_id}"
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(url) as ws:
+                    self._ready.set()
+                    while not self._stop.is_set():
+                        try:
+                            msg = await ws.receive(timeout=0.2)
+                        except asyncio.TimeoutError:
+                            continue
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            data = json.loads(msg.data)
+                            self.events.append((data.get("type"), data.get("data")))
+                        elif msg.type == aiohttp.WSMsgType.BINARY:
+                            self.binary += 1
+                        elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                            break
+
+        asyncio.run(main())
+
+    def __enter__(self) -> "WsListener":
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise ServerError("websocket did not connect")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def of_type(self, kind: str) -> list[Any]:
+        return [d for t, d in list(self.events) if t == kind]
+
+    def wait_for(self, predicate, timeout: float = 300) -> Any:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for t, d in list(self.events):
+                if predicate(t, d):
+                    return d
+            time.sleep(0.1)
+        raise ServerError(f"no matching websocket event within {timeout}s")

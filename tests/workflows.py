@@ -61,3 +61,28 @@ def train_then_test(folder: str, *, steps: int = 20, seed: int = 1, checkpoint: 
         "17": {"class_type": "SaveImage", "inputs": {"images": ["15", 0], "filename_prefix": "with_lora"}},
         "18": {"class_type": "PreviewImage", "inputs": {"images": ["7", 5]}},
     }
+
+
+def with_run_options(prompt: dict[str, Any], *, checkpointing: dict[str, Any] | None = None,
+                     previews: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add 'Save Every N & Resume' (node 20) and/or 'Sample Previews' (node 21) to a train_then_test prompt."""
+    out = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
+    if checkpointing is not None:
+        inputs = {"save_every_n_steps": 0, "save_every_n_epochs": 0, "keep_last_n": 0, "save_state_every_n_steps": 0,
+                  "save_state_on_cancel": True, "resume_from": ""}
+        inputs.update(checkpointing)
+        out["20"] = {"class_type": "SDXLLoraCheckpointing", "inputs": inputs}
+        out["7"]["inputs"]["checkpointing"] = ["20", 0]
+    if previews is not None:
+        inputs = {"clip": ["1", 1], "vae": ["1", 2], "prompts": "cat photo 0", "negative": "", "every_n_steps": 0,
+                  "width": 64, "height": 64, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal",
+                  "seed": 0}
+        inputs.update(previews)
+        out["21"] = {"class_type": "SDXLLoraPreviews", "inputs": inputs}
+        out["7"]["inputs"]["previews"] = ["21", 0]
+    return out
+
+
+def training_only(prompt: dict[str, Any]) -> dict[str, Any]:
+    """Drop the sampling half (nodes 8-17): the train node is an output node and runs alone."""
+    return {k: v for k, v in prompt.items() if int(k) < 8 or int(k) >= 18}

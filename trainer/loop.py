@@ -120,6 +120,9 @@ class LoopHooks:
     """What the host provides: cancel checks and per-step reporting (all optional)."""
 
     should_stop: Callable[[], bool] = lambda: False
+    # True for the host's cancel exception raised from inside a forward/backward (ComfyUI checks its
+    # interrupt flag in every op): the partial group is dropped and the run ends at the last step
+    is_cancel: Callable[[BaseException], bool] = lambda exc: False
     # after each optimizer step, with the (then complete, resumable) loop state
     on_step: Callable[[StepRecord, int, "LoopState"], None] = lambda record, total, state: None
 
@@ -164,72 +167,84 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
         else:
             torch.manual_seed(settings.seed + 1)
 
+        def snapshot() -> None:
+            # the state is complete at every step boundary, so it can be saved for resuming
+            state.noise_rng = generator.get_state()
+            state.py_random = py_random.getstate()
+            state.dropout_rng = torch.get_rng_state()
+
+        snapshot()
         micro_in_group = 0
         group_losses: list[float] = []
         group_timesteps: list[float] = []
+        group_start = (state.epoch, state.batch_in_epoch)
         started = time.perf_counter()
-        while state.global_step < settings.max_train_steps:
-            epoch = state.epoch
-            order = list(data.epoch_order(epoch))
-            while state.epoch == epoch and state.global_step < settings.max_train_steps:
-                if micro_in_group == 0 and hooks.should_stop():
-                    state.interrupted = True
+        try:
+            while state.global_step < settings.max_train_steps:
+                epoch = state.epoch
+                order = list(data.epoch_order(epoch))
+                while state.epoch == epoch and state.global_step < settings.max_train_steps:
+                    if micro_in_group == 0:
+                        group_start = (state.epoch, state.batch_in_epoch)
+                        if hooks.should_stop():
+                            state.interrupted = True
+                            break
+                    index = order[state.batch_in_epoch]
+                    batch = data.get(index, state.epoch, py_random)
+                    result = batch_loss(model, batch, schedule, noise_settings, loss_settings, generator, py_random)
+                    loss_value = float(result.loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise TrainingDiverged(
+                            f"The loss became {loss_value} at step {state.global_step + 1} (epoch {state.epoch + 1}). "
+                            "Nothing was saved from this step. Try a lower learning rate, train_dtype fp32 or bf16 "
+                            "instead of fp16, or the VAE in float32 (no_half_vae) if the cached latents look wrong.")
+                    scaled = result.loss / ga
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    group_losses.append(loss_value)
+                    group_timesteps.append(float(result.timesteps.float().mean()))
+                    micro_in_group += 1
+                    state.batch_in_epoch += 1
+                    last_of_epoch = state.batch_in_epoch == num_batches
+                    if micro_in_group == ga or last_of_epoch:
+                        stepped = True
+                        if scaler is not None:
+                            scaler.unscale_(optimizer)
+                        if settings.max_grad_norm:
+                            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                        if scaler is not None:
+                            before = scaler.get_scale()
+                            scaler.step(optimizer)
+                            scaler.update()
+                            stepped = scaler.get_scale() >= before  # a lowered scale means inf/NaN grads: skipped
+                        else:
+                            optimizer.step()
+                        if scheduler is not None and stepped:
+                            scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        if settings.scale_weight_norms and max_norm is not None:
+                            max_norm(settings.scale_weight_norms)
+                        state.global_step += 1
+                        now = time.perf_counter()
+                        record = StepRecord(step=state.global_step, epoch=state.epoch + 1,
+                                            loss=sum(group_losses) / len(group_losses), lr=_current_lr(optimizer),
+                                            timestep_mean=sum(group_timesteps) / len(group_timesteps),
+                                            seconds=now - started)
+                        started = now
+                        state.history.append(record)
+                        micro_in_group = 0
+                        group_losses, group_timesteps = [], []
+                        if state.batch_in_epoch >= num_batches:
+                            state.epoch += 1
+                            state.batch_in_epoch = 0
+                        snapshot()
+                        hooks.on_step(record, settings.max_train_steps, state)
+                if state.interrupted:
                     break
-                index = order[state.batch_in_epoch]
-                batch = data.get(index, state.epoch, py_random)
-                result = batch_loss(model, batch, schedule, noise_settings, loss_settings, generator, py_random)
-                loss_value = float(result.loss.detach())
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(
-                        f"The loss became {loss_value} at step {state.global_step + 1} (epoch {state.epoch + 1}). "
-                        "Nothing was saved from this step. Try a lower learning rate, train_dtype fp32 or bf16 "
-                        "instead of fp16, or the VAE in float32 (no_half_vae) if the cached latents look wrong.")
-                scaled = result.loss / ga
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                group_losses.append(loss_value)
-                group_timesteps.append(float(result.timesteps.float().mean()))
-                micro_in_group += 1
-                state.batch_in_epoch += 1
-                last_of_epoch = state.batch_in_epoch == num_batches
-                if micro_in_group == ga or last_of_epoch:
-                    stepped = True
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if settings.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                    if scaler is not None:
-                        before = scaler.get_scale()
-                        scaler.step(optimizer)
-                        scaler.update()
-                        stepped = scaler.get_scale() >= before  # a lowered scale means inf/NaN grads: skipped
-                    else:
-                        optimizer.step()
-                    if scheduler is not None and stepped:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if settings.scale_weight_norms and max_norm is not None:
-                        max_norm(settings.scale_weight_norms)
-                    state.global_step += 1
-                    now = time.perf_counter()
-                    record = StepRecord(step=state.global_step, epoch=state.epoch + 1,
-                                        loss=sum(group_losses) / len(group_losses), lr=_current_lr(optimizer),
-                                        timestep_mean=sum(group_timesteps) / len(group_timesteps),
-                                        seconds=now - started)
-                    started = now
-                    state.history.append(record)
-                    micro_in_group = 0
-                    group_losses, group_timesteps = [], []
-                    if state.batch_in_epoch >= num_batches:
-                        state.epoch += 1
-                        state.batch_in_epoch = 0
-                    # the state is complete at every step boundary, so on_step may save it for resuming
-                    state.noise_rng = generator.get_state()
-                    state.py_random = py_random.getstate()
-                    state.dropout_rng = torch.get_rng_state()
-                    hooks.on_step(record, settings.max_train_steps, state)
-            if state.interrupted:
-                break
-        state.noise_rng = generator.get_state()
-        state.py_random = py_random.getstate()
-        state.dropout_rng = torch.get_rng_state()
+        except BaseException as exc:
+            if not hooks.is_cancel(exc):
+                raise
+            # cancelled inside a forward/backward: forget the unfinished group, keep the last step's state
+            optimizer.zero_grad(set_to_none=True)
+            state.epoch, state.batch_in_epoch = group_start
+            state.interrupted = True
     return state

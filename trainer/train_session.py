@@ -109,6 +109,17 @@ def live_text_encoder(clip: Any) -> Callable[[list[str]], list[tuple[torch.Tenso
     return encode
 
 
+def _normal_tensors(obj: Any) -> Any:
+    """Copies of inference tensors (made under ComfyUI's inference mode) that autograd/optimizers may update."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.is_inference() else obj
+    if isinstance(obj, dict):
+        return {k: _normal_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_normal_tensors(v) for v in obj]
+    return obj
+
+
 def build_network(model: Any, clip: Any, config: NetworkConfig, seed: int,
                   initial_weights: Optional[dict[str, torch.Tensor]] = None) -> LoRANetwork:
     unet = host.diffusion_model(model)
@@ -169,6 +180,7 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
         scaler = torch.amp.GradScaler(device.type) if config.train_dtype == "fp16" else None
         state = None
         if resume is not None:
+            resume = _normal_tensors(resume)  # read inside the node, i.e. under inference mode
             network.load_kohya(resume["network"])
             optimizer.load_state_dict(resume["optimizer"])
             if scheduler is not None and resume.get("scheduler") is not None:
@@ -205,7 +217,8 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
                                  max_grad_norm=config.max_grad_norm, scale_weight_norms=config.scale_weight_norms,
                                  seed=config.seed),
                     schedule, config.noise, loss_settings, state=result.state,
-                    hooks=LoopHooks(should_stop=should_stop, on_step=lambda rec, tot, st: on_step(rec, tot, result)),
+                    hooks=LoopHooks(should_stop=should_stop, on_step=lambda rec, tot, st: on_step(rec, tot, result),
+                                    is_cancel=host.is_interrupt),
                     max_norm=network.apply_max_norm, scaler=scaler)
                 if on_finish is not None and not result.state.interrupted:
                     on_finish(result)

@@ -1,0 +1,105 @@
+"""Live feedback, previews, save-every-N, cancel and exact resume, through a real ComfyUI server."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+from comfy_server import WsListener, execution_error
+from dataset_factory import kohya_folder
+from workflows import train_then_test, training_only, with_run_options
+
+RES = 64
+
+
+@pytest.fixture(scope="module")
+def folder(server) -> str:
+    kohya_folder(server.base / "input" / "ds_run", {"1_cat": [(64, 64), (64, 48)]})
+    return "ds_run"
+
+
+def lora_files(server, pattern: str) -> list[str]:
+    return sorted(glob.glob(str(server.base / "models" / "loras" / "sdxl_lora_trainer" / pattern)))
+
+
+def run(server, prompt: dict) -> dict:
+    entry = server.run(prompt, timeout=900)
+    assert execution_error(entry) is None, execution_error(entry) + "\n" + server.log()[-3000:]
+    return entry
+
+
+def test_progress_events_previews_and_intermediate_files(server, folder):
+    prompt = with_run_options(
+        training_only(train_then_test(folder, steps=6, seed=11, resolution=RES, output_name="inter")),
+        checkpointing={"save_every_n_steps": 2, "keep_last_n": 2},
+        previews={"every_n_steps": 3})
+    with WsListener(server) as ws:
+        entry = run(server, prompt)
+    progress = [d for d in ws.of_type("sdxl_lora_trainer.progress") if d.get("node") == "7"]
+    assert [d["step"] for d in progress] == [1, 2, 3, 4, 5, 6]
+    assert all(d["total"] == 6 for d in progress)
+    assert ws.binary >= 1, "no preview image reached the browser during the run"
+    finals = [f for f in lora_files(server, "inter_*.safetensors") if "-step" not in f]
+    inter = lora_files(server, "inter_*-step*.safetensors")
+    assert len(finals) == 1
+    # steps 2, 4, 6 were saved; keep_last_n=2 removed step 2
+    assert [os.path.basename(f).split("-step")[1] for f in inter] == ["000004.safetensors", "000006.safetensors"]
+    for f in inter:
+        meta_step = __import__("safetensors").safe_open(f, "pt").metadata()["ss_steps"]
+        assert meta_step == os.path.basename(f).split("-step")[1].split(".")[0].lstrip("0")
+    log_csv = finals[0].replace(".safetensors", ".log.csv")
+    assert open(log_csv).read().count("\n") == 7  # header + 6 steps
+
+
+def test_resume_equals_uninterrupted(server, folder):
+    base = training_only(train_then_test(folder, steps=6, seed=5, resolution=RES, output_name="full"))
+    run(server, base)
+    full = load_file(lora_files(server, "full_*.safetensors")[-1])
+
+    first = with_run_options(training_only(train_then_test(folder, steps=6, seed=5, resolution=RES,
+                                                           output_name="half")),
+                             checkpointing={"save_state_every_n_steps": 3})
+    run(server, first)
+    states = sorted(glob.glob(str(server.base / "output" / "sdxl_lora_trainer" / "state" / "half_*" / "step-000003")))
+    assert states, "no state folder at step 3"
+    resumed = with_run_options(training_only(train_then_test(folder, steps=6, seed=5, resolution=RES,
+                                                             output_name="resumed")),
+                               checkpointing={"resume_from": states[-1]})
+    run(server, resumed)
+    again = load_file(lora_files(server, "resumed_*.safetensors")[-1])
+    assert full.keys() == again.keys()
+    for k in full:
+        assert full[k].dtype == again[k].dtype
+        assert bytes(full[k].view(-1).view(__import__("torch").uint8).numpy()) == \
+            bytes(again[k].view(-1).view(__import__("torch").uint8).numpy()), k
+
+
+def test_cancel_saves_a_loadable_lora_and_a_resumable_state(server, folder):
+    prompt = training_only(train_then_test(folder, steps=5000, seed=3, resolution=RES, output_name="cancelled"))
+    with WsListener(server) as ws:
+        pid = server.queue(prompt)
+        ws.wait_for(lambda t, d: t == "sdxl_lora_trainer.progress" and d.get("step", 0) >= 2, timeout=600)
+        server.interrupt()
+        entry = server.wait(pid, timeout=300)
+    assert entry["status"]["status_str"] == "error"  # ComfyUI reports an interrupted prompt so
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    files = lora_files(server, "cancelled_*.safetensors")
+    assert len(files) == 1
+    weights = load_file(files[0])
+    assert any(k.endswith(".lora_up.weight") for k in weights)
+    cancelled = [d for d in ws.of_type("sdxl_lora_trainer.progress") if d.get("cancelled")]
+    assert cancelled and "resumable state in" in cancelled[0]["message"]
+    state_dir = cancelled[0]["message"].split("resumable state in ")[1].strip()
+    assert os.path.isfile(os.path.join(state_dir, "state.json"))
+    steps_done = max(d["step"] for d in ws.of_type("sdxl_lora_trainer.progress") if "step" in d)
+    assert steps_done < 5000
+    # the cancelled LoRA loads in LoraLoader and the state resumes (2 more steps)
+    resumed = with_run_options(training_only(train_then_test(folder, steps=steps_done + 2, seed=3, resolution=RES,
+                                                             output_name="after_cancel")),
+                               checkpointing={"resume_from": state_dir})
+    # the step count is part of max_train_steps only, so the saved state is accepted
+    entry = run(server, resumed)
+    assert f"trained {steps_done + 2} steps" in entry["outputs"]["7"]["text"][0]

@@ -19,12 +19,12 @@ from .training_dataset import BucketedImage, TrainingDataset, caption_for_step
 
 
 class LatentSource(Protocol):
-    def latent(self, key: str, flipped: bool) -> torch.Tensor:
+    def latent(self, image: BucketedImage, flipped: bool) -> torch.Tensor:
         """Unscaled latent [4, h, w] of a bucketed image (flipped: of its mirrored pixels)."""
 
 
 class TextSource(Protocol):
-    def encoding(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoding(self, image: BucketedImage) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [L, 2048], pooled [1280]) of the image's fixed caption."""
 
 
@@ -85,7 +85,7 @@ class CachedBatchSource:
         latents, time_ids, captions, fixed = [], [], [], []
         for img in images:
             flipped = img.flip_aug and py_random.random() < 0.5
-            latents.append(self.latents.latent(img.key, flipped))
+            latents.append(self.latents.latent(img, flipped))
             time_ids.append(img.time_ids(flipped))
             if self.train_text_encoder or self.text is None or img.caption_options.is_random:
                 text = caption_for_step(img, py_random, epoch, self._step, self.max_train_steps)
@@ -93,7 +93,7 @@ class CachedBatchSource:
                 fixed.append(None)
             else:
                 captions.append(None)
-                fixed.append(self.text.encoding(img.key))
+                fixed.append(self.text.encoding(img))
         self._step += 1
         live_idx = [i for i, c in enumerate(captions) if c is not None]
         live = self.live_encoder([captions[i] for i in live_idx]) if live_idx else None

@@ -35,3 +35,15 @@ def test_every_node_listed_with_category_names_and_tooltips(server):
 def test_web_extension_is_served(server):
     exts = server.get("/extensions")
     assert any(PACK_NAME in e for e in exts), exts
+
+
+def test_readme_lists_every_node_and_input(server):
+    """The README's node reference is generated from the schemas; it must not fall behind them."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name, d in pack_nodes(server.get("/object_info")).items():
+        assert f"`{name}`" in readme, f"README misses node {name}: run scripts/node_reference.py"
+        for section in ("required", "optional"):
+            for inp in d["input"].get(section, {}):
+                assert f"`{inp}`" in readme, f"README misses input {name}.{inp}: run scripts/node_reference.py"

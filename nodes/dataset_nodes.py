@@ -10,7 +10,8 @@ from ..trainer import comfy_adapter
 from ..trainer.buckets import BucketSettings
 from ..trainer.captions import CaptionOptions
 from ..trainer.dataset_build import dataset_from_scan, dataset_from_toml
-from ..trainer.dataset_sources import ScanResult, items_from_images, resolve_dataset_path, scan_folder, scan_metadata_jsonl
+from ..trainer.dataset_sources import (ScanResult, folder_fingerprint, items_from_images, resolve_dataset_path,
+                                      scan_folder, scan_metadata_jsonl)
 from ..trainer.report_images import bucket_histogram_image
 from .common import CATEGORY, Dataset, Images, pil_to_image
 
@@ -68,6 +69,11 @@ class ImagesFromFolder(io.ComfyNode):
             outputs=[Images.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
                      io.String.Output(display_name="report", tooltip="Counts, repeats, skipped files, warnings.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, **_: object) -> str:
+        """Re-scan when files in the folder change (an edited caption keeps the same folder path)."""
+        return folder_fingerprint(folder, comfy_adapter.input_directory())
 
     @classmethod
     def execute(cls, folder: str, layout: str, caption_extension: str, default_repeats: int, recursive: bool,
@@ -209,6 +215,16 @@ class DatasetFromToml(io.ComfyNode):
                      io.Image.Output(display_name="bucket_histogram", tooltip="Images per bucket as a chart."),
                      io.String.Output(display_name="details_json", tooltip="Per-image details as JSON.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, toml_path: str, **_: object) -> str:
+        """Re-load when the TOML or the files next to it change."""
+        input_dir = comfy_adapter.input_directory()
+        try:
+            path, _ = resolve_dataset_path(toml_path, input_dir)
+        except ValueError:
+            return "unresolvable"
+        return folder_fingerprint(path.parent, input_dir)
 
     @classmethod
     def execute(cls, toml_path: str, strict_captions: bool, exif_transpose: bool,

@@ -915,3 +915,35 @@ def items_from_images(
         )
         result.warnings.extend(notes)
     return result
+
+
+def folder_fingerprint(path: PathLike, input_dir: Optional[PathLike] = None, extra_files: Sequence[PathLike] = ()) -> str:
+    """A cheap signature of a dataset folder (names, sizes, mtimes of every file below it).
+
+    ComfyUI re-runs a node only when its inputs change; a folder path does not change when a caption
+    or an image in it is edited. The dataset nodes return this from ``fingerprint_inputs`` so such
+    edits re-run the scan (the caches then re-encode only what really changed).
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        root, _ = resolve_dataset_path(path, input_dir)
+    except DatasetError:
+        return "unresolvable"
+    targets = [root, *[Path(p) for p in extra_files]]
+    for target in targets:
+        if target.is_file():
+            st = target.stat()
+            h.update(f"{target}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            continue
+        for dirpath, dirnames, filenames in os.walk(target):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                h.update(f"{full}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

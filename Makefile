@@ -1,12 +1,17 @@
 # The two commands the README promises. Each runs the (idempotent) setup first.
 SHELL := /bin/bash
-.PHONY: setup demo test
+.PHONY: setup setup-browser demo test
 
 setup:
 	bash scripts/setup.sh
 
+# Chromium + playwright-core for tests/browser. Exit 3 = Chromium cannot be installed on this machine: the
+# browser test then skips with that reason; any other failure stops `make test`.
+setup-browser:
+	bash scripts/setup_browser.sh || [ $$? -eq 3 ]
+
 demo: setup
 	source .comfyui/env.sh && "$$COMFYUI_PYTHON" scripts/demo.py $(DEMO_ARGS)
 
-test: setup
+test: setup setup-browser
 	source .comfyui/env.sh && "$$COMFYUI_PYTHON" -m pytest tests $(PYTEST_ARGS)

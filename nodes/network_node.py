@@ -54,9 +54,10 @@ class NetworkSettings(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_from: str = NONE, **_: object) -> bool | str:
+    def validate_inputs(cls, start_from: str = NONE) -> bool | str:
         """Naming start_from here makes ComfyUI skip its stale-list check: a LoRA saved by an earlier run of
-        this server is accepted before the browser reloads the list; execute resolves it or says why not."""
+        this server is accepted before the browser reloads the list; execute resolves it or says why not.
+        No **kwargs: with them ComfyUI would skip its min/max and option checks of every other input too."""
         return True
 
     @classmethod

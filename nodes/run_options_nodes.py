@@ -67,8 +67,11 @@ class PreviewOptions(io.ComfyNode):
                                tooltip="Sampler."),
                 io.Combo.Input("scheduler", options=comfy_adapter.scheduler_names(), default="normal",
                                tooltip="Scheduler."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the first prompt (+1 per "
-                             "further prompt)."),
+                # "fixed": the frontend's default for an INT named seed is "randomize", and a new seed here
+                # would retrain the LoRA on every queue (this node feeds the train node)
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Seed of the first prompt (+1 per further prompt)."),
             ],
             outputs=[Previews.Output(display_name="previews", tooltip="Connect to the train node.")],
         )

@@ -1,15 +1,14 @@
 """The train node: trains the LoRA on the incoming MODEL (and CLIP), saves it, and hands it on."""
 from __future__ import annotations
 
-import time
-
-from comfy_api.latest import io
-
 import hashlib
 import json
+import math
+import time
 from pathlib import Path
 
 import torch
+from comfy_api.latest import io
 
 from ..trainer import comfy_adapter
 from ..trainer.loop import StepRecord
@@ -18,13 +17,18 @@ from ..trainer.run_artifacts import CheckpointSettings, RunArtifacts, write_logs
 from ..trainer.train_state import load_state
 from ..trainer.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES, OptimizerSettings
 from ..trainer.report_images import loss_graph_image
-from ..trainer.run_output import (OutputSettings, dataset_metadata, network_metadata, run_tag, save_run_lora,
-                                  training_metadata)
+from ..trainer.run_output import (OutputSettings, dataset_metadata, network_metadata, output_name_error, run_tag,
+                                  save_run_lora, training_metadata)
 from ..trainer.train_session import TrainConfig, train
 from .common import (CATEGORY, Checkpointing, Dataset, LatentCache, Network, Objective, Previews, TextCache,
                      pil_to_image)
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
+
+
+def _finite(v: float) -> float | None:
+    """JSON for the browser: aiohttp writes NaN/inf as bare tokens that JSON.parse rejects."""
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def _lr_or_none(v: float) -> float | None:
@@ -77,8 +81,12 @@ class TrainLora(io.ComfyNode):
                                "clipping; 0 = off."),
                 io.Float.Input("scale_weight_norms", default=0.0, min=0.0, max=100.0, step=0.1, tooltip="Max-norm "
                                "regularisation of the LoRA weights; 0 = off."),
-                io.Int.Input("seed", default=42, min=0, max=2**31 - 1, tooltip="Seed of every random draw (LoRA "
-                             "init, noise, timesteps, order, dropout). Same seed = same LoRA on CPU."),
+                # control_after_generate "fixed": the frontend gives every INT named "seed" a control widget that
+                # defaults to "randomize", which would retrain a new LoRA on every queue
+                io.Int.Input("seed", default=42, min=0, max=2**31 - 1,
+                             control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Seed of every random draw (LoRA init, noise, timesteps, order, dropout). "
+                                     "Same seed = same LoRA on CPU."),
                 io.Combo.Input("train_dtype", options=["fp32", "bf16", "fp16"], default="bf16", tooltip="Compute "
                                "dtype of the forward/backward pass; LoRA weights and optimizer stay fp32 unless "
                                "full_bf16. fp16 uses a gradient scaler."),
@@ -91,8 +99,10 @@ class TrainLora(io.ComfyNode):
                                 "models/loras to save into."),
                 io.Combo.Input("save_precision", options=["fp16", "bf16", "fp32"], default="fp16",
                                tooltip="dtype of the saved file."),
-                io.Boolean.Input("overwrite", default=False, tooltip="Reuse the exact file name (else every run "
-                                 "gets a new, unique name so LoraLoader never serves a stale file)."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Save as exactly <output_name>.safetensors, "
+                                 "replacing an earlier file (off: every run gets a new, unique name and no file is "
+                                 "ever replaced). Note: a LoraLoader that already loaded that name keeps serving "
+                                 "the old weights until it loads another file."),
                 io.Clip.Input("clip", optional=True, tooltip="SDXL CLIP: needed to train the text encoders or to "
                               "encode randomised captions (shuffle/dropout) during training."),
                 TextCache.Input("text", optional=True, tooltip="From 'Cache Text' (fixed captions)."),
@@ -117,6 +127,14 @@ class TrainLora(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
         )
+
+    @classmethod
+    def validate_inputs(cls, output_name: str | None = None, output_subfolder: str | None = None) -> bool | str:
+        """Reject unsafe names when the prompt is queued, not after a long run (None: fed by a link; execute
+        checks it then, still before training)."""
+        if isinstance(output_name, str) and isinstance(output_subfolder, str):
+            return output_name_error(output_subfolder, output_name) or True
+        return True
 
     @classmethod
     def execute(cls, model, dataset, latents, network, max_train_steps: int, max_train_epochs: int,
@@ -149,6 +167,7 @@ class TrainLora(io.ComfyNode):
         progress = comfy_adapter.Progress(total_steps, node_id)
         started = time.time()
         tag = run_tag(seed)
+        lora_tag = out.lora_tag(tag)  # empty with overwrite: the exact name is reused
         loras_root = comfy_adapter.loras_directory()
         net_config = network["config"]
         fingerprint = run_fingerprint(dataset, net_config, config)
@@ -160,7 +179,7 @@ class TrainLora(io.ComfyNode):
         def save(suffix: str, step: int, epoch: int):
             result = live["result"]
             return save_run_lora(
-                result.network, loras_root, out, run_tag=f"{tag}{suffix}",
+                result.network, loras_root, out, run_tag=lora_tag + suffix if lora_tag else suffix.lstrip("-"),
                 training=training_metadata(config, result.optimizer, result.steps_per_epoch, result.total_steps,
                                            started, output_name),
                 dataset=dataset_metadata(dataset), network_meta=network_metadata(net_config), step=step,
@@ -184,8 +203,8 @@ class TrainLora(io.ComfyNode):
             progress.update(record.step, total, text=f"step {record.step}/{total}  loss {record.loss:.4f}  "
                             f"lr {record.lr:.2e}  {rate:.2f} it/s  ETA {eta:.0f}s", preview=preview)
             progress.event(PROGRESS_EVENT, {"node": node_id, "step": record.step, "total": total,
-                                            "loss": record.loss, "lr": record.lr, "it_s": rate, "eta_s": eta,
-                                            "epoch": record.epoch})
+                                            "loss": _finite(record.loss), "lr": _finite(record.lr),
+                                            "it_s": _finite(rate), "eta_s": _finite(eta), "epoch": record.epoch})
 
         comfy_adapter.reset_interrupt_note()
         result = train(model, clip, dataset, latents, text, net_config, config,

@@ -1,25 +1,155 @@
-"""The README's demo: start a headless ComfyUI with the pack, show what it offers, stop it.
+"""The README's demo: run the example workflow train_then_test_sdxl_lora headless and show what it made.
 
-Run through `make demo` (which runs the setup first). Uses the same harness as the server tests,
-so what the demo shows is what the tests check.
+A private ComfyUI (persistent base directory, default .comfyui/demo-base/) gets the committed sample dataset
+(example_workflows/sample_dataset) in its input folder, and the committed UI workflow is converted to an API
+prompt exactly as the tests do (tests/workflow_convert.py). By default it trains on the tiny SDXL the tests use
+(seconds on a CPU, the images are noise but the plumbing is real); with --checkpoint PATH or SDXL_CHECKPOINT it
+trains on a real SDXL checkpoint (linked into the base directory's models/checkpoints; uses the GPU if there is
+one). The LoRA, the base/LoRA images and the base directory are printed at the end and kept.
+
+    make demo
+    make demo DEMO_ARGS="--checkpoint /models/sd_xl_base_1.0.safetensors --steps 200"
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
 
-from comfy_server import PACK_NAME, ComfyServer  # noqa: E402
+from comfy_server import PACK_NAME, ComfyServer, execution_error
+from workflow_convert import for_ci, nodes_of, only_node, workflow_to_prompt
+
+WORKFLOW = ROOT / "example_workflows" / "train_then_test_sdxl_lora.json"
+SAMPLE = ROOT / "example_workflows" / "sample_dataset"
+SAMPLE_FOLDER = "sdxl_lora_sample"  # the folder the example workflow reads, inside ComfyUI/input
+DEFAULT_BASE = ROOT / ".comfyui" / "demo-base"
 
 
-def main() -> int:
-    with ComfyServer(with_test_nodes=False) as server:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=os.environ.get("SDXL_CHECKPOINT") or None,
+                    help="a real SDXL .safetensors (default: $SDXL_CHECKPOINT, else the tiny test model)")
+    ap.add_argument("--base-dir", type=Path, default=DEFAULT_BASE, help="ComfyUI base directory (kept)")
+    ap.add_argument("--steps", type=int, help="training steps (default 20 tiny / 100 real)")
+    ap.add_argument("--resolution", type=int, help="training and sampling size (default 64 tiny / 1024 real)")
+    ap.add_argument("--sample-steps", type=int, help="KSampler steps (default 4 tiny / 25 real)")
+    ap.add_argument("--seed", type=int, default=42, help="training seed")
+    ap.add_argument("--cpu", action="store_true", help="use the CPU for a real checkpoint even if there is a GPU "
+                    "(the tiny model always runs on the CPU)")
+    return ap.parse_args(argv)
+
+
+def accelerator_available() -> bool:
+    """Whether ComfyUI would find a GPU (it crashes at start without --cpu when there is none)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.cuda.is_available() or (mps and mps.is_available()) or (xpu and xpu.is_available()))
+
+
+def install_checkpoint(base: Path, checkpoint: Path) -> str:
+    """Make the checkpoint visible to CheckpointLoaderSimple in the base dir (a link; a copy if links fail)."""
+    if not checkpoint.is_file():
+        raise SystemExit(f"no checkpoint file at {checkpoint}")
+    target = base / "models" / "checkpoints" / checkpoint.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        if target.resolve() == checkpoint.resolve():
+            return checkpoint.name
+        target.unlink()
+    try:
+        target.symlink_to(checkpoint.resolve())
+    except OSError:
+        shutil.copy2(checkpoint, target)
+    return checkpoint.name
+
+
+def install_sample_dataset(base: Path) -> Path:
+    dest = base / "input" / SAMPLE_FOLDER
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(SAMPLE, dest)
+    return dest
+
+
+def image_paths(server: ComfyServer, entry: dict, node: str) -> list[Path]:
+    return [server.base / im["type"] / im["subfolder"] / im["filename"]
+            for im in entry["outputs"].get(node, {}).get("images", [])]
+
+
+def mean_abs_difference(a: Path, b: Path) -> float:
+    import numpy as np
+    from PIL import Image
+
+    x = np.asarray(Image.open(a).convert("RGB"), dtype=np.float32)
+    y = np.asarray(Image.open(b).convert("RGB"), dtype=np.float32)
+    return float(np.abs(x - y).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    real = args.checkpoint is not None
+    steps = args.steps or (100 if real else 20)
+    resolution = args.resolution or (1024 if real else 64)
+    sample_steps = args.sample_steps or (25 if real else 4)
+    base = args.base_dir.resolve()
+    base.mkdir(parents=True, exist_ok=True)
+
+    cpu = args.cpu or not real or not accelerator_available()
+    server = ComfyServer(base_dir=base, with_test_nodes=True, cpu=cpu)
+    ckpt_name = install_checkpoint(base, Path(args.checkpoint)) if real else None
+    dataset = install_sample_dataset(base)
+    print(f"starting ComfyUI (base directory {base}) ...", flush=True)
+    with server:
         info = server.get("/object_info")
-        ours = {k: v for k, v in info.items() if v.get("python_module") == f"custom_nodes.{PACK_NAME}"}
-        print(f"ComfyUI at {server.url} loaded the pack with {len(ours)} nodes:")
-        for name, d in sorted(ours.items(), key=lambda kv: kv[1]["category"]):
-            print(f"  [{d['category']}] {d['display_name']} ({name})")
+        ours = [k for k, v in info.items() if v.get("python_module") == f"custom_nodes.{PACK_NAME}"]
+        print(f"ComfyUI at {server.url} loaded the pack with {len(ours)} nodes; example workflows: "
+              f"{', '.join(sorted(server.get('/workflow_templates').get(PACK_NAME, [])))}")
+        prompt = workflow_to_prompt(json.loads(WORKFLOW.read_text()), info)
+        if real:
+            prompt = for_ci(prompt, checkpoint=ckpt_name, folder=SAMPLE_FOLDER, steps=steps, resolution=resolution,
+                            sample_steps=sample_steps, learning_rate=1e-4, seed=args.seed,
+                            train_dtype="fp32" if server.cpu else "bf16")
+        else:
+            prompt = for_ci(prompt, folder=SAMPLE_FOLDER, steps=steps, resolution=resolution,
+                            sample_steps=sample_steps, learning_rate=1e-3, seed=args.seed)
+        model = f"{ckpt_name} ({'CPU' if cpu else 'GPU'})" if real else "the tiny test SDXL"
+        print(f"training {steps} steps at {resolution}px on {model} with {dataset} ...", flush=True)
+        started = time.time()
+        log_start = len(server.log())
+        entry = server.run(prompt, timeout=24 * 3600)
+        err = execution_error(entry)
+        if err:
+            print(f"the workflow failed: {err}\n--- server log ---\n{server.log()[-4000:]}")
+            return 1
+        train = only_node(prompt, "SDXLLoraTrain")
+        report = entry["outputs"][train]["text"][0]
+        lora_line = next(ln for ln in report.splitlines() if ln.startswith("saved "))
+        saves = {prompt[n]["inputs"]["filename_prefix"].rsplit("/", 1)[-1]: image_paths(server, entry, n)
+                 for n in nodes_of(prompt, "SaveImage")}
+        not_loaded = [ln for ln in server.log()[log_start:].splitlines() if "lora key not loaded" in ln]
+        print(f"\ndone in {time.time() - started:.0f}s\n{report}\n")
+        print(f"LoRA:            {lora_line[len('saved '):]}")
+        for kind, paths in saves.items():
+            for p in paths:
+                print(f"{'image ' + kind + ':':17s}{p}")
+        if len(saves.get("base", [])) == 1 and len(saves.get("with_lora", [])) == 1:
+            diff = mean_abs_difference(saves["base"][0], saves["with_lora"][0])
+            print(f"base vs LoRA:    mean absolute pixel difference {diff:.2f} (same seed, prompt and latent)")
+        print(f"server log:      {server.log_path}")
+        print(f"base directory:  {base} (kept; open it with ComfyUI's --base-directory to browse)")
+        if not_loaded:
+            print(f"WARNING: LoraLoader did not load {len(not_loaded)} keys:\n" + "\n".join(not_loaded[:5]))
+            return 1
     print("server stopped.")
     return 0
 

@@ -41,7 +41,7 @@ class ComfyServer:
     """One ComfyUI process on a free loopback port, with its own base directory."""
 
     def __init__(self, base_dir: Path | None = None, with_test_nodes: bool = True, python: str | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, cpu: bool = True) -> None:
         self.comfy = comfyui_dir()
         self.python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
         self._own_base = base_dir is None
@@ -50,6 +50,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.with_test_nodes = with_test_nodes
         self.extra_args = extra_args or []
+        self.cpu = cpu  # the tests always run on CPU; the demo may use the GPU for a real checkpoint
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base / "server.log"
         self.client_id = uuid.uuid4().hex
@@ -68,8 +69,8 @@ class ComfyServer:
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         self._prepare_base()
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--disable-auto-launch",
+        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+               "--port", str(self.port), "--base-directory", str(self.base), "--disable-auto-launch",
                "--database-url", "sqlite:///:memory:", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "wb")

@@ -1,7 +1,8 @@
 """Test harness shared by all tiers.
 
 Tiers are folders: tests/unit (no ComfyUI import), tests/host (ComfyUI's comfy.* in-process, CPU),
-tests/server (a real ComfyUI server with the pack loaded). Each test is marked with its tier
+tests/server (a real ComfyUI server with the pack loaded), tests/browser (the real frontend in headless
+Chromium against such a server). Each test is marked with its tier
 automatically, so `-m unit` / `-m host` / `-m server` select them.
 
 The repo root is registered as the package ``sdxl_lora_trainer`` (the name the setup script links
@@ -30,7 +31,7 @@ if str(ROOT / "tests") not in sys.path:
 
 from golden_data import load_golden  # noqa: E402
 
-TIERS = ("unit", "host", "server")
+TIERS = ("unit", "host", "server", "browser")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

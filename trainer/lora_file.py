@@ -152,6 +152,13 @@ def safe_relative_name(subfolder: str, stem: str) -> str:
     if name == "":
         raise ValueError("the LoRA name is empty")
     if "/" in name:
+        # say the most telling rule first: an escape attempt must read as one, not as a style hint
+        if name.startswith("/"):
+            raise ValueError(f"LoRA name {stem!r} is an absolute path; give a plain name (folders go in the "
+                             "subfolder input)")
+        for part in name.split("/"):
+            if part in (".", ".."):
+                _check_component(part, f"LoRA name {stem!r}")
         raise ValueError(f"LoRA name {stem!r} contains '/': put folders in the subfolder input instead")
     _check_component(name, f"LoRA name {stem!r}", max_bytes=_MAX_STEM_BYTES)
     return "/".join(parts + [name])

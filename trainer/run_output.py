@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 import torch
 
-from .lora_file import build_metadata, kohya_bucket_info, save_lora, tag_frequency, unique_lora_path
+from .lora_file import (build_metadata, kohya_bucket_info, safe_relative_name, save_lora, tag_frequency,
+                        unique_lora_path)
 from .lora_network import LoRANetwork, NetworkConfig
 from .optim import optimizer_metadata_name
 from .training_dataset import TrainingDataset
@@ -23,10 +24,29 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 @dataclass(frozen=True)
 class OutputSettings:
+    """Where the LoRA goes. Checked when built, so a bad name fails before training, not after it."""
     name: str = "sdxl_lora"
     subfolder: str = "sdxl_lora_trainer"
     save_precision: str = "fp16"
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        safe_relative_name(self.subfolder, self.name)
+        if self.save_precision not in SAVE_DTYPES:
+            raise ValueError(f"save_precision {self.save_precision!r} is not one of {sorted(SAVE_DTYPES)}")
+
+    def lora_tag(self, run_tag: str) -> str:
+        """The tag in the file name: the run's tag, or none with ``overwrite`` (the exact name is reused)."""
+        return "" if self.overwrite else run_tag
+
+
+def output_name_error(subfolder: str, name: str) -> str | None:
+    """Why a subfolder/name pair cannot be used (for the node's validation at queue time), or None."""
+    try:
+        safe_relative_name(subfolder, name)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
 
 
 @dataclass

@@ -154,30 +154,38 @@ def checkpoint_targets(unet: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def gradient_checkpointing(unet: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Recompute each ResBlock / SpatialTransformer in backward instead of keeping its activations.
-
-    The override is an instance attribute on the shared module, removed on exit. The global RNG
-    state is preserved across the recompute, so dropout inside a block sees the same masks twice.
-    """
+def _forwards_overridden(modules: list[torch.nn.Module], make_forward: Any) -> Iterator[int]:
+    """Give each shared module an instance-level ``forward`` for this block; removed on exit."""
     patched: list[torch.nn.Module] = []
     try:
-        if enabled:
-            for m in checkpoint_targets(unet):
-                original = m.forward
-
-                def forward(*args: Any, __f=original, **kwargs: Any) -> Any:
-                    if torch.is_grad_enabled():
-                        return torch.utils.checkpoint.checkpoint(__f, *args, use_reentrant=False, **kwargs)
-                    return __f(*args, **kwargs)
-
-                m.forward = forward
-                patched.append(m)
+        for m in modules:
+            m.forward = make_forward(m)
+            patched.append(m)
         yield len(patched)
     finally:
         for m in patched:
             if "forward" in m.__dict__:
                 del m.forward
+
+
+def _checkpointed_forward(module: torch.nn.Module) -> Any:
+    original = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+        return original(*args, **kwargs)
+
+    return forward
+
+
+def gradient_checkpointing(unet: torch.nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[int]:
+    """Recompute each ResBlock / SpatialTransformer in backward instead of keeping its activations.
+
+    The override is an instance attribute on the shared module, removed on exit. The global RNG
+    state is preserved across the recompute, so dropout inside a block sees the same masks twice.
+    """
+    return _forwards_overridden(checkpoint_targets(unet) if enabled else [], _checkpointed_forward)
 
 
 @contextlib.contextmanager
@@ -211,18 +219,10 @@ def _clip_layer_forward(layer: torch.nn.Module):
     return forward
 
 
-@contextlib.contextmanager
-def differentiable_text_encoders(*encoders: torch.nn.Module) -> Iterator[int]:
+def differentiable_text_encoders(*encoders: torch.nn.Module) -> contextlib.AbstractContextManager[int]:
     """Make ComfyUI's CLIP layers back-propagatable for text-encoder training; undone on exit."""
-    patched = [m for enc in encoders for m in enc.modules() if type(m).__name__ == "CLIPLayer"]
-    try:
-        for m in patched:
-            m.forward = _clip_layer_forward(m)
-        yield len(patched)
-    finally:
-        for m in patched:
-            if "forward" in m.__dict__:
-                del m.forward
+    layers = [m for enc in encoders for m in enc.modules() if type(m).__name__ == "CLIPLayer"]
+    return _forwards_overridden(layers, _clip_layer_forward)
 
 
 @contextlib.contextmanager

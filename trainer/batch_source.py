@@ -59,7 +59,6 @@ class CachedBatchSource:
         self.max_train_steps = max_train_steps
         self.train_text_encoder = train_text_encoder
         self._epoch_cache: tuple[int, list] | None = None
-        self._step = 0
         needs_live = train_text_encoder or text is None or any(img.caption_options.is_random for img in dataset.images)
         if needs_live and live_encoder is None:
             raise ValueError("Captions must be encoded while training (caption shuffle/dropout, text-encoder "
@@ -78,7 +77,8 @@ class CachedBatchSource:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(n, generator=gen).tolist()
 
-    def get(self, index: int, epoch: int, py_random: random.Random) -> Batch:
+    def get(self, index: int, epoch: int, py_random: random.Random, step: int = 0) -> Batch:
+        """``step``: optimizer steps done so far (kohya's current_step, for token warm-up)."""
         part_index, batch = self._batches(epoch)[index]
         part = self.dataset.parts[part_index]
         images: list[BucketedImage] = [part.images[k] for k in batch.keys]
@@ -88,13 +88,12 @@ class CachedBatchSource:
             latents.append(self.latents.latent(img, flipped))
             time_ids.append(img.time_ids(flipped))
             if self.train_text_encoder or self.text is None or img.caption_options.is_random:
-                text = caption_for_step(img, py_random, epoch, self._step, self.max_train_steps)
+                text = caption_for_step(img, py_random, epoch, step, self.max_train_steps)
                 captions.append(escape_for_comfy_tokenizer(text))
                 fixed.append(None)
             else:
                 captions.append(None)
                 fixed.append(self.text.encoding(img))
-        self._step += 1
         live_idx = [i for i, c in enumerate(captions) if c is not None]
         live = self.live_encoder([captions[i] for i in live_idx]) if live_idx else None
         contexts: list[torch.Tensor] = []

@@ -41,8 +41,9 @@ class BatchSource(Protocol):
     def epoch_order(self, epoch: int) -> Sequence[int]:
         """The batch indices of ``epoch`` in training order (a pure function of the seed and epoch)."""
 
-    def get(self, index: int, epoch: int, py_random: random.Random) -> Batch:
-        """Batch ``index`` of ``epoch``; per-sample augmentation choices (flip, captions) use ``py_random``."""
+    def get(self, index: int, epoch: int, py_random: random.Random, step: int = 0) -> Batch:
+        """Batch ``index`` of ``epoch``; per-sample augmentation choices (flip, captions) use ``py_random``;
+        ``step`` is the number of optimizer steps done (caption token warm-up depends on it)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
     """
     hooks = hooks or LoopHooks()
     state = state or LoopState()
+    state.interrupted = False  # a state saved by a cancelled run resumes as a running one
     num_batches = len(data)
     if num_batches == 0:
         raise ValueError("The dataset has no batches: nothing to train on.")
@@ -190,7 +192,7 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
                             state.interrupted = True
                             break
                     index = order[state.batch_in_epoch]
-                    batch = data.get(index, state.epoch, py_random)
+                    batch = data.get(index, state.epoch, py_random, step=state.global_step)
                     result = batch_loss(model, batch, schedule, noise_settings, loss_settings, generator, py_random)
                     loss_value = float(result.loss.detach())
                     if not math.isfinite(loss_value):
@@ -237,7 +239,10 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
                             state.epoch += 1
                             state.batch_in_epoch = 0
                         snapshot()
+                        # the host may sample previews here, which reseeds the global RNG that the
+                        # dropout masks are drawn from: the stream continues as if it had not run
                         hooks.on_step(record, settings.max_train_steps, state)
+                        torch.set_rng_state(state.dropout_rng)
                 if state.interrupted:
                     break
         except BaseException as exc:

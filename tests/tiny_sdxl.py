@@ -114,10 +114,15 @@ def init_weights(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def make_model(seed: int = 0, v_prediction: bool = False) -> "comfy.model_patcher.ModelPatcher":
-    """MODEL: a ModelPatcher over model_base.SDXL, as CheckpointLoaderSimple returns it."""
+def make_model(seed: int = 0, v_prediction: bool = False,
+               weight_dtype: torch.dtype = torch.float32) -> "comfy.model_patcher.ModelPatcher":
+    """MODEL: a ModelPatcher over model_base.SDXL, as CheckpointLoaderSimple returns it.
+
+    ``weight_dtype`` other than float32 stores the U-Net weights in that dtype (e.g. fp8, as ComfyUI's
+    fp8 loading does) with float32 compute through comfy.ops' manual casting.
+    """
     cfg = TinySDXLConfig(dict(UNET_CONFIG))
-    cfg.set_inference_dtype(torch.float32, None)
+    cfg.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
     state = {"v_pred": torch.tensor([])} if v_prediction else {}
     model = cfg.get_model(state, "", device=torch.device("cpu"))
     init_weights(model.diffusion_model, seed)

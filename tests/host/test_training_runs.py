@@ -284,3 +284,28 @@ def test_resume_continues_bit_identically(random_data):
     assert [(r.step, r.epoch, r.loss, r.lr, r.timestep_mean) for r in resumed.state.history] == \
         [(r.step, r.epoch, r.loss, r.lr, r.timestep_mean) for r in full.state.history]
     assert lora_bytes(resumed) == lora_bytes(full)
+
+
+# -- fp8 weights ------------------------------------------------------------------------------------
+
+def test_fp8_weights_train_through_comfy_casting(random_data):
+    """A U-Net stored in fp8 (ComfyUI's --fp8 loading) trains: the frozen weights are cast per forward by
+    comfy.ops, stay fp8 and unchanged, and the LoRA learns."""
+    import tiny_sdxl
+
+    with torch.inference_mode():
+        model = tiny_sdxl.make_model(0, weight_dtype=torch.float8_e4m3fn)
+    unet = model.model.diffusion_model
+    q = unet.input_blocks[4][1].transformer_blocks[0].attn1.to_q.weight
+    assert q.dtype == torch.float8_e4m3fn
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    fixed = tf.make_dataset(2)
+    latents, text = tf.sources(tf.inference_models(), fixed)
+    result = tf.run_train(fixed, latents, text, NET, TrainConfig(max_train_steps=2, learning_rate=1e-3, seed=1),
+                          model=model)
+    ups = [v for k, v in result.network.state_dict_kohya().items() if k.endswith("lora_up.weight")]
+    assert all(torch.isfinite(u).all() for u in ups)
+    assert any(u.abs().sum() > 0 for u in ups), "the LoRA did not learn on the fp8 model"
+    after = unet.state_dict()
+    for k, v in before.items():  # compare raw bytes: torch.equal has no fp8 kernel on CPU
+        assert after[k].dtype == v.dtype and torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k

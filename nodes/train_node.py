@@ -1,35 +1,17 @@
 """The train node: trains the LoRA on the incoming MODEL (and CLIP), saves it, and hands it on."""
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import time
-from pathlib import Path
-
 import torch
 from comfy_api.latest import io
 
 from ..trainer import comfy_adapter
-from ..trainer.loop import StepRecord
-from ..trainer.previews import PreviewRenderer
-from ..trainer.run_artifacts import CheckpointSettings, RunArtifacts, write_logs, write_tensorboard
-from ..trainer.train_state import load_state
 from ..trainer.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES, OptimizerSettings
 from ..trainer.report_images import loss_graph_image
-from ..trainer.run_output import (OutputSettings, dataset_metadata, network_metadata, output_name_error, run_tag,
-                                  save_run_lora, training_metadata)
-from ..trainer.train_session import TrainConfig, train
+from ..trainer.run_output import OutputSettings, output_name_error
+from ..trainer.train_job import run_job
+from ..trainer.train_session import TrainConfig
 from .common import (CATEGORY, Checkpointing, Dataset, LatentCache, Network, Objective, Previews, TextCache,
                      pil_to_image)
-
-PROGRESS_EVENT = "sdxl_lora_trainer.progress"
-
-
-def _finite(v: float) -> float | None:
-    """JSON for the browser: aiohttp writes NaN/inf as bare tokens that JSON.parse rejects."""
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
-
 
 def _lr_or_none(v: float) -> float | None:
     return v if v > 0 else None
@@ -160,119 +142,18 @@ class TrainLora(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing, **extra)
         out = OutputSettings(name=output_name, subfolder=output_subfolder, save_precision=save_precision,
                              overwrite=overwrite)
-        node_id = cls.hidden.unique_id
-        ckpt = checkpointing or CheckpointSettings()
-        steps_per_epoch = dataset.steps_per_epoch(gradient_accumulation_steps)
-        total_steps = config.total_steps(steps_per_epoch)
-        progress = comfy_adapter.Progress(total_steps, node_id)
-        started = time.time()
-        tag = run_tag(seed)
-        lora_tag = out.lora_tag(tag)  # empty with overwrite: the exact name is reused
-        loras_root = comfy_adapter.loras_directory()
-        net_config = network["config"]
-        fingerprint = run_fingerprint(dataset, net_config, config)
-        resume = load_state(ckpt.resume_from, fingerprint) if ckpt.resume_from else None
-        renderer = PreviewRenderer(previews["settings"], previews["clip"], previews["vae"]) if previews else None
-        train_te = net_config.train_te1 or net_config.train_te2
-        live = {"result": None}
-
-        def save(suffix: str, step: int, epoch: int):
-            result = live["result"]
-            return save_run_lora(
-                result.network, loras_root, out, run_tag=lora_tag + suffix if lora_tag else suffix.lstrip("-"),
-                training=training_metadata(config, result.optimizer, result.steps_per_epoch, result.total_steps,
-                                           started, output_name),
-                dataset=dataset_metadata(dataset), network_meta=network_metadata(net_config), step=step,
-                epoch=epoch, prompt=cls.hidden.prompt, extra_pnginfo=cls.hidden.extra_pnginfo,
-                v_parameterization=result.prediction_type == "v_prediction")
-
-        artifacts = RunArtifacts(ckpt, lambda t, st, ep: save(f"-{t}", st, ep),
-                                 Path(comfy_adapter.output_directory()) / "sdxl_lora_trainer" / "state" /
-                                 f"{output_name}_{tag}", fingerprint)
-
-        def on_step(record: StepRecord, total: int, result) -> None:
-            live["result"] = result
-            elapsed = time.time() - started
-            rate = record.step / elapsed if elapsed > 0 else 0.0
-            eta = (total - record.step) / rate if rate > 0 else 0.0
-            preview = None
-            artifacts.on_step(record, result)
-            if renderer is not None and renderer.due(record.step) and record.step < total:
-                images = render_previews(renderer, model, result.network, train_te)
-                preview = preview_frame(images)
-            progress.update(record.step, total, text=f"step {record.step}/{total}  loss {record.loss:.4f}  "
-                            f"lr {record.lr:.2e}  {rate:.2f} it/s  ETA {eta:.0f}s", preview=preview)
-            progress.event(PROGRESS_EVENT, {"node": node_id, "step": record.step, "total": total,
-                                            "loss": _finite(record.loss), "lr": _finite(record.lr),
-                                            "it_s": _finite(rate), "eta_s": _finite(eta), "epoch": record.epoch})
-
-        comfy_adapter.reset_interrupt_note()
-        result = train(model, clip, dataset, latents, text, net_config, config,
-                       initial_weights=network.get("initial_weights"), resume=resume,
-                       should_stop=comfy_adapter.interrupted, on_step=on_step,
-                       on_finish=(lambda res: render_previews(renderer, model, res.network, train_te))
-                       if renderer is not None else None)
-        live["result"] = result
-        state = result.state
-        saved = save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0))
-        write_logs(saved.path, state.history)
-        write_tensorboard(saved.path.parent / f"{saved.path.stem}.tensorboard", state.history)
-        if state.interrupted:
-            where = f"LoRA saved as {saved.lora_name}"
-            if ckpt.save_state_on_cancel:
-                where += f"; resumable state in {artifacts.save_state(result)}"
-            progress.update(state.global_step, result.total_steps, text=f"cancelled at step {state.global_step}; {where}")
-            comfy_adapter.note_interrupt()
-            progress.event(PROGRESS_EVENT, {"node": node_id, "cancelled": True, "step": state.global_step,
-                                            "message": where})
-            comfy_adapter.raise_interrupt()
-
-        weights = result.network.state_dict_kohya()
-        model_out, clip_out = comfy_adapter.apply_lora(model, clip, weights)
-        history = state.history
+        result = run_job(model=model, clip=clip, dataset=dataset, latents=latents, text=text, network=network,
+                         config=config, out=out, checkpointing=checkpointing, previews=previews,
+                         node_id=cls.hidden.unique_id, prompt=cls.hidden.prompt,
+                         extra_pnginfo=cls.hidden.extra_pnginfo)
+        model_out, clip_out = comfy_adapter.apply_lora(model, clip, result.weights)
+        history = result.state.history
         graph = pil_to_image(loss_graph_image([r.step for r in history], [r.loss for r in history],
                                               [r.lr for r in history]))
-        final = history[-1].loss if history else float("nan")
-        report = (f"trained {state.global_step} steps ({result.steps_per_epoch} per epoch) in "
-                  f"{time.time() - started:.1f}s; final loss {final:.4f}\nsaved {saved.path}\n"
-                  f"lora_name: {saved.lora_name}")
-        if artifacts.intermediates:
-            report += "\nintermediate: " + ", ".join(s.lora_name for s in artifacts.intermediates)
-        if artifacts.states:
-            report += f"\nstate: {artifacts.states[-1]}"
-        images = torch.cat(renderer.images) if renderer is not None and renderer.images else torch.zeros(1, 64, 64, 3)
-        return io.NodeOutput(model_out, clip_out if clip is not None else None, weights, saved.lora_name,
-                             {"loss": [r.loss for r in history]}, graph, report, images, ui={"text": [report]})
-
-
-def render_previews(renderer: PreviewRenderer, model, network, train_te: bool) -> list[torch.Tensor]:
-    """Previews inside the run; a Cancel pressed meanwhile is remembered so the loop stops and saves."""
-    try:
-        return renderer.render(model, network, reencode=train_te)
-    except BaseException as e:  # noqa: BLE001 - only ComfyUI's interrupt is swallowed
-        if comfy_adapter.is_interrupt(e):
-            comfy_adapter.note_interrupt()
-            return []
-        raise
-
-
-def preview_frame(images: list[torch.Tensor]):
-    """The first preview as the (format, PIL image, max size) tuple ComfyUI's progress hook streams."""
-    if not images:
-        return None
-    from PIL import Image
-
-    arr = (images[0][0].clamp(0, 1) * 255).round().byte().cpu().numpy()
-    return ("JPEG", Image.fromarray(arr), 512)
-
-
-def run_fingerprint(dataset, network_config, config: TrainConfig) -> dict:
-    """What must be equal for a saved state to be resumed (max steps may change)."""
-    data = json.dumps([[i.key, list(i.selection.bucket), i.item.caption, i.item.num_repeats] for i in dataset.images])
-    return {"dataset": hashlib.sha256(data.encode()).hexdigest()[:16], "network": repr(network_config),
-            "seed": config.seed, "optimizer": repr(config.optimizer), "learning_rate": config.learning_rate,
-            "gradient_accumulation_steps": config.gradient_accumulation_steps, "lr_scheduler": config.lr_scheduler,
-            "train_dtype": config.train_dtype, "loss": repr(config.loss), "noise": repr(config.noise)}
+        images = result.previews if result.previews is not None else torch.zeros(1, 64, 64, 3)
+        return io.NodeOutput(model_out, clip_out if clip is not None else None, result.weights,
+                             result.saved.lora_name, {"loss": [r.loss for r in history]}, graph, result.report,
+                             images, ui={"text": [result.report]})
 
 
 NODES = [TrainLora]

@@ -305,6 +305,37 @@ def test_bf16_runs_close_to_fp32(singles, nonzero_init, monkeypatch):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in r16.network.parameters())
 
 
+def test_full_bf16_keeps_the_lora_in_bf16(singles):
+    result = tf.run_train(*singles, NET, TrainConfig(max_train_steps=2, train_dtype="bf16", full_bf16=True,
+                                                     learning_rate=1e-3))
+    params = list(result.network.parameters())
+    assert params and all(p.dtype == torch.bfloat16 and torch.isfinite(p.float()).all() for p in params)
+    assert any(p.abs().sum() > 0 for n, p in result.network.named_parameters() if "lora_up" in n)
+
+
+def test_fp16_trains_with_a_grad_scaler(singles, monkeypatch):
+    """fp16 compute gets kohya's/accelerate's GradScaler: the loss is scaled for backward and unscaled before
+    the step, so the LoRA update matches the fp32 one in direction."""
+    scaled = []
+    real_scale = torch.amp.GradScaler.scale
+
+    def spy(self, outputs):
+        out = real_scale(self, outputs)
+        scaled.append((float(outputs.detach()), float(out.detach())))
+        return out
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
+    runs = {dtype: tf.run_train(*singles, NET, TrainConfig(max_train_steps=2, train_dtype=dtype, learning_rate=1e-3,
+                                                           seed=3))
+            for dtype in ("fp32", "fp16")}
+    assert scaled and all(big > small * 100 for small, big in scaled)  # the default scale is 65536
+    assert runs["fp16"].scaler is not None and runs["fp32"].scaler is None
+    up = {d: torch.cat([p.detach().flatten().float() for n, p in r.network.named_parameters() if "lora_up" in n])
+          for d, r in runs.items()}
+    assert up["fp16"].abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(up["fp32"], up["fp16"], dim=0) > 0.9
+
+
 def test_gradient_checkpointing_recomputes_and_gives_the_same_result(singles, nonzero_init):
     model = tf.inference_models()[0]
     # a Linear inside a ResBlock: it runs once per forward, and once more per backward when checkpointed

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer import comfy_adapter
-from ..trainer.lora_network import NetworkConfig, parse_block_list
+from ..trainer.lora_network import NETWORK_ALGOS, NetworkConfig, parse_block_list
 from .common import CATEGORY, Network
 
 NONE = "none"
@@ -48,7 +48,15 @@ class NetworkSettings(io.ComfyNode):
                                 "(0 freezes a block)."),
                 io.Combo.Input("start_from", options=[NONE] + comfy_adapter.lora_file_names(), default=NONE,
                                tooltip="Continue training this LoRA file; its dims and alphas replace the ones "
-                                       "above."),
+                                       "above. Only kohya LoRA files (algo lora) for now."),
+                io.Combo.Input("algo", options=list(NETWORK_ALGOS), default="lora",
+                               tooltip="lora: kohya networks.lora. loha / lokr: LyCORIS's LoHa (Hadamard product) "
+                                       "and LoKr (Kronecker product) modules from the lycoris-lora package, on the "
+                                       "same layers, saved with LyCORIS's keys (ComfyUI's LoraLoader reads them). "
+                                       "network_dim/alpha and conv_dim/alpha are their lora_dim/alpha; LoRA+ is "
+                                       "lora only."),
+                io.Int.Input("lokr_factor", default=-1, min=-1, max=1024, tooltip="LoKr only: LyCORIS's "
+                             "Kronecker factor (lycoris-lora 'factor'); -1 = LyCORIS's automatic factorization."),
             ],
             outputs=[Network.Output(display_name="network", tooltip="Network settings for the train node.")],
         )
@@ -64,14 +72,22 @@ class NetworkSettings(io.ComfyNode):
     def execute(cls, network_dim: int, network_alpha: float, conv_dim: int, conv_alpha: float, train_unet: bool,
                 train_clip_l: bool, train_clip_g: bool, dropout: float, rank_dropout: float, module_dropout: float,
                 block_dims: str, block_alphas: str, conv_block_dims: str, conv_block_alphas: str,
-                block_lr_weight: str, start_from: str) -> io.NodeOutput:
+                block_lr_weight: str, start_from: str, algo: str = "lora", lokr_factor: int = -1) -> io.NodeOutput:
         common = dict(dropout=dropout or None, rank_dropout=rank_dropout or None,
                       module_dropout=module_dropout or None, train_unet=train_unet, train_te1=train_clip_l,
                       train_te2=train_clip_g,
                       block_lr_weight=parse_block_list(block_lr_weight or None, "block_lr_weight", as_int=False))
+        if lokr_factor == 0 or lokr_factor < -1:
+            raise ValueError(f"lokr_factor must be -1 (auto) or >= 1, got {lokr_factor}")
         initial = None
         if start_from != NONE:
+            if algo != "lora":
+                raise ValueError(f"start_from with algo {algo!r} is not supported yet: continuing training works "
+                                 "for kohya LoRA files (algo lora) only.")
             initial = comfy_adapter.load_safetensors(comfy_adapter.lora_file_path(start_from))
+            if any(k.rsplit(".", 1)[-1].startswith(("hada_", "lokr_")) for k in initial):
+                raise ValueError(f"{start_from} is a LyCORIS LoHa/LoKr file; continuing a LoHa/LoKr file is not "
+                                 "supported yet (start_from works for kohya LoRA files only).")
             config = NetworkConfig.from_kohya_state_dict(initial, **common)
         else:
             config = NetworkConfig(
@@ -81,7 +97,7 @@ class NetworkSettings(io.ComfyNode):
                 block_alphas=parse_block_list(block_alphas or None, "block_alphas", as_int=False),
                 conv_block_dims=parse_block_list(conv_block_dims or None, "conv_block_dims", as_int=True),
                 conv_block_alphas=parse_block_list(conv_block_alphas or None, "conv_block_alphas", as_int=False),
-                **common)
+                algo=algo, factor=lokr_factor, **common)
         if not (config.train_unet or config.train_te1 or config.train_te2):
             raise ValueError("Nothing to train: enable train_unet, train_clip_l or train_clip_g.")
         return io.NodeOutput({"config": config, "initial_weights": initial, "start_from": start_from})

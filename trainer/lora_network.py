@@ -80,6 +80,9 @@ _KEY_RE = re.compile(r"^(lora_(?:unet|te1|te2)_[A-Za-z0-9_]+)\.(alpha|lora_down\
 
 AlphaLike = Union[float, int, torch.Tensor, None]
 
+#: network algorithms: kohya's LoRA, and LyCORIS's LoHa / LoKr (trainer/lycoris_network.py)
+NETWORK_ALGOS = ("lora", "loha", "lokr")
+
 
 def sdxl_block_index(lora_name: str) -> int:
     """kohya's ``get_block_index(name, is_sdxl=True)``: 0 emb, 1-9 input, 10-12 middle, 13-21 output, 22 out, -1 TE."""
@@ -230,10 +233,17 @@ class NetworkConfig:
     train_te2: bool = True
     multiplier: float = 1.0
     module_dims: Optional[tuple[tuple[str, int, float], ...]] = None
+    algo: str = "lora"  # "lora" (this file) | "loha" | "lokr" (LyCORIS modules, trainer/lycoris_network.py)
+    factor: int = -1  # LoKr's Kronecker factor (LyCORIS ``factor``); -1 = LyCORIS's automatic factorization
 
     def __post_init__(self) -> None:
         def put(name: str, value) -> None:
             object.__setattr__(self, name, value)
+
+        if self.algo not in NETWORK_ALGOS:
+            raise ValueError(f"algo must be one of {list(NETWORK_ALGOS)}, got {self.algo!r}")
+        if not isinstance(self.factor, int) or (self.factor != -1 and self.factor < 1):
+            raise ValueError(f"factor must be -1 (auto) or an integer >= 1, got {self.factor!r}")
 
         if self.network_alpha is None:
             put("network_alpha", 1.0)
@@ -559,6 +569,86 @@ def _iter_targets(root: torch.nn.Module, containers: frozenset) -> Iterator[tupl
                 yield path, child
 
 
+@dataclass(frozen=True)
+class TargetModule:
+    """One module kohya's network would adapt: its kohya name, ComfyUI's module, and the dim/alpha it gets."""
+
+    name: str
+    module: torch.nn.Module
+    dim: int
+    alpha: AlphaLike
+    dim_source: str
+    is_conv3x3: bool  # a conv whose kernel is not 1x1 (gets conv_dim / conv_alpha)
+    block_index: int
+    trained: bool  # False only for TE modules of an untrained TE (made for kohya's init stream, then dropped)
+
+
+def iter_target_modules(unet: Optional[torch.nn.Module], te1: Optional[torch.nn.Module],
+                        te2: Optional[torch.nn.Module], config: NetworkConfig,
+                        include_untrained: bool = False) -> list[TargetModule]:
+    """kohya's module discovery and dim/alpha choice, shared by every network algorithm (LoRA, LoHa, LoKr).
+
+    Order is kohya's creation order: TE1, TE2, U-Net. Modules whose dim resolves to 0 are skipped. With
+    ``include_untrained`` the TE modules of a given but untrained TE are listed too (``trained=False``), which
+    LoRANetwork needs to reproduce kohya's init draws. Raises when a trained part has no model, or when
+    ``config.module_dims`` names modules that are not found among the trained targets.
+    """
+    if config.train_unet and unet is None:
+        raise ValueError("config.train_unet is set but no U-Net was given")
+    if config.train_te1 and te1 is None:
+        raise ValueError("config.train_te1 is set but no text encoder 1 (CLIP-L) was given")
+    if config.train_te2 and te2 is None:
+        raise ValueError("config.train_te2 is set but no text encoder 2 (CLIP-G) was given")
+
+    wanted = dict((n, (d, a)) for n, d, a in config.module_dims) if config.module_dims is not None else None
+    block = config.resolved_block_dims() if config.block_mode else None
+    conv_alpha = 1.0 if config.conv_alpha is None else config.conv_alpha
+
+    def make(prefix: str, root: torch.nn.Module, containers: frozenset, is_unet: bool,
+             trained: bool) -> list[TargetModule]:
+        out = []
+        for path, child in _iter_targets(root, containers):
+            name = (prefix + "." + path).replace(".", "_")
+            small = isinstance(child, torch.nn.Linear) or tuple(child.kernel_size) == (1, 1)
+            dim, alpha, source = None, None, None
+            if wanted is not None:
+                if name in wanted:
+                    (dim, alpha), source = wanted[name], "weights"
+            elif is_unet and block is not None:
+                dims, alphas, conv_dims, conv_alphas = block
+                idx = sdxl_block_index(name)
+                if small:
+                    dim, alpha, source = dims[idx], alphas[idx], "block_dims"
+                elif conv_dims is not None:
+                    dim, alpha, source = conv_dims[idx], conv_alphas[idx], "conv_block_dims"
+            elif small:
+                dim, alpha, source = config.network_dim, config.network_alpha, "network_dim"
+            elif config.conv_dim is not None:
+                dim, alpha, source = config.conv_dim, conv_alpha, "conv_dim"
+            if not dim:
+                continue
+            out.append(TargetModule(name, child, dim, alpha, source, not small, sdxl_block_index(name), trained))
+        return out
+
+    targets: list[TargetModule] = []
+    for prefix, root, train in ((PREFIX_TE1, te1, config.train_te1), (PREFIX_TE2, te2, config.train_te2)):
+        if root is not None and (train or include_untrained):
+            targets += make(prefix, root, TE_CONTAINERS, False, train)
+    if unet is not None and config.train_unet:
+        containers = UNET_LINEAR_CONTAINERS | (UNET_CONV_CONTAINERS if config.conv_enabled else frozenset())
+        targets += make(PREFIX_UNET, unet, containers, True, True)
+
+    if wanted is not None:
+        found = {t.name for t in targets if t.trained}
+        missing = [n for n in wanted if n not in found]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} LoRA modules of the state dict match no module of the given models "
+                f"(or belong to a model that was not given), e.g. {missing[:5]}"
+            )
+    return targets
+
+
 class LoRANetwork(torch.nn.Module):
     """The set of LoRA modules, registered under their kohya names so ``state_dict()`` is kohya's file layout."""
 
@@ -583,62 +673,14 @@ class LoRANetwork(torch.nn.Module):
         class attribute, so a later default network in the same process also wraps ResBlock Linear/1x1 convs
         (quirk 11); that process-global mutation is deliberately not reproduced.
         """
-        if config.train_unet and unet is None:
-            raise ValueError("config.train_unet is set but no U-Net was given")
-        if config.train_te1 and te1 is None:
-            raise ValueError("config.train_te1 is set but no text encoder 1 (CLIP-L) was given")
-        if config.train_te2 and te2 is None:
-            raise ValueError("config.train_te2 is set but no text encoder 2 (CLIP-G) was given")
-
-        wanted = dict((n, (d, a)) for n, d, a in config.module_dims) if config.module_dims is not None else None
-        block = config.resolved_block_dims() if config.block_mode else None
-        conv_alpha = 1.0 if config.conv_alpha is None else config.conv_alpha
         common = dict(generator=generator, multiplier=config.multiplier, dropout=config.dropout,
                       rank_dropout=config.rank_dropout, module_dropout=config.module_dropout)
-
-        def make(prefix: str, root: torch.nn.Module, containers: frozenset, is_unet: bool) -> list[LoRAModule]:
-            out = []
-            for path, child in _iter_targets(root, containers):
-                name = (prefix + "." + path).replace(".", "_")
-                small = isinstance(child, torch.nn.Linear) or tuple(child.kernel_size) == (1, 1)
-                dim, alpha, source = None, None, None
-                if wanted is not None:
-                    if name in wanted:
-                        (dim, alpha), source = wanted[name], "weights"
-                elif is_unet and block is not None:
-                    dims, alphas, conv_dims, conv_alphas = block
-                    idx = sdxl_block_index(name)
-                    if small:
-                        dim, alpha, source = dims[idx], alphas[idx], "block_dims"
-                    elif conv_dims is not None:
-                        dim, alpha, source = conv_dims[idx], conv_alphas[idx], "conv_block_dims"
-                elif small:
-                    dim, alpha, source = config.network_dim, config.network_alpha, "network_dim"
-                elif config.conv_dim is not None:
-                    dim, alpha, source = config.conv_dim, conv_alpha, "conv_dim"
-                if not dim:
-                    continue
-                out.append(LoRAModule(name, child, dim, alpha, dim_source=source, **common))
-            return out
-
         loras: list[LoRAModule] = []
-        # kohya's creation order: TE1, TE2, U-Net. TE modules are made even when not trained (same init stream).
-        for prefix, root, train in ((PREFIX_TE1, te1, config.train_te1), (PREFIX_TE2, te2, config.train_te2)):
-            if root is not None:
-                made = make(prefix, root, TE_CONTAINERS, False)
-                loras += made if train else []
-        if unet is not None and config.train_unet:
-            containers = UNET_LINEAR_CONTAINERS | (UNET_CONV_CONTAINERS if config.conv_enabled else frozenset())
-            loras += make(PREFIX_UNET, unet, containers, True)
-
-        if wanted is not None:
-            found = {l.lora_name for l in loras}
-            missing = [n for n in wanted if n not in found]
-            if missing:
-                raise ValueError(
-                    f"{len(missing)} LoRA modules of the state dict match no module of the given models "
-                    f"(or belong to a model that was not given), e.g. {missing[:5]}"
-                )
+        # TE modules are made (drawing from the generator) even when not trained, as kohya does: same init stream.
+        for t in iter_target_modules(unet, te1, te2, config, include_untrained=True):
+            lora = LoRAModule(t.name, t.module, t.dim, t.alpha, dim_source=t.dim_source, **common)
+            if t.trained:
+                loras.append(lora)
         return cls(loras, config)
 
     @classmethod

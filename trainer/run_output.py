@@ -98,8 +98,15 @@ def network_metadata(config: NetworkConfig) -> dict[str, Any]:
     for name in ("rank_dropout", "module_dropout"):
         if getattr(config, name):
             args[name] = getattr(config, name)
-    return {"dim": config.network_dim, "alpha": config.network_alpha, "dropout": config.dropout,
-            "args": args or None}
+    meta = {"dim": config.network_dim, "alpha": config.network_alpha, "dropout": config.dropout}
+    if config.algo != "lora":
+        # what LyCORIS's kohya wrapper records: network_module lycoris.kohya, network_args algo (and factor)
+        meta["module"] = "lycoris.kohya"
+        args["algo"] = config.algo
+        if config.algo == "lokr":
+            args["factor"] = config.factor
+    meta["args"] = args or None
+    return meta
 
 
 def training_metadata(run: Any, optimizer: Any, steps_per_epoch: int, total_steps: int, started_at: float,

@@ -71,7 +71,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    network: LoRANetwork
+    network: Any  # LoRANetwork, or LycorisNetwork for algo loha/lokr (same interface)
     state: LoopState
     total_steps: int
     steps_per_epoch: int
@@ -121,7 +121,9 @@ def _normal_tensors(obj: Any) -> Any:
 
 
 def build_network(model: Any, clip: Any, config: NetworkConfig, seed: int,
-                  initial_weights: Optional[dict[str, torch.Tensor]] = None) -> LoRANetwork:
+                  initial_weights: Optional[dict[str, torch.Tensor]] = None) -> Any:
+    """kohya's LoRANetwork for algo "lora", LyCORIS's LoHa/LoKr (trainer/lycoris_network.py) otherwise; both have
+    the same interface (attach, param_groups, state_dict_kohya, load_kohya, apply_max_norm)."""
     unet = host.diffusion_model(model)
     te1 = te2 = None
     if config.train_te1 or config.train_te2:
@@ -130,7 +132,13 @@ def build_network(model: Any, clip: Any, config: NetworkConfig, seed: int,
         l, g = host.text_encoders(clip)
         te1 = l if config.train_te1 else None
         te2 = g if config.train_te2 else None
-    network = LoRANetwork.build(unet if config.train_unet else None, te1, te2, config,
+    if config.algo == "lora":
+        network_cls = LoRANetwork
+    else:
+        from .lycoris_network import LycorisNetwork  # imports lycoris-lora only when LoHa/LoKr is asked for
+
+        network_cls = LycorisNetwork
+    network = network_cls.build(unet if config.train_unet else None, te1, te2, config,
                                 generator=torch.Generator().manual_seed(seed))
     if initial_weights is not None:
         network.load_kohya(initial_weights)

@@ -33,7 +33,7 @@ def train_then_test(folder: str, *, steps: int = 20, seed: int = 1, checkpoint: 
             "network_dim": 8, "network_alpha": 8.0, "conv_dim": 0, "conv_alpha": 1.0, "train_unet": True,
             "train_clip_l": False, "train_clip_g": False, "dropout": 0.0, "rank_dropout": 0.0, "module_dropout": 0.0,
             "block_dims": "", "block_alphas": "", "conv_block_dims": "", "conv_block_alphas": "",
-            "block_lr_weight": "", "start_from": "none"}},
+            "block_lr_weight": "", "start_from": "none", "algo": "lora", "lokr_factor": -1}},
         "7": {"class_type": "SDXLLoraTrain", "inputs": {
             "model": ["1", 0], "dataset": ["3", 0], "latents": ["4", 0], "network": ["6", 0], "text": ["5", 0],
             "clip": ["1", 1], "max_train_steps": steps, "max_train_epochs": 0, "learning_rate": lr,

@@ -43,7 +43,7 @@ import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -649,6 +649,29 @@ def iter_target_modules(unet: Optional[torch.nn.Module], te1: Optional[torch.nn.
     return targets
 
 
+
+@contextmanager
+def output_hooks(handles: list, targets: Sequence[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
+    """Register forward hooks on the shared modules for this block and always remove them (``handles`` is the
+    network's list, so ``attached`` can tell); the modules themselves are never changed."""
+    try:
+        for module, hook in targets:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+
+def cpu_state_dict(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of a network's state dict, cast to ``dtype`` when given (alpha too, as kohya saves)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = v.detach().to("cpu", copy=True)
+        out[k] = (v.to(dtype) if dtype is not None else v).contiguous()
+    return out
+
 class LoRANetwork(torch.nn.Module):
     """The set of LoRA modules, registered under their kohya names so ``state_dict()`` is kohya's file layout."""
 
@@ -732,14 +755,8 @@ class LoRANetwork(torch.nn.Module):
                 return lora.apply(args[0], output)
             return hook
 
-        try:
-            for lora in self.loras:
-                self._handles.append(lora.org_module.register_forward_hook(hook_for(lora)))
+        with output_hooks(self._handles, [(lora.org_module, hook_for(lora)) for lora in self.loras]):
             yield self
-        finally:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
 
     @property
     def attached(self) -> bool:
@@ -749,11 +766,7 @@ class LoRANetwork(torch.nn.Module):
     def state_dict_kohya(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
         """kohya's saved dict: ``<name>.alpha`` (0-d), ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` in
         kohya's order, detached CPU copies, cast to ``dtype`` when given (alpha too, as kohya's save_weights)."""
-        out = {}
-        for k, v in self.state_dict().items():
-            v = v.detach().to("cpu", copy=True)
-            out[k] = (v.to(dtype) if dtype is not None else v).contiguous()
-        return out
+        return cpu_state_dict(self, dtype)
 
     def load_kohya(self, sd: Mapping[str, torch.Tensor]) -> None:
         """Copy a kohya state dict into this network's weights (strict: key sets, shapes and alphas must match).

@@ -28,8 +28,8 @@ import torch
 from lycoris.modules.loha import LohaModule
 from lycoris.modules.lokr import LokrModule
 
-from .lora_network import (PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, NetworkConfig, iter_target_modules,
-                           parse_block_list)
+from .lora_network import (PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, NetworkConfig, cpu_state_dict, iter_target_modules,
+                           output_hooks, parse_block_list)
 
 #: algo -> LyCORIS module class
 LYCORIS_MODULES = {"loha": LohaModule, "lokr": LokrModule}
@@ -134,14 +134,8 @@ class LycorisNetwork(torch.nn.Module):
                 return output + m.bypass_forward_diff(args[0], scale=m.multiplier).to(output.dtype)
             return hook
 
-        try:
-            for m in self.loras:
-                self._handles.append(m.org_module[0].register_forward_hook(hook_for(m)))
+        with output_hooks(self._handles, [(m.org_module[0], hook_for(m)) for m in self.loras]):
             yield self
-        finally:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
 
     @property
     def attached(self) -> bool:
@@ -151,11 +145,7 @@ class LycorisNetwork(torch.nn.Module):
     def state_dict_kohya(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
         """LyCORIS's saved dict (its ``custom_state_dict`` per module, under ``<lora_name>.``): detached CPU copies,
         cast to ``dtype`` when given (alpha too, as kohya/LyCORIS save_weights)."""
-        out = {}
-        for k, v in self.state_dict().items():
-            v = v.detach().to("cpu", copy=True)
-            out[k] = (v.to(dtype) if dtype is not None else v).contiguous()
-        return out
+        return cpu_state_dict(self, dtype)
 
     def _tensor(self, key: str) -> torch.Tensor:
         name, attr = key.rsplit(".", 1)

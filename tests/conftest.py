@@ -1,7 +1,7 @@
 """Test harness shared by all tiers.
 
 Tiers are folders: tests/unit (no ComfyUI import), tests/host (ComfyUI's comfy.* in-process, CPU),
-tests/server (a real ComfyUI server with the pack loaded), tests/browser (the real frontend in headless
+tests/device (the engine with the models on a stand-in accelerator: devkit/standin_device.py), tests/server (a real ComfyUI server with the pack loaded), tests/browser (the real frontend in headless
 Chromium against such a server). Each test is marked with its tier
 automatically, so `-m unit` / `-m host` / `-m server` select them.
 
@@ -31,7 +31,7 @@ if str(ROOT / "tests") not in sys.path:
 
 from golden_data import load_golden  # noqa: E402
 
-TIERS = ("unit", "host", "server", "browser")
+TIERS = ("unit", "host", "device", "server", "browser")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -114,33 +114,52 @@ def init_weights(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def make_model(seed: int = 0, v_prediction: bool = False,
-               weight_dtype: torch.dtype = torch.float32) -> "comfy.model_patcher.ModelPatcher":
-    """MODEL: a ModelPatcher over model_base.SDXL, as CheckpointLoaderSimple returns it.
-
-    ``weight_dtype`` other than float32 stores the U-Net weights in that dtype (e.g. fp8, as ComfyUI's
-    fp8 loading does) with float32 compute through comfy.ops' manual casting.
-    """
+def make_unet_model(seed: int = 0, v_prediction: bool = False,
+                    weight_dtype: torch.dtype = torch.float32) -> "comfy.model_base.SDXL":
+    """The model_base.SDXL a MODEL wraps (weights seeded), without its patcher."""
     cfg = TinySDXLConfig(dict(UNET_CONFIG))
     cfg.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
     state = {"v_pred": torch.tensor([])} if v_prediction else {}
     model = cfg.get_model(state, "", device=torch.device("cpu"))
     init_weights(model.diffusion_model, seed)
-    model.eval()
-    load = comfy.model_management.get_torch_device()
-    offload = comfy.model_management.unet_offload_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
+    return model.eval()
 
 
-def make_clip(seed: int = 1) -> "comfy.sd.CLIP":
+def make_model(seed: int = 0, v_prediction: bool = False, weight_dtype: torch.dtype = torch.float32,
+               load_device: torch.device | None = None, offload_device: torch.device | None = None,
+               patcher_class: Any = None) -> "comfy.model_patcher.ModelPatcher":
+    """MODEL: a ModelPatcher over model_base.SDXL, as CheckpointLoaderSimple returns it.
+
+    ``weight_dtype`` other than float32 stores the U-Net weights in that dtype (e.g. fp8, as ComfyUI's
+    fp8 loading does) with float32 compute through comfy.ops' manual casting. The devices default to what
+    ComfyUI picks (the CPU in tests); tests/device puts the model on the stand-in accelerator.
+    ``cached_patcher_init`` is set as CheckpointLoaderSimple sets it, so ComfyUI can build the model again
+    (its non-dynamic delegate under DynamicVRAM).
+    """
+    load = load_device if load_device is not None else comfy.model_management.get_torch_device()
+    offload = offload_device if offload_device is not None else comfy.model_management.unet_offload_device()
+    cls = patcher_class or comfy.model_patcher.ModelPatcher
+    patcher = cls(make_unet_model(seed, v_prediction, weight_dtype), load_device=load, offload_device=offload)
+    patcher.cached_patcher_init = (_reload_model, (seed, v_prediction, weight_dtype, load, offload))
+    return patcher
+
+
+def _reload_model(seed, v_prediction, weight_dtype, load, offload, disable_dynamic=False):
+    """What ComfyUI calls to rebuild a MODEL (``cached_patcher_init``); always a plain ModelPatcher here."""
+    with torch.inference_mode():
+        return make_model(seed, v_prediction, weight_dtype, load, offload)
+
+
+def make_clip(seed: int = 1, load_device: torch.device | None = None,
+              offload_device: torch.device | None = None) -> "comfy.sd.CLIP":
     """CLIP: comfy.sd.CLIP with SDXL's tokenizer and both encoders (CLIP-L = te1, CLIP-G = te2)."""
     target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
     options = {
         "clip_l_model_config": dict(CLIP_CONFIG),
         "clip_g_model_config": dict(CLIP_CONFIG),
         "dtype": torch.float32,
-        "load_device": torch.device("cpu"),
-        "offload_device": torch.device("cpu"),
+        "load_device": load_device if load_device is not None else torch.device("cpu"),
+        "offload_device": offload_device if offload_device is not None else torch.device("cpu"),
         "initial_device": torch.device("cpu"),
     }
     clip = comfy.sd.CLIP(target, model_options=options)
@@ -148,12 +167,13 @@ def make_clip(seed: int = 1) -> "comfy.sd.CLIP":
     return clip
 
 
-def make_vae(seed: int = 2) -> "comfy.sd.VAE":
+def make_vae(seed: int = 2, load_device: torch.device | None = None) -> "comfy.sd.VAE":
     """VAE: comfy.sd.VAE from a config (8x downscale, 4 latent channels, like SDXL's)."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     weights = init_weights(AutoencoderKL(**VAE_CONFIG["params"]), seed).state_dict()
-    return comfy.sd.VAE(sd=weights, config=VAE_CONFIG, device=torch.device("cpu"), dtype=torch.float32)
+    return comfy.sd.VAE(sd=weights, config=VAE_CONFIG, dtype=torch.float32,
+                        device=load_device if load_device is not None else torch.device("cpu"))
 
 
 def make_all(seed: int = 0, v_prediction: bool = False):

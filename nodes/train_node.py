@@ -9,7 +9,7 @@ from ..trainer.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES, OptimizerSettings
 from ..trainer.report_images import loss_graph_image
 from ..trainer.run_output import OutputSettings, output_name_error
 from ..trainer.train_job import run_job
-from ..trainer.train_session import TrainConfig
+from ..trainer.train_session import TRAIN_DTYPES, TrainConfig
 from .common import (CATEGORY, Checkpointing, Dataset, LatentCache, Network, Objective, Previews, TextCache,
                      pil_to_image)
 
@@ -69,9 +69,10 @@ class TrainLora(io.ComfyNode):
                              control_after_generate=io.ControlAfterGenerate.fixed,
                              tooltip="Seed of every random draw (LoRA init, noise, timesteps, order, dropout). "
                                      "Same seed = same LoRA on CPU."),
-                io.Combo.Input("train_dtype", options=["fp32", "bf16", "fp16"], default="bf16", tooltip="Compute "
+                io.Combo.Input("train_dtype", options=list(TRAIN_DTYPES), default="auto", tooltip="Compute "
                                "dtype of the forward/backward pass; LoRA weights and optimizer stay fp32 unless "
-                               "full_bf16. fp16 uses a gradient scaler."),
+                               "full_bf16. auto: bf16 where the GPU computes it natively (ComfyUI's check), fp16 "
+                               "on older GPUs, fp32 on the CPU. fp16 uses a gradient scaler."),
                 io.Boolean.Input("full_bf16", default=False, tooltip="Keep the LoRA weights in bf16 too (less "
                                  "memory; needs train_dtype bf16)."),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute each ResBlock/"

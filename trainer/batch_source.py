@@ -1,4 +1,4 @@
-"""Batches for the loop, assembled from the bucketed dataset and the latent / text caches.
+"""Batches for the loop, assembled from the bucketed dataset and the latent / text caches, on the training device.
 
 Per epoch: kohya's bucket-batch composition for ``seed + epoch`` (trainer/batching.py), then the
 batch order shuffled as the DataLoader does, here from a private generator seeded by (seed, epoch)
@@ -50,8 +50,9 @@ class CachedBatchSource:
 
     def __init__(self, dataset: TrainingDataset, latents: LatentSource, text: Optional[TextSource],
                  live_encoder: Optional[LiveEncoder], seed: int, max_train_steps: int,
-                 train_text_encoder: bool = False) -> None:
+                 train_text_encoder: bool = False, device: torch.device = torch.device("cpu")) -> None:
         self.dataset = dataset
+        self.device = torch.device(device)
         self.latents = latents
         self.text = text
         self.live_encoder = live_encoder
@@ -99,8 +100,11 @@ class CachedBatchSource:
         contexts: list[torch.Tensor] = []
         pooled: list[torch.Tensor] = []
         for i in range(len(images)):
+            # cached encodings are on the host, live ones wherever ComfyUI's CLIP put them (on the GPU with
+            # --gpu-only, with gradients when the text encoders train): each goes to the training device
             ctx, pool = fixed[i] if fixed[i] is not None else live[live_idx.index(i)]
-            contexts.append(ctx.reshape(-1, ctx.shape[-1]))
-            pooled.append(pool.reshape(-1))
-        return Batch(latents=torch.stack([l.float() for l in latents]), context=stack_contexts(contexts),
-                     pooled=torch.stack(pooled), time_ids=torch.tensor(time_ids, dtype=torch.long))
+            contexts.append(ctx.reshape(-1, ctx.shape[-1]).to(self.device))
+            pooled.append(pool.reshape(-1).to(self.device))
+        return Batch(latents=torch.stack([l.float() for l in latents]).to(self.device),
+                     context=stack_contexts(contexts), pooled=torch.stack(pooled),
+                     time_ids=torch.tensor(time_ids, dtype=torch.long))

@@ -6,18 +6,26 @@ imported lazily inside the functions, so importing this module never requires Co
 How training runs on the MODEL that ComfyUI already loaded, without a second copy of the U-Net:
 
 * Loader nodes run under ``torch.inference_mode()``, so the frozen weights are inference tensors,
-  which autograd may not save for backward. ``trainable_weights`` appends a no-op function to each
-  comfy.ops layer's ``weight_function`` (and ``bias_function``) list; that routes the layer through ComfyUI's own
-  ``cast_bias_weight``, which then hands back a per-forward copy of the weight in the compute dtype
-  (one layer at a time, freed with gradient checkpointing). fp16/bf16/fp8 weights are cast to the
-  training dtype the same way, so the frozen U-Net stays in the dtype ComfyUI loaded it in.
+  which autograd may not save for backward, and ComfyUI may stream weights that do not fit on the GPU
+  through cast buffers it reuses layer after layer. ``training_models`` clones the MODEL (and the CLIP
+  when the text encoders train) and registers a weight wrapper for every comfy.ops layer on the clone's
+  patcher; ComfyUI re-applies those on every load, full or partial, and its ``cast_bias_weight`` then
+  hands each layer a weight copy in the compute dtype that autograd may keep (one layer at a time, freed
+  with gradient checkpointing). The frozen U-Net stays in the dtype ComfyUI loaded it in. Under
+  DynamicVRAM the clone is made from ComfyUI's non-dynamic delegate (see ``_non_dynamic``).
+* ComfyUI decides what is loaded where (``load_for_training``), in every memory mode.
 * LoRA branches are forward hooks on the shared modules (trainer/lora_network.py), registered only
-  inside the training context. On exit every hook, weight function, forward override and
-  ``requires_grad`` flag is restored, so every other node sees the MODEL exactly as it came in.
+  inside the training context; attention kernels and layers without a backward are swapped for the
+  block (``differentiable_attention``, ``differentiable_layers``). On exit every hook, weight wrapper,
+  forward override and ``requires_grad`` flag is restored, so every other node sees the MODEL exactly
+  as it came in.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import functools
 from typing import Any, Iterator
 
 import torch
@@ -103,49 +111,127 @@ def unet_forward(model: Any, model_input: torch.Tensor, timesteps: torch.Tensor,
 
     Calls ``diffusion_model`` directly rather than ``apply_model`` (which returns x0): the loss is
     on the raw prediction and converting back from x0 would divide by sigma. The MODEL's
-    transformer_options (attention patches of other nodes) are passed along as apply_model does.
+    transformer_options (attention patches of other nodes) are passed along as apply_model does, except an
+    ``optimized_attention_override``: another node's attention kernel need not have a backward
+    (``differentiable_attention`` picks the kernel while training).
     """
     options = dict(model.model_options.get("transformer_options", {}))
+    options.pop("optimized_attention_override", None)
     device = model.load_device
     return diffusion_model(model)(
         model_input.to(device, dtype), timesteps.to(device).float(), context=context.to(device, dtype),
         y=y.to(device, dtype), transformer_options=options).float()
 
 
-# -- training context ---------------------------------------------------------------------------
+# -- the MODEL / CLIP that training runs through (every ComfyUI memory mode) ----------------------
 
-def _identity(weight: torch.Tensor) -> torch.Tensor:
+def _private_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A weight wrapper: the cast weight as a tensor that autograd may keep for backward.
+
+    ComfyUI calls it inside ``comfy.ops.cast_bias_weight`` on every forward of every layer. Having a wrapper at
+    all makes the cast copy the weight; the copy is returned as it is. A copy is made here when the cast handed
+    back something autograd must not keep: an inference tensor (the loaded weight itself), or a view into a cast
+    buffer that ComfyUI reuses for the next layers (streamed weights; autograd would read another layer's
+    values in backward).
+    """
+    if weight.is_inference() or weight._base is not None or isinstance(weight, torch.nn.Parameter):
+        return weight.clone()
     return weight
 
 
-@contextlib.contextmanager
-def trainable_weights(*modules: torch.nn.Module) -> Iterator[None]:
-    """Make frozen comfy.ops layers usable in backward and in the training dtype; undo on exit."""
-    touched: list[torch.nn.Module] = []
-    flags: list[tuple[torch.nn.Parameter, bool]] = []
+def _register_private_weights(patcher: Any) -> int:
+    """Register ``_private_weight`` on the patcher for every weight and bias of its comfy.ops layers.
+
+    Weight wrappers registered on the patcher are ComfyUI's own mechanism: every load (full, partial, after an
+    eviction, legacy or dynamic) rebuilds each layer's ``weight_function`` list from them, so they cannot be
+    lost the way a function appended to the list by hand is lost on the next load.
+    """
+    n = 0
+    for name, m in patcher.model.named_modules():
+        if not isinstance(getattr(m, "weight_function", None), list):
+            continue
+        for param in ("weight", "bias"):
+            if getattr(m, param, None) is not None:
+                patcher.add_weight_wrapper(f"{name}.{param}", _private_weight)
+                n += 1
+    return n
+
+
+def _remove_private_weights(module: torch.nn.Module) -> None:
+    """Take the wrappers out of the layers' lists again (the next load of the incoming MODEL rebuilds them)."""
+    for m in module.modules():
+        for attr in ("weight_function", "bias_function"):
+            fns = getattr(m, attr, None)
+            if isinstance(fns, list) and _private_weight in fns:
+                setattr(m, attr, [f for f in fns if f is not _private_weight])
+
+
+def _non_dynamic(patcher: Any, what: str) -> Any:
+    """The patcher itself, or under DynamicVRAM ComfyUI's non-dynamic delegate of it.
+
+    DynamicVRAM (ComfyUI's default on NVIDIA) streams weights through buffers it reuses and ignores full-load
+    requests; training needs weights that stay put through backward. ``get_non_dynamic_delegate`` is ComfyUI's
+    way to get a plain patcher for the same checkpoint: it loads the checkpoint again (a second copy in system
+    RAM, kept by ComfyUI for later runs); on the GPU only the delegate is loaded while training.
+    """
+    if not patcher.is_dynamic():
+        return patcher
     try:
-        for root in modules:
-            for m in root.modules():
-                if isinstance(getattr(m, "weight_function", None), list) and getattr(m, "weight", None) is not None:
-                    m.weight_function.append(_identity)
-                    if getattr(m, "bias", None) is not None:
-                        m.bias_function.append(_identity)
-                    touched.append(m)
-            for p in root.parameters():
-                flags.append((p, p.requires_grad))
-                if p.requires_grad:
-                    p.requires_grad_(False)
+        return patcher.get_non_dynamic_delegate()
+    except RuntimeError as e:
+        raise WrongModelError(
+            f"The {what} comes from a loader ComfyUI cannot reload outside DynamicVRAM ({e}). Load the SDXL "
+            "checkpoint with 'Load Checkpoint', or start ComfyUI with --disable-dynamic-vram.") from None
+
+
+@dataclasses.dataclass
+class TrainingModels:
+    """What a training run uses: clones of the incoming MODEL (and CLIP when the text encoders train) that carry
+    the weight wrappers, so the incoming objects stay exactly as they were for every other node."""
+
+    model: Any  # ModelPatcher the U-Net trains through
+    clip: Any  # CLIP to encode live captions with (the training clone when text encoders train)
+    device: torch.device
+
+
+@contextlib.contextmanager
+def _frozen(*modules: torch.nn.Module) -> Iterator[None]:
+    """No frozen weight takes part in autograd (a custom loader may hand over weights that require grad); the
+    flags are given back on exit."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        for p, flag in flags:
+            if flag:
+                p.requires_grad_(False)
         yield
     finally:
-        for m in touched:
-            for fns in (m.weight_function, m.bias_function):
-                for i in range(len(fns) - 1, -1, -1):
-                    if fns[i] is _identity:
-                        del fns[i]
-                        break
         for p, flag in flags:
             if p.requires_grad != flag:
-                p.requires_grad_(flag)
+                with torch.inference_mode(p.is_inference()):  # torch allows it on inference tensors only there
+                    p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def training_models(model: Any, clip: Any, train_text_encoders: bool) -> Iterator[TrainingModels]:
+    """Clones of MODEL/CLIP with autograd-safe, frozen weights in every memory mode; undone on exit."""
+    train_model = _non_dynamic(model, "MODEL").clone()
+    _register_private_weights(train_model)
+    train_clip = clip
+    if train_text_encoders:
+        base = clip.clone(disable_dynamic=True) if clip.patcher.is_dynamic() else clip
+        if clip.patcher.is_dynamic() and base.patcher.is_dynamic():
+            raise WrongModelError("The CLIP could not be reloaded outside DynamicVRAM for text-encoder training; "
+                                  "start ComfyUI with --disable-dynamic-vram.")
+        train_clip = base.clone()
+        _register_private_weights(train_clip.patcher)
+    frozen = [train_model.model] + ([train_clip.patcher.model] if train_text_encoders else [])
+    try:
+        with _frozen(*frozen):
+            yield TrainingModels(model=train_model, clip=train_clip, device=train_model.load_device)
+    finally:
+        _remove_private_weights(train_model.model)
+        if train_text_encoders:
+            _remove_private_weights(train_clip.patcher.model)
 
 
 def checkpoint_targets(unet: torch.nn.Module) -> list[torch.nn.Module]:
@@ -154,18 +240,18 @@ def checkpoint_targets(unet: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def _forwards_overridden(modules: list[torch.nn.Module], make_forward: Any) -> Iterator[int]:
-    """Give each shared module an instance-level ``forward`` for this block; removed on exit."""
+def _attributes_overridden(modules: list[torch.nn.Module], name: str, make: Any) -> Iterator[int]:
+    """Give each shared module an instance attribute ``name`` (a method override) for this block; removed on exit."""
     patched: list[torch.nn.Module] = []
     try:
         for m in modules:
-            m.forward = make_forward(m)
+            setattr(m, name, make(m))
             patched.append(m)
         yield len(patched)
     finally:
         for m in patched:
-            if "forward" in m.__dict__:
-                del m.forward
+            if name in m.__dict__:
+                delattr(m, name)
 
 
 def _checkpointed_forward(module: torch.nn.Module) -> Any:
@@ -185,28 +271,57 @@ def gradient_checkpointing(unet: torch.nn.Module, enabled: bool = True) -> conte
     The override is an instance attribute on the shared module, removed on exit. The global RNG
     state is preserved across the recompute, so dropout inside a block sees the same masks twice.
     """
-    return _forwards_overridden(checkpoint_targets(unet) if enabled else [], _checkpointed_forward)
+    return _attributes_overridden(checkpoint_targets(unet) if enabled else [], "forward", _checkpointed_forward)
+
+
+#: attention kernels of comfy.ldm.modules.attention that have a backward: kept while training
+TRAINABLE_ATTENTION = ("attention_pytorch", "attention_xformers")
 
 
 @contextlib.contextmanager
 def differentiable_attention() -> Iterator[str]:
-    """Use PyTorch SDPA attention while training when ComfyUI picked an inference-only kernel.
+    """Train with an attention kernel that has a backward; restore ComfyUI's choice on exit.
 
-    On CPU (and some GPUs) ComfyUI selects sub-quadratic or split attention, which modify tensors
-    in place and cannot be back-propagated. The choice is a module global read at call time, so it
-    is swapped for this block and restored; sampling nodes are unaffected.
+    ComfyUI picks its kernel once at start (a module global read at call time): sub-quadratic or split attention
+    modify tensors in place, ``--use-flash-attention`` is a custom op without a backward, and sage attention's
+    quantized kernels do not give q/k/v a correct gradient. Anything but PyTorch SDPA and xformers is swapped for
+    SDPA for this block; sampling nodes outside it keep their kernel. (Overrides another node puts into
+    ``transformer_options`` are dropped by ``unet_forward``.)
     """
     import comfy.ldm.modules.attention as attention
+    import comfy.model_management as mm
 
+    allowed = {attention.attention_pytorch}
+    if mm.xformers_enabled() and hasattr(attention, "attention_xformers"):
+        allowed.add(attention.attention_xformers)
     before = (attention.optimized_attention, attention.optimized_attention_masked)
-    unsafe = {getattr(attention, n, None) for n in ("attention_sub_quad", "attention_split")} - {None}
-    if before[0] in unsafe or before[1] in unsafe:
+    if before[0] not in allowed:
         attention.optimized_attention = attention.attention_pytorch
+    if before[1] not in allowed:
         attention.optimized_attention_masked = attention.attention_pytorch
     try:
         yield attention.optimized_attention.__name__
     finally:
         attention.optimized_attention, attention.optimized_attention_masked = before
+
+
+def _differentiable_linear_forward(module: torch.nn.Module) -> Any:
+    import comfy.ops
+
+    return functools.partial(comfy.ops.disable_weight_init.Linear.forward_comfy_cast_weights, module)
+
+
+def _has_kernel_without_backward(module: torch.nn.Module) -> bool:
+    """comfy.ops' cublas Linear (``--fast cublas_ops``) multiplies with a kernel that has no backward."""
+    return any(c.__name__ == "CublasLinear" for c in type(module).__mro__)
+
+
+@contextlib.contextmanager
+def differentiable_layers(*roots: torch.nn.Module) -> Iterator[int]:
+    """Route layers whose ComfyUI kernel has no backward through ComfyUI's plain cast-and-multiply path."""
+    layers = [m for root in roots for m in root.modules() if _has_kernel_without_backward(m)]
+    with _attributes_overridden(layers, "forward_comfy_cast_weights", _differentiable_linear_forward) as n:
+        yield n
 
 
 def _clip_layer_forward(layer: torch.nn.Module):
@@ -222,7 +337,7 @@ def _clip_layer_forward(layer: torch.nn.Module):
 def differentiable_text_encoders(*encoders: torch.nn.Module) -> contextlib.AbstractContextManager[int]:
     """Make ComfyUI's CLIP layers back-propagatable for text-encoder training; undone on exit."""
     layers = [m for enc in encoders for m in enc.modules() if type(m).__name__ == "CLIPLayer"]
-    return _forwards_overridden(layers, _clip_layer_forward)
+    return _attributes_overridden(layers, "forward", _clip_layer_forward)
 
 
 @contextlib.contextmanager
@@ -238,16 +353,52 @@ def training_flag() -> Iterator[None]:
         mm.in_training = before
 
 
-def load_device(model: Any) -> torch.device:
-    """Where ComfyUI runs this MODEL (the GPU, or the CPU with --cpu)."""
-    return model.load_device
+@contextlib.contextmanager
+def full_precision_accumulation() -> Iterator[bool]:
+    """Switch off fp16 accumulation in matmuls (ComfyUI's ``--fast fp16_accumulation``) while training.
+
+    Accumulating in fp16 is a sampling speed-up that makes training unstable (ComfyUI's own trainer warns about
+    it); this block restores the setting on exit. Yields whether it was on.
+    """
+    matmul = torch.backends.cuda.matmul
+    was_on = bool(getattr(matmul, "allow_fp16_accumulation", False))
+    if was_on:
+        matmul.allow_fp16_accumulation = False
+    try:
+        yield was_on
+    finally:
+        if was_on:
+            matmul.allow_fp16_accumulation = True
 
 
-def load_for_training(model: Any) -> torch.device:
-    """Load the MODEL fully on its device (evicting the VAE/CLIP and others first) and return the device."""
+def resolve_train_dtype(train_dtype: str, device: torch.device) -> str:
+    """"auto" -> what the device computes well: bf16 where ComfyUI's own check says so (NVIDIA Ampere and newer,
+    ...), fp16 with a gradient scaler on other GPUs, fp32 on the CPU."""
+    if train_dtype != "auto":
+        return train_dtype
     import comfy.model_management as mm
 
-    mm.load_models_gpu([model], memory_required=0, force_full_load=True)
+    if device.type == "cpu":
+        return "fp32"
+    if mm.should_use_bf16(device):
+        return "bf16"
+    if mm.should_use_fp16(device):
+        return "fp16"
+    return "fp32"
+
+
+def load_for_training(model: Any, memory_required: int = 0) -> torch.device:
+    """Have ComfyUI load the MODEL on its device as it loads for sampling, and return the device.
+
+    ComfyUI decides what fits: everything on a large GPU (and with --highvram / --gpu-only), and on a small one
+    (or with --lowvram / --novram) the rest stays on the offload device and is streamed per layer, which the
+    weight wrappers of ``training_models`` make safe for backward. ``memory_required``: what the step needs
+    besides the weights. Called before every U-Net forward: a no-op while the model is loaded, a reload after a
+    preview or a live caption encode made ComfyUI evict part of it.
+    """
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model], memory_required=memory_required)
     return model.load_device
 
 
@@ -271,19 +422,22 @@ def vae_dtype(vae: Any) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def vae_in_float32(vae: Any, enabled: bool) -> Iterator[None]:
-    """kohya's ``no_half_vae``: run the VAE in float32 for this block, then restore its dtype."""
+def vae_in_float32(vae: Any, enabled: bool) -> Iterator[Any]:
+    """kohya's ``no_half_vae``: yields a VAE that encodes in float32 (or ``vae`` itself).
+
+    The VAE ComfyUI manages is not touched: a twin shares its weights through a cloned patcher that casts every
+    layer's weight to float32 as it runs (ComfyUI's ``force_cast_weights``, what ``set_model_compute_dtype``
+    uses). The weights are the ones ComfyUI loaded: when it loaded the VAE in bf16/fp16 they were rounded then,
+    so this is float32 arithmetic on those weights; for kohya's exact numbers start ComfyUI with ``--fp32-vae``.
+    """
     if not enabled or vae.vae_dtype == torch.float32:
-        yield
+        yield vae
         return
-    before = vae.vae_dtype
-    vae.first_stage_model.to(torch.float32)
-    vae.vae_dtype = torch.float32
-    try:
-        yield
-    finally:
-        vae.first_stage_model.to(before)
-        vae.vae_dtype = before
+    twin = copy.copy(vae)
+    twin.patcher = vae.patcher.clone()
+    twin.patcher.force_cast_weights = True
+    twin.vae_dtype = torch.float32
+    yield twin
 
 
 def encode_text(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:

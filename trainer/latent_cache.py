@@ -265,7 +265,7 @@ class LatentCache:
                    for i in range(0, len(units), batch_size)]
         done = 0
         disk_failed = False
-        with comfy_adapter.vae_in_float32(vae, float32_vae):
+        with comfy_adapter.vae_in_float32(vae, float32_vae) as encoder:
             for batch in batches:
                 if check_interrupt is not None:
                     check_interrupt()
@@ -273,7 +273,7 @@ class LatentCache:
                 with torch.inference_mode():
                     ENCODER_CALLS["vae"] += 1
                     stats.encoder_calls += 1
-                    out = comfy_adapter.encode_pixels(vae, pixels)
+                    out = comfy_adapter.encode_pixels(encoder, pixels)
                     out = out.to("cpu", torch.float32)
                     bad = [p for j, p in enumerate(batch) if not torch.isfinite(out[j]).all()]
                     if bad:

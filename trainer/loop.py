@@ -6,14 +6,19 @@ accumulation group is full, or the epoch's last batch arrives (accelerate syncs 
 dataloader), clip gradients to ``max_grad_norm``, step the optimizer and the scheduler once, zero
 the gradients, apply max-norm regularisation (``scale_weight_norms``) and count one step.
 
-Every random draw comes from state this module owns (a torch.Generator for noise and batch order,
-a random.Random for kohya's Python-side draws, and the global torch RNG inside a ``fork_rng`` for
-LoRA dropout, which torch's checkpoint recompute replays), so the same seed gives the same LoRA
-bytes on CPU, ComfyUI's own reseeding of the global RNGs cannot disturb a run, and a saved
-``LoopState`` resumes exactly where it stopped.
+Every random draw comes from state this module owns: a torch.Generator (on the host) for noise,
+timesteps and batch order, a random.Random for kohya's Python-side draws, and, inside a ``fork_rng``,
+the global RNGs of the host and of the training device for LoRA dropout (kohya draws module dropout
+on the host and the masks on the device; torch's checkpoint recompute replays both). All of them are
+in the resumable ``LoopState``, so the same seed gives the same LoRA bytes, ComfyUI's own reseeding of
+the global RNGs (previews) cannot disturb a run, and a saved state resumes exactly where it stopped.
+
+The step never waits for the device per layer or per micro-batch: losses stay on the device and are
+read back once per optimizer step (one sync, for the log, the progress bar and the NaN check).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -79,7 +84,8 @@ class LoopState:
     epoch: int = 0
     batch_in_epoch: int = 0  # position in epoch_order(epoch) of the next micro-batch
     noise_rng: torch.Tensor | None = None
-    dropout_rng: torch.Tensor | None = None
+    dropout_rng: torch.Tensor | None = None  # the host's global RNG (module dropout; every draw on a CPU run)
+    device_rng: torch.Tensor | None = None  # the training device's global RNG (dropout masks on a GPU)
     py_random: Any = None
     history: list[StepRecord] = field(default_factory=list)
     interrupted: bool = False
@@ -92,12 +98,16 @@ class LoopState:
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"noise_rng": self.noise_rng, "dropout_rng": self.dropout_rng}
+        out = {"noise_rng": self.noise_rng, "dropout_rng": self.dropout_rng}
+        if self.device_rng is not None:
+            out["device_rng"] = self.device_rng
+        return out
 
     @classmethod
     def from_saved(cls, data: dict, tensors: dict[str, torch.Tensor]) -> "LoopState":
         return cls(global_step=data["global_step"], epoch=data["epoch"], batch_in_epoch=data["batch_in_epoch"],
-                   noise_rng=tensors["noise_rng"], dropout_rng=tensors["dropout_rng"],
+                   noise_rng=tensors.get("noise_rng"), dropout_rng=tensors.get("dropout_rng"),
+                   device_rng=tensors.get("device_rng"),
                    py_random=_py_state_from_json(data["py_random"]),
                    history=[StepRecord(**r) for r in data["history"]], interrupted=False)
 
@@ -128,6 +138,48 @@ class LoopHooks:
     on_step: Callable[[StepRecord, int, "LoopState"], None] = lambda record, total, state: None
 
 
+class GlobalRngs:
+    """The global RNGs of the host and of the training device, which the loop owns while it runs.
+
+    On a CPU run there is one (the host's). On a GPU, ``torch.manual_seed`` would also seed the GPU, but ComfyUI
+    and other nodes reseed both between steps (a preview's sampler does), so both are forked, seeded, snapshot
+    and restored explicitly, through the device's own module (``torch.cuda`` for CUDA).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.module = None if self.device.type == "cpu" else torch.get_device_module(self.device)
+        self.index = self.device.index if self.device.index is not None else 0
+
+    @contextlib.contextmanager
+    def forked(self):
+        devices = [] if self.module is None else [self.index]
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+            yield
+
+    def start(self, state: "LoopState", seed: int) -> None:
+        """Continue the saved streams, or seed them from the run's seed."""
+        if state.dropout_rng is not None:
+            torch.set_rng_state(state.dropout_rng)
+        else:
+            torch.manual_seed(seed + 1)
+        if self.module is not None:
+            if state.device_rng is not None:
+                self.module.set_rng_state(state.device_rng, self.index)
+            else:
+                with self.module.device(self.index):
+                    self.module.manual_seed(seed + 2)
+
+    def snapshot(self, state: "LoopState") -> None:
+        state.dropout_rng = torch.get_rng_state()
+        state.device_rng = self.module.get_rng_state(self.index) if self.module is not None else None
+
+    def restore(self, state: "LoopState") -> None:
+        torch.set_rng_state(state.dropout_rng)
+        if self.module is not None and state.device_rng is not None:
+            self.module.set_rng_state(state.device_rng, self.index)
+
+
 def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     group = optimizer.param_groups[0]
     lr = group.get("lr")
@@ -139,7 +191,7 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
 def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
         scheduler: Any, settings: LoopSettings, schedule: DDPMSchedule, noise_settings: NoiseSettings,
         loss_settings: LossSettings, state: LoopState | None = None, hooks: LoopHooks | None = None,
-        max_norm: Callable[[float], tuple[int, float, float]] | None = None,
+        max_norm: Callable[[float], Any] | None = None,
         scaler: "torch.amp.GradScaler | None" = None) -> LoopState:
     """Train until ``settings.max_train_steps`` optimizer steps, a cancel, or divergence.
 
@@ -163,21 +215,19 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
     if state.py_random is not None:
         py_random.setstate(state.py_random)
 
-    with torch.random.fork_rng(devices=[]):
-        if state.dropout_rng is not None:
-            torch.set_rng_state(state.dropout_rng)
-        else:
-            torch.manual_seed(settings.seed + 1)
+    rngs = GlobalRngs(getattr(model, "device", torch.device("cpu")))
+    with rngs.forked():
+        rngs.start(state, settings.seed)
 
         def snapshot() -> None:
             # the state is complete at every step boundary, so it can be saved for resuming
             state.noise_rng = generator.get_state()
             state.py_random = py_random.getstate()
-            state.dropout_rng = torch.get_rng_state()
+            rngs.snapshot(state)
 
         snapshot()
         micro_in_group = 0
-        group_losses: list[float] = []
+        group_losses: list[torch.Tensor] = []  # on the device until the group's one readout
         group_timesteps: list[float] = []
         group_start = (state.epoch, state.batch_in_epoch)
         started = time.perf_counter()
@@ -194,20 +244,23 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
                     index = order[state.batch_in_epoch]
                     batch = data.get(index, state.epoch, py_random, step=state.global_step)
                     result = batch_loss(model, batch, schedule, noise_settings, loss_settings, generator, py_random)
-                    loss_value = float(result.loss.detach())
-                    if not math.isfinite(loss_value):
-                        raise TrainingDiverged(
-                            f"The loss became {loss_value} at step {state.global_step + 1} (epoch {state.epoch + 1}). "
-                            "Nothing was saved from this step. Try a lower learning rate, train_dtype fp32 or bf16 "
-                            "instead of fp16, or the VAE in float32 (no_half_vae) if the cached latents look wrong.")
                     scaled = result.loss / ga
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    group_losses.append(loss_value)
+                    group_losses.append(result.loss.detach())
                     group_timesteps.append(float(result.timesteps.float().mean()))
                     micro_in_group += 1
                     state.batch_in_epoch += 1
                     last_of_epoch = state.batch_in_epoch == num_batches
                     if micro_in_group == ga or last_of_epoch:
+                        losses = torch.stack(group_losses).float().cpu().tolist()  # the step's one sync
+                        bad = next((v for v in losses if not math.isfinite(v)), None)
+                        if bad is not None:
+                            optimizer.zero_grad(set_to_none=True)
+                            raise TrainingDiverged(
+                                f"The loss became {bad} at step {state.global_step + 1} (epoch {state.epoch + 1}). "
+                                "The weights were not updated with it. Try a lower learning rate, train_dtype fp32 "
+                                "or bf16 instead of fp16, or the VAE in float32 (no_half_vae) if the cached latents "
+                                "look wrong.")
                         stepped = True
                         if scaler is not None:
                             scaler.unscale_(optimizer)
@@ -228,7 +281,7 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
                         state.global_step += 1
                         now = time.perf_counter()
                         record = StepRecord(step=state.global_step, epoch=state.epoch + 1,
-                                            loss=sum(group_losses) / len(group_losses), lr=_current_lr(optimizer),
+                                            loss=sum(losses) / len(losses), lr=_current_lr(optimizer),
                                             timestep_mean=sum(group_timesteps) / len(group_timesteps),
                                             seconds=now - started)
                         started = now
@@ -242,7 +295,7 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
                         # the host may sample previews here, which reseeds the global RNG that the
                         # dropout masks are drawn from: the stream continues as if it had not run
                         hooks.on_step(record, settings.max_train_steps, state)
-                        torch.set_rng_state(state.dropout_rng)
+                        rngs.restore(state)
                 if state.interrupted:
                     break
         except BaseException as exc:

@@ -30,11 +30,12 @@ Randomness never touches torch's global RNG (ComfyUI reseeds it whenever a sampl
   after ``torch.manual_seed(S); create_network(...)`` on CPU when nothing else draws in between (the per-module
   draw pattern is checked in tests/unit; no golden file holds kohya's init values). TE modules are created (and drawn) even when that TE is
   not trained, as kohya does, so the U-Net init does not depend on the train_te flags.
-* dropout / rank_dropout / module_dropout: ``LoRANetwork.set_dropout_generator(gen)`` (or ``LoRAModule.
-  dropout_generator``). Masks are drawn on ``gen.device`` (a CPU generator gives the same stream on any training
-  device; a CUDA generator avoids the copy) in kohya's order: module-dropout rand(1), dropout mask, rank mask.
-  Training with any dropout and no generator raises, rather than falling back to the global RNG. The masks'
-  distribution and scaling are kohya's; the random stream is ours (kohya draws from the global RNG on the device).
+* dropout / rank_dropout / module_dropout draw exactly as kohya's LoRAModule does: the module-dropout decision
+  ``torch.rand(1) < p`` from the CPU's global RNG (a host draw, so the step never waits for the device), the
+  dropout mask (``F.dropout``) and the rank mask from the global RNG of the device the activations are on. The
+  training loop (trainer/loop.py) owns those global RNGs while it runs: it forks them, seeds them from the run's
+  seed, saves them in the resumable state and restores them after previews; gradient checkpointing replays them
+  in the recompute. So a run is reproducible and resumable, and nothing is copied to the device per module.
 """
 from __future__ import annotations
 
@@ -394,15 +395,6 @@ class NetworkConfig:
 # one LoRA module
 
 
-def _need_generator(gen: Optional[torch.Generator], what: str) -> torch.Generator:
-    if gen is None:
-        raise RuntimeError(
-            f"{what} is on and the network is training, but no dropout generator is set: call "
-            "LoRANetwork.set_dropout_generator(torch.Generator(...).manual_seed(seed)) (the global RNG is never used)"
-        )
-    return gen
-
-
 class LoRAModule(torch.nn.Module):
     """kohya's LoRAModule: out = org(x) + up(down(x)) * multiplier * alpha/rank, with kohya's three dropouts.
 
@@ -472,7 +464,6 @@ class LoRAModule(torch.nn.Module):
         self.dropout = dropout or None
         self.rank_dropout = rank_dropout or None
         self.module_dropout = module_dropout or None
-        self.dropout_generator: Optional[torch.Generator] = None
 
     @property
     def org_module(self) -> torch.nn.Module:
@@ -485,30 +476,22 @@ class LoRAModule(torch.nn.Module):
 
     def delta(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """kohya's LoRA branch on the module input: up(down(x)) * multiplier * scale, or None when module dropout
-        skips this module. In training mode the dropouts draw from ``self.dropout_generator`` (see module doc)."""
+        skips this module. In training mode the dropouts draw from the global RNGs (see the module docstring)."""
         train = self.training
-        gen = self.dropout_generator
-        if train and self.module_dropout is not None:
-            g = _need_generator(gen, "module_dropout")
-            if torch.rand(1, generator=g, device=g.device).item() < self.module_dropout:
-                return None
+        if train and self.module_dropout is not None and torch.rand(1) < self.module_dropout:
+            return None  # kohya: a host draw; the module is skipped for this forward
 
         w = self.lora_down.weight
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != w.dtype:  # the LoRA computes in its own dtype (training never runs under autocast)
             x = x.to(w.dtype)
         lx = self.lora_down(x)
 
         if train and self.dropout is not None:
-            g = _need_generator(gen, "dropout")
-            keep = 1.0 - self.dropout
-            noise = torch.empty(lx.shape, dtype=lx.dtype, device=g.device).bernoulli_(keep, generator=g).div_(keep)
-            lx = lx * noise.to(lx.device)  # torch's dropout formula: x * (bernoulli(1-p) / (1-p))
+            lx = torch.nn.functional.dropout(lx, p=self.dropout)
 
         scale = self.scale
         if train and self.rank_dropout is not None:
-            g = _need_generator(gen, "rank_dropout")
-            mask = torch.rand((lx.size(0), self.lora_dim), generator=g, device=g.device) > self.rank_dropout
-            mask = mask.to(lx.device)
+            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
             if lx.dim() == 3:  # [B, tokens, rank]
                 mask = mask.unsqueeze(1)
             elif lx.dim() == 4:  # [B, rank, H, W]
@@ -735,11 +718,6 @@ class LoRANetwork(torch.nn.Module):
         for lora in self.loras:
             lora.multiplier = float(multiplier)
 
-    def set_dropout_generator(self, generator: Optional[torch.Generator]) -> None:
-        """The private generator every module's dropout masks are drawn from (shared, in forward order)."""
-        for lora in self.loras:
-            lora.dropout_generator = generator
-
     # ------------------------------------------------------------------ hooks
     @contextmanager
     def attach(self) -> Iterator["LoRANetwork"]:
@@ -852,15 +830,16 @@ class LoRANetwork(torch.nn.Module):
 
     # ------------------------------------------------------------------ max-norm
     @torch.no_grad()
-    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+    def apply_max_norm(self, max_norm: float) -> "MaxNormStats":
         """kohya's apply_max_norm_regularization (--scale_weight_norms), IN PLACE (quirk 21).
 
         Per module: delta = (up . down) * alpha/rank (no multiplier); n = max(||delta||_F, max_norm/2);
-        ratio = min(n, max_norm)/n; if ratio != 1 up and down are multiplied by sqrt(ratio). Returns
-        (keys_scaled, mean, max) of the norms after scaling.
+        ratio = min(n, max_norm)/n; up and down are multiplied by sqrt(ratio) (kohya only when ratio != 1; times
+        exactly 1.0 changes nothing, and not asking saves a device sync per module). The statistics stay on the
+        device until ``read()``.
         """
-        keys_scaled = 0
-        norms: list[float] = []
+        norms: list[torch.Tensor] = []
+        ratios: list[torch.Tensor] = []
         for lora in self.loras:
             down, up = lora.lora_down.weight, lora.lora_up.weight
             scale = lora.alpha / down.shape[0]
@@ -873,13 +852,31 @@ class LoRANetwork(torch.nn.Module):
             updown = updown * scale
             norm = updown.norm().clamp(min=max_norm / 2)
             desired = torch.clamp(norm, max=max_norm)
-            ratio = desired.cpu() / norm.cpu()
+            ratio = desired / norm
             sqrt_ratio = ratio ** 0.5
-            if ratio != 1:
-                keys_scaled += 1
-                up.mul_(sqrt_ratio.to(up.device))
-                down.mul_(sqrt_ratio.to(down.device))
-            norms.append((updown.norm().cpu() * ratio).item())
+            up.mul_(sqrt_ratio)
+            down.mul_(sqrt_ratio)
+            ratios.append(ratio)
+            norms.append(updown.norm() * ratio)
+        return MaxNormStats.of(norms, ratios)
+
+
+@dataclass(frozen=True)
+class MaxNormStats:
+    """What max-norm did, as device tensors (reading them is a sync; the training loop never does)."""
+
+    norms: Optional[torch.Tensor]  # [modules] norm after scaling
+    scaled: Optional[torch.Tensor]  # [modules] bool: was this module scaled
+
+    @classmethod
+    def of(cls, norms: Sequence[torch.Tensor], ratios: Sequence[torch.Tensor]) -> "MaxNormStats":
         if not norms:
+            return cls(None, None)
+        return cls(torch.stack(list(norms)), torch.stack(list(ratios)) != 1)
+
+    def read(self) -> tuple[int, float, float]:
+        """(keys_scaled, mean norm, max norm), reduced in Python as kohya does; (0, 0.0, 0.0) for no modules."""
+        if self.norms is None:
             return 0, 0.0, 0.0
-        return keys_scaled, sum(norms) / len(norms), max(norms)
+        values = self.norms.float().cpu().tolist()
+        return int(self.scaled.sum().cpu()), sum(values) / len(values), max(values)

@@ -64,7 +64,7 @@ class LossSettings:
 
 
 def _clamped_snr(timesteps: torch.Tensor, schedule: DDPMSchedule) -> torch.Tensor:
-    snr = schedule.snr(timesteps.cpu())
+    snr = schedule.snr(timesteps)
     return torch.minimum(snr, torch.ones_like(snr) * _SNR_CLAMP)
 
 
@@ -72,7 +72,7 @@ def min_snr_weight(
     timesteps: torch.Tensor, schedule: DDPMSchedule, gamma: float, v_prediction: bool = False
 ) -> torch.Tensor:
     """Min-SNR-gamma weight: min(snr, gamma)/snr (eps) or min(snr, gamma)/(snr+1) (v). Raw, unclamped SNR."""
-    snr = schedule.snr(timesteps.cpu())
+    snr = schedule.snr(timesteps)
     min_snr_gamma = torch.minimum(snr, torch.full_like(snr, gamma))
     denominator = snr + 1 if v_prediction else snr
     return torch.div(min_snr_gamma, denominator).float()
@@ -157,9 +157,9 @@ def huber_c_for_timesteps(
         alpha = -math.log(huber_c) / schedule.num_train_timesteps
         return torch.exp(-alpha * timesteps) * huber_scale
     if huber_schedule == "snr":
-        ac = torch.index_select(schedule.alphas_cumprod, 0, timesteps.cpu())
+        ac = torch.index_select(schedule.table("alphas_cumprod", timesteps.device), 0, timesteps)
         sigmas = ((1.0 - ac) / ac) ** 0.5
-        return ((1 - huber_c) / (1 + sigmas) ** 2 + huber_c).to(timesteps.device)
+        return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
     if huber_schedule == "constant":
         return torch.full((timesteps.shape[0],), huber_c * huber_scale, device=timesteps.device)
     raise ValueError(f"unknown huber_schedule {huber_schedule!r}")

@@ -15,9 +15,13 @@ What differs from ``lycoris.kohya.LycorisNetwork`` and why:
 * Init: LyCORIS draws from torch's GLOBAL RNG in its constructors. ``build`` therefore runs them inside
   ``torch.random.fork_rng(devices=[])`` after ``torch.manual_seed(generator.initial_seed())``: the init is a pure
   function of the generator's seed, and the caller's global RNG state is restored afterwards.
-* Dropouts: LyCORIS's ``dropout`` (nn.Dropout on dW x) and ``rank_dropout`` draw from the global RNG; module
-  dropout is done in the hook as LyCORIS's ``forward`` does it (``torch.rand(1) < p``, global RNG). The train
-  session uses the global RNG for dropouts (forked and replayed by gradient checkpointing), so this matches it.
+* Dropouts: LyCORIS's ``dropout`` (nn.Dropout on dW x) draws from the global RNG of the activations' device;
+  module dropout is done in the hook as LyCORIS's ``forward`` does it (``torch.rand(1) < p``, the CPU's global
+  RNG, a host draw). The training loop owns, seeds, saves and restores both (trainer/loop.py), as for LoRA.
+  ``rank_dropout`` is refused: LyCORIS 4.1.3 draws its mask on the CPU per module and LoKr then multiplies it
+  with the weight on the device (a device mismatch on a GPU); LoHa copies it over (a sync per module).
+* Max-norm: LyCORIS's per-module ``apply_max_norm`` formula, evaluated on the device without the ``.cpu()`` and
+  ``if scaled`` it does per module (see ``apply_max_norm``).
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ import torch
 from lycoris.modules.loha import LohaModule
 from lycoris.modules.lokr import LokrModule
 
-from .lora_network import (PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, NetworkConfig, cpu_state_dict, iter_target_modules,
-                           output_hooks, parse_block_list)
+from .lora_network import (PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, MaxNormStats, NetworkConfig, cpu_state_dict,
+                           iter_target_modules, output_hooks, parse_block_list)
 
 #: algo -> LyCORIS module class
 LYCORIS_MODULES = {"loha": LohaModule, "lokr": LokrModule}
@@ -55,7 +59,6 @@ class LycorisNetwork(torch.nn.Module):
                 raise ValueError(f"duplicated lora name: {m.lora_name}")
             self.add_module(m.lora_name, m)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.dropout_generator: Optional[torch.Generator] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -67,6 +70,10 @@ class LycorisNetwork(torch.nn.Module):
             raise ValueError(f"LycorisNetwork builds loha or lokr, not {config.algo!r} (use LoRANetwork)")
         if config.module_dims is not None:
             raise ValueError("per-module dims from a file (module_dims) are only supported for algo 'lora'")
+        if config.rank_dropout:
+            raise ValueError(f"rank_dropout is not supported with algo {config.algo!r}: LyCORIS draws the mask on the "
+                             "CPU for every layer (LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use "
+                             "algo lora.")
         module_cls = LYCORIS_MODULES[config.algo]
         extra = {"factor": config.factor} if config.algo == "lokr" else {}
         targets = iter_target_modules(unet, te1, te2, config)
@@ -106,16 +113,6 @@ class LycorisNetwork(torch.nn.Module):
     def set_multiplier(self, multiplier: float) -> None:
         for m in self.loras:
             m.multiplier = float(multiplier)
-
-    def set_dropout_generator(self, generator: Optional[torch.Generator]) -> None:
-        """Stored only: LyCORIS's dropouts draw from torch's global RNG, so a private generator cannot be honoured;
-        with dropouts on, anything but the global default generator raises instead of being silently ignored."""
-        c = self.config
-        if generator is not None and generator is not torch.default_generator and (
-                c.dropout or c.rank_dropout or c.module_dropout):
-            raise ValueError("LoHa/LoKr dropouts draw from torch's global RNG (LyCORIS); a private dropout "
-                             "generator is not supported")
-        self.dropout_generator = generator
 
     # ------------------------------------------------------------------ hooks
     @contextmanager
@@ -217,17 +214,45 @@ class LycorisNetwork(torch.nn.Module):
 
     # ------------------------------------------------------------------ max-norm
     @torch.no_grad()
-    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
-        """LyCORIS's apply_max_norm_regularization: each module's own ``apply_max_norm`` (in place), returning
-        (keys_scaled, mean norm, max norm) over all modules, or (0, 0.0, 0.0) when none was scaled (as LyCORIS)."""
-        keys_scaled = 0
-        norms: list[float] = []
+    def apply_max_norm(self, max_norm: float) -> "LycorisMaxNormStats":
+        """LyCORIS's apply_max_norm_regularization, in place, on the device.
+
+        Per module, LyCORIS's formula: n = max(||dW||, max_norm/2) with dW = get_weight() (times ``scalar`` for
+        LoHa); ratio = min(n, max_norm)/n; LoHa multiplies its ``scalar`` by ratio, LoKr each of its factors by
+        ratio**(1/factors). LyCORIS reads the ratio back to the host and branches on it per module; here every
+        module is multiplied (by exactly 1.0 when it is within the norm), so the step does not wait for the device.
+        """
+        norms: list[torch.Tensor] = []
+        ratios: list[torch.Tensor] = []
         for m in self.loras:
-            scaled, norm = m.apply_max_norm(max_norm)
-            if scaled is None:
-                continue
-            norms.append(float(norm))
-            keys_scaled += int(bool(scaled))
-        if keys_scaled == 0:
-            return 0, 0.0, 0.0
-        return keys_scaled, sum(norms) / len(norms), max(norms)
+            weight = m.get_weight(m.shape)
+            orig_norm = (weight * m.scalar).norm() if isinstance(m, LohaModule) else weight.norm()
+            norm = torch.clamp(orig_norm, max_norm / 2)
+            desired = torch.clamp(norm, max=max_norm)
+            ratio = desired / norm
+            if isinstance(m, LohaModule):
+                m.scalar *= ratio
+            else:
+                for factor in _lokr_factors(m):
+                    factor *= ratio ** (1 / len(_lokr_factors(m)))
+            norms.append(orig_norm * ratio)
+            ratios.append(ratio)
+        return LycorisMaxNormStats.of(norms, ratios)
+
+
+def _lokr_factors(m: LokrModule) -> list[torch.Tensor]:
+    """The tensors LyCORIS's LokrModule.apply_max_norm scales (``4 - use_w1 - use_w2 + (not use_w2 and tucker)``)."""
+    out = [m.lokr_w1] if m.use_w1 else [m.lokr_w1_a, m.lokr_w1_b]
+    if m.use_w2:
+        out.append(m.lokr_w2)
+    else:
+        out += ([m.lokr_t2] if m.tucker else []) + [m.lokr_w2_a, m.lokr_w2_b]
+    return out
+
+
+class LycorisMaxNormStats(MaxNormStats):
+    """LyCORIS's network-level summary: (0, 0.0, 0.0) when no module was scaled."""
+
+    def read(self) -> tuple[int, float, float]:
+        keys, mean, biggest = super().read()
+        return (keys, mean, biggest) if keys else (0, 0.0, 0.0)

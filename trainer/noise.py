@@ -60,7 +60,9 @@ class NoiseSettings:
 class NoiseSample(NamedTuple):
     noise: torch.Tensor  # the epsilon target: base noise + offset + pyramid, WITHOUT the ip-noise part
     noisy_latents: torch.Tensor  # add_noise(latents, noise (+ ip noise), timesteps)
-    timesteps: torch.Tensor  # int64 [B]
+    timesteps: torch.Tensor  # int64 [B], on the latents' device
+    drawn_timesteps: torch.Tensor  # the same, where they were drawn (the generator's device; the CPU in training,
+    # so logging them never waits for the GPU)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -162,9 +164,10 @@ def sample_noise_and_timesteps(
         )
 
     min_t, max_t = timestep_range(settings, schedule.num_train_timesteps)
-    timesteps = sample_timesteps(
-        latents.shape[0], min_t, max_t, torch_generator, latents.device, schedule.num_train_timesteps
+    drawn = sample_timesteps(
+        latents.shape[0], min_t, max_t, torch_generator, torch_generator.device, schedule.num_train_timesteps
     )
+    timesteps = drawn.to(latents.device)
 
     if settings.ip_noise_gamma:
         strength: Strength = settings.ip_noise_gamma
@@ -174,4 +177,4 @@ def sample_noise_and_timesteps(
         noisy_latents = schedule.add_noise(latents, noise + strength * ip_noise, timesteps)
     else:
         noisy_latents = schedule.add_noise(latents, noise, timesteps)
-    return NoiseSample(noise, noisy_latents, timesteps)
+    return NoiseSample(noise, noisy_latents, timesteps, drawn)

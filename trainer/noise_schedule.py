@@ -105,14 +105,23 @@ class DDPMSchedule:
         self.betas: torch.Tensor = betas
         self.alphas: torch.Tensor = 1.0 - betas
         self.alphas_cumprod: torch.Tensor = alphas_cumprod
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        """``all_snr`` / ``alphas_cumprod`` on ``device``, copied there once: looking values up where the timesteps
+        are costs no host<->device copy or sync per batch (the values are the same float32 numbers)."""
+        key = (name, torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, name).to(device)
+        return self._on_device[key]
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """kohya's per-sample SNR (``all_snr[t]``), on the device of ``timesteps``."""
-        return self.all_snr[timesteps.long().cpu()].to(timesteps.device)
+        return self.table("all_snr", timesteps.device)[timesteps.long()]
 
     def _sqrt_terms(self, like: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Same steps as diffusers: table cast to the sample's dtype/device, then **0.5 there.
-        ac = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)[timesteps.long().to(like.device)]
+        ac = self.table("alphas_cumprod", like.device).to(like.dtype)[timesteps.long().to(like.device)]
         sqrt_ac = _expand_to(ac**0.5, like.ndim)
         sqrt_one_minus_ac = _expand_to((1 - ac) ** 0.5, like.ndim)
         return sqrt_ac, sqrt_one_minus_ac

@@ -28,6 +28,7 @@ class Denoiser(Protocol):
 
     prediction_type: str  # "epsilon" or "v_prediction"
     latent_scale: float  # SDXL: 0.13025
+    device: torch.device  # where the model computes; batches are moved there
 
     def __call__(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
@@ -41,14 +42,21 @@ class Batch:
     latents: torch.Tensor  # [B, 4, h, w]
     context: torch.Tensor  # [B, 77*k, 2048]: CLIP-L penultimate ++ CLIP-G penultimate
     pooled: torch.Tensor  # [B, 1280]: CLIP-G projected pooled output
-    time_ids: torch.Tensor  # [B, 6]: original_size_hw, crop_top_left, target_size_hw
+    time_ids: torch.Tensor  # [B, 6]: original_size_hw, crop_top_left, target_size_hw (stays on the host: the size
+    # embedding is computed there, as kohya's numbers are)
     loss_weights: torch.Tensor | None = None  # [B]: kohya's per-sample loss weight (1.0 unless reg images)
+
+    def to(self, device: torch.device) -> "Batch":
+        """The batch on ``device`` (one copy per tensor; none when it is there already)."""
+        weights = self.loss_weights.to(device) if self.loss_weights is not None else None
+        return Batch(self.latents.to(device), self.context.to(device), self.pooled.to(device), self.time_ids,
+                     weights)
 
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # scalar, with grad
-    timesteps: torch.Tensor
+    loss: torch.Tensor  # scalar, with grad, on the model's device
+    timesteps: torch.Tensor  # [B] as drawn (on the host in training)
 
 
 def sdxl_vector_embedding(pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
@@ -60,6 +68,7 @@ def sdxl_vector_embedding(pooled: torch.Tensor, time_ids: torch.Tensor) -> torch
 def batch_loss(model: Denoiser, batch: Batch, schedule: DDPMSchedule, noise_settings: NoiseSettings,
                loss_settings: LossSettings, generator: torch.Generator, py_random: random.Random) -> StepResult:
     """The loss of one batch, with kohya's random draws taken from the private generators given."""
+    batch = batch.to(model.device)
     latents = batch.latents.float() * model.latent_scale
     sample = sample_noise_and_timesteps(latents, noise_settings, generator, py_random, schedule=schedule)
     y = sdxl_vector_embedding(batch.pooled.float(), batch.time_ids)
@@ -69,4 +78,4 @@ def batch_loss(model: Denoiser, batch: Batch, schedule: DDPMSchedule, noise_sett
     else:
         target = sample.noise
     loss = compute_loss(pred, target, sample.timesteps, schedule, loss_settings, batch.loss_weights)
-    return StepResult(loss=loss, timesteps=sample.timesteps)
+    return StepResult(loss=loss, timesteps=sample.drawn_timesteps)

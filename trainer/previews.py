@@ -45,15 +45,22 @@ class PreviewRenderer:
         n = self.settings.every_n_steps
         return bool(n) and step % n == 0
 
-    def render(self, model: Any, network: Any, reencode: bool = False) -> list[torch.Tensor]:
-        """One image per prompt; ``reencode`` when the text encoders are being trained."""
+    def render(self, model: Any, network: Any, training_clip: Any = None) -> list[torch.Tensor]:
+        """One image per prompt, sampled with ``model`` (the MODEL the run trains through, LoRA attached).
+
+        ``training_clip``: the CLIP whose text encoders are being trained; the prompts are then encoded again
+        with it, so the previews show the text-encoder LoRA too.
+        """
         s = self.settings
         was_training = network.training
         network.eval()
         try:
             with torch.no_grad():
-                positive = [host.encode_conditioning(self.clip, p) for p in s.prompts] if reencode else self.positive
-                negative = host.encode_conditioning(self.clip, s.negative) if reencode else self.negative
+                if training_clip is not None:
+                    positive = [host.encode_conditioning(training_clip, p) for p in s.prompts]
+                    negative = host.encode_conditioning(training_clip, s.negative)
+                else:
+                    positive, negative = self.positive, self.negative
                 out = [host.sample_image(model, self.vae, pos, negative, width=s.width, height=s.height,
                                          seed=s.seed + i, steps=s.steps, cfg=s.cfg, sampler_name=s.sampler_name,
                                          scheduler=s.scheduler) for i, pos in enumerate(positive)]

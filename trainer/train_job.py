@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,8 +71,8 @@ def run_job(*, model: Any, clip: Any, dataset: TrainingDataset, latents: Any, te
         result = live["result"]
         return save_run_lora(
             result.network, loras_root, out, run_tag=lora_tag + suffix if lora_tag else suffix.lstrip("-"),
-            training=training_metadata(config, result.optimizer, result.steps_per_epoch, result.total_steps,
-                                       started, output_name),
+            training=training_metadata(replace(config, train_dtype=result.train_dtype), result.optimizer,
+                                       result.steps_per_epoch, result.total_steps, started, output_name),
             dataset=dataset_metadata(dataset), network_meta=network_metadata(net_config), step=step,
             epoch=epoch, prompt=prompt, extra_pnginfo=extra_pnginfo,
             v_parameterization=result.prediction_type == "v_prediction")
@@ -89,7 +89,7 @@ def run_job(*, model: Any, clip: Any, dataset: TrainingDataset, latents: Any, te
         preview = None
         artifacts.on_step(record, result)
         if renderer is not None and renderer.due(record.step) and record.step < total:
-            images = render_previews(renderer, model, result.network, train_te)
+            images = render_previews(renderer, result, train_te)
             preview = preview_frame(images)
         progress.update(record.step, total, text=f"step {record.step}/{total}  loss {record.loss:.4f}  "
                         f"lr {record.lr:.2e}  {rate:.2f} it/s  ETA {eta:.0f}s", preview=preview)
@@ -101,7 +101,7 @@ def run_job(*, model: Any, clip: Any, dataset: TrainingDataset, latents: Any, te
     result = train(model, clip, dataset, latents, text, net_config, config,
                    initial_weights=network.get("initial_weights"), resume=resume,
                    should_stop=comfy_adapter.interrupted, on_step=on_step,
-                   on_finish=(lambda res: render_previews(renderer, model, res.network, train_te))
+                   on_finish=(lambda res: render_previews(renderer, res, train_te))
                    if renderer is not None else None)
     live["result"] = result
     state = result.state
@@ -127,15 +127,18 @@ def run_job(*, model: Any, clip: Any, dataset: TrainingDataset, latents: Any, te
         report += "\nintermediate: " + ", ".join(s.lora_name for s in artifacts.intermediates)
     if artifacts.states:
         report += f"\nstate: {artifacts.states[-1]}"
+    report += "".join(f"\n{note}" for note in result.notes)
     images = torch.cat(renderer.images) if renderer is not None and renderer.images else None
     return JobResult(weights=result.network.state_dict_kohya(), saved=saved, state=state,
                      steps_per_epoch=result.steps_per_epoch, report=report, previews=images)
 
 
-def render_previews(renderer: PreviewRenderer, model, network, train_te: bool) -> list[torch.Tensor]:
-    """Previews inside the run; a Cancel pressed meanwhile is remembered so the loop stops and saves."""
+def render_previews(renderer: PreviewRenderer, result, train_te: bool) -> list[torch.Tensor]:
+    """Previews inside the run, with the MODEL/CLIP it trains through; a Cancel pressed meanwhile is remembered so
+    the loop stops and saves."""
     try:
-        return renderer.render(model, network, reencode=train_te)
+        return renderer.render(result.models.model, result.network,
+                               training_clip=result.models.clip if train_te else None)
     except BaseException as e:  # noqa: BLE001 - only ComfyUI's interrupt is swallowed
         if comfy_adapter.is_interrupt(e):
             comfy_adapter.note_interrupt()

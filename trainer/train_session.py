@@ -26,6 +26,7 @@ from .optim import OptimizerSettings, build_optimizer, build_scheduler, optimize
 from .training_dataset import TrainingDataset
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAIN_DTYPES = ("auto", *DTYPES)  # auto: what the training device computes well (comfy_adapter.resolve_train_dtype)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     scale_weight_norms: Optional[float] = None
     seed: int = 42
-    train_dtype: str = "fp32"
+    train_dtype: str = "fp32"  # or "auto"
     full_bf16: bool = False
     gradient_checkpointing: bool = True
     loraplus_lr_ratio: Optional[float] = None
@@ -57,9 +58,9 @@ class TrainConfig:
     noise: NoiseSettings = field(default_factory=NoiseSettings)
 
     def __post_init__(self) -> None:
-        if self.train_dtype not in DTYPES:
-            raise ValueError(f"train_dtype must be one of {list(DTYPES)}, got {self.train_dtype!r}")
-        if self.full_bf16 and self.train_dtype != "bf16":
+        if self.train_dtype not in TRAIN_DTYPES:
+            raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
+        if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
             raise ValueError("full_bf16 needs train_dtype bf16")
 
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -73,6 +74,7 @@ class TrainConfig:
 class TrainResult:
     network: Any  # LoRANetwork, or LycorisNetwork for algo loha/lokr (same interface)
     state: LoopState
+    models: Any  # comfy_adapter.TrainingModels: the MODEL/CLIP the run trains through (previews sample with them)
     total_steps: int
     steps_per_epoch: int
     prediction_type: str
@@ -80,30 +82,39 @@ class TrainResult:
     scheduler: Any = None
     scaler: Any = None
     group_names: list[str] = field(default_factory=list)
+    train_dtype: str = "fp32"  # what "auto" resolved to
+    notes: list[str] = field(default_factory=list)  # what the run changed or chose, for the report
 
 
 class ComfyDenoiser:
-    """The objective's Denoiser over a ComfyUI MODEL: raw U-Net output in the training dtype."""
+    """The objective's Denoiser over a ComfyUI MODEL: raw U-Net output in the training dtype.
+
+    Asks ComfyUI to have the MODEL loaded before every forward: a no-op while it is, a reload after a preview or a
+    live caption encode made ComfyUI evict some of it on a small GPU.
+    """
 
     def __init__(self, model: Any, dtype: torch.dtype) -> None:
         self.model = model
         self.dtype = dtype
         self.prediction_type = host.prediction_type(model)
         self.latent_scale = host.latent_scale_factor(model)
+        self.device = model.load_device
 
     def __call__(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
+        host.load_for_training(self.model)
         return host.unet_forward(self.model, noisy_latents, timesteps, context, y, self.dtype)
 
 
-def live_text_encoder(clip: Any) -> Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Encode captions now (random captions, or text-encoder training: with gradients)."""
+def live_text_encoder(clip: Any, with_grad: bool) -> Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Encode captions now: random captions (frozen encoders), or text-encoder training (``with_grad``)."""
 
     def encode(captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
-        for text in captions:
-            ctx, pooled = host.encode_text(clip, text)
-            out.append((ctx[0].float(), pooled[0].float()))
+        with torch.set_grad_enabled(with_grad):
+            for text in captions:
+                ctx, pooled = host.encode_text(clip, text)
+                out.append((ctx[0].float(), pooled[0].float()))
         return out
 
     return encode
@@ -158,7 +169,6 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
     """
     host.require_sdxl(model)
     train_te = network_config.train_te1 or network_config.train_te2
-    dtype = DTYPES[config.train_dtype]
     loss_settings = replace(config.loss, v_parameterization=host.prediction_type(model) == "v_prediction")
     loss_settings.validate()
     schedule = DDPMSchedule(zero_terminal_snr=host.zero_terminal_snr(model))
@@ -167,13 +177,21 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
     total = config.total_steps(steps_per_epoch)
     if total < 1:
         raise ValueError("Set max_train_steps or max_train_epochs to at least 1.")
+    if train_te and clip is None:
+        raise ValueError("Training the text encoders needs the CLIP input connected.")
 
-    with torch.inference_mode(False):
-        network = build_network(model, clip, network_config, config.seed, initial_weights)
-        device = host.load_device(model)
+    with torch.inference_mode(False), host.training_models(model, clip, train_te) as models:
+        device = models.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the report gives this run's peak
+        train_dtype = host.resolve_train_dtype(config.train_dtype, device)
+        if config.full_bf16 and train_dtype != "bf16":
+            raise ValueError(f"full_bf16 needs bf16; train_dtype auto chose {train_dtype} for {device}. Set "
+                             "train_dtype to bf16 explicitly, or turn full_bf16 off.")
+        dtype = DTYPES[train_dtype]
+        network = build_network(models.model, models.clip, network_config, config.seed, initial_weights)
         network.to(device, torch.bfloat16 if config.full_bf16 else torch.float32)
         network.train()
-        network.set_dropout_generator(torch.default_generator)  # global RNG, forked + replayed by checkpointing
         lr = config.learning_rate
         groups, group_names = network.param_groups(
             unet_lr=config.unet_lr if config.unet_lr is not None else lr,
@@ -185,7 +203,7 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
         scheduler = build_scheduler(optimizer, config.lr_scheduler, max_train_steps=total,
                                     warmup_steps=config.lr_warmup_steps, num_cycles=config.lr_scheduler_num_cycles,
                                     power=config.lr_scheduler_power, initial_lr=lr)
-        scaler = torch.amp.GradScaler(device.type) if config.train_dtype == "fp16" else None
+        scaler = torch.amp.GradScaler(device.type) if train_dtype == "fp16" else None
         state = None
         if resume is not None:
             resume = _normal_tensors(resume)  # read inside the node, i.e. under inference mode
@@ -197,30 +215,35 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
                 scaler.load_state_dict(resume["scaler"])
             state = resume["loop"]
 
-        source = CachedBatchSource(dataset, latents, text, live_text_encoder(clip) if clip is not None else None,
-                                   config.seed, total, train_text_encoder=train_te)
         needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
+        encoder = live_text_encoder(models.clip, with_grad=train_te) if clip is not None else None
+        source = CachedBatchSource(dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te,
+                                   device=device)
         if not needs_clip:
             host.free_other_models()
-        host.load_for_training(model)
-        unet = host.diffusion_model(model)
-        frozen = [unet] + ([m for m in host.text_encoders(clip)] if train_te else [])
+        host.load_for_training(models.model)
+        unet = host.diffusion_model(models.model)
+        text_encoders = list(host.text_encoders(models.clip)) if train_te else []
         params = [p for g in groups for p in g["params"]]
-        result = TrainResult(network=network, state=state if state is not None else LoopState(), total_steps=total,
-                             steps_per_epoch=steps_per_epoch, prediction_type=host.prediction_type(model),
-                             optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                             group_names=group_names)
+        result = TrainResult(network=network, state=state if state is not None else LoopState(), models=models,
+                             total_steps=total, steps_per_epoch=steps_per_epoch,
+                             prediction_type=host.prediction_type(model), optimizer=optimizer, scheduler=scheduler,
+                             scaler=scaler, group_names=group_names, train_dtype=train_dtype)
         with contextlib.ExitStack() as stack:
             stack.enter_context(host.training_flag())
-            stack.enter_context(host.differentiable_attention())
+            kernel = stack.enter_context(host.differentiable_attention())
+            if stack.enter_context(host.full_precision_accumulation()):
+                result.notes.append("fp16 accumulation (--fast fp16_accumulation) was switched off while training")
+            if stack.enter_context(host.differentiable_layers(unet, *text_encoders)):
+                result.notes.append("cublas_ops layers (--fast cublas_ops) trained through ComfyUI's plain path")
             if train_te:
-                stack.enter_context(host.differentiable_text_encoders(*host.text_encoders(clip)))
-            stack.enter_context(host.trainable_weights(*frozen))
+                stack.enter_context(host.differentiable_text_encoders(*text_encoders))
             stack.enter_context(host.gradient_checkpointing(unet, config.gradient_checkpointing))
             stack.enter_context(network.attach())
+            result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
             try:
                 result.state = run(
-                    ComfyDenoiser(model, dtype), source, params, optimizer, scheduler,
+                    ComfyDenoiser(models.model, dtype), source, params, optimizer, scheduler,
                     LoopSettings(max_train_steps=total, gradient_accumulation_steps=config.gradient_accumulation_steps,
                                  max_grad_norm=config.max_grad_norm, scale_weight_norms=config.scale_weight_norms,
                                  seed=config.seed),
@@ -233,6 +256,10 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
             finally:
                 optimizer_eval_mode(optimizer)
         network.eval()
-        if not all(math.isfinite(float(p.detach().float().abs().max())) for p in params):
+        if device.type == "cuda":
+            result.notes.append(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
+        finite = torch.stack([p.detach().float().abs().max() for p in params]).isfinite().all()
+        if not bool(finite.cpu()):
             raise RuntimeError("The LoRA weights are not finite after training; nothing was saved.")
         return result

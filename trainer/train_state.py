@@ -141,7 +141,6 @@ def load_state(folder: str | os.PathLike, fingerprint: Optional[dict] = None) ->
                          "needs the same dataset, network and training settings (only max steps may grow).")
     network = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
-    loop = LoopState.from_saved(meta["loop"], {"noise_rng": rng.get("noise_rng"),
-                                               "dropout_rng": rng.get("dropout_rng")})
+    loop = LoopState.from_saved(meta["loop"], rng)
     return {"network": network, "optimizer": join_optimizer_state(tensors, meta["optimizer"]),
             "scheduler": _from_json(meta["scheduler"]), "scaler": _from_json(meta["scaler"]), "loop": loop}

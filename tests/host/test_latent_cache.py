@@ -365,15 +365,30 @@ def test_inf_latent_is_refused_too(store, folder, monkeypatch, tiny):
 
 
 def test_float32_vae_option(store, folder):
+    import comfy.sd
+
     vae = _bf16_vae()
     ds = _dataset(folder)
-    cache = LatentCache.build(ds, vae, float32_vae=True, store=store)
-    assert vae.vae_dtype == torch.bfloat16  # restored afterwards
-    assert next(vae.first_stage_model.parameters()).dtype == torch.bfloat16
+    params = {n: (p.dtype, p.data_ptr()) for n, p in vae.first_stage_model.named_parameters()}
+    seen_dtypes = set()
+    spy = vae.first_stage_model.encoder.conv_in.register_forward_pre_hook(
+        lambda m, args: seen_dtypes.add((m.weight.dtype, args[0].dtype)))
+    try:
+        cache = LatentCache.build(ds, vae, float32_vae=True, store=store)
+    finally:
+        spy.remove()
+    # ComfyUI's VAE is never changed, not even while it encodes: its weights stay bf16 tensors (a float32
+    # pass casts them per layer); the float32 arithmetic shows in the input dtype
+    assert seen_dtypes == {(torch.bfloat16, torch.float32)}
+    assert {n: (p.dtype, p.data_ptr()) for n, p in vae.first_stage_model.named_parameters()} == params
+    assert vae.vae_dtype == torch.bfloat16
     assert cache.encode_dtype == torch.float32 and "no_half_vae" in cache.report_text()
-    with lc.comfy_adapter.vae_in_float32(vae, True):
-        ref = _direct(vae, ds.images[0])
-    assert torch.equal(cache.latent(0), ref.float())
+    # = a float32 VAE holding the same (bf16-rounded) weights
+    import tiny_sdxl
+
+    rounded = {k: v.float() for k, v in vae.first_stage_model.state_dict().items()}
+    fp32 = comfy.sd.VAE(sd=rounded, config=tiny_sdxl.VAE_CONFIG, device=torch.device("cpu"), dtype=torch.float32)
+    assert torch.equal(cache.latent(0), _direct(fp32, ds.images[0]).float())
     with Calls() as calls:  # bf16 latents are other inputs
         half = LatentCache.build(_dataset(folder), vae, float32_vae=False, store=store)
     assert calls.n == len(IMAGES) and half.encode_dtype == torch.bfloat16

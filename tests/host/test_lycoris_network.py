@@ -136,10 +136,35 @@ def test_max_norm_and_param_groups(tiny, algo):
     with pytest.raises(ValueError, match="LoRA\\+"):
         net.param_groups(1e-3, 1e-4, 1e-4, loraplus_lr_ratio=4.0)
     before = net.state_dict_kohya()
-    keys, mean, biggest = net.apply_max_norm(1e-3)
+    keys, mean, biggest = net.apply_max_norm(1e-3).read()
     assert keys == len(net.loras) and 0 < mean <= biggest <= 1e-3 * (1 + 1e-4)
     after = net.state_dict_kohya()
     assert any(not torch.equal(v, before[k]) for k, v in after.items())
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_max_norm_is_lycoris_own_formula(tiny, algo):
+    """apply_max_norm evaluates LyCORIS's per-module formula on the device (no read-back per module): the weights
+    it leaves are LyCORIS's own apply_max_norm's, bit for bit, and so are the returned norms."""
+    model, clip, _ = tiny
+    ours = randomise(LycorisNetwork.build(*parts(model, clip), config(algo), torch.Generator().manual_seed(0)), 2)
+    theirs = randomise(LycorisNetwork.build(*parts(model, clip), config(algo), torch.Generator().manual_seed(0)), 2)
+    with torch.no_grad():  # the median module norm: about half the modules get scaled
+        max_norm = float(torch.stack([m.get_weight(m.shape).norm() for m in theirs.loras]).median())
+    keys, mean, biggest = ours.apply_max_norm(max_norm).read()
+    with torch.no_grad():
+        results = [m.apply_max_norm(max_norm) for m in theirs.loras]  # LyCORIS, module by module
+    norms = [float(n) for _, n in results]
+    assert keys == sum(bool(s) for s, _ in results) and 0 < keys < len(results)  # some scaled, some not
+    assert (mean, biggest) == (sum(norms) / len(norms), max(norms))
+    mine, want = ours.state_dict(), theirs.state_dict()
+    assert all(torch.equal(mine[k], want[k]) for k in want)
+
+
+def test_rank_dropout_is_refused_for_lycoris(tiny):
+    model, clip, _ = tiny
+    with pytest.raises(ValueError, match="rank_dropout is not supported with algo 'loha'.*Set rank_dropout to 0"):
+        LycorisNetwork.build(*parts(model, clip), config("loha", rank_dropout=0.1), torch.Generator().manual_seed(0))
 
 
 def test_lokr_factor_changes_the_factorisation(tiny):

@@ -374,8 +374,8 @@ def test_token_warmup_follows_the_optimizer_step(monkeypatch):
     seen = []
     live = ts.live_text_encoder
 
-    def recording(clip):
-        encode = live(clip)
+    def recording(clip, **kwargs):
+        encode = live(clip, **kwargs)
 
         def wrapped(captions):
             seen.extend(captions)

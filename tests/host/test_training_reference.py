@@ -65,8 +65,8 @@ def test_initial_network_leaves_the_unet_output_bit_identical():
 
     # the same inside train()'s context: trainable weights, SDPA, checkpointing, network in train mode
     with torch.inference_mode(False), host.training_flag(), host.differentiable_attention(), \
-            host.trainable_weights(unet), host.gradient_checkpointing(unet, True):
-        denoiser = ComfyDenoiser(model, torch.float32)
+            host.training_models(model, None, False) as models, host.gradient_checkpointing(unet, True):
+        denoiser = ComfyDenoiser(models.model, torch.float32)
         net.train()
         without = denoiser(x, t, ctx, y)
         with net.attach():

@@ -1,0 +1,99 @@
+"""Training with ComfyUI's models on the stand-in accelerator gives exactly the CPU run's LoRA.
+
+Each test trains the tiny SDXL twice with the same seed: on the CPU, and with MODEL/CLIP/VAE loading to the
+stand-in device (caches, generators and the dataset stay on the host, as in ComfyUI). Any tensor the pack leaves
+on the wrong device raises there as it would on CUDA; equal LoRA bytes show that nothing else changed.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import training_fixtures as tf
+from conftest import CPU, assert_same_lora, data, lora_bytes, models_on
+from sdxl_lora_trainer.devkit.standin_device import DEVICE
+from sdxl_lora_trainer.trainer.captions import CaptionOptions
+from sdxl_lora_trainer.trainer.lora_network import NetworkConfig
+from sdxl_lora_trainer.trainer.loss_weighting import LossSettings
+from sdxl_lora_trainer.trainer.noise import NoiseSettings
+from sdxl_lora_trainer.trainer.train_session import TrainConfig
+
+NET = NetworkConfig(network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False)
+CONFIG = TrainConfig(max_train_steps=2, learning_rate=1e-2, seed=5)
+
+
+def train(models, ds, lat, txt, net=NET, config=CONFIG, **kwargs):
+    model, clip, _ = models
+    with torch.inference_mode():  # how ComfyUI runs every node
+        return tf.train(model, clip, ds, lat, txt, net, config, **kwargs)
+
+
+def assert_matches_cpu(ds, lat, txt, net=NET, config=CONFIG, v_prediction=False, **device_kwargs):
+    want = train(models_on(CPU, v_prediction=v_prediction), ds, lat, txt, net, config)
+    got = train(models_on(DEVICE, v_prediction=v_prediction, **device_kwargs), ds, lat, txt, net, config)
+    assert_same_lora(lora_bytes(got), lora_bytes(want))
+    assert [r.loss for r in got.state.history] == [r.loss for r in want.state.history]
+    return got
+
+
+# -- the objective: every loss and noise option ----------------------------------------------------
+
+OPTIONS = {
+    "l1": dict(loss=LossSettings(loss_type="l1")),
+    "huber_snr": dict(loss=LossSettings(loss_type="huber", huber_schedule="snr")),
+    "huber_exponential": dict(loss=LossSettings(loss_type="huber", huber_schedule="exponential")),
+    "smooth_l1_constant": dict(loss=LossSettings(loss_type="smooth_l1", huber_schedule="constant", huber_c=0.2)),
+    "min_snr_debiased_vlike": dict(loss=LossSettings(min_snr_gamma=5.0, debiased_estimation_loss=True,
+                                                     v_pred_like_loss=0.1)),
+    "noise_offset_adaptive": dict(noise=NoiseSettings(noise_offset=0.05, noise_offset_random_strength=True,
+                                                      adaptive_noise_scale=0.01)),
+    "multires": dict(noise=NoiseSettings(multires_noise_iterations=3, multires_noise_discount=0.3)),
+    "ip_noise_timestep_range": dict(noise=NoiseSettings(ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True,
+                                                        min_timestep=100, max_timestep=700)),
+    "accumulation_clipping_max_norm_cosine": dict(gradient_accumulation_steps=2, max_grad_norm=0.5,
+                                                  scale_weight_norms=0.01, lr_scheduler="cosine"),
+    "bf16": dict(train_dtype="bf16"),
+    "full_bf16": dict(train_dtype="bf16", full_bf16=True),
+    "fp16_grad_scaler": dict(train_dtype="fp16"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_loss_and_noise_options_match_the_cpu(comfy_gpu, case):
+    comfy_gpu()
+    assert_matches_cpu(*data(), config=replace(CONFIG, **OPTIONS[case]))
+
+
+def test_v_prediction_with_its_loss_options_matches_the_cpu(comfy_gpu):
+    comfy_gpu()
+    loss = LossSettings(min_snr_gamma=5.0, scale_v_pred_loss_like_noise_pred=True, debiased_estimation_loss=True)
+    assert_matches_cpu(*data(), config=replace(CONFIG, loss=loss), v_prediction=True)
+
+
+def test_text_encoder_training_with_live_captions_matches_the_cpu(comfy_gpu):
+    """CLIP-L/CLIP-G LoRA trained through ComfyUI's CLIP on the device, captions shuffled and encoded live."""
+    comfy_gpu()
+    net = replace(NET, train_te1=True, train_te2=True, conv_dim=2, conv_alpha=1.0)
+    got = assert_matches_cpu(*data(shuffle=True), net=net)
+    assert got.network.te1_loras and got.network.te2_loras
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_lycoris_networks_match_the_cpu(comfy_gpu, algo):
+    comfy_gpu()
+    net = replace(NET, algo=algo, conv_dim=2, conv_alpha=1.0)
+    assert_matches_cpu(*data(), net=net, config=replace(CONFIG, scale_weight_norms=0.01))
+
+
+def test_gpu_only_batches_mix_cached_and_live_encodings(comfy_gpu):
+    """--gpu-only: ComfyUI returns CLIP encodings on the GPU while the text cache holds them on the host; one batch
+    holds both (one image's caption is shuffled, the other's is cached)."""
+    ds = tf.make_dataset(2, batch_size=2, captions=["red, cube, shiny", "blue, ball, matte"])
+    images = ds.parts[0].images
+    images[0] = replace(images[0], caption_options=CaptionOptions(shuffle_caption=True))
+    lat, txt = tf.sources(tf.inference_models(), ds)  # the caches hold host tensors
+    assert all(t.device == CPU for pair in txt.table.values() for t in pair)
+    comfy_gpu(gpu_only=True, vram_state="HIGH_VRAM")
+    assert_matches_cpu(ds, lat, txt, gpu_only=True)

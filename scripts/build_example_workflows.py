@@ -132,7 +132,7 @@ NOTE_CACHES_CONTINUE = """### 3. Caches & network: continue a LoRA
 
 NOTE_TRAIN = """### 4. Train
 **max_train_steps** (or `max_train_epochs`), **learning_rate** (1e-4 is kohya's usual for SDXL LoRA),
-**seed** (same seed = same LoRA). `train_dtype` bf16 on a recent GPU.
+**seed** (same seed = same LoRA). `train_dtype` auto: bf16 on a recent GPU, fp16 on older ones, fp32 on a CPU.
 
 The LoRA is saved to `models/loras/<output_subfolder>/<output_name>_<date-time>_s<seed>.safetensors`: a new
 name every run, so LoraLoader never serves stale weights. Cancel stops within a step and saves."""
@@ -185,7 +185,7 @@ def _train_group(output_name: str, steps: int, lr: float) -> Group:
         Node("train", "SDXLLoraTrain", {
             "model": ref("ckpt", "MODEL"), "clip": ref("ckpt", "CLIP"), "dataset": ref("dataset", "dataset"),
             "latents": ref("latents", "latents"), "network": ref("network", "network"), "text": ref("text", "text"),
-            "max_train_steps": steps, "learning_rate": lr, "seed": 42, "train_dtype": "bf16",
+            "max_train_steps": steps, "learning_rate": lr, "seed": 42, "train_dtype": "auto",
             "output_name": output_name, "output_subfolder": "sdxl_lora_trainer", "overwrite": False,
         }, column=3, width=420, extra_height=260),  # room for the live loss chart drawn by web/loss_chart.js
         Node("loss", "PreviewImage", {"images": ref("train", "loss_graph")}, column=3, title="Loss graph",

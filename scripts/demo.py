@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = workflow_to_prompt(json.loads(WORKFLOW.read_text()), info)
         if real:
             prompt = for_ci(prompt, checkpoint=ckpt_name, folder=SAMPLE_FOLDER, steps=steps, resolution=resolution,
-                            sample_steps=sample_steps, learning_rate=1e-4, seed=args.seed,
-                            train_dtype="fp32" if server.cpu else "bf16")
+                            sample_steps=sample_steps, learning_rate=1e-4, seed=args.seed, train_dtype="auto")
         else:
             prompt = for_ci(prompt, folder=SAMPLE_FOLDER, steps=steps, resolution=resolution,
                             sample_steps=sample_steps, learning_rate=1e-3, seed=args.seed)

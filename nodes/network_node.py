@@ -62,10 +62,13 @@ class NetworkSettings(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_from: str = NONE) -> bool | str:
+    def validate_inputs(cls, start_from: str = NONE, algo: str = "lora", rank_dropout: float = 0.0) -> bool | str:
         """Naming start_from here makes ComfyUI skip its stale-list check: a LoRA saved by an earlier run of
         this server is accepted before the browser reloads the list; execute resolves it or says why not.
         No **kwargs: with them ComfyUI would skip its min/max and option checks of every other input too."""
+        if algo != "lora" and isinstance(rank_dropout, (int, float)) and rank_dropout > 0:
+            return (f"rank_dropout is not supported with algo {algo}: LyCORIS draws the mask on the CPU for every "
+                    "layer (LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use algo lora.")
         return True
 
     @classmethod

@@ -243,6 +243,10 @@ class NetworkConfig:
 
         if self.algo not in NETWORK_ALGOS:
             raise ValueError(f"algo must be one of {list(NETWORK_ALGOS)}, got {self.algo!r}")
+        if self.algo != "lora" and self.rank_dropout:
+            raise ValueError(f"rank_dropout is not supported with algo {self.algo!r}: LyCORIS draws the mask on the "
+                             "CPU for every layer (LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use "
+                             "algo lora.")
         if not isinstance(self.factor, int) or (self.factor != -1 and self.factor < 1):
             raise ValueError(f"factor must be -1 (auto) or an integer >= 1, got {self.factor!r}")
 

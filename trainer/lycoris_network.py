@@ -70,10 +70,7 @@ class LycorisNetwork(torch.nn.Module):
             raise ValueError(f"LycorisNetwork builds loha or lokr, not {config.algo!r} (use LoRANetwork)")
         if config.module_dims is not None:
             raise ValueError("per-module dims from a file (module_dims) are only supported for algo 'lora'")
-        if config.rank_dropout:
-            raise ValueError(f"rank_dropout is not supported with algo {config.algo!r}: LyCORIS draws the mask on the "
-                             "CPU for every layer (LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use "
-                             "algo lora.")
+
         module_cls = LYCORIS_MODULES[config.algo]
         extra = {"factor": config.factor} if config.algo == "lokr" else {}
         targets = iter_target_modules(unet, te1, te2, config)

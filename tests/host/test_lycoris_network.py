@@ -161,10 +161,15 @@ def test_max_norm_is_lycoris_own_formula(tiny, algo):
     assert all(torch.equal(mine[k], want[k]) for k in want)
 
 
-def test_rank_dropout_is_refused_for_lycoris(tiny):
-    model, clip, _ = tiny
-    with pytest.raises(ValueError, match="rank_dropout is not supported with algo 'loha'.*Set rank_dropout to 0"):
-        LycorisNetwork.build(*parts(model, clip), config("loha", rank_dropout=0.1), torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("algo", ALGOS)
+def test_rank_dropout_is_refused_for_lycoris(algo):
+    from sdxl_lora_trainer.nodes.network_node import NetworkSettings
+
+    with pytest.raises(ValueError, match=f"rank_dropout is not supported with algo '{algo}'.*Set rank_dropout to 0"):
+        config(algo, rank_dropout=0.1)
+    message = NetworkSettings.validate_inputs(algo=algo, rank_dropout=0.1)  # at queue time
+    assert isinstance(message, str) and "Set rank_dropout to 0" in message
+    assert NetworkSettings.validate_inputs(algo="lora", rank_dropout=0.1) is True
 
 
 def test_lokr_factor_changes_the_factorisation(tiny):

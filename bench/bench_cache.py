@@ -1,4 +1,4 @@
-"""Benchmark of the latent / text-encoder caches (trainer/latent_cache.py, trainer/text_cache.py).
+"""Benchmark of the latent / text-encoder caches (trainer/cache/latents.py, trainer/cache/text.py).
 
 Measures, on the tiny SDXL's VAE and CLIP (ComfyUI's own classes) on CPU:
 * VAE encode throughput (images/s, bucketing + encode + store) at batch size 1 vs N;
@@ -16,15 +16,13 @@ import argparse
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-if "sdxl_lora_trainer" not in sys.modules:  # the package name the tests use for the repo root
-    pkg = types.ModuleType("sdxl_lora_trainer")
-    pkg.__path__ = [str(ROOT)]
-    sys.modules["sdxl_lora_trainer"] = pkg
+sys.path.insert(0, str(ROOT / "devkit"))
+import package_path  # noqa: E402
+
+package_path.register()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -35,14 +33,14 @@ import_comfy()
 
 import tiny_sdxl  # noqa: E402
 
-from sdxl_lora_trainer.trainer import cache_store  # noqa: E402
-from sdxl_lora_trainer.trainer.buckets import BucketSettings  # noqa: E402
-from sdxl_lora_trainer.trainer.cache_store import ENCODER_CALLS, MemoryStore  # noqa: E402
-from sdxl_lora_trainer.trainer.captions import CaptionOptions  # noqa: E402
-from sdxl_lora_trainer.trainer.dataset_sources import scan_folder  # noqa: E402
-from sdxl_lora_trainer.trainer.latent_cache import LatentCache, vae_fingerprint  # noqa: E402
-from sdxl_lora_trainer.trainer.text_cache import TextCache, clip_fingerprint  # noqa: E402
-from sdxl_lora_trainer.trainer.training_dataset import bucket_images, training_dataset  # noqa: E402
+from sdxl_lora_trainer.trainer.cache import fingerprints
+from sdxl_lora_trainer.trainer.data.buckets import BucketSettings
+from sdxl_lora_trainer.trainer.cache.stores import ENCODER_CALLS, MemoryStore
+from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
+from sdxl_lora_trainer.trainer.data.sources import scan_folder
+from sdxl_lora_trainer.trainer.cache.latents import LatentCache, vae_fingerprint
+from sdxl_lora_trainer.trainer.cache.text import TextCache, clip_fingerprint
+from sdxl_lora_trainer.trainer.data.dataset import bucket_images, training_dataset
 
 
 def make_dataset(root: Path, n: int, size: int):
@@ -74,7 +72,7 @@ def fresh_fingerprint_time(fn) -> float:
     """Best time of a fingerprint computed from scratch (memo cleared before each run)."""
     best = float("inf")
     for _ in range(REPEAT):
-        cache_store.clear_fingerprint_memo()
+        fingerprints.clear_fingerprint_memo()
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
@@ -86,7 +84,7 @@ def _time_module_fingerprint(numel: int, dtype: torch.dtype) -> tuple[float, flo
     module.w = torch.nn.Parameter(torch.empty(numel, dtype=dtype).uniform_(), requires_grad=False)
 
     def fingerprint() -> str:
-        return cache_store.module_fingerprint(module, lambda: list(module.state_dict().items()))
+        return fingerprints.module_fingerprint(module, lambda: list(module.state_dict().items()))
 
     first = fresh_fingerprint_time(fingerprint)
     _, memo = timed(fingerprint)
@@ -164,7 +162,7 @@ def main() -> int:
 
     width = max(len(r[0]) for r in rows)
     print(f"cache benchmark: {args.images} images, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"hash {cache_store.HASH_NAME}, CPU")
+          f"hash {fingerprints.HASH_NAME}, CPU")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
     return 0

@@ -7,7 +7,7 @@ inside that process, never the kernel OOM killer on a shared machine.
 Models, both built like ComfyUI's loaders build them (under ``torch.inference_mode()``, so the frozen
 weights are inference tensors), wrapped in a ModelPatcher, on the CPU:
 
-* ``--model tiny``: tests/tiny_sdxl.py (SDXL block layout, tiny widths).
+* ``--model tiny``: devkit/tiny_sdxl.py (SDXL block layout, tiny widths).
 * ``--model mid``: SDXL's widths with 1 / 2 transformer blocks per level instead of 2 / 10 (849 M
   parameters): real layer sizes, and small enough for the built-in node's second copy to fit in memory.
 * ``--model full``: a full-size SDXL U-Net (2.57 B parameters) with seeded random weights, built through
@@ -16,10 +16,10 @@ weights are inference tensors), wrapped in a ModelPatcher, on the CPU:
 
 Data: N random "images" (unscaled latents [4, H/8, W/8]) with random text encodings (context [77, 2048],
 pooled [1280]; the tiny model's widths for --model tiny), fed to our trainer through dict-backed
-LatentSource / TextSource objects (trainer/batch_source.py), and to TrainLoraNode as the LATENT and
+LatentSource / TextSource objects (trainer/run/batch_loader.py), and to TrainLoraNode as the LATENT and
 CONDITIONING it takes from VAEEncode / CLIPTextEncode.
 
-Measured for ours (trainer/train_session.train, network_dim 8, alpha 1, U-Net only, AdamW,
+Measured for ours (trainer/run/session.train, network_dim 8, alpha 1, U-Net only, AdamW,
 gradient checkpointing on):
 * s/step: median of the optimizer steps after the first (timed between on_step calls, so the bare
   passes below are not counted; the first step includes train()'s setup);
@@ -61,7 +61,6 @@ import sys
 import threading
 import time
 import traceback
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,11 +87,10 @@ MID_UNET_CONFIG = dict(SDXL_UNET_CONFIG, transformer_depth=[0, 0, 1, 1, 2, 2], t
 # ---------------------------------------------------------------------------------------------------
 
 def _setup_imports() -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
-    if "sdxl_lora_trainer" not in sys.modules:  # the package name the tests use for the repo root
-        pkg = types.ModuleType("sdxl_lora_trainer")
-        pkg.__path__ = [str(ROOT)]
-        sys.modules["sdxl_lora_trainer"] = pkg
+    sys.path.insert(0, str(ROOT / "devkit"))
+    import package_path
+
+    package_path.register()
     from comfy_host import import_comfy
 
     import_comfy()
@@ -151,7 +149,7 @@ class RssSampler:
 
 
 def fill_weights(module, seed: int) -> None:
-    """tests/tiny_sdxl.init_weights' distributions (Linear/Conv: U(+-1/sqrt(fan_in)), norms 1/0, the rest
+    """devkit/tiny_sdxl.init_weights' distributions (Linear/Conv: U(+-1/sqrt(fan_in)), norms 1/0, the rest
     N(0, 0.02)), each parameter written once and generated in float32 whatever its dtype (less work and
     fewer temporaries than init_weights on 2.6 B parameters)."""
     import math
@@ -226,18 +224,18 @@ def make_data(n: int, res: int, ctx_dim: int, pooled_dim: int, seed: int = 1):
 def worker_ours(args, result: dict) -> None:
     import torch
     from PIL import Image
-    from sdxl_lora_trainer.trainer import comfy_adapter as host
-    from sdxl_lora_trainer.trainer.buckets import BucketSettings
-    from sdxl_lora_trainer.trainer.captions import CaptionOptions
-    from sdxl_lora_trainer.trainer.dataset_build import dataset_from_scan
-    from sdxl_lora_trainer.trainer.dataset_sources import items_from_images
-    from sdxl_lora_trainer.trainer.lora_network import NetworkConfig
-    from sdxl_lora_trainer.trainer.train_session import DTYPES, TrainConfig, train
+    from sdxl_lora_trainer.trainer.comfyui import models as comfy_models
+    from sdxl_lora_trainer.trainer.data.buckets import BucketSettings
+    from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
+    from sdxl_lora_trainer.trainer.data.assemble import dataset_from_scan
+    from sdxl_lora_trainer.trainer.data.sources import items_from_images
+    from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+    from sdxl_lora_trainer.trainer.run.session import DTYPES, TrainConfig, train
 
     t0 = time.perf_counter()
     model, ctx_dim, pooled_dim = build_model(args.model, args.dtype)
     result["build_s"] = time.perf_counter() - t0
-    result["unet_params"] = sum(p.numel() for p in host.diffusion_model(model).parameters())
+    result["unet_params"] = sum(p.numel() for p in comfy_models.diffusion_model(model).parameters())
     result["rss_after_build_gib"] = rss_bytes() / GIB
     result["status_after_build"] = proc_status()
     latents, texts = make_data(args.images, args.res, ctx_dim, pooled_dim)
@@ -248,14 +246,14 @@ def worker_ours(args, result: dict) -> None:
                               max_bucket_reso=max(args.res, 256), bucket_reso_steps=64)
     dataset = dataset_from_scan(scan, settings, args.batch, CaptionOptions())
 
-    class Latents:  # trainer/batch_source.LatentSource
+    class Latents:  # trainer/run/batch_loader.LatentSource
         def __init__(self) -> None:
             self.table = {img.key: latents[i] for i, img in enumerate(dataset.images)}
 
         def latent(self, image, flipped):  # image: a BucketedImage (older protocol: its key)
             return self.table[getattr(image, "key", image)]
 
-    class Text:  # trainer/batch_source.TextSource
+    class Text:  # trainer/run/batch_loader.TextSource
         def __init__(self) -> None:
             self.table = {img.key: texts[i] for i, img in enumerate(dataset.images)}
 
@@ -275,7 +273,7 @@ def worker_ours(args, result: dict) -> None:
         trainable weights, attention): what a step costs without the trainer around it."""
         params = [p for p in res.network.parameters() if p.requires_grad]
         start = time.perf_counter()
-        out = host.unet_forward(model, *bare_inputs, dtype)
+        out = comfy_models.unet_forward(model, *bare_inputs, dtype)
         out.square().mean().backward()
         for p in params:
             p.grad = None  # the loop zeroed them before on_step; leave them as they were

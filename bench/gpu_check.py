@@ -37,7 +37,6 @@ import re
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,12 +50,11 @@ SDXL_VAE_CONFIG = {"params": {"embed_dim": 4, "ddconfig": {
 
 
 def _setup_imports() -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT / "bench"))
-    if "sdxl_lora_trainer" not in sys.modules:  # the package name the repository has inside ComfyUI
-        pkg = types.ModuleType("sdxl_lora_trainer")
-        pkg.__path__ = [str(ROOT)]
-        sys.modules["sdxl_lora_trainer"] = pkg
+    sys.path.insert(0, str(ROOT / "devkit"))
+    import package_path
+
+    package_path.register()
 
 
 # -- the random checkpoint --------------------------------------------------------------------------------------
@@ -126,7 +124,7 @@ def make_images(folder: Path, n: int, size: int) -> None:
 
 
 def prompt_for(run: str, folder: str, steps: int, res: int, smoke: bool) -> dict[str, Any]:
-    from workflows import train_then_test, training_only, with_run_options
+    from example_prompts import train_then_test, training_only, with_run_options
 
     prompt = train_then_test(folder, steps=steps, seed=1, checkpoint=None if smoke else CHECKPOINT,
                              resolution=res, lr=1e-4, output_name=f"gpu_check_{run}")

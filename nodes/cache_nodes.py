@@ -5,9 +5,9 @@ import os
 
 from comfy_api.latest import io
 
-from ..trainer import comfy_adapter
-from ..trainer.latent_cache import LatentCache
-from ..trainer.text_cache import TextCache
+from ..trainer.comfyui import services as comfy_services
+from ..trainer.cache.latents import LatentCache
+from ..trainer.cache.text import TextCache
 from .common import CATEGORY, Dataset, LatentCache as LatentCacheType, TextCache as TextCacheType
 
 CACHE_SUBDIR = os.path.join("sdxl_lora_trainer", "cache")
@@ -19,18 +19,18 @@ def cache_folder(enabled: bool, folder: str, kind: str) -> str | None:
         return None
     if folder.strip():
         path = folder.strip()
-        return path if os.path.isabs(path) else os.path.join(comfy_adapter.output_directory(), path)
-    return os.path.join(comfy_adapter.output_directory(), CACHE_SUBDIR, kind)
+        return path if os.path.isabs(path) else os.path.join(comfy_services.output_directory(), path)
+    return os.path.join(comfy_services.output_directory(), CACHE_SUBDIR, kind)
 
 
 def _progress(node_id: str):
-    bar = comfy_adapter.Progress(1, node_id)
+    bar = comfy_services.Progress(1, node_id)
     return lambda done, total: bar.update(done, total)
 
 
 def _check_interrupt() -> None:
-    if comfy_adapter.interrupted():
-        comfy_adapter.raise_interrupt()
+    if comfy_services.interrupted():
+        comfy_services.raise_interrupt()
 
 
 class CacheLatents(io.ComfyNode):

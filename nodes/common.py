@@ -9,10 +9,10 @@ CATEGORY = "training/sdxl_lora"
 
 # Custom socket types: values that only our nodes produce and consume.
 Images = io.Custom("SDXL_LORA_IMAGES")  # scanned images + captions, before bucketing
-Dataset = io.Custom("SDXL_LORA_DATASET")  # bucketed, kohya-ready dataset (trainer.training_dataset)
+Dataset = io.Custom("SDXL_LORA_DATASET")  # bucketed, kohya-ready dataset (trainer/data/dataset.py)
 LatentCache = io.Custom("SDXL_LORA_LATENT_CACHE")
 TextCache = io.Custom("SDXL_LORA_TEXT_CACHE")
-Network = io.Custom("SDXL_LORA_NETWORK")  # LoRA network settings (trainer.lora_network.NetworkConfig)
+Network = io.Custom("SDXL_LORA_NETWORK")  # LoRA network settings (trainer/network/config.py: NetworkConfig)
 
 
 def pil_to_image(pil) -> torch.Tensor:

@@ -6,12 +6,11 @@ import os
 
 from comfy_api.latest import io
 
-from ..trainer import comfy_adapter
-from ..trainer.buckets import BucketSettings
-from ..trainer.captions import CaptionOptions
-from ..trainer.dataset_build import dataset_from_scan, dataset_from_toml
-from ..trainer.dataset_sources import (ScanResult, folder_fingerprint, items_from_images, resolve_dataset_path,
-                                      scan_folder, scan_metadata_jsonl)
+from ..trainer.comfyui import services as comfy_services
+from ..trainer.data.buckets import BucketSettings
+from ..trainer.data.captions import CaptionOptions
+from ..trainer.data.assemble import dataset_from_scan, dataset_from_toml
+from ..trainer.data.sources import ScanResult, folder_fingerprint, items_from_images, resolve_dataset_path, scan_folder, scan_metadata_jsonl
 from ..trainer.report_images import bucket_histogram_image
 from .common import CATEGORY, Dataset, Images, pil_to_image
 
@@ -73,12 +72,12 @@ class ImagesFromFolder(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, folder: str, **_: object) -> str:
         """Re-scan when files in the folder change (an edited caption keeps the same folder path)."""
-        return folder_fingerprint(folder, comfy_adapter.input_directory())
+        return folder_fingerprint(folder, comfy_services.input_directory())
 
     @classmethod
     def execute(cls, folder: str, layout: str, caption_extension: str, default_repeats: int, recursive: bool,
                 strict_captions: bool, exif_transpose: bool) -> io.NodeOutput:
-        input_dir = comfy_adapter.input_directory()
+        input_dir = comfy_services.input_directory()
         root, _ = resolve_dataset_path(folder, input_dir)
         use_jsonl = layout == "metadata.jsonl" or (layout == "auto" and os.path.isfile(os.path.join(root, "metadata.jsonl")))
         if use_jsonl:
@@ -219,7 +218,7 @@ class DatasetFromToml(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, toml_path: str, **_: object) -> str:
         """Re-load when the TOML or the files next to it change."""
-        input_dir = comfy_adapter.input_directory()
+        input_dir = comfy_services.input_directory()
         try:
             path, _ = resolve_dataset_path(toml_path, input_dir)
         except ValueError:
@@ -229,7 +228,7 @@ class DatasetFromToml(io.ComfyNode):
     @classmethod
     def execute(cls, toml_path: str, strict_captions: bool, exif_transpose: bool,
                 crop_conditioning: str) -> io.NodeOutput:
-        input_dir = comfy_adapter.input_directory()
+        input_dir = comfy_services.input_directory()
         path, _ = resolve_dataset_path(toml_path, input_dir)
         ds, _ = dataset_from_toml(str(path), input_dir, strict_captions=strict_captions,
                                   exif_transpose=exif_transpose, true_crop=crop_conditioning == "true crop")

@@ -11,7 +11,7 @@ def register_routes() -> None:
         from server import PromptServer
     except ImportError:
         return
-    from ..trainer.cache_store import ENCODER_CALLS
+    from ..trainer.cache.stores import ENCODER_CALLS
 
     @PromptServer.instance.routes.get("/sdxl_lora_trainer/stats")
     async def stats(request: "web.Request") -> "web.Response":

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer import comfy_adapter
-from ..trainer.lora_network import NETWORK_ALGOS, NetworkConfig, parse_block_list
+from ..trainer.comfyui import services as comfy_services
+from ..trainer.network.config import NETWORK_ALGOS, NetworkConfig, parse_block_list
 from .common import CATEGORY, Network
 
 NONE = "none"
@@ -46,7 +46,7 @@ class NetworkSettings(io.ComfyNode):
                 io.String.Input("conv_block_alphas", default="", tooltip="23 conv alphas per block."),
                 io.String.Input("block_lr_weight", default="", tooltip="23 learning-rate multipliers per block "
                                 "(0 freezes a block)."),
-                io.Combo.Input("start_from", options=[NONE] + comfy_adapter.lora_file_names(), default=NONE,
+                io.Combo.Input("start_from", options=[NONE] + comfy_services.lora_file_names(), default=NONE,
                                tooltip="Continue training this LoRA file; its dims and alphas replace the ones "
                                        "above. Only kohya LoRA files (algo lora) for now."),
                 io.Combo.Input("algo", options=list(NETWORK_ALGOS), default="lora",
@@ -87,7 +87,7 @@ class NetworkSettings(io.ComfyNode):
             if algo != "lora":
                 raise ValueError(f"start_from with algo {algo!r} is not supported yet: continuing training works "
                                  "for kohya LoRA files (algo lora) only.")
-            initial = comfy_adapter.load_safetensors(comfy_adapter.lora_file_path(start_from))
+            initial = comfy_services.load_safetensors(comfy_services.lora_file_path(start_from))
             if any(k.rsplit(".", 1)[-1].startswith(("hada_", "lokr_")) for k in initial):
                 raise ValueError(f"{start_from} is a LyCORIS LoHa/LoKr file; continuing a LoHa/LoKr file is not "
                                  "supported yet (start_from works for kohya LoRA files only).")

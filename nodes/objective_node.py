@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer.loss_weighting import HUBER_SCHEDULES, LOSS_TYPES, LossSettings
-from ..trainer.noise import NoiseSettings
+from ..trainer.objective.loss_weighting import HUBER_SCHEDULES, LOSS_TYPES, LossSettings
+from ..trainer.objective.noise import NoiseSettings
 from .common import CATEGORY, Objective
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer import comfy_adapter
-from ..trainer.previews import PreviewSettings
-from ..trainer.run_artifacts import CheckpointSettings
+from ..trainer.comfyui import sampling as comfy_sampling
+from ..trainer.run.previews import PreviewSettings
+from ..trainer.run.checkpoints import CheckpointSettings
 from .common import CATEGORY, Checkpointing, Previews
 
 
@@ -63,9 +63,9 @@ class PreviewOptions(io.ComfyNode):
                 io.Int.Input("height", default=1024, min=64, max=4096, step=8, tooltip="Preview height."),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=50.0, step=0.1, tooltip="CFG scale."),
-                io.Combo.Input("sampler_name", options=comfy_adapter.sampler_names(), default="euler",
+                io.Combo.Input("sampler_name", options=comfy_sampling.sampler_names(), default="euler",
                                tooltip="Sampler."),
-                io.Combo.Input("scheduler", options=comfy_adapter.scheduler_names(), default="normal",
+                io.Combo.Input("scheduler", options=comfy_sampling.scheduler_names(), default="normal",
                                tooltip="Scheduler."),
                 # "fixed": the frontend's default for an INT named seed is "randomize", and a new seed here
                 # would retrain the LoRA on every queue (this node feeds the train node)

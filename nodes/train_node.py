@@ -4,12 +4,13 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..trainer import comfy_adapter
-from ..trainer.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES, OptimizerSettings
+from ..trainer.comfyui import sampling as comfy_sampling
+from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings
+from ..trainer.run.schedulers import SCHEDULER_TYPES
 from ..trainer.report_images import loss_graph_image
-from ..trainer.run_output import OutputSettings, output_name_error
-from ..trainer.train_job import run_job
-from ..trainer.train_session import TRAIN_DTYPES, TrainConfig
+from ..trainer.run.lora_output import OutputSettings, output_name_error
+from ..trainer.run.job import run_job
+from ..trainer.run.session import TRAIN_DTYPES, TrainConfig
 from .common import (CATEGORY, Checkpointing, Dataset, LatentCache, Network, Objective, Previews, TextCache,
                      pil_to_image)
 
@@ -147,7 +148,7 @@ class TrainLora(io.ComfyNode):
                          config=config, out=out, checkpointing=checkpointing, previews=previews,
                          node_id=cls.hidden.unique_id, prompt=cls.hidden.prompt,
                          extra_pnginfo=cls.hidden.extra_pnginfo)
-        model_out, clip_out = comfy_adapter.apply_lora(model, clip, result.weights)
+        model_out, clip_out = comfy_sampling.apply_lora(model, clip, result.weights)
         history = result.state.history
         graph = pil_to_image(loss_graph_image([r.step for r in history], [r.loss for r in history],
                                               [r.lr for r in history]))

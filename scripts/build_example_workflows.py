@@ -3,7 +3,7 @@
 Why generated: a hand-edited UI workflow silently breaks when a node gains, loses or reorders an input (the
 frontend maps ``widgets_values`` by position). Here each workflow is written as an API prompt (named inputs,
 links by output name) plus a layout, and turned into UI JSON with the server's /object_info and the same
-widget rules the tests use to convert it back (tests/workflow_convert.py). Widgets a definition leaves out get
+widget rules the tests use to convert it back (devkit/workflow_convert.py). Widgets a definition leaves out get
 the schema's default, so a new input shows up with its default after a re-run.
 
     python scripts/build_example_workflows.py            # start a private ComfyUI, write the JSON files
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "devkit"))
 
 from workflow_convert import (
     ConversionError,

@@ -2,7 +2,7 @@
 
 A private ComfyUI (persistent base directory, default .comfyui/demo-base/) gets the committed sample dataset
 (example_workflows/sample_dataset) in its input folder, and the committed UI workflow is converted to an API
-prompt exactly as the tests do (tests/workflow_convert.py). By default it trains on the tiny SDXL the tests use
+prompt exactly as the tests do (devkit/workflow_convert.py). By default it trains on the tiny SDXL the tests use
 (seconds on a CPU, the images are noise but the plumbing is real); with --checkpoint PATH or SDXL_CHECKPOINT it
 trains on a real SDXL checkpoint (linked into the base directory's models/checkpoints; uses the GPU if there is
 one). The LoRA, the base/LoRA images and the base directory are printed at the end and kept.
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "devkit"))
 
 from comfy_server import PACK_NAME, ComfyServer, execution_error
 from workflow_convert import for_ci, nodes_of, only_node, workflow_to_prompt

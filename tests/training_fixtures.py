@@ -2,11 +2,11 @@
 
 A dataset is a few Pillow-drawn images bucketed with the pack's own dataset code
 (``items_from_images`` + ``dataset_from_scan``), plus dict-backed latent / text sources that
-follow trainer/batch_source.py's LatentSource / TextSource protocols. The latents and encodings
+follow trainer/run/batch_loader.py's LatentSource / TextSource protocols. The latents and encodings
 are precomputed with the tiny VAE / CLIP under ``torch.inference_mode()``, the way ComfyUI's
 nodes produce them (so the engine sees inference tensors, as it will in ComfyUI).
 
-The dict sources are stand-ins for trainer/latent_cache.py / text_cache.py.
+The dict sources are stand-ins for trainer/cache/latents.py / text.py.
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from sdxl_lora_trainer.trainer import comfy_adapter as host
-from sdxl_lora_trainer.trainer.buckets import BucketSettings, resize_and_crop
-from sdxl_lora_trainer.trainer.captions import CaptionOptions, escape_for_comfy_tokenizer
-from sdxl_lora_trainer.trainer.dataset_build import dataset_from_scan
-from sdxl_lora_trainer.trainer.dataset_sources import items_from_images
-from sdxl_lora_trainer.trainer.lora_network import NetworkConfig
-from sdxl_lora_trainer.trainer.train_session import TrainConfig, train
-from sdxl_lora_trainer.trainer.training_dataset import TrainingDataset
+from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders
+from sdxl_lora_trainer.trainer.data.buckets import BucketSettings, resize_and_crop
+from sdxl_lora_trainer.trainer.data.captions import CaptionOptions, escape_for_comfy_tokenizer
+from sdxl_lora_trainer.trainer.data.assemble import dataset_from_scan
+from sdxl_lora_trainer.trainer.data.sources import items_from_images
+from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.run.session import TrainConfig, train
+from sdxl_lora_trainer.trainer.data.dataset import TrainingDataset
 
 DEFAULT_CAPTIONS = ("a red cube", "a blue ball", "a green tree", "a yellow house")
 
@@ -91,7 +91,7 @@ def encode_latents(vae, dataset: TrainingDataset) -> DictLatents:
             for flipped in (False, True):
                 p = ImageOps.mirror(pil) if flipped else pil
                 px = torch.from_numpy(np.array(p).astype(np.float32) / 255.0)[None]
-                out.table[(img.key, flipped)] = host.encode_pixels(vae, px)[0]
+                out.table[(img.key, flipped)] = comfy_encoders.encode_pixels(vae, px)[0]
     return out
 
 
@@ -100,7 +100,7 @@ def encode_text(clip, dataset: TrainingDataset) -> DictText:
     out = DictText()
     with torch.inference_mode():
         for img in dataset.images:
-            ctx, pooled = host.encode_text(clip, escape_for_comfy_tokenizer(img.item.caption))
+            ctx, pooled = comfy_encoders.encode_text(clip, escape_for_comfy_tokenizer(img.item.caption))
             out.table[img.key] = (ctx[0].float(), pooled[0].float())
     return out
 
@@ -152,7 +152,7 @@ def run_train(dataset, latents, text, network: NetworkConfig = None, config: Tra
 # -- capturing what the engine does inside train() ------------------------------------------------
 
 class Capture:
-    """Wraps train_session.build_network / build_optimizer and loop.batch_loss (via monkeypatch) to record:
+    """Wraps run/session.build_network / build_optimizer and loop.batch_loss (via monkeypatch) to record:
 
     ``network`` and ``initial`` (its kohya state dict right after construction), ``step_grads`` (every
     parameter's .grad right before each optimizer.step, i.e. after clipping), ``batches`` / ``results``
@@ -160,8 +160,8 @@ class Capture:
     """
 
     def __init__(self, monkeypatch) -> None:
-        from sdxl_lora_trainer.trainer import loop as loop_mod
-        from sdxl_lora_trainer.trainer import train_session as ts
+        from sdxl_lora_trainer.trainer.run import loop as loop_mod
+        from sdxl_lora_trainer.trainer.run import session as ts
 
         self.network = None
         self.initial: dict[str, torch.Tensor] = {}
@@ -349,8 +349,8 @@ def reference_step(items: list[tuple[str, bool]], dataset, latents: DictLatents,
 
     Returns (loss, {param name: grad}); ``gen``/``py`` may be passed to continue a stream (micro-batch 2, ...).
     """
-    from sdxl_lora_trainer.trainer.loss_weighting import LossSettings
-    from sdxl_lora_trainer.trainer.noise import NoiseSettings
+    from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
+    from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
 
     noise_settings = noise_settings or NoiseSettings()
     loss_settings = loss_settings or LossSettings()
@@ -396,7 +396,7 @@ def one_thread():
 def random_lora_weights(network_config: NetworkConfig, seed: int, up_std: float = 0.05) -> dict[str, torch.Tensor]:
     """A kohya state dict for ``network_config`` on the tiny U-Net with NON-zero lora_up (so the LoRA takes part
     in the forward and lora_down gets gradients), for ``train(..., initial_weights=...)``."""
-    from sdxl_lora_trainer.trainer.train_session import build_network
+    from sdxl_lora_trainer.trainer.run.session import build_network
 
     model, clip, _ = inference_models()
     sd = build_network(model, clip, network_config, seed).state_dict_kohya()

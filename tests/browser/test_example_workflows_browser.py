@@ -1,6 +1,6 @@
 """The committed example workflows in the real ComfyUI frontend (headless Chromium against a real server).
 
-Why: tests/workflow_convert.py reimplements the frontend's widget rules to run the examples in CI; here the
+Why: devkit/workflow_convert.py reimplements the frontend's widget rules to run the examples in CI; here the
 frontend itself loads each file and its own ``graphToPrompt`` must give exactly the prompt our converter gives,
 every node type must resolve, and re-serialising must keep every widget value in its slot (a wrong widget count
 or order would shift them). Tools come from scripts/setup_browser.sh; skipped only when it recorded that Chromium

@@ -3,7 +3,7 @@
 One scenario (tests/browser/loss_chart_driver.cjs, driven with playwright-core and Debian's Chromium):
 open the frontend of a test server (this pack + the tiny-model loader pack), load
 example_workflows/train_then_test_sdxl_lora.json (or, while it does not exist, build the same graph from
-tests/workflows.train_then_test with the frontend's own createNode/connect), swap CheckpointLoaderSimple for
+devkit/example_prompts.train_then_test with the frontend's own createNode/connect), swap CheckpointLoaderSimple for
 TinySDXLCheckpointLoader in the page, shrink the run (8 steps at 64 px), check that every node type resolves and
 every link is valid (the "*" lora_name output into LoraLoader's COMBO input included), queue it from the
 page, wait for the progress events, then read the chart back (canvas pixels and screenshots) and feed it
@@ -28,7 +28,7 @@ from comfy_host import ROOT
 from comfy_server import ComfyServer
 from dataset_factory import kohya_folder
 from PIL import Image
-from workflows import train_then_test
+from example_prompts import train_then_test
 
 DRIVER = Path(__file__).with_name("loss_chart_driver.cjs")
 EXAMPLE = ROOT / "example_workflows" / "train_then_test_sdxl_lora.json"

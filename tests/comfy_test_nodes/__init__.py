@@ -1,19 +1,19 @@
 """Test-only ComfyUI node pack: loads the tiny SDXL so server tests and the demo need no checkpoint.
 
-Loaded only by the tests (tests/comfy_server.py links it into a throw-away base directory).
+Loaded only by the tests and the demo (devkit/comfy_server.py links it into a throw-away base directory).
 """
 import os
 import sys
 
-_TESTS = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+_DEVKIT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))), "devkit")
+if _DEVKIT not in sys.path:
+    sys.path.insert(0, _DEVKIT)
 
 from comfy_api.latest import ComfyExtension, io  # noqa: E402
 
 
 class TinySDXLCheckpointLoader(io.ComfyNode):
-    """Stands in for CheckpointLoaderSimple: MODEL/CLIP/VAE of the tiny SDXL from tests/tiny_sdxl.py."""
+    """Stands in for CheckpointLoaderSimple: MODEL/CLIP/VAE of the tiny SDXL from devkit/tiny_sdxl.py."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:

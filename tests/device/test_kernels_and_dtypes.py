@@ -10,10 +10,10 @@ import torch
 import comfy.ldm.modules.attention as attention
 import comfy.model_management as mm
 import training_fixtures as tf
-from conftest import assert_same_lora, data, lora_bytes, models_on
-from sdxl_lora_trainer.devkit.standin_device import DEVICE
-from sdxl_lora_trainer.trainer.lora_network import NetworkConfig
-from sdxl_lora_trainer.trainer.train_session import TrainConfig
+from device_helpers import assert_same_lora, data, lora_bytes, models_on
+from standin_device import DEVICE
+from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
 NET = NetworkConfig(network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False)
 CONFIG = TrainConfig(max_train_steps=1, learning_rate=1e-2, seed=5)

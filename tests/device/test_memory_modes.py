@@ -17,11 +17,11 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import tiny_sdxl
 import training_fixtures as tf
-from conftest import CPU, assert_same_lora, data, lora_bytes, math_attention, models_on
-from sdxl_lora_trainer.devkit.standin_device import DEVICE
-from sdxl_lora_trainer.trainer.lora_network import NetworkConfig
-from sdxl_lora_trainer.trainer.previews import PreviewRenderer, PreviewSettings
-from sdxl_lora_trainer.trainer.train_session import TrainConfig
+from device_helpers import CPU, assert_same_lora, data, lora_bytes, math_attention, models_on
+from standin_device import DEVICE
+from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.run.previews import PreviewRenderer, PreviewSettings
+from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
 NET = NetworkConfig(network_dim=4, network_alpha=2.0, conv_dim=2, conv_alpha=1.0, train_te1=False, train_te2=False)
 CONFIG = TrainConfig(max_train_steps=3, learning_rate=1e-2, seed=5)

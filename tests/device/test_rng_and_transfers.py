@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import training_fixtures as tf
-from conftest import assert_same_lora, data, lora_bytes, models_on
-from sdxl_lora_trainer.devkit.standin_device import DEVICE
-from sdxl_lora_trainer.trainer.lora_network import NetworkConfig
-from sdxl_lora_trainer.trainer.train_session import TrainConfig
-from sdxl_lora_trainer.trainer.train_state import load_state, save_state
+from device_helpers import assert_same_lora, data, lora_bytes, models_on
+from standin_device import DEVICE
+from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.run.session import TrainConfig
+from sdxl_lora_trainer.trainer.run.resume_state import load_state, save_state
 
 DROPOUTS = {
     "lora": NetworkConfig(network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False, dropout=0.2,

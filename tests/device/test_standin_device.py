@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
-from sdxl_lora_trainer.devkit.standin_device import DEVICE, on_standin, values
+from standin_device import DEVICE, on_standin, values
 
 pytestmark = pytest.mark.usefixtures("standin")
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import training_fixtures as tf
-from conftest import CPU, assert_same_lora, data, lora_bytes, models_on
-from sdxl_lora_trainer.devkit.standin_device import DEVICE
-from sdxl_lora_trainer.trainer.captions import CaptionOptions
-from sdxl_lora_trainer.trainer.lora_network import NetworkConfig
-from sdxl_lora_trainer.trainer.loss_weighting import LossSettings
-from sdxl_lora_trainer.trainer.noise import NoiseSettings
-from sdxl_lora_trainer.trainer.train_session import TrainConfig
+from device_helpers import CPU, assert_same_lora, data, lora_bytes, models_on
+from standin_device import DEVICE
+from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
+from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
+from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
+from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
 NET = NetworkConfig(network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False)
 CONFIG = TrainConfig(max_train_steps=2, learning_rate=1e-2, seed=5)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from comfy_server import WsListener, execution_error
 from dataset_factory import kohya_folder
-from workflows import train_then_test, training_only, with_run_options
+from example_prompts import train_then_test, training_only, with_run_options
 
 RES = 64
 

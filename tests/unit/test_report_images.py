@@ -10,11 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageChops
 from sdxl_lora_trainer.trainer import report_images as ri
-from sdxl_lora_trainer.trainer.report_images import (
-    bucket_histogram_image,
-    loss_graph_image,
-    smoothed,
-)
+from sdxl_lora_trainer.trainer.report_images import bucket_histogram_image, loss_graph_image, smoothed
 
 NAN = float("nan")
 INF = float("inf")

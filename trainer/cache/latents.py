@@ -1,0 +1,370 @@
+"""VAE latents of a TrainingDataset, encoded once with the VAE ComfyUI already loaded (kohya's cache_latents).
+
+Why cache: the VAE encode is the same every epoch for a fixed image, bucket and flip, so it is done
+once up front; the VAE can then be offloaded (trainer/comfyui/training.free_other_models) before training.
+
+What is encoded, per image and (with flip_aug) per flip:
+* the pixels exactly as training would see them: decoded with the item's EXIF rule, resized and
+  centre-cropped to its bucket (buckets.resize_and_crop), as a ComfyUI IMAGE [B,H,W,C] in 0..1;
+  flipped images are flipped in pixel space and encoded for real, as kohya does (a latent is not
+  mirror-symmetric under the VAE);
+* in batches of ``batch_size`` images of one bucket (batching changes float summation order, so a
+  latent encoded in a batch may differ from a single-image encode in the last bits);
+* by ``VAE.encode``, which returns the posterior MEAN. kohya uses ``latent_dist.sample()``; the
+  mean is deterministic, which is what makes a content-addressed cache valid at all.
+
+Latents are stored UNSCALED (ComfyUI's LATENT convention; SDXL's 0.13025 is applied at train time)
+as float32 CPU tensors [4, H/8, W/8] (the VAE's output upcast losslessly, whatever its dtype).
+
+Precision: the VAE runs in its own dtype; ``float32_vae`` runs it in float32 for the caching pass
+(kohya's ``--no_half_vae``). Every latent is checked for NaN/inf, and the error names the image.
+
+Keys: a hash of the image BYTES (file content, not path or mtime; decoded pixels for in-graph
+images), the EXIF flag, the bucket/resize/crop/flip decision, the VAE weight fingerprint (+ any
+patches on its ModelPatcher), the encode dtype and Pillow's version (it decodes and resizes).
+Anything else is not an input, so it does not invalidate: moving the dataset folder keeps the cache.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image
+
+from ..comfyui import encoders as comfy_encoders
+from ..data.buckets import resize_and_crop
+from .stores import ENCODER_CALLS, CacheStats, DiskStore, ImageIndex, ImageRef, MemoryStore, megabytes, memory_store, tensors_nbytes
+from .fingerprints import content_key, hash_file, hash_pil_image, module_fingerprint, structure_hash, token_fingerprint
+from ..data.dataset import BucketedImage, TrainingDataset
+
+__all__ = [
+    "ENCODER_CALLS",
+    "CacheStats",
+    "LatentCache",
+    "LatentCacheError",
+    "NonFiniteLatentError",
+    "check_cacheable",
+    "image_pixels",
+    "vae_fingerprint",
+]
+
+#: Bump when anything that turns an image into pixels or pixels into a latent changes meaning.
+LATENT_FORMAT = "latent/1"
+
+
+class LatentCacheError(ValueError):
+    """A latent-caching setting or input the user has to change; the message says what to do."""
+
+
+class NonFiniteLatentError(LatentCacheError):
+    """The VAE produced NaN/inf for an image (usually float16 overflow in SDXL's original VAE)."""
+
+
+def check_cacheable(random_crop: bool, color_aug: bool) -> None:
+    """Refuse per-step pixel augmentation with cached latents, as kohya does.
+
+    A cached latent is encoded once, so an augmentation that changes the pixels every step cannot
+    be applied to it; silently training on un-augmented latents would ignore the user's setting.
+    """
+    used = [name for name, on in (("random crop", random_crop), ("color augmentation", color_aug)) if on]
+    if used:
+        raise LatentCacheError(
+            f"{' and '.join(used)} cannot be used with cached latents: a latent is encoded once, so pixel "
+            "augmentation that changes every step cannot be applied to it (kohya refuses this too: 'when caching "
+            "latents, either color_aug or random_crop cannot be used'). Turn off "
+            f"{' and '.join(used)}, or turn off latent caching.")
+
+
+def vae_fingerprint(vae: Any) -> str:
+    """Hash of the VAE's weights (memoised per model object) and of any patches on its ModelPatcher."""
+    weights = module_fingerprint(comfy_encoders.vae_module(vae), lambda: comfy_encoders.vae_weights(vae))
+    token, patches = comfy_encoders.patcher_patches(vae)
+    patches_fp = token_fingerprint(("vae", token), lambda: structure_hash(patches))
+    return structure_hash({"weights": weights, "patches": patches_fp})
+
+
+def image_pixels(image: Image.Image) -> torch.Tensor:
+    """A bucketed PIL image as ComfyUI IMAGE pixels [H,W,3] float32 in 0..1 (LoadImage's conversion)."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).astype(np.float32) / 255.0)
+
+
+def _image_source_hash(img: BucketedImage, memo: dict[Any, str]) -> str:
+    item = img.item
+    if item.image is not None:
+        token: Any = ("pil", id(item.image))
+        if token not in memo:
+            memo[token] = "pixels:" + hash_pil_image(item.image)
+    else:
+        token = ("file", item.image_path)
+        if token not in memo:
+            try:
+                memo[token] = "file:" + hash_file(item.image_path)
+            except OSError as e:
+                raise LatentCacheError(f"image {item.image_path} cannot be read ({e}); it changed since the dataset "
+                                       "was scanned: run the dataset node again") from None
+    return memo[token]
+
+
+def _latent_key(img: BucketedImage, flipped: bool, image_hash: str, vae_fp: str, encode_dtype: torch.dtype) -> tuple[str, dict]:
+    sel = img.selection
+    fields = {
+        "format": LATENT_FORMAT,
+        "image": image_hash,
+        "exif_transpose": bool(img.item.exif_transpose) if img.item.image is None else None,
+        "original_size": list(sel.original_size),
+        "bucket": list(sel.bucket),
+        "resized_size": list(sel.resized_size),
+        "crop_offset": list(sel.crop_offset),
+        "flipped": bool(flipped),
+        "vae": vae_fp,
+        "vae_dtype": str(encode_dtype),
+        "pillow": PIL.__version__,
+    }
+    return content_key("lat", fields), fields
+
+
+@dataclass
+class _Pending:
+    key: str
+    image: BucketedImage
+    index: int
+    flipped: bool
+    fields: dict
+    rebuilt: bool = False
+
+
+def _label(img: BucketedImage, flipped: bool) -> str:
+    name = img.item.image_path or img.key
+    return f"{name} (bucket {img.selection.bucket[0]}x{img.selection.bucket[1]}{', flipped' if flipped else ''})"
+
+
+def _validate_latent(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    lat = tensors.get("latent")
+    if lat is None or lat.ndim != 3 or lat.dtype != torch.float32:
+        return "does not hold a float32 [C,H,W] latent"
+    if not torch.isfinite(lat).all():
+        return "holds NaN/inf values"
+    return None
+
+
+class LatentCache:
+    """Latents for every image (and flip) of a TrainingDataset; see the module docstring."""
+
+    def __init__(self, dataset: TrainingDataset, unit_keys: dict[tuple[int, bool], str], latents: dict[str, torch.Tensor],
+                 stats: CacheStats, warnings: list[str], encode_dtype: torch.dtype, float32_vae: bool,
+                 disk_dir: Optional[str], batch_size: int) -> None:
+        self.dataset = dataset
+        self._index = ImageIndex(dataset.images)
+        self._unit_keys = unit_keys
+        self._latents = latents
+        self.stats = stats
+        self.warnings = warnings
+        self.encode_dtype = encode_dtype
+        self.float32_vae = float32_vae
+        self.disk_dir = disk_dir
+        self.batch_size = batch_size
+
+    # -- build -------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        dataset: TrainingDataset,
+        vae: Any,
+        *,
+        batch_size: int = 1,
+        float32_vae: bool = False,
+        disk_dir: Optional[str] = None,
+        random_crop: bool = False,
+        color_aug: bool = False,
+        store: Optional[MemoryStore] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+        check_interrupt: Optional[Callable[[], None]] = None,
+    ) -> "LatentCache":
+        """Look every latent up (memory, then disk) and encode only the missing ones.
+
+        ``store`` defaults to the process-level memory store; ``disk_dir`` adds the disk cache.
+        ``progress(done, total)`` is called after each encoded batch and ``check_interrupt()`` before
+        each (it should raise to cancel; items already encoded stay cached).
+        """
+        check_cacheable(random_crop, color_aug)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise LatentCacheError(f"VAE batch size must be a whole number >= 1, got {batch_size!r}")
+        store = memory_store() if store is None else store
+        disk = DiskStore(disk_dir) if disk_dir else None
+        encode_dtype = torch.float32 if float32_vae else comfy_encoders.vae_dtype(vae)
+        vae_fp = vae_fingerprint(vae)
+
+        stats = CacheStats()
+        warnings: list[str] = []
+        latents: dict[str, torch.Tensor] = {}
+        unit_keys: dict[tuple[int, bool], str] = {}
+        pending: "OrderedDict[str, _Pending]" = OrderedDict()
+        hash_memo: dict[Any, str] = {}
+
+        for index, img in enumerate(dataset.images):
+            image_hash = _image_source_hash(img, hash_memo)
+            for flipped in ((False, True) if img.flip_aug else (False,)):
+                key, fields = _latent_key(img, flipped, image_hash, vae_fp, encode_dtype)
+                unit_keys[(index, flipped)] = key
+                if key in latents or key in pending:
+                    continue
+                hit = store.get(key)
+                if hit is not None and _validate_latent(hit) is None:
+                    latents[key] = hit["latent"]
+                    stats.from_memory += 1
+                    continue
+                rebuilt = False
+                if disk is not None:
+                    read = disk.read(key, _validate_latent)
+                    if read.tensors is not None:
+                        latents[key] = read.tensors["latent"]
+                        store.put(key, read.tensors)
+                        stats.from_disk += 1
+                        continue
+                    if read.warning:
+                        warnings.append(read.warning)
+                        rebuilt = True
+                pending[key] = _Pending(key, img, index, flipped, fields, rebuilt)
+        stats.items = len(latents) + len(pending)
+
+        if pending:
+            cls._encode_pending(vae, list(pending.values()), batch_size, float32_vae, encode_dtype, store, disk,
+                                latents, stats, warnings, progress, check_interrupt)
+        return cls(dataset, unit_keys, latents, stats, warnings, encode_dtype, float32_vae, disk_dir, batch_size)
+
+    @staticmethod
+    def _encode_pending(vae: Any, pending: list[_Pending], batch_size: int, float32_vae: bool,
+                        encode_dtype: torch.dtype, store: MemoryStore, disk: Optional[DiskStore],
+                        latents: dict[str, torch.Tensor], stats: CacheStats, warnings: list[str],
+                        progress: Optional[Callable[[int, int], None]],
+                        check_interrupt: Optional[Callable[[], None]]) -> None:
+        by_bucket: dict[tuple[int, int], list[_Pending]] = {}
+        for p in pending:
+            by_bucket.setdefault(tuple(p.image.selection.bucket), []).append(p)
+        batches = [units[i:i + batch_size] for _, units in sorted(by_bucket.items())
+                   for i in range(0, len(units), batch_size)]
+        done = 0
+        disk_failed = False
+        with comfy_encoders.vae_in_float32(vae, float32_vae) as encoder:
+            for batch in batches:
+                if check_interrupt is not None:
+                    check_interrupt()
+                pixels = _batch_pixels(batch)
+                with torch.inference_mode():
+                    ENCODER_CALLS["vae"] += 1
+                    stats.encoder_calls += 1
+                    out = comfy_encoders.encode_pixels(encoder, pixels)
+                    out = out.to("cpu", torch.float32)
+                    bad = [p for j, p in enumerate(batch) if not torch.isfinite(out[j]).all()]
+                    if bad:
+                        raise NonFiniteLatentError(_non_finite_message(bad, encode_dtype, float32_vae))
+                    for j, p in enumerate(batch):
+                        lat = out[j].clone()
+                        latents[p.key] = lat
+                        store.put(p.key, {"latent": lat})
+                        stats.encoded += 1
+                        stats.rebuilt += int(p.rebuilt)
+                        if disk is not None and not disk_failed:
+                            try:
+                                disk.write(p.key, {"latent": lat}, inputs=p.fields)
+                            except OSError as e:
+                                disk_failed = True
+                                warnings.append(f"could not write the latent cache to {disk.folder} ({e}); "
+                                                "continuing with the in-memory cache only")
+                done += len(batch)
+                if progress is not None:
+                    progress(done, len(pending))
+
+    # -- access ------------------------------------------------------------------------------
+    def latent(self, image: ImageRef, flipped: bool = False) -> torch.Tensor:
+        """The cached UNSCALED latent [C, H/8, W/8] (float32, CPU) of an image, flipped or not.
+
+        ``image`` is an index into ``dataset.images``, an image key, or the BucketedImage. The tensor
+        is shared with the cache (possibly an inference tensor): clone before modifying or training.
+        """
+        i = self._index.index(image)
+        key = self._unit_keys.get((i, bool(flipped)))
+        if key is None:
+            raise KeyError(f"no flipped latent for {self._index.images[i].key!r}: flip_aug is off for its subset")
+        return self._latents[key]
+
+    def has_flipped(self, image: ImageRef) -> bool:
+        return (self._index.index(image), True) in self._unit_keys
+
+    def cache_key(self, image: ImageRef, flipped: bool = False) -> str:
+        return self._unit_keys[(self._index.index(image), bool(flipped))]
+
+    def __len__(self) -> int:
+        return len(self._unit_keys)
+
+    @property
+    def size_bytes(self) -> int:
+        return tensors_nbytes(self._latents)
+
+    @property
+    def size_mb(self) -> float:
+        return megabytes(self.size_bytes)
+
+    def disk_size_mb(self) -> float:
+        if not self.disk_dir:
+            return 0.0
+        return megabytes(DiskStore(self.disk_dir).size_bytes(self._latents.keys()))
+
+    # -- report ------------------------------------------------------------------------------
+    def report_json(self) -> dict[str, Any]:
+        return {
+            "latents": len(self._unit_keys), **self.stats.as_dict(), "size_mb": round(self.size_mb, 3),
+            "disk_dir": self.disk_dir, "disk_size_mb": round(self.disk_size_mb(), 3),
+            "vae_dtype": str(self.encode_dtype).replace("torch.", ""), "float32_vae": self.float32_vae,
+            "batch_size": self.batch_size, "warnings": list(self.warnings),
+        }
+
+    def report_text(self) -> str:
+        s = self.stats
+        n_img = len(self._index.images)
+        n_flip = sum(1 for (_, f) in self._unit_keys if f)
+        lines = [
+            f"latents: {len(self._unit_keys)} for {n_img} images" + (f" ({n_flip} flipped)" if n_flip else "")
+            + (f", {s.items} unique" if s.items != len(self._unit_keys) else ""),
+            f"  encoded {s.encoded} in {s.encoder_calls} VAE calls (batch size {self.batch_size}), "
+            f"from memory {s.from_memory}, from disk {s.from_disk}"
+            + (f", rebuilt {s.rebuilt} corrupted disk files" if s.rebuilt else ""),
+            f"  size {self.size_mb:.1f} MB in memory (float32, unscaled)"
+            + (f"; disk cache {self.disk_dir} ({self.disk_size_mb():.1f} MB)" if self.disk_dir else ""),
+            f"  VAE ran in {str(self.encode_dtype).replace('torch.', '')}"
+            + (" (float32 VAE option, kohya's no_half_vae)" if self.float32_vae else ""),
+        ]
+        if self.warnings:
+            lines.append(f"  {len(self.warnings)} warnings:")
+            lines.extend(f"    {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def _batch_pixels(batch: list[_Pending]) -> torch.Tensor:
+    """IMAGE pixels [B,H,W,3] for a batch of one bucket; an image needed twice (flips) is decoded once."""
+    decoded: dict[int, torch.Tensor] = {}
+    rows = []
+    for p in batch:
+        if p.index not in decoded:
+            pil = resize_and_crop(p.image.item.load_rgb(), p.image.selection)
+            decoded[p.index] = image_pixels(pil)
+        px = decoded[p.index]
+        rows.append(torch.flip(px, dims=[1]) if p.flipped else px)
+    return torch.stack(rows)
+
+
+def _non_finite_message(bad: list[_Pending], dtype: torch.dtype, float32_vae: bool) -> str:
+    names = "; ".join(_label(p.image, p.flipped) for p in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if float32_vae or dtype == torch.float32:
+        fix = ("The VAE already ran in float32, so check the image and the VAE "
+               "(a broken VAE file or an image of extreme values).")
+    else:
+        fix = (f"The VAE ran in {str(dtype).replace('torch.', '')}, where SDXL's original VAE overflows: turn on the "
+               "'float32 VAE' option (kohya's --no_half_vae), or load an fp16-fixed SDXL VAE "
+               "(madebyollin/sdxl-vae-fp16-fix).")
+    return f"The VAE produced NaN/inf latents for {names}. {fix}"

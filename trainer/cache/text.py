@@ -1,0 +1,325 @@
+"""SDXL text-encoder outputs per caption, encoded once with the CLIP ComfyUI loaded (kohya's
+cache_text_encoder_outputs).
+
+What is encoded for a caption: the SDXL context (CLIP-L penultimate hidden states and CLIP-G
+penultimate hidden states, concatenated on the feature axis: 2048 wide for real SDXL) and CLIP-G's
+pooled output (1280), exactly as ComfyUI's CLIPTextEncode computes them through the CLIP object
+(``clip.tokenize`` + ``clip.encode_from_tokens``): captions longer than 75 tokens are split into
+77-token chunks the way ComfyUI does, so the context is [77 * chunks, width].
+
+Captions are fed to CLIP LITERALLY (kohya does no prompt weighting): the processed caption is
+escaped with ``captions.escape_for_comfy_tokenizer`` first, so ``(word:1.2)`` stays text.
+
+Only deterministic captions can be cached once: with shuffling, dropout, wildcards or token warm-up
+(``CaptionOptions.is_random``) the caption differs per step, so those images are "live": the train
+loop encodes them per step with ``encode_caption_live``. For deterministic options the caption is
+``process_caption(caption, options, rng)``, which makes no random draw then; this module proves it
+by passing an rng that raises on any draw. (When text encoders are trained nothing is cached; the
+train loop handles that.)
+
+Keys: a hash of the CLIP weight fingerprint (memoised per model object), the patches on the CLIP's
+ModelPatcher (a LoRA from LoraLoader, merges, with strengths), CLIPSetLastLayer's layer, tokenizer
+options, and the exact escaped text. Identical captions are encoded once. Outputs are float32 CPU
+tensors.
+"""
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..comfyui import encoders as comfy_encoders
+from .stores import ENCODER_CALLS, CacheStats, DiskStore, ImageIndex, ImageRef, MemoryStore, megabytes, memory_store, tensors_nbytes
+from .fingerprints import content_key, module_fingerprint, structure_hash, token_fingerprint
+from ..data.captions import CaptionOptions, escape_for_comfy_tokenizer, process_caption
+from ..data.dataset import BucketedImage, TrainingDataset
+
+__all__ = [
+    "ENCODER_CALLS",
+    "LiveCaptionError",
+    "TextCache",
+    "TextEncodingError",
+    "cached_caption",
+    "clip_fingerprint",
+    "encode_caption_live",
+    "random_caption_options",
+]
+
+#: Bump when the way a caption becomes an encoding changes meaning.
+TEXT_FORMAT = "text/1"
+
+
+class TextEncodingError(ValueError):
+    """The CLIP produced NaN/inf for a caption."""
+
+
+class LiveCaptionError(KeyError):
+    """The image's caption is random per step, so it has no cached encoding."""
+
+
+class _NoDrawRandom(random.Random):
+    """An rng that fails on any draw: proves a deterministic caption needs no randomness."""
+
+    def random(self) -> float:  # type: ignore[override]
+        raise AssertionError("process_caption drew a random number for caption options that are not random")
+
+    def getrandbits(self, k: int) -> int:  # type: ignore[override]
+        raise AssertionError("process_caption drew random bits for caption options that are not random")
+
+
+def cached_caption(img: BucketedImage) -> str:
+    """The caption text a non-random image trains with every step (prefix/suffix, first line, separators)."""
+    if img.caption_options.is_random:
+        raise ValueError(f"caption of {img.key!r} is random per step; it cannot be cached")
+    return process_caption(img.item.caption, img.caption_options, _NoDrawRandom())
+
+
+def random_caption_options(options: CaptionOptions) -> list[str]:
+    """Names of the options that make captions random, for the report."""
+    o = options
+    names = [("shuffle_caption", o.shuffle_caption), ("caption_dropout_rate", o.caption_dropout_rate > 0),
+             ("caption_dropout_every_n_epochs", bool(o.caption_dropout_every_n_epochs)),
+             ("caption_tag_dropout_rate", o.caption_tag_dropout_rate > 0), ("enable_wildcard", o.enable_wildcard),
+             ("token_warmup_step", bool(o.token_warmup_step))]
+    return [n for n, on in names if on]
+
+
+def clip_fingerprint(clip: Any) -> Optional[str]:
+    """Hash of the CLIP's weights (memoised per model object), patches and settings; None if it has hooks."""
+    settings = comfy_encoders.clip_settings(clip)
+    if settings.pop("hooks"):
+        return None
+    weights = module_fingerprint(comfy_encoders.clip_module(clip), lambda: comfy_encoders.clip_weights(clip))
+    token, patches = comfy_encoders.patcher_patches(clip)
+    patches_fp = token_fingerprint(("clip", token), lambda: structure_hash(patches))
+    return structure_hash({"weights": weights, "patches": patches_fp, "settings": settings})
+
+
+def _encode(clip: Any, escaped: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ENCODER_CALLS["clip"] += 1
+    cond, pooled = comfy_encoders.encode_text(clip, escaped)
+    return cond[0].to("cpu", torch.float32), pooled[0].to("cpu", torch.float32)
+
+
+def encode_caption_live(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context [77*chunks, width], pooled [pooled width]) of one processed caption, at train time.
+
+    ``text`` is the caption as process_caption produced it; it is escaped here so it encodes
+    literally. Runs under no_grad (frozen text encoders), not inference_mode, so the result can be
+    used in autograd; float32 on CPU like the cached encodings.
+    """
+    with torch.no_grad():
+        return _encode(clip, escape_for_comfy_tokenizer(text))
+
+
+def _validate_text(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    ctx, pooled = tensors.get("context"), tensors.get("pooled")
+    if ctx is None or pooled is None or ctx.ndim != 2 or pooled.ndim != 1:
+        return "does not hold a [tokens, width] context and a [width] pooled output"
+    if ctx.dtype != torch.float32 or pooled.dtype != torch.float32:
+        return "holds tensors that are not float32"
+    if not (torch.isfinite(ctx).all() and torch.isfinite(pooled).all()):
+        return "holds NaN/inf values"
+    return None
+
+
+@dataclass
+class _Pending:
+    key: str
+    escaped: str
+    fields: dict
+    first_image: BucketedImage
+    rebuilt: bool = False
+
+
+class TextCache:
+    """Text encodings for every non-random caption of a TrainingDataset; see the module docstring."""
+
+    def __init__(self, dataset: TrainingDataset, image_keys: dict[int, str], captions: dict[int, str],
+                 encodings: dict[str, tuple[torch.Tensor, torch.Tensor]], live: list[int], stats: CacheStats,
+                 warnings: list[str], disk_dir: Optional[str]) -> None:
+        self.dataset = dataset
+        self._index = ImageIndex(dataset.images)
+        self._image_keys = image_keys
+        self._captions = captions
+        self._encodings = encodings
+        self._live = live
+        self.stats = stats
+        self.warnings = warnings
+        self.disk_dir = disk_dir
+
+    @classmethod
+    def build(
+        cls,
+        dataset: TrainingDataset,
+        clip: Any,
+        *,
+        disk_dir: Optional[str] = None,
+        store: Optional[MemoryStore] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+        check_interrupt: Optional[Callable[[], None]] = None,
+    ) -> "TextCache":
+        """Look each non-random caption up (memory, then disk) and encode only the missing ones."""
+        store = memory_store() if store is None else store
+        disk = DiskStore(disk_dir) if disk_dir else None
+        fingerprint = clip_fingerprint(clip)
+        warnings: list[str] = []
+        if fingerprint is None:
+            disk = None
+            warnings.append("the CLIP has hooks (CLIP hook nodes), which cannot be fingerprinted: captions are "
+                            "encoded now and not reused across runs")
+        stats = CacheStats()
+        encodings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        image_keys: dict[int, str] = {}
+        captions: dict[int, str] = {}
+        live: list[int] = []
+        pending: "OrderedDict[str, _Pending]" = OrderedDict()
+
+        for i, img in enumerate(dataset.images):
+            if img.caption_options.is_random:
+                live.append(i)
+                continue
+            text = cached_caption(img)
+            escaped = escape_for_comfy_tokenizer(text)
+            fields = {"format": TEXT_FORMAT, "clip": fingerprint, "text": escaped}
+            key = content_key("txt", fields)
+            image_keys[i] = key
+            captions[i] = text
+            if key in encodings or key in pending:
+                continue
+            if fingerprint is not None:
+                hit = store.get(key)
+                if hit is not None and _validate_text(hit) is None:
+                    encodings[key] = (hit["context"], hit["pooled"])
+                    stats.from_memory += 1
+                    continue
+            rebuilt = False
+            if disk is not None:
+                read = disk.read(key, _validate_text)
+                if read.tensors is not None:
+                    encodings[key] = (read.tensors["context"], read.tensors["pooled"])
+                    store.put(key, read.tensors)
+                    stats.from_disk += 1
+                    continue
+                if read.warning:
+                    warnings.append(read.warning)
+                    rebuilt = True
+            pending[key] = _Pending(key, escaped, fields, img, rebuilt)
+        stats.items = len(encodings) + len(pending)
+
+        disk_failed = False
+        with torch.inference_mode():
+            for done, p in enumerate(pending.values(), start=1):
+                if check_interrupt is not None:
+                    check_interrupt()
+                stats.encoder_calls += 1
+                context, pooled = _encode(clip, p.escaped)
+                if not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
+                    where = p.first_image.item.image_path or p.first_image.key
+                    raise TextEncodingError(
+                        f"the text encoders produced NaN/inf for the caption of {where} "
+                        f"({p.escaped[:80]!r}); check the CLIP model (and any LoRA applied to it)")
+                context, pooled = context.clone(), pooled.clone()
+                encodings[p.key] = (context, pooled)
+                stats.encoded += 1
+                stats.rebuilt += int(p.rebuilt)
+                item = {"context": context, "pooled": pooled}
+                if fingerprint is not None:
+                    store.put(p.key, item)
+                if disk is not None and not disk_failed:
+                    try:
+                        disk.write(p.key, item, inputs=p.fields)
+                    except OSError as e:
+                        disk_failed = True
+                        warnings.append(f"could not write the text-encoder cache to {disk.folder} ({e}); "
+                                        "continuing with the in-memory cache only")
+                if progress is not None:
+                    progress(done, len(pending))
+        return cls(dataset, image_keys, captions, encodings, live, stats, warnings, disk_dir)
+
+    # -- access ------------------------------------------------------------------------------
+    def is_live(self, image: ImageRef) -> bool:
+        """True when the image's caption is random per step and must be encoded at train time."""
+        return self._index.index(image) not in self._image_keys
+
+    @property
+    def live_keys(self) -> list[str]:
+        """Image keys whose captions are encoded at train time (random caption options)."""
+        return [self._index.images[i].key for i in self._live]
+
+    @property
+    def live_indices(self) -> list[int]:
+        return list(self._live)
+
+    def encoding(self, image: ImageRef) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [77*chunks, width], pooled [width]) of an image's caption, float32 CPU, shared: clone to modify."""
+        i = self._index.index(image)
+        key = self._image_keys.get(i)
+        if key is None:
+            raise LiveCaptionError(
+                f"the caption of {self._index.images[i].key!r} uses random caption options, so it has no cached "
+                "encoding; encode it per step with encode_caption_live")
+        return self._encodings[key]
+
+    def caption(self, image: ImageRef) -> str:
+        """The (unescaped) caption text that was encoded for an image."""
+        i = self._index.index(image)
+        if i not in self._captions:
+            raise LiveCaptionError(f"the caption of {self._index.images[i].key!r} is random per step")
+        return self._captions[i]
+
+    def cache_key(self, image: ImageRef) -> str:
+        return self._image_keys[self._index.index(image)]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(tensors_nbytes({"c": c, "p": p}) for c, p in self._encodings.values())
+
+    @property
+    def size_mb(self) -> float:
+        return megabytes(self.size_bytes)
+
+    def disk_size_mb(self) -> float:
+        if not self.disk_dir:
+            return 0.0
+        return megabytes(DiskStore(self.disk_dir).size_bytes(self._encodings.keys()))
+
+    # -- report ------------------------------------------------------------------------------
+    def _live_reasons(self) -> list[str]:
+        reasons: list[str] = []
+        for i in self._live:
+            for r in random_caption_options(self._index.images[i].caption_options):
+                if r not in reasons:
+                    reasons.append(r)
+        return reasons
+
+    def report_json(self) -> dict[str, Any]:
+        return {
+            "images": len(self._index.images), "cached_images": len(self._image_keys),
+            "unique_captions": len(self._encodings), **self.stats.as_dict(),
+            "live_images": len(self._live), "live_keys": self.live_keys, "live_reasons": self._live_reasons(),
+            "size_mb": round(self.size_mb, 3), "disk_dir": self.disk_dir,
+            "disk_size_mb": round(self.disk_size_mb(), 3), "warnings": list(self.warnings),
+        }
+
+    def report_text(self) -> str:
+        s = self.stats
+        n = len(self._index.images)
+        lines = [
+            f"text encodings: {len(self._image_keys)} of {n} images cached, {len(self._encodings)} unique captions",
+            f"  encoded {s.encoded} (CLIP calls), from memory {s.from_memory}, from disk {s.from_disk}"
+            + (f", rebuilt {s.rebuilt} corrupted disk files" if s.rebuilt else ""),
+            f"  size {self.size_mb:.1f} MB in memory (float32)"
+            + (f"; disk cache {self.disk_dir} ({self.disk_size_mb():.1f} MB)" if self.disk_dir else ""),
+        ]
+        if self._live:
+            lines.append(
+                f"  live: {len(self._live)} images have random caption options ({', '.join(self._live_reasons())}); "
+                "their captions are encoded at train time, each step")
+        if self.warnings:
+            lines.append(f"  {len(self.warnings)} warnings:")
+            lines.extend(f"    {w}" for w in self.warnings)
+        return "\n".join(lines)

@@ -1,0 +1,939 @@
+"""Turn a user's dataset (folder, metadata.jsonl, in-graph images) into a list of DatasetItems.
+
+The items are what bucketing, batching and caption augmentation consume. Scanning is where bad
+input is cheapest to report, so every problem is either raised as a DatasetError (the message names
+the file and the fix) or recorded in ``ScanResult.skipped`` / ``warnings`` -- never silently dropped.
+
+Folder layout follows kohya sd-scripts' ``train_data_dir`` convention:
+- If the folder has at least one direct subfolder named ``<int>_<name>`` (kohya splits the name on
+  '_' and the first part must parse as an int), it is a kohya folder: each such subfolder is a
+  subset with that many repeats and ``<name>`` as its class tokens (the caption of images without
+  a caption file). As in kohya, images directly in the root and subfolders whose names do not
+  parse are not used (we list them in ``skipped`` instead of ignoring them quietly), and subfolders
+  with repeats < 1 are dropped (kohya drops them silently; we warn).
+- Otherwise every image in the folder (and, with ``recursive``, its subfolders) is one subset with
+  ``default_repeats``.
+Deviations from kohya, all deliberate: extensions are matched case-insensitively; with
+``recursive=True`` (default) images in nested folders inside a subset folder are included (kohya
+reads only the subset folder itself; pass ``recursive=False`` for kohya's behaviour); a UTF-8 BOM
+in caption files is stripped (kohya keeps it as part of the first token); subfolder order is sorted
+by name (kohya uses the file system's listing order).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from .images import ACCEPTED_EXTENSIONS, DEFAULT_MAX_PIXELS, DatasetError, ImageProbe, is_image_filename, load_image_rgb, probe_image_info, to_rgb, verify_image
+
+__all__ = [
+    "DatasetError",
+    "DatasetItem",
+    "ScanResult",
+    "UNSUPPORTED_IMAGE_EXTENSIONS",
+    "items_from_images",
+    "normalize_caption_extension",
+    "parse_repeats_folder_name",
+    "read_caption_file",
+    "resolve_dataset_path",
+    "scan_folder",
+    "scan_image_dir",
+    "scan_metadata_jsonl",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Image-like files kohya does not load. We list them in ``skipped`` so a user who dropped a GIF or
+#: HEIC into the folder learns why it is not trained instead of wondering.
+UNSUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jfif", ".jpe", ".ico", ".tga",
+    ".psd", ".dds", ".exr", ".hdr", ".svg", ".raw", ".cr2", ".nef", ".dng", ".arw",
+)
+
+#: Caption extensions we look for when the configured one is missing, to suggest the right option.
+_COMMON_CAPTION_EXTENSIONS = (".txt", ".caption", ".tags", ".cap")
+
+_MAX_LISTED = 5  # file names listed in an aggregated warning before "... and N more"
+
+
+@dataclass
+class DatasetItem:
+    """One training image (before repeats) with everything downstream needs to know about it.
+
+    Exactly one of ``image_path`` (a file, loaded lazily) and ``image`` (an in-memory RGB image from
+    the graph) is set. ``image_size`` is (width, height) as the trainer will see it, i.e. after
+    EXIF orientation when ``exif_transpose`` is on; bucketing decides what is too small.
+    """
+
+    image_path: Optional[str]
+    caption: str
+    image: Optional[Image.Image] = None
+    num_repeats: int = 1
+    subset: str = ""  # subset name: kohya folder name ("10_sks dog"), TOML subset label, "images"
+    source_dir: Optional[str] = None  # folder the subset was scanned from (None for in-graph images)
+    is_reg: bool = False
+    image_size: tuple[int, int] = (0, 0)
+    warnings: list[str] = field(default_factory=list)
+    caption_path: Optional[str] = None  # the caption file used, if any
+    caption_source: str = "file"  # "file" | "class_tokens" | "missing" | "metadata" | "input"
+    class_tokens: Optional[str] = None  # kohya class tokens of the subset (folder name after "N_")
+    dataset_index: int = 0  # which [[datasets]] entry of a TOML (buckets/batches are per dataset)
+    subset_index: int = 0  # which subset inside that dataset (caption-augmentation settings)
+    exif_transpose: bool = True  # how image_size was measured; load with the same setting
+    image_key: Optional[str] = None  # identifier for in-memory images; files use their path
+
+    def __post_init__(self) -> None:
+        if (self.image_path is None) == (self.image is None):
+            raise ValueError("DatasetItem needs exactly one of image_path and image")
+
+    @property
+    def key(self) -> str:
+        """Stable identifier (kohya's image_key is the image path)."""
+        if self.image_key is not None:
+            return self.image_key
+        if self.image_path is not None:
+            return self.image_path
+        return f"{self.subset or 'images'}#{self.subset_index}"
+
+    def load_rgb(self, max_pixels: int = DEFAULT_MAX_PIXELS, warnings_out: Optional[list[str]] = None) -> Image.Image:
+        """The 8-bit RGB pixels, decoded with the same orientation rule the size was measured with."""
+        if self.image is not None:
+            return self.image
+        assert self.image_path is not None
+        return load_image_rgb(self.image_path, self.exif_transpose, max_pixels=max_pixels, warnings_out=warnings_out)
+
+
+@dataclass
+class ScanResult:
+    """Items found, plus what was left out and why, plus things the user should know."""
+
+    items: list[DatasetItem] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    warnings: list[str] = field(default_factory=list)
+
+    def extend(self, other: "ScanResult") -> None:
+        self.items.extend(other.items)
+        self.skipped.extend(other.skipped)
+        self.warnings.extend(other.warnings)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_images_with_repeats(self) -> int:
+        return sum(item.num_repeats for item in self.items)
+
+
+# --------------------------------------------------------------------------------------------
+# paths
+
+
+def resolve_dataset_path(path: PathLike, input_dir: Optional[PathLike] = None) -> tuple[Path, str]:
+    """Resolve a user-typed path; returns (path, phrase describing how it was resolved).
+
+    Relative paths are taken against ComfyUI's input directory (the node passes
+    ``folder_paths.get_input_directory()``) so workflows stay portable; absolute paths are used as
+    is. Surrounding quotes are removed because Windows' "Copy as path" adds them.
+    """
+    text = str(path).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    if not text:
+        raise DatasetError(
+            "no dataset path given; type a folder path (absolute, or relative to ComfyUI's input directory)."
+        )
+    p = Path(os.path.expanduser(text))
+    if p.is_absolute():
+        return p, f"{p}"
+    if input_dir is not None:
+        base = Path(input_dir)
+        return base / p, f"'{text}' resolved against ComfyUI's input directory {base}"
+    base = Path.cwd()
+    return base / p, f"'{text}' resolved against the current working directory {base}"
+
+
+def _require_dir(p: Path, how: Optional[str], what: str = "dataset folder") -> None:
+    where = f" ({how})" if how and how != str(p) else ""
+    if not p.exists():
+        raise DatasetError(f"{what} {p} does not exist{where}; check the spelling, or give an absolute path.")
+    if not p.is_dir():
+        raise DatasetError(
+            f"{what} {p} is a file, not a folder{where}; give the folder that contains the images."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# kohya folder names and captions
+
+
+def parse_repeats_folder_name(name: str) -> Optional[tuple[int, str]]:
+    """kohya's ``N_name`` rule: split on '_', the first part must be an int (Python ``int()``).
+
+    Returns (repeats, class_tokens) where class_tokens is the rest re-joined with '_' (possibly
+    ""), or None when the first part is not an int (kohya ignores such folders). Repeats < 1 are
+    returned as-is; the caller reports them.
+    """
+    tokens = name.split("_")
+    try:
+        repeats = int(tokens[0])
+    except ValueError:
+        return None
+    return repeats, "_".join(tokens[1:])
+
+
+def normalize_caption_extension(ext: str) -> str:
+    if not isinstance(ext, str) or not ext.strip():
+        raise DatasetError(
+            f"caption_extension {ext!r} is empty; use the extension of your caption files, e.g. '.txt' or '.caption'."
+        )
+    ext = ext.strip()
+    return ext if ext.startswith(".") else "." + ext  # kohya prepends the dot too
+
+
+def _caption_candidates(image_path: Path, caption_extension: str) -> list[Path]:
+    """``<stem><ext>``, then kohya's face-crop fallback for names like ``img_x_y_w_h``.
+
+    kohya's tools write face crops as ``<name>_<4 numbers>``; their caption is ``<name><ext>``.
+    kohya splits the whole path on '_' (so a '_' in a folder name can send it outside the folder);
+    we apply the rule to the file name only.
+    """
+    stem = image_path.stem
+    candidates = [image_path.with_name(stem + caption_extension)]
+    tokens = stem.split("_")
+    if len(tokens) >= 5:
+        base = "_".join(tokens[:-4])
+        if base:
+            candidates.append(image_path.with_name(base + caption_extension))
+    return candidates
+
+
+def read_caption_file(caption_path: PathLike, enable_wildcard: bool = False) -> tuple[str, list[str]]:
+    """Read a caption the way kohya does: the first line, stripped (all non-empty lines joined with
+    newlines when ``enable_wildcard``). Returns (caption, warnings).
+
+    Decoded as UTF-8; a BOM is stripped (kohya keeps it, which glues an invisible character to the
+    first tag). Anything that is not UTF-8 raises DatasetError naming the file.
+    """
+    p = Path(caption_path)
+    data = p.read_bytes()
+    notes: list[str] = []
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DatasetError(
+            f"{p}: caption is saved as UTF-16 (Notepad's 'Unicode'), not UTF-8; re-save it with encoding UTF-8."
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            f"{p}: caption is not valid UTF-8 (byte 0x{data[e.start]:02x} at position {e.start}); "
+            "re-save it with encoding UTF-8 (e.g. in a text editor: Save As, Encoding: UTF-8)."
+        ) from None
+    # Python's text mode (kohya's readlines) treats \r\n and \r as line ends too.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if enable_wildcard:
+        caption = "\n".join(line.strip() for line in lines if line.strip())
+    else:
+        caption = lines[0].strip()
+        extra = [line for line in lines[1:] if line.strip()]
+        if extra:
+            notes.append(
+                f"{p}: only the first line of the caption is used ({len(extra)} more non-empty line(s) ignored, as "
+                "kohya does); put the caption on one line, or enable wildcards to use one line per variant."
+            )
+    if not caption:
+        notes.append(f"{p}: caption file is empty; the image trains with an empty caption.")
+    return caption, notes
+
+
+# --------------------------------------------------------------------------------------------
+# scanning one subset folder
+
+
+def _list_files(directory: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
+    """(files, hidden files) under ``directory``; hidden folders are not entered.
+
+    kohya's glob('*.png') never matches names starting with '.', which also keeps macOS '._a.png'
+    resource forks (not images despite the name) out; we mirror that but report hidden images.
+    """
+    files: list[Path] = []
+    hidden: list[Path] = []
+    seen_dirs: set[str] = set()
+    stack = [directory]
+    while stack:
+        d = stack.pop()
+        real = os.path.realpath(d)
+        if real in seen_dirs:  # symlink loop
+            continue
+        seen_dirs.add(real)
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            raise DatasetError(f"cannot list folder {d} ({e}); check its permissions.") from None
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                continue
+            if is_dir:
+                if recursive and not entry.name.startswith("."):
+                    stack.append(path)
+                continue
+            if entry.name.startswith("."):
+                hidden.append(path)
+            else:
+                files.append(path)
+    return files, hidden
+
+
+def _dedupe(messages: list[str]) -> list[str]:
+    """Drop repeated messages (e.g. one caption file shared by two images), keeping order."""
+    return list(dict.fromkeys(messages))
+
+
+def _contains_images(directory: Path) -> bool:
+    try:
+        files, _ = _list_files(directory, recursive=True)
+    except DatasetError:
+        return False
+    return any(is_image_filename(f.name) for f in files)
+
+
+def _summarize(paths: Sequence[str]) -> str:
+    shown = ", ".join(paths[:_MAX_LISTED])
+    if len(paths) > _MAX_LISTED:
+        shown += f" ... and {len(paths) - _MAX_LISTED} more"
+    return shown
+
+
+def scan_image_dir(
+    directory: PathLike,
+    *,
+    num_repeats: int = 1,
+    caption_extension: str = ".txt",
+    class_tokens: Optional[str] = None,
+    recursive: bool = False,
+    strict_captions: bool = False,
+    strict_images: bool = False,
+    is_reg: bool = False,
+    subset: Optional[str] = None,
+    dataset_index: int = 0,
+    subset_index: int = 0,
+    verify: bool = True,
+    exif_transpose: bool = True,
+    enable_wildcard: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ScanResult:
+    """Scan one kohya subset folder (no ``N_name`` interpretation): images + sidecar captions.
+
+    Order is kohya's: full path strings sorted. Caption of an image without a caption file is
+    ``class_tokens`` when given (kohya), else "". ``strict_captions`` turns a missing, empty or
+    undecodable caption file into a DatasetError; otherwise the image is kept with a warning
+    (undecodable: skipped, because its caption is unknown). ``verify`` decodes the pixels to catch
+    truncated files now rather than mid-training; bad images are skipped (or raised with
+    ``strict_images``).
+    """
+    d = Path(directory)
+    _require_dir(d, None, "image folder")
+    caption_extension = normalize_caption_extension(caption_extension)
+    subset_name = subset if subset is not None else d.name
+    result = ScanResult()
+
+    files, hidden = _list_files(d, recursive)
+    images: list[Path] = []
+    for f in files:
+        ext = f.suffix.lower()
+        if ext in ACCEPTED_EXTENSIONS:
+            images.append(f)
+        elif ext in UNSUPPORTED_IMAGE_EXTENSIONS:
+            result.skipped.append((
+                str(f),
+                f"{f}: extension '{f.suffix}' is not a training image format (kohya reads "
+                f"{', '.join(ACCEPTED_EXTENSIONS)}); convert it to PNG to use it.",
+            ))
+    for f in sorted(hidden, key=str):
+        if is_image_filename(f.name):
+            result.skipped.append((
+                str(f),
+                f"{f}: hidden file (name starts with '.', e.g. a macOS '._' resource fork) is ignored, as kohya's "
+                "glob does; rename it if it is a real image.",
+            ))
+    images.sort(key=str)  # kohya: img_paths.sort() on path strings
+
+    # Files sharing one caption file: kohya trains both with the same caption; so do we, but say so.
+    by_stem: dict[tuple[str, str], list[Path]] = {}
+    for img in images:
+        by_stem.setdefault((str(img.parent), img.stem), []).append(img)
+    for (parent, stem), group in by_stem.items():
+        if len(group) > 1:
+            names = ", ".join(g.name for g in group)
+            result.warnings.append(
+                f"{parent}: {names} have the same name and share the caption file {stem}{caption_extension}; "
+                "both are trained (as kohya does). Rename or delete one if that is a duplicate."
+            )
+
+    dir_listing_cache: dict[str, dict[str, str]] = {}
+
+    def lower_listing(parent: Path) -> dict[str, str]:
+        key = str(parent)
+        if key not in dir_listing_cache:
+            try:
+                dir_listing_cache[key] = {name.lower(): name for name in os.listdir(parent)}
+            except OSError:
+                dir_listing_cache[key] = {}
+        return dir_listing_cache[key]
+
+    missing: list[str] = []
+    missing_hints: set[str] = set()
+    check = verify_image if verify else probe_image_info
+    for img in images:
+        try:
+            info: ImageProbe = check(img, exif_transpose=exif_transpose, max_pixels=max_pixels)
+        except DatasetError as e:
+            if strict_images:
+                raise
+            result.skipped.append((str(img), str(e)))
+            continue
+        item_warnings: list[str] = []  # also reported in result.warnings
+        missing_note: Optional[str] = None  # per-item only; result.warnings gets one summary
+        if info.is_animated:
+            item_warnings.append(
+                f"{img}: animated image with {info.n_frames} frames; only the first frame is used. "
+                "Export the frame you want as PNG to silence this."
+            )
+
+        caption: Optional[str] = None
+        caption_path: Optional[Path] = None
+        for cand in _caption_candidates(img, caption_extension):
+            if cand.is_file():
+                caption_path = cand
+                break
+        if caption_path is not None:
+            try:
+                caption, notes = read_caption_file(caption_path, enable_wildcard)
+            except DatasetError as e:
+                if strict_captions:
+                    raise
+                result.skipped.append((str(img), f"{img}: skipped because its caption cannot be read: {e}"))
+                continue
+            if caption_path.stem != img.stem:
+                notes.append(
+                    f"{img}: no {img.stem}{caption_extension}; using {caption_path.name} (kohya's rule for "
+                    "face-crop names 'name_x_y_w_h')."
+                )
+            if not caption and strict_captions:
+                raise DatasetError(
+                    f"{caption_path}: caption file for {img.name} is empty; write the caption into it, or turn "
+                    "strict captions off to train this image with an empty caption."
+                )
+            item_warnings.extend(notes)
+            source = "file"
+        else:
+            expected = img.with_name(img.stem + caption_extension)
+            hint = ""
+            listing = lower_listing(img.parent)
+            if expected.name.lower() in listing:
+                hint = (
+                    f" (found '{listing[expected.name.lower()]}': caption_extension is case-sensitive, "
+                    f"rename it to '{expected.name}')"
+                )
+            else:
+                for ext in _COMMON_CAPTION_EXTENSIONS:
+                    if ext != caption_extension and (img.stem + ext).lower() in listing:
+                        hint = f" (found '{img.stem}{ext}': set caption_extension to '{ext}')"
+                        missing_hints.add(ext)
+                        break
+            if strict_captions:
+                raise DatasetError(
+                    f"{img}: no caption file {expected.name}{hint}; create it with the caption text, or turn "
+                    "strict captions off to train without one."
+                )
+            missing.append(str(img))
+            if class_tokens is not None:
+                caption = class_tokens
+                source = "class_tokens"
+                missing_note = (
+                    f"{img}: no caption file {expected.name}{hint}; using the class tokens {class_tokens!r} "
+                    "from the folder name as caption (kohya's rule)."
+                )
+            else:
+                caption = ""
+                source = "missing"
+                missing_note = f"{img}: no caption file {expected.name}{hint}; training with an empty caption."
+
+        result.items.append(
+            DatasetItem(
+                image_path=str(img),
+                caption=caption or "",
+                num_repeats=num_repeats,
+                subset=subset_name,
+                source_dir=str(d),
+                is_reg=is_reg,
+                image_size=info.size,
+                warnings=item_warnings + ([missing_note] if missing_note else []),
+                caption_path=str(caption_path) if caption_path is not None else None,
+                caption_source=source,
+                class_tokens=class_tokens,
+                dataset_index=dataset_index,
+                subset_index=subset_index,
+                exif_transpose=exif_transpose,
+            )
+        )
+        result.warnings.extend(item_warnings)
+
+    if missing:
+        fallback = (
+            f"the class tokens {class_tokens!r} are used as their caption" if class_tokens is not None
+            else "they train with an empty caption"
+        )
+        hint = ""
+        if missing_hints:
+            hint = f" Files with {', '.join(sorted(missing_hints))} exist: is caption_extension set right?"
+        result.warnings.append(
+            f"{len(missing)} image(s) in {d} have no caption file ({caption_extension}); {fallback}: "
+            f"{_summarize(missing)}.{hint}"
+        )
+    result.warnings = _dedupe(result.warnings)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# folder (kohya train_data_dir or plain)
+
+
+def _no_images_error(root: Path, how: str, result: ScanResult, extra: str = "") -> DatasetError:
+    accepted = ", ".join(ACCEPTED_EXTENSIONS)
+    if result.skipped:
+        reasons = "; ".join(reason for _, reason in result.skipped[:_MAX_LISTED])
+        more = f" (and {len(result.skipped) - _MAX_LISTED} more)" if len(result.skipped) > _MAX_LISTED else ""
+        return DatasetError(
+            f"no usable images in {root} ({how}): {len(result.skipped)} file(s) were skipped{more}: {reasons}"
+        )
+    return DatasetError(
+        f"no images found in {root} ({how}); accepted extensions are {accepted} (any letter case). "
+        f"Put the images in that folder or in kohya-style '<repeats>_<name>' subfolders such as '10_mychar'.{extra}"
+    )
+
+
+def scan_folder(
+    path: PathLike,
+    caption_extension: str = ".txt",
+    default_repeats: int = 1,
+    recursive: bool = True,
+    strict_captions: bool = False,
+    input_dir: Optional[PathLike] = None,
+    *,
+    is_reg: bool = False,
+    strict_images: bool = False,
+    verify: bool = True,
+    exif_transpose: bool = True,
+    enable_wildcard: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ScanResult:
+    """Scan a dataset folder laid out like kohya's ``train_data_dir`` (or a plain image folder).
+
+    See the module docstring for the layout rules. Raises DatasetError when the folder does not
+    exist or yields no usable image; everything else is reported in the result.
+    """
+    if not isinstance(default_repeats, int) or isinstance(default_repeats, bool) or default_repeats < 1:
+        raise DatasetError(f"default_repeats must be a whole number >= 1, got {default_repeats!r}.")
+    root, how = resolve_dataset_path(path, input_dir)
+    if root.is_file() and root.suffix.lower() in (".toml", ".json", ".jsonl"):
+        kind = "a metadata.jsonl" if root.suffix.lower() == ".jsonl" else "a dataset config"
+        raise DatasetError(
+            f"{root} is {kind} file, not a folder ({how}); choose the folder of images here, or use the "
+            f"{'metadata.jsonl' if kind.startswith('a metadata') else 'dataset TOML'} source for this file."
+        )
+    _require_dir(root, how)
+    caption_extension = normalize_caption_extension(caption_extension)
+    common = dict(
+        caption_extension=caption_extension,
+        recursive=recursive,
+        strict_captions=strict_captions,
+        strict_images=strict_images,
+        is_reg=is_reg,
+        verify=verify,
+        exif_transpose=exif_transpose,
+        enable_wildcard=enable_wildcard,
+        max_pixels=max_pixels,
+    )
+    result = ScanResult()
+
+    try:
+        subdirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    except OSError as e:
+        raise DatasetError(f"cannot list folder {root} ({how}): {e}; check its permissions.") from None
+    parsed = {d: parse_repeats_folder_name(d.name) for d in subdirs}
+    kohya_layout = any(v is not None for v in parsed.values())
+
+    if (root / "metadata.jsonl").is_file():
+        result.warnings.append(
+            f"{root} contains metadata.jsonl, but a folder scan uses sidecar caption files ({caption_extension}); "
+            "use the metadata.jsonl source to use its captions."
+        )
+
+    if kohya_layout:
+        root_files, _ = _list_files(root, recursive=False)
+        root_images = sorted((f for f in root_files if is_image_filename(f.name)), key=str)
+        for f in root_images:
+            result.skipped.append((
+                str(f),
+                f"{f}: image directly in a kohya dataset folder (one with '<repeats>_<name>' subfolders) is not "
+                "used, as in kohya; move it into a '<repeats>_<name>' subfolder.",
+            ))
+        if root_images:
+            result.warnings.append(
+                f"{len(root_images)} image(s) directly in {root} are not used because the folder has "
+                f"'<repeats>_<name>' subfolders (kohya layout): {_summarize([f.name for f in root_images])}."
+            )
+        subset_index = 0
+        for d in subdirs:
+            rule = parsed[d]
+            if rule is None:
+                if not _contains_images(d):
+                    continue  # e.g. a 'logs' folder: nothing a user would expect to be trained
+                result.skipped.append((
+                    str(d),
+                    f"{d}: folder name does not start with '<repeats>_' (kohya ignores it); rename it like "
+                    f"'1_{d.name}' to train its images.",
+                ))
+                result.warnings.append(
+                    f"subfolder '{d.name}' of {root} is ignored: its name does not start with a number of repeats "
+                    f"(kohya layout needs '<repeats>_<name>', e.g. '1_{d.name}')."
+                )
+                continue
+            repeats, class_tokens = rule
+            if repeats < 1:
+                result.skipped.append((
+                    str(d),
+                    f"{d}: repeats {repeats} < 1, so kohya drops this folder; rename it with a repeat count >= 1.",
+                ))
+                result.warnings.append(
+                    f"subfolder '{d.name}' of {root} is ignored: repeats {repeats} is less than 1 "
+                    "(kohya drops such folders silently)."
+                )
+                continue
+            sub = scan_image_dir(
+                d, num_repeats=repeats, class_tokens=class_tokens, subset=d.name, subset_index=subset_index, **common
+            )
+            if not sub.items:
+                result.warnings.append(f"subfolder '{d.name}' of {root} contains no usable images; it is ignored.")
+            else:
+                subset_index += 1
+            result.extend(sub)
+    else:
+        rule = parse_repeats_folder_name(root.name)
+        if rule is not None and rule[0] >= 1 and rule[0] != default_repeats:
+            result.warnings.append(
+                f"{root.name!r} looks like a kohya '<repeats>_<name>' folder, but repeats come from the names of "
+                f"subfolders of the folder you choose; using {default_repeats} repeat(s). Choose its parent folder "
+                f"to train it with {rule[0]} repeats."
+            )
+        result.extend(scan_image_dir(root, num_repeats=default_repeats, subset=root.name, **common))
+
+    result.warnings = _dedupe(result.warnings)
+    if not result.items:
+        extra = ""
+        if not recursive and not kohya_layout and subdirs:
+            extra = " Images in subfolders are only found with recursive scanning on."
+        raise _no_images_error(root, how, result, extra)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# metadata.jsonl (diffusers / Hugging Face imagefolder)
+
+
+def scan_metadata_jsonl(
+    folder: PathLike,
+    input_dir: Optional[PathLike] = None,
+    *,
+    caption_column: str = "text",
+    default_repeats: int = 1,
+    is_reg: bool = False,
+    strict_captions: bool = False,
+    strict_images: bool = False,
+    verify: bool = True,
+    exif_transpose: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ScanResult:
+    """Read the Hugging Face imagefolder convention: ``metadata.jsonl`` with one JSON object per
+    line, ``{"file_name": "a.png", "text": "caption"}``, file names relative to the metadata file.
+
+    ``folder`` may be the folder or the .jsonl file itself. Rows keep file order; a file listed
+    twice is used once (the first row), images in the folder that no row lists are reported.
+    """
+    target, how = resolve_dataset_path(folder, input_dir)
+    if target.is_file():
+        meta = target
+    else:
+        _require_dir(target, how)
+        meta = target / "metadata.jsonl"
+        if not meta.is_file():
+            raise DatasetError(
+                f"{meta} does not exist ({how}); a metadata dataset needs a metadata.jsonl with lines like "
+                '{"file_name": "a.png", "text": "a caption"} next to the images.'
+            )
+    base = meta.parent
+    result = ScanResult()
+    raw = meta.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_no = raw[: e.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{meta}:{line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file with encoding UTF-8."
+        ) from None
+
+    seen: dict[str, int] = {}
+    missing_caption: list[str] = []
+    check = verify_image if verify else probe_image_info
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(
+                f"{meta}:{line_no}: not valid JSON ({e.msg}); each line must be one object like "
+                '{"file_name": "a.png", "text": "a caption"}.'
+            ) from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{meta}:{line_no}: expected a JSON object, got {type(row).__name__}; write one object per line.")
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{meta}:{line_no}: missing \"file_name\"; add the image's file name (relative to {base}).")
+        img = Path(name) if os.path.isabs(name) else base / name
+        key = os.path.normpath(str(img))
+        if key in seen:
+            result.skipped.append((
+                str(img),
+                f"{meta}:{line_no}: {name} is listed again (first on line {seen[key]}); only the first row is used. "
+                "Delete the duplicate row.",
+            ))
+            continue
+        seen[key] = line_no
+        caption = row.get(caption_column)
+        if caption is not None and not isinstance(caption, str):
+            raise DatasetError(
+                f"{meta}:{line_no}: \"{caption_column}\" must be a string, got {type(caption).__name__}; write the caption as text."
+            )
+        try:
+            info = check(img, exif_transpose=exif_transpose, max_pixels=max_pixels)
+        except DatasetError as e:
+            if strict_images:
+                raise
+            result.skipped.append((str(img), f"{e} (listed in {meta.name} line {line_no})"))
+            continue
+        item_warnings: list[str] = []
+        if info.is_animated:
+            item_warnings.append(f"{img}: animated image with {info.n_frames} frames; only the first frame is used.")
+            result.warnings.append(item_warnings[-1])
+        if caption is None or not caption.strip():
+            if strict_captions:
+                raise DatasetError(
+                    f"{meta}:{line_no}: no \"{caption_column}\" caption for {name}; add it, or turn strict captions "
+                    "off to train with an empty caption."
+                )
+            missing_caption.append(name)
+            item_warnings.append(f"{img}: no \"{caption_column}\" in {meta.name} line {line_no}; training with an empty caption.")
+        result.items.append(
+            DatasetItem(
+                image_path=str(img),
+                caption=(caption or "").strip(),
+                num_repeats=default_repeats,
+                subset=base.name,
+                source_dir=str(base),
+                is_reg=is_reg,
+                image_size=info.size,
+                warnings=item_warnings,
+                caption_path=str(meta),
+                caption_source="metadata" if caption and caption.strip() else "missing",
+                exif_transpose=exif_transpose,
+            )
+        )
+
+    if missing_caption:
+        result.warnings.append(
+            f"{len(missing_caption)} row(s) of {meta} have no \"{caption_column}\"; they train with an empty caption: "
+            f"{_summarize(missing_caption)}."
+        )
+    unlisted = sorted(
+        str(p) for p in base.iterdir()
+        if p.is_file() and is_image_filename(p.name) and os.path.normpath(str(p)) not in seen
+    )
+    if unlisted:
+        result.warnings.append(
+            f"{len(unlisted)} image(s) in {base} are not listed in {meta.name} and are not used: "
+            f"{_summarize([Path(u).name for u in unlisted])}."
+        )
+    if not result.items:
+        raise _no_images_error(base, f"from {meta}", result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# images coming from the graph
+
+
+def _as_numpy(obj: Any) -> np.ndarray:
+    """torch tensors (ComfyUI IMAGE) without importing torch; anything else via np.asarray."""
+    if hasattr(obj, "detach") and hasattr(obj, "cpu"):
+        obj = obj.detach().cpu()
+        if hasattr(obj, "float"):
+            obj = obj.float()  # bf16/fp16 -> float32 so numpy can hold it
+        obj = obj.numpy()
+    return np.asarray(obj)
+
+
+def _flatten_images(images: Any) -> list[Any]:
+    if isinstance(images, Image.Image):
+        return [images]
+    if not isinstance(images, (list, tuple)):
+        arr = _as_numpy(images)
+        return list(arr) if arr.ndim == 4 else [arr]
+    out: list[Any] = []
+    for im in images:
+        if isinstance(im, Image.Image):
+            out.append(im)
+            continue
+        arr = _as_numpy(im)
+        if arr.ndim == 4:  # a ComfyUI IMAGE batch [B,H,W,C] inside a list
+            out.extend(list(arr))
+        else:
+            out.append(arr)
+    return out
+
+
+def _array_to_rgb(arr: np.ndarray, index: int, notes: list[str]) -> Image.Image:
+    where = f"image {index}"
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise DatasetError(
+            f"{where}: expected an array shaped [height, width, channels] with 1, 3 or 4 channels, got shape "
+            f"{tuple(arr.shape)}; pass a ComfyUI IMAGE or a list of PIL images."
+        )
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise DatasetError(f"{where}: image has no pixels (shape {tuple(arr.shape)}).")
+    if arr.dtype == np.uint8:
+        u8 = arr
+    else:
+        a = arr.astype(np.float64)
+        if not np.all(np.isfinite(a)):
+            raise DatasetError(f"{where}: contains NaN or infinite values; fix the node that produced it.")
+        lo, hi = float(a.min()), float(a.max())
+        if hi > 1.5:
+            raise DatasetError(
+                f"{where}: values go up to {hi:g}, but images must be floats in 0..1 (ComfyUI IMAGE); divide by 255."
+            )
+        if lo < -0.01 or hi > 1.01:
+            notes.append(f"{where}: values outside 0..1 (min {lo:g}, max {hi:g}) were clipped.")
+        u8 = np.floor(np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    channels = u8.shape[2]
+    if channels == 1:
+        return Image.fromarray(u8[:, :, 0], mode="L").convert("RGB")
+    if channels == 4:
+        return to_rgb(Image.fromarray(u8, mode="RGBA"), where)
+    return Image.fromarray(np.ascontiguousarray(u8), mode="RGB")
+
+
+def items_from_images(
+    images: Any,
+    captions: Union[str, Sequence[str]],
+    *,
+    name: str = "images",
+    num_repeats: int = 1,
+    is_reg: bool = False,
+) -> ScanResult:
+    """Items from images already in the graph: PIL images or float arrays [H,W,C] in 0..1
+    (a ComfyUI IMAGE batch [B,H,W,C] is split). ``captions`` is one string for all images, or one
+    per image (a single-element list also applies to all). Alpha is composited on white.
+    """
+    flat = _flatten_images(images)
+    if not flat:
+        raise DatasetError("no images given; connect at least one image.")
+    if isinstance(captions, str):
+        caption_list = [captions] * len(flat)
+    else:
+        caption_list = list(captions)
+        if len(caption_list) == 1:
+            caption_list = caption_list * len(flat)
+        if len(caption_list) != len(flat):
+            raise DatasetError(
+                f"got {len(flat)} image(s) but {len(caption_list)} caption(s); give exactly one caption per image, "
+                "or a single caption for all of them."
+            )
+    if not isinstance(num_repeats, int) or isinstance(num_repeats, bool) or num_repeats < 1:
+        raise DatasetError(f"num_repeats must be a whole number >= 1, got {num_repeats!r}.")
+    result = ScanResult()
+    for i, (im, cap) in enumerate(zip(flat, caption_list)):
+        if not isinstance(cap, str):
+            raise DatasetError(f"caption {i} is {type(cap).__name__}, not text; pass strings.")
+        notes: list[str] = []
+        if isinstance(im, Image.Image):
+            if getattr(im, "n_frames", 1) > 1:
+                notes.append(f"image {i}: animated image; only the current frame is used.")
+            rgb = to_rgb(im, f"image {i}")
+            if rgb is im:
+                rgb = im.copy()
+        else:
+            rgb = _array_to_rgb(im, i, notes)
+        caption = cap.lstrip("\ufeff").strip()
+        if not caption:
+            notes.append(f"image {i}: empty caption.")
+        result.items.append(
+            DatasetItem(
+                image_path=None,
+                image=rgb,
+                caption=caption,
+                num_repeats=num_repeats,
+                subset=name,
+                is_reg=is_reg,
+                image_size=rgb.size,
+                warnings=notes,
+                caption_source="input",
+                image_key=f"{name}/{i:05d}",
+            )
+        )
+        result.warnings.extend(notes)
+    return result
+
+
+def folder_fingerprint(path: PathLike, input_dir: Optional[PathLike] = None, extra_files: Sequence[PathLike] = ()) -> str:
+    """A cheap signature of a dataset folder (names, sizes, mtimes of every file below it).
+
+    ComfyUI re-runs a node only when its inputs change; a folder path does not change when a caption
+    or an image in it is edited. The dataset nodes return this from ``fingerprint_inputs`` so such
+    edits re-run the scan (the caches then re-encode only what really changed).
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        root, _ = resolve_dataset_path(path, input_dir)
+    except DatasetError:
+        return "unresolvable"
+    targets = [root, *[Path(p) for p in extra_files]]
+    for target in targets:
+        if target.is_file():
+            st = target.stat()
+            h.update(f"{target}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            continue
+        for dirpath, dirnames, filenames in os.walk(target):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                h.update(f"{full}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,376 @@
+"""kohya sd-scripts' LoRA network (networks/lora.py) for SDXL, built on the modules ComfyUI has already loaded.
+
+Why a re-implementation instead of kohya's classes: kohya replaces ``org_module.forward`` for good and keeps the
+target set in a mutable CLASS attribute. In ComfyUI the U-Net / CLIP objects are shared with the rest of the graph,
+so the network here never changes them: it only keeps references and adds forward hooks inside ``attach()``.
+The math, the module set, the key names, dims/alphas, the init draws, the state dict and max-norm are kohya's.
+
+Randomness:
+* init never touches torch's global RNG (ComfyUI reseeds it whenever a sampler runs): ``build(..., generator)`` takes a CPU ``torch.Generator``. Modules are created in kohya's order (TE1, TE2,
+  U-Net; inside a CLIP attention k, v, q, out as in transformers) and each draws exactly what kohya's LoRAModule
+  draws from the global RNG: nn.Linear/Conv2d default init of lora_down, then of lora_up (both discarded), then
+  kaiming_uniform_(a=sqrt(5)) of lora_down; lora_up = 0. So a generator seeded S should give kohya's weights
+  after ``torch.manual_seed(S); create_network(...)`` on CPU when nothing else draws in between (the per-module
+  draw pattern is checked in tests/unit; no golden file holds kohya's init values). TE modules are created (and drawn) even when that TE is
+  not trained, as kohya does, so the U-Net init does not depend on the train_te flags.
+* dropout / rank_dropout / module_dropout draw exactly as kohya's LoRAModule does: the module-dropout decision
+  ``torch.rand(1) < p`` from the CPU's global RNG (a host draw, so the step never waits for the device), the
+  dropout mask (``F.dropout``) and the rank mask from the global RNG of the device the activations are on. The
+  training loop (trainer/run/loop.py) owns those global RNGs while it runs: it forks them, seeds them from the run's
+  seed, saves them in the resumable state and restores them after previews; gradient checkpointing replays them
+  in the recompute. So a run is reproducible and resumable, and nothing is copied to the device per module.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Optional, Sequence
+
+import torch
+from .targets import AlphaLike, PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, iter_target_modules, sdxl_block_index
+from .config import NetworkConfig, parse_block_list
+from .base import MaxNormStats, cpu_state_dict, output_hooks
+
+# ----------------------------------------------------------------------------------------------------------------
+# one LoRA module
+
+
+class LoRAModule(torch.nn.Module):
+    """kohya's LoRAModule: out = org(x) + up(down(x)) * multiplier * alpha/rank, with kohya's three dropouts.
+
+    The original module is only referenced (never registered as a submodule, never patched), so this module's
+    state_dict is exactly kohya's: ``alpha``, ``lora_down.weight``, ``lora_up.weight``. Weights are created on CPU in
+    float32; move the network with ``.to()``.
+
+    The ``alpha`` buffer is float32, except when alpha is 0/None: then alpha = rank and the buffer is int64 as in
+    kohya (quirk K12, docs/kohya_quirks.md); it is saved with that dtype unless a save dtype is given. ComfyUI's loader reads it with
+    ``.item()``, so both load the same.
+    """
+
+    def __init__(self, lora_name: str, org_module: torch.nn.Module, lora_dim: int, alpha: AlphaLike, *,
+                 generator: torch.Generator, multiplier: float = 1.0, dropout: Optional[float] = None,
+                 rank_dropout: Optional[float] = None, module_dropout: Optional[float] = None,
+                 dim_source: str = "network_dim") -> None:
+        super().__init__()
+        if generator is None or generator.device.type != "cpu":
+            raise ValueError("LoRAModule needs a private CPU torch.Generator for its init")
+        if lora_dim < 1:
+            raise ValueError(f"{lora_name}: rank must be >= 1, got {lora_dim}")
+        self.lora_name = lora_name
+        object.__setattr__(self, "_org_module", org_module)  # a reference, not a submodule
+        self.lora_dim = int(lora_dim)
+        self.block_index = sdxl_block_index(lora_name)
+        self.dim_source = dim_source
+
+        if isinstance(org_module, torch.nn.Conv2d):
+            self.in_dim, self.out_dim = org_module.in_channels, org_module.out_channels
+            self.kernel_size = tuple(org_module.kernel_size)
+            self.stride = tuple(org_module.stride)
+            self.padding = tuple(org_module.padding)
+            self.kind = "conv{}x{}".format(*self.kernel_size)
+            mk = dict(device="cpu", dtype=torch.float32, bias=False)
+            self.lora_down = torch.nn.utils.skip_init(torch.nn.Conv2d, self.in_dim, self.lora_dim, self.kernel_size,
+                                                      self.stride, self.padding, **mk)
+            self.lora_up = torch.nn.utils.skip_init(torch.nn.Conv2d, self.lora_dim, self.out_dim, (1, 1), (1, 1), **mk)
+        elif isinstance(org_module, torch.nn.Linear):
+            self.in_dim, self.out_dim = org_module.in_features, org_module.out_features
+            self.kernel_size = self.stride = self.padding = None
+            self.kind = "linear"
+            mk = dict(device="cpu", dtype=torch.float32, bias=False)
+            self.lora_down = torch.nn.utils.skip_init(torch.nn.Linear, self.in_dim, self.lora_dim, **mk)
+            self.lora_up = torch.nn.utils.skip_init(torch.nn.Linear, self.lora_dim, self.out_dim, **mk)
+        else:
+            raise TypeError(f"{lora_name}: LoRA needs a torch.nn.Linear or Conv2d, got {type(org_module).__name__}")
+
+        if isinstance(alpha, torch.Tensor):
+            alpha = alpha.detach().float().item()
+        if alpha is None or alpha == 0:
+            alpha_buf = torch.tensor(self.lora_dim, dtype=torch.int64)  # kohya: alpha = rank, stored as int64
+            alpha_val: float = float(self.lora_dim)
+        else:
+            alpha_val = float(alpha)
+            alpha_buf = torch.tensor(alpha_val, dtype=torch.float32)
+        self.register_buffer("alpha", alpha_buf)
+        self.scale = alpha_val / self.lora_dim
+
+        # The draws kohya's constructor makes from the global RNG, here from the private generator: default init of
+        # lora_down and lora_up (nn.Linear/Conv2d reset_parameters, discarded by kohya), then lora_down's init.
+        with torch.no_grad():
+            for w in (self.lora_down.weight, self.lora_up.weight, self.lora_down.weight):
+                torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+            torch.nn.init.zeros_(self.lora_up.weight)
+
+        self.multiplier = float(multiplier)
+        self.dropout = dropout or None
+        self.rank_dropout = rank_dropout or None
+        self.module_dropout = module_dropout or None
+
+    @property
+    def org_module(self) -> torch.nn.Module:
+        """The module this LoRA adds to (ComfyUI's own Linear/Conv2d)."""
+        return self._org_module
+
+    @property
+    def alpha_value(self) -> float:
+        return float(self.alpha.item())
+
+    def delta(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """kohya's LoRA branch on the module input: up(down(x)) * multiplier * scale, or None when module dropout
+        skips this module. In training mode the dropouts draw from the global RNGs (see the module docstring)."""
+        train = self.training
+        if train and self.module_dropout is not None and torch.rand(1) < self.module_dropout:
+            return None  # kohya: a host draw; the module is skipped for this forward
+
+        w = self.lora_down.weight
+        if x.dtype != w.dtype:  # the LoRA computes in its own dtype (training never runs under autocast)
+            x = x.to(w.dtype)
+        lx = self.lora_down(x)
+
+        if train and self.dropout is not None:
+            lx = torch.nn.functional.dropout(lx, p=self.dropout)
+
+        scale = self.scale
+        if train and self.rank_dropout is not None:
+            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            if lx.dim() == 3:  # [B, tokens, rank]
+                mask = mask.unsqueeze(1)
+            elif lx.dim() == 4:  # [B, rank, H, W]
+                mask = mask.unsqueeze(-1).unsqueeze(-1)
+            lx = lx * mask
+            scale = self.scale * (1.0 / (1.0 - self.rank_dropout))  # kohya: as if the rank had shrunk
+
+        lx = self.lora_up(lx)
+        return lx * self.multiplier * scale
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """org output + delta, in the org output's dtype (what kohya's patched forward returns)."""
+        d = self.delta(x)
+        return out if d is None else out + d.to(out.dtype)
+
+    def _product(self) -> torch.Tensor:
+        up = self.lora_up.weight.to(torch.float)
+        down = self.lora_down.weight.to(torch.float)
+        if self.kind == "linear":
+            return up @ down
+        if self.kernel_size == (1, 1):
+            return (up.squeeze(3).squeeze(2) @ down.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        # the two convs composed: delta[o, i, kh, kw] = sum_r up[o, r] * down[r, i, kh, kw]
+        return torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+
+    def delta_weight(self, multiplier: Optional[float] = None) -> torch.Tensor:
+        """float32 weight delta = multiplier * (up . down) * scale (kohya's LoRAInfModule.get_weight)."""
+        m = self.multiplier if multiplier is None else multiplier
+        return m * self._product() * self.scale
+
+    def merged_weight(self, multiplier: Optional[float] = None) -> torch.Tensor:
+        """float32 W + delta, as kohya's merge_to computes it (the org module is not changed)."""
+        w = self.org_module.weight.detach().to(torch.float)
+        return w + self.delta_weight(multiplier).to(w.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.lora_name}: {self.kind} {self.in_dim}->{self.out_dim}, rank {self.lora_dim}, alpha {self.alpha_value}"
+
+class LoRANetwork(torch.nn.Module):
+    """The set of LoRA modules, registered under their kohya names so ``state_dict()`` is kohya's file layout."""
+
+    def __init__(self, loras: Sequence[LoRAModule], config: Optional[NetworkConfig] = None) -> None:
+        super().__init__()
+        self.config = config
+        names = set()
+        for lora in loras:
+            if lora.lora_name in names:
+                raise ValueError(f"duplicated lora name: {lora.lora_name}")
+            names.add(lora.lora_name)
+            self.add_module(lora.lora_name, lora)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, unet: Optional[torch.nn.Module], te1: Optional[torch.nn.Module], te2: Optional[torch.nn.Module],
+              config: NetworkConfig, generator: torch.Generator) -> "LoRANetwork":
+        """Find kohya's targets in ComfyUI's U-Net (``diffusion_model``) and CLIP-L/CLIP-G ``.transformer``.
+
+        Always returns the module set for THIS config: kohya's create_network appends the conv containers to a
+        class attribute, so a later default network in the same process also wraps ResBlock Linear/1x1 convs
+        (kohya quirk K11); that process-global mutation is deliberately not reproduced.
+        """
+        common = dict(generator=generator, multiplier=config.multiplier, dropout=config.dropout,
+                      rank_dropout=config.rank_dropout, module_dropout=config.module_dropout)
+        loras: list[LoRAModule] = []
+        # TE modules are made (drawing from the generator) even when not trained, as kohya does: same init stream.
+        for t in iter_target_modules(unet, te1, te2, config, include_untrained=True):
+            lora = LoRAModule(t.name, t.module, t.dim, t.alpha, dim_source=t.dim_source, **common)
+            if t.trained:
+                loras.append(lora)
+        return cls(loras, config)
+
+    @classmethod
+    def from_modules(cls, loras: Sequence[LoRAModule]) -> "LoRANetwork":
+        """A network over hand-made modules (tests, tools)."""
+        return cls(loras, None)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def loras(self) -> list[LoRAModule]:
+        return [m for m in self.children() if isinstance(m, LoRAModule)]
+
+    def _with_prefix(self, prefix: str) -> list[LoRAModule]:
+        return [l for l in self.loras if l.lora_name.startswith(prefix + "_")]
+
+    @property
+    def unet_loras(self) -> list[LoRAModule]:
+        return self._with_prefix(PREFIX_UNET)
+
+    @property
+    def te1_loras(self) -> list[LoRAModule]:
+        return self._with_prefix(PREFIX_TE1)
+
+    @property
+    def te2_loras(self) -> list[LoRAModule]:
+        return self._with_prefix(PREFIX_TE2)
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for lora in self.loras:
+            lora.multiplier = float(multiplier)
+
+    # ------------------------------------------------------------------ hooks
+    @contextmanager
+    def attach(self) -> Iterator["LoRANetwork"]:
+        """Add the LoRA to the original modules' outputs with forward hooks; on exit the hooks are removed and the
+        modules are exactly as before (no attribute, forward or weight is changed at any time)."""
+        if self._handles:
+            raise RuntimeError("this LoRANetwork is already attached")
+
+        def hook_for(lora: LoRAModule):
+            def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                if not args:
+                    raise RuntimeError(f"{lora.lora_name}: the module was called without a positional input")
+                return lora.apply(args[0], output)
+            return hook
+
+        with output_hooks(self._handles, [(lora.org_module, hook_for(lora)) for lora in self.loras]):
+            yield self
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    # ------------------------------------------------------------------ kohya files
+    def state_dict_kohya(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+        """kohya's saved dict: ``<name>.alpha`` (0-d), ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` in
+        kohya's order, detached CPU copies, cast to ``dtype`` when given (alpha too, as kohya's save_weights)."""
+        return cpu_state_dict(self, dtype)
+
+    def load_kohya(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Copy a kohya state dict into this network's weights (strict: key sets, shapes and alphas must match).
+
+        kohya's load_weights is non-strict and copies alpha without updating the scale its forward uses; here an
+        unknown or missing key, a shape or an alpha mismatch raises instead (build the network with
+        ``NetworkConfig.from_kohya_state_dict(sd)`` to get the file's dims/alphas). A missing ``.alpha`` is accepted
+        when this module's alpha equals its rank (kohya's files without alpha).
+        """
+        own = self.state_dict()
+        unknown = [k for k in sd if k not in own]
+        missing = [k for k in own if k not in sd and not (
+            k.endswith(".alpha") and self.get_submodule(k[:-len(".alpha")]).scale == 1.0)]
+        if unknown or missing:
+            raise ValueError(
+                f"state dict does not match the network: {len(unknown)} unknown keys {unknown[:5]}, "
+                f"{len(missing)} missing keys {missing[:5]}"
+            )
+        for k, v in sd.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"{k}: shape {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the network")
+            if k.endswith(".alpha") and float(v.float().item()) != float(own[k].float().item()):
+                raise ValueError(f"{k}: alpha {v.item()} in the file, {own[k].item()} in the network")
+        with torch.no_grad():
+            for k, v in sd.items():
+                if not k.endswith(".alpha"):
+                    own[k].copy_(v)
+
+    # ------------------------------------------------------------------ optimizer
+    def param_groups(self, unet_lr: float, te1_lr: float, te2_lr: float,
+                     loraplus_lr_ratio: Optional[float] = None, loraplus_unet_lr_ratio: Optional[float] = None,
+                     loraplus_text_encoder_lr_ratio: Optional[float] = None,
+                     block_lr_weight: Optional[Sequence[float]] = None) -> tuple[list[dict], list[str]]:
+        """kohya's LoRANetwork.prepare_optimizer_params: (param groups, lr descriptions).
+
+        TE groups come first, then U-Net. Per part a "lora" group and, with a LoRA+ ratio, a "plus" group holding
+        every lora_up at lr * ratio (the part's own ratio, else loraplus_lr_ratio, with kohya's ``or``: 0 falls
+        back). A group whose lr is 0 is dropped. kohya's SDXL LoRA has ONE text_encoder_lr: when te1_lr == te2_lr
+        the two TEs share one group ("textencoder") exactly as kohya; otherwise they get "textencoder 1" and
+        "textencoder 2" groups (as kohya's multi-TE networks do). With block lr weights (argument, else the
+        config's) the U-Net is grouped per block index in order of appearance, lr = unet_lr * weight[block],
+        described "unet_block{idx}".
+        """
+        self.requires_grad_(True)
+        groups: list[dict] = []
+        descs: list[str] = []
+
+        def assemble(loras: Sequence[LoRAModule], lr: float, ratio: Optional[float], label: str) -> None:
+            plain, plus = [], []
+            for lora in loras:
+                for name, p in lora.named_parameters():
+                    (plus if ratio is not None and "lora_up" in name else plain).append(p)
+            for kind, params in (("lora", plain), ("plus", plus)):
+                if not params:
+                    continue
+                group_lr = lr * ratio if kind == "plus" else lr
+                if group_lr == 0:
+                    continue
+                groups.append({"params": params, "lr": group_lr})
+                descs.append(label + (" plus" if kind == "plus" else ""))
+
+        te_ratio = loraplus_text_encoder_lr_ratio or loraplus_lr_ratio
+        te1, te2 = self.te1_loras, self.te2_loras
+        if te1 and te2 and te1_lr != te2_lr:
+            assemble(te1, te1_lr, te_ratio, "textencoder 1")
+            assemble(te2, te2_lr, te_ratio, "textencoder 2")
+        elif te1 or te2:
+            assemble(te1 + te2, te1_lr if te1 else te2_lr, te_ratio, "textencoder")
+
+        unet = self.unet_loras
+        unet_ratio = loraplus_unet_lr_ratio or loraplus_lr_ratio
+        weights = block_lr_weight if block_lr_weight is not None else (self.config.block_lr_weight if self.config else None)
+        if unet and weights is not None:
+            weights = parse_block_list(weights, "block_lr_weight", as_int=False)
+            by_block: dict[int, list[LoRAModule]] = {}
+            for lora in unet:
+                by_block.setdefault(lora.block_index, []).append(lora)
+            for idx, block_loras in by_block.items():
+                assemble(block_loras, unet_lr * weights[idx], unet_ratio, f"unet_block{idx}")
+        elif unet:
+            assemble(unet, unet_lr, unet_ratio, "unet")
+        return groups, descs
+
+    # ------------------------------------------------------------------ max-norm
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> "MaxNormStats":
+        """kohya's apply_max_norm_regularization (--scale_weight_norms), IN PLACE (kohya quirk K21).
+
+        Per module: delta = (up . down) * alpha/rank (no multiplier); n = max(||delta||_F, max_norm/2);
+        ratio = min(n, max_norm)/n; up and down are multiplied by sqrt(ratio) (kohya only when ratio != 1; times
+        exactly 1.0 changes nothing, and not asking saves a device sync per module). The statistics stay on the
+        device until ``read()``.
+        """
+        norms: list[torch.Tensor] = []
+        ratios: list[torch.Tensor] = []
+        for lora in self.loras:
+            down, up = lora.lora_down.weight, lora.lora_up.weight
+            scale = lora.alpha / down.shape[0]
+            if lora.kind == "linear":
+                updown = up @ down
+            elif tuple(up.shape[2:]) == (1, 1) and tuple(down.shape[2:]) == (1, 1):
+                updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
+            else:
+                updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+            updown = updown * scale
+            norm = updown.norm().clamp(min=max_norm / 2)
+            desired = torch.clamp(norm, max=max_norm)
+            ratio = desired / norm
+            sqrt_ratio = ratio ** 0.5
+            up.mul_(sqrt_ratio)
+            down.mul_(sqrt_ratio)
+            ratios.append(ratio)
+            norms.append(updown.norm() * ratio)
+        return MaxNormStats.of(norms, ratios)

@@ -1,0 +1,168 @@
+"""Turning a finished (or cancelled) run into a kohya LoRA file in ComfyUI's loras folder.
+
+Builds kohya's ss_* / modelspec metadata from the run's settings, picks a name that is unique per
+run (LoraLoader caches by path, so a rewritten path would serve stale weights) and writes atomically.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..network.metadata import build_metadata, kohya_bucket_info, tag_frequency
+from ..network.file_names import safe_relative_name, unique_lora_path
+from ..network.safetensors_file import save_lora
+from ..network.lora import LoRANetwork
+from ..network.config import NetworkConfig
+from .optimizers import optimizer_metadata_name
+from ..data.dataset import TrainingDataset
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where the LoRA goes. Checked when built, so a bad name fails before training, not after it."""
+    name: str = "sdxl_lora"
+    subfolder: str = "sdxl_lora_trainer"
+    save_precision: str = "fp16"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        safe_relative_name(self.subfolder, self.name)
+        if self.save_precision not in SAVE_DTYPES:
+            raise ValueError(f"save_precision {self.save_precision!r} is not one of {sorted(SAVE_DTYPES)}")
+
+    def lora_tag(self, run_tag: str) -> str:
+        """The tag in the file name: the run's tag, or none with ``overwrite`` (the exact name is reused)."""
+        return "" if self.overwrite else run_tag
+
+
+def output_name_error(subfolder: str, name: str) -> str | None:
+    """Why a subfolder/name pair cannot be used (for the node's validation at queue time), or None."""
+    try:
+        safe_relative_name(subfolder, name)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+@dataclass
+class SavedLora:
+    path: Path
+    lora_name: str  # what LoraLoader's lora_name expects (relative to the loras folder)
+
+
+def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
+    images = ds.images
+    dirs: dict[str, dict[str, int]] = {}
+    captions: dict[str, list[str]] = {}
+    for img in images:
+        name = os.path.basename(img.item.source_dir or "") or img.item.subset or "images"
+        d = dirs.setdefault(name, {"n_repeats": img.item.num_repeats, "img_count": 0})
+        d["img_count"] += 1
+        captions.setdefault(name, []).append(img.item.caption)
+    part = ds.parts[0]
+    opts = images[0].caption_options
+    counts: dict[tuple[int, int], int] = {}
+    for bucket, _, with_repeats in ds.bucket_histogram():
+        counts[bucket] = with_repeats
+    ar_error = sum(abs(img.selection.ar_error) for img in images) / max(1, len(images))
+    return {
+        "num_train_images": sum(i.item.num_repeats for i in images if not i.item.is_reg),
+        "num_reg_images": sum(i.item.num_repeats for i in images if i.item.is_reg),
+        "resolution": tuple(part.settings.resolution),
+        "enable_bucket": part.settings.enable_bucket,
+        "bucket_no_upscale": part.settings.bucket_no_upscale,
+        "min_bucket_reso": part.settings.min_bucket_reso,
+        "max_bucket_reso": part.settings.max_bucket_reso,
+        "flip_aug": any(i.flip_aug for i in images),
+        "shuffle_caption": opts.shuffle_caption,
+        "keep_tokens": opts.keep_tokens,
+        "caption_dropout_rate": opts.caption_dropout_rate,
+        "caption_dropout_every_n_epochs": opts.caption_dropout_every_n_epochs,
+        "caption_tag_dropout_rate": opts.caption_tag_dropout_rate,
+        "dataset_dirs": dirs,
+        "tag_frequency": tag_frequency(captions),
+        "bucket_info": kohya_bucket_info(counts, ar_error) if part.settings.enable_bucket else None,
+    }
+
+
+def network_metadata(config: NetworkConfig) -> dict[str, Any]:
+    args = {}
+    if config.conv_dim:
+        args["conv_dim"] = config.conv_dim
+        args["conv_alpha"] = config.conv_alpha
+    for name in ("rank_dropout", "module_dropout"):
+        if getattr(config, name):
+            args[name] = getattr(config, name)
+    meta = {"dim": config.network_dim, "alpha": config.network_alpha, "dropout": config.dropout}
+    if config.algo != "lora":
+        # what LyCORIS's kohya wrapper records: network_module lycoris.kohya, network_args algo (and factor)
+        meta["module"] = "lycoris.kohya"
+        args["algo"] = config.algo
+        if config.algo == "lokr":
+            args["factor"] = config.factor
+    meta["args"] = args or None
+    return meta
+
+
+def training_metadata(run: Any, optimizer: Any, steps_per_epoch: int, total_steps: int, started_at: float,
+                      output_name: str) -> dict[str, Any]:
+    """``run`` is the TrainConfig."""
+    return {
+        "training_started_at": started_at,
+        "output_name": output_name,
+        "learning_rate": run.learning_rate,
+        "unet_lr": run.unet_lr,
+        "text_encoder_lr": run.text_encoder_lr1,
+        "num_batches_per_epoch": steps_per_epoch * run.gradient_accumulation_steps,
+        "num_epochs": max(1, -(-total_steps // max(1, steps_per_epoch))),
+        "gradient_checkpointing": run.gradient_checkpointing,
+        "gradient_accumulation_steps": run.gradient_accumulation_steps,
+        "max_train_steps": total_steps,
+        "lr_warmup_steps": run.lr_warmup_steps,
+        "lr_scheduler": run.lr_scheduler,
+        "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[run.train_dtype],
+        "cache_latents": True,
+        "seed": run.seed,
+        "noise_offset": run.noise.noise_offset,
+        "multires_noise_iterations": run.noise.multires_noise_iterations,
+        "multires_noise_discount": run.noise.multires_noise_discount,
+        "adaptive_noise_scale": run.noise.adaptive_noise_scale,
+        "noise_offset_random_strength": run.noise.noise_offset_random_strength,
+        "ip_noise_gamma": run.noise.ip_noise_gamma,
+        "ip_noise_gamma_random_strength": run.noise.ip_noise_gamma_random_strength,
+        "optimizer": optimizer_metadata_name(optimizer, run.optimizer),
+        "max_grad_norm": run.max_grad_norm,
+        "min_snr_gamma": run.loss.min_snr_gamma,
+        "scale_weight_norms": run.scale_weight_norms,
+        "debiased_estimation": run.loss.debiased_estimation_loss,
+        "loss_type": run.loss.loss_type,
+        "huber_schedule": run.loss.huber_schedule,
+        "huber_scale": run.loss.huber_scale,
+        "huber_c": run.loss.huber_c,
+    }
+
+
+def save_run_lora(network: LoRANetwork, loras_root: str, out: OutputSettings, *, run_tag: str,
+                  training: dict, dataset: dict, network_meta: dict, step: int, epoch: int,
+                  prompt: Optional[dict] = None, extra_pnginfo: Optional[dict] = None,
+                  v_parameterization: bool = False) -> SavedLora:
+    path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
+    meta = build_metadata(training, dataset, network_meta, step=step, epoch=epoch, prompt=prompt,
+                          extra_pnginfo=extra_pnginfo, title=out.name)
+    if v_parameterization:
+        meta["ss_v_parameterization"] = "True"
+    save_lora(network.state_dict_kohya(), path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
+    return SavedLora(path=Path(path), lora_name=rel)
+
+
+def run_tag(seed: int) -> str:
+    """A tag that differs between runs: the start time to the second and the seed (unique_lora_path
+    adds _2, _3 ... if two runs start in the same second)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}_s{seed}"

@@ -1,0 +1,398 @@
+"""The optimizers this pack offers, built with kohya sd-scripts' semantics.
+
+Mirrors what ``library/train_util.get_optimizer`` and ``get_optimizer``'s callers (sd-scripts ``48d368f``) do for the
+optimizers this pack offers, re-implemented here (no sd-scripts code):
+
+* Names are case-insensitive. ``optimizer_args`` are ``key=value`` pairs whose values are Python literals
+  (``ast.literal_eval``), e.g. ``weight_decay=0.01 betas=0.9,0.999``; kohya's ``betas=0.9,0.999`` is the tuple
+  ``(0.9, 0.999)``. Every optimizer gets ``lr=learning_rate`` plus these kwargs, so per-group ``"lr"`` entries in
+  the parameter groups (U-Net / text-encoder learning rates) override it, as in kohya.
+* Adafactor: ``relative_step`` defaults to True; ``warmup_init=True`` forces ``relative_step=True``. With
+  ``relative_step`` the optimizer is built with ``lr=None`` (transformers refuses a manual lr then), per-group
+  learning rates are dropped, and the scheduler is always ``AdafactorSchedule(optimizer, learning_rate)`` (kohya
+  rewrites ``--lr_scheduler`` to ``adafactor:<lr>``), which only reports Adafactor's internal step size.
+* Schedule-free optimizers (AdamWScheduleFree) are put in train mode right after construction. They must be
+  switched to eval mode (``optimizer_eval_mode``) before sampling, validating or SAVING the LoRA, and back with
+  ``optimizer_train_mode`` before the next step: in train mode the parameters hold the interpolated "y" point, not the
+  averaged weights. kohya gives them a dummy scheduler (the lr is never scheduled; use ``warmup_steps=N`` in
+  optimizer_args for their built-in warmup), and so do we.
+* 8-bit optimizers come from bitsandbytes and need CUDA.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import logging
+import math
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# The optimizer names this pack offers, in kohya's spelling.
+OPTIMIZER_TYPES: tuple[str, ...] = (
+    "AdamW",
+    "AdamW8bit",
+    "PagedAdamW8bit",
+    "Lion",
+    "Lion8bit",
+    "Prodigy",
+    "Adafactor",
+    "AdamWScheduleFree",
+)
+_EIGHT_BIT = {"AdamW8bit": "AdamW8bit", "Lion8bit": "Lion8bit", "PagedAdamW8bit": "PagedAdamW8bit"}
+# kohya's bitsandbytes version notes: Lion8bit appeared in 0.38.0, the paged optimizers in 0.39.0.
+_EIGHT_BIT_MIN_VERSION = {"AdamW8bit": "0.35.0", "Lion8bit": "0.38.0", "PagedAdamW8bit": "0.39.0"}
+
+_NON_CUDA_CHOICES = "AdamW, Lion, Prodigy, Adafactor or AdamWScheduleFree"
+
+
+class OptimizerConfigError(ValueError):
+    """The user's optimizer/scheduler settings cannot be used (bad name, bad optimizer_args, bad combination)."""
+
+
+class OptimizerUnavailableError(RuntimeError):
+    """The chosen optimizer needs a package or hardware this Python/machine does not have."""
+
+
+# --- optimizer_args parsing ---------------------------------------------------------------------------------------
+
+_KEY_AT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=(?!=)")
+_BAREWORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/:]*")
+_SEPARATORS = " \t\r\n,;"
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def _find_pair_starts(text: str) -> list[int]:
+    """Indices where a ``key=`` starts at bracket depth 0 outside quotes, right after a separator.
+
+    WHY a scanner: commas separate pairs ("a=1,b=2") but also live inside values ("betas=0.9,0.999",
+    "betas=(0.9, 0.999)"), so a comma/space only ends a value when a new ``key=`` follows it.
+    """
+    starts: list[int] = []
+    depth = 0
+    quote: str | None = None
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote is not None:
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth -= 1
+        elif depth == 0 and (i == 0 or text[i - 1] in _SEPARATORS) and _KEY_AT.match(text, i):
+            starts.append(i)
+        i += 1
+    return starts
+
+
+def _convert_value(key: str, raw: str) -> Any:
+    """A Python literal as kohya reads it, plus unquoted words and lowercase true/false/none.
+
+    WHY the extras: kohya's literal_eval rejects ``true`` or ``adam``; passing the string "false" on would be truthy,
+    so lowercase booleans become real booleans and other plain words become strings.
+    """
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    if lowered in ("inf", "+inf", "-inf", "nan"):
+        return float(lowered)
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    if _BAREWORD.fullmatch(raw):
+        return raw
+    raise OptimizerConfigError(
+        f"optimizer_args: cannot read the value of {key!r}: {raw!r}. Use a Python literal such as 0.01, 1e-3, "
+        f"(0.9, 0.999), True or 'text'."
+    )
+
+
+def parse_optimizer_args(text: str | None) -> dict[str, Any]:
+    """Parse ``"k=v k2=v2"`` or ``"k=v,k2=v2"`` (kohya's ``--optimizer_args``) into optimizer kwargs.
+
+    Values go through ``ast.literal_eval``; ``betas=0.9,0.999`` is a tuple, as in kohya. Raises OptimizerConfigError
+    naming the offending token.
+    """
+    if text is None:
+        return {}
+    if not isinstance(text, str):
+        raise OptimizerConfigError(f"optimizer_args must be a string like 'weight_decay=0.01 betas=0.9,0.999', got {text!r}")
+    stripped = text.strip(_SEPARATORS)
+    if not stripped:
+        return {}
+
+    starts = _find_pair_starts(stripped)
+    if not starts or starts[0] != 0:
+        end = starts[0] if starts else len(stripped)
+        bad = stripped[:end].strip(_SEPARATORS).split()[0] if stripped[:end].strip(_SEPARATORS) else stripped[:end]
+        raise OptimizerConfigError(
+            f"optimizer_args: expected key=value, got {bad!r} (example: 'weight_decay=0.01 betas=0.9,0.999')"
+        )
+
+    result: dict[str, Any] = {}
+    for index, start in enumerate(starts):
+        end = starts[index + 1] if index + 1 < len(starts) else len(stripped)
+        token = stripped[start:end].strip(_SEPARATORS)
+        match = _KEY_AT.match(token)
+        assert match is not None  # guaranteed by _find_pair_starts
+        key = match.group(1)
+        raw = token[match.end():].strip(_SEPARATORS)
+        if not raw:
+            raise OptimizerConfigError(f"optimizer_args: {token!r} has no value after '='")
+        if _unbalanced(raw):
+            raise OptimizerConfigError(f"optimizer_args: unbalanced brackets or quotes in {token!r}")
+        if key in result:
+            raise OptimizerConfigError(f"optimizer_args: {key!r} is given twice")
+        if key in ("lr", "params"):
+            raise OptimizerConfigError(
+                f"optimizer_args: {key!r} cannot be set here; the learning rate comes from learning_rate "
+                f"(and the per-network learning rates)"
+            )
+        result[key] = _convert_value(key, raw)
+    return result
+
+
+def _unbalanced(raw: str) -> bool:
+    depth = 0
+    quote: str | None = None
+    i = 0
+    while i < len(raw):
+        ch = raw[i]
+        if quote is not None:
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth -= 1
+            if depth < 0:
+                return True
+        i += 1
+    return depth != 0 or quote is not None
+
+
+# --- settings -----------------------------------------------------------------------------------------------------
+
+
+def canonical_optimizer_type(name: str) -> str:
+    """kohya's spelling of an optimizer name given in any case; unknown names raise with the list of choices."""
+    if not isinstance(name, str) or not name.strip():
+        raise OptimizerConfigError(f"optimizer_type must be one of: {', '.join(OPTIMIZER_TYPES)}")
+    lowered = name.strip().lower()
+    for known in OPTIMIZER_TYPES:
+        if known.lower() == lowered:
+            return known
+    raise OptimizerConfigError(f"unknown optimizer_type {name!r}; choose one of: {', '.join(OPTIMIZER_TYPES)}")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """What the user picks for the optimizer. Validated on construction so a bad node input fails before training.
+
+    ``max_grad_norm``: clip the global gradient norm to this before each optimizer step; 0 disables (kohya).
+    """
+
+    optimizer_type: str = "AdamW"
+    learning_rate: float = 1e-4
+    optimizer_args: str = ""
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        canonical_optimizer_type(self.optimizer_type)
+        for field_name in ("learning_rate", "max_grad_norm"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise OptimizerConfigError(f"{field_name} must be a finite number >= 0, got {value!r}")
+        parse_optimizer_args(self.optimizer_args)
+
+    @property
+    def canonical_type(self) -> str:
+        return canonical_optimizer_type(self.optimizer_type)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The parsed optimizer_args (before kohya's Adafactor adjustments; see resolve_optimizer_kwargs)."""
+        return parse_optimizer_args(self.optimizer_args)
+
+
+def resolve_optimizer_kwargs(settings: OptimizerSettings) -> dict[str, Any]:
+    """optimizer_args after kohya's per-optimizer adjustments (also what kohya writes into ss_optimizer)."""
+    kwargs = settings.kwargs
+    if settings.canonical_type == "Adafactor":
+        kwargs.setdefault("relative_step", True)
+        if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
+            logger.info("Adafactor: warmup_init=True needs relative_step, setting relative_step=True")
+            kwargs["relative_step"] = True
+    return kwargs
+
+
+# --- optimizer construction ---------------------------------------------------------------------------------------
+
+
+def _import_optional(module: str, pip_name: str, optimizer_type: str) -> Any:
+    """Import an optional optimizer package, or say exactly what to install and where."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise OptimizerUnavailableError(
+            f"{optimizer_type} needs the '{pip_name}' package, which is not installed in this Python "
+            f"({sys.executable}). pip install {pip_name} into ComfyUI's Python: "
+            f"\"{sys.executable}\" -m pip install {pip_name}"
+        ) from exc
+
+
+def _bitsandbytes_class(optimizer_type: str) -> type:
+    """The bitsandbytes class for an 8-bit optimizer; clear errors without CUDA or without the package."""
+    if not torch.cuda.is_available():
+        raise OptimizerUnavailableError(
+            f"{optimizer_type} is a bitsandbytes 8-bit optimizer and needs an NVIDIA GPU with CUDA, but "
+            f"torch.cuda.is_available() is False here. Choose {_NON_CUDA_CHOICES} instead."
+        )
+    try:
+        bnb = importlib.import_module("bitsandbytes")
+    except Exception as exc:  # bitsandbytes can also fail with RuntimeError while loading its CUDA library
+        raise OptimizerUnavailableError(
+            f"{optimizer_type} needs the 'bitsandbytes' package, which could not be imported in this Python "
+            f"({sys.executable}): {exc}. pip install bitsandbytes into ComfyUI's Python: "
+            f"\"{sys.executable}\" -m pip install bitsandbytes (or choose {_NON_CUDA_CHOICES})."
+        ) from exc
+    cls = getattr(getattr(bnb, "optim", None), _EIGHT_BIT[optimizer_type], None)
+    if cls is None:
+        raise OptimizerUnavailableError(
+            f"the installed bitsandbytes ({getattr(bnb, '__version__', '?')}) has no {optimizer_type}; "
+            f"install bitsandbytes>={_EIGHT_BIT_MIN_VERSION[optimizer_type]}"
+        )
+    return cls
+
+
+def _optimizer_class(optimizer_type: str) -> type:
+    if optimizer_type == "AdamW":
+        return torch.optim.AdamW
+    if optimizer_type in _EIGHT_BIT:
+        return _bitsandbytes_class(optimizer_type)
+    if optimizer_type == "Lion":
+        return _import_optional("lion_pytorch", "lion-pytorch", optimizer_type).Lion
+    if optimizer_type == "Prodigy":
+        return _import_optional("prodigyopt", "prodigyopt", optimizer_type).Prodigy
+    if optimizer_type == "Adafactor":
+        return _import_optional("transformers.optimization", "transformers", optimizer_type).Adafactor
+    if optimizer_type == "AdamWScheduleFree":
+        return _import_optional("schedulefree", "schedulefree", optimizer_type).AdamWScheduleFree
+    raise OptimizerConfigError(f"unknown optimizer_type {optimizer_type!r}; choose one of: {', '.join(OPTIMIZER_TYPES)}")
+
+
+def _materialize_params(param_groups: Iterable[Any]) -> list[Any]:
+    """A fresh list (dicts copied) so kohya's per-optimizer edits never touch the caller's groups."""
+    items = [dict(item) if isinstance(item, dict) else item for item in param_groups]
+    if not items:
+        raise OptimizerConfigError("no trainable parameters were given to the optimizer")
+    return items
+
+
+def _group_lrs(params: list[Any], default: float) -> set[float]:
+    return {item.get("lr", default) for item in params if isinstance(item, dict)} or {default}
+
+
+def build_optimizer(param_groups: Iterable[Any], settings: OptimizerSettings) -> torch.optim.Optimizer:
+    """Build the optimizer kohya's get_optimizer would build for ``settings``.
+
+    ``param_groups``: tensors, or dicts ``{"params": [...], "lr": ...}`` as kohya's network.prepare_optimizer_params
+    returns them (a group "lr" overrides learning_rate, except for relative-step Adafactor).
+    """
+    optimizer_type = settings.canonical_type
+    kwargs = resolve_optimizer_kwargs(settings)
+    params = _materialize_params(param_groups)
+    lr: float | None = settings.learning_rate
+    cls = _optimizer_class(optimizer_type)
+
+    if optimizer_type == "Prodigy":
+        # WHY: Prodigy estimates the step size itself; lr is a multiplier around 1.0 and only one lr is honoured.
+        if lr <= 0.1:
+            logger.warning("Prodigy: learning_rate %s is very low; Prodigy expects a learning rate around 1.0", lr)
+        if len(_group_lrs(params, lr)) > 1:
+            logger.warning("Prodigy: several learning rates were given; only the first group's takes effect")
+    elif optimizer_type == "Adafactor":
+        if kwargs["relative_step"]:
+            if lr != 0.0:
+                logger.warning("Adafactor relative_step: learning_rate %s is only used as initial_lr for logging", lr)
+            dropped = False
+            for item in params:
+                if isinstance(item, dict) and item.pop("lr", None) is not None:
+                    dropped = True
+            if dropped:
+                logger.warning("Adafactor relative_step: per-network learning rates are ignored")
+            lr = None  # transformers refuses a manual lr together with relative_step=True
+        else:
+            if settings.max_grad_norm != 0.0:
+                logger.warning("Adafactor: max_grad_norm is set so gradients are clipped; consider max_grad_norm=0")
+            if kwargs.get("clip_threshold", 1.0) != 1.0:
+                logger.warning("Adafactor: clip_threshold=1.0 is recommended")
+
+    try:
+        optimizer = cls(params, lr=lr, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise OptimizerConfigError(
+            f"{optimizer_type} ({cls.__module__}.{cls.__name__}) rejected lr={lr} with optimizer_args {kwargs}: {exc}"
+        ) from exc
+
+    logger.info("optimizer %s | %s", optimizer_type, kwargs)
+    if is_schedule_free(optimizer):
+        optimizer_train_mode(optimizer)  # kohya: train mode before training; step() refuses otherwise
+    return optimizer
+
+
+def optimizer_metadata_name(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> str:
+    """kohya's ``ss_optimizer`` metadata value: ``module.Class(k=v,...)`` with the adjusted kwargs."""
+    cls = type(optimizer)
+    kwargs = resolve_optimizer_kwargs(settings)
+    name = f"{cls.__module__}.{cls.__name__}"
+    args = ",".join(f"{k}={v}" for k, v in kwargs.items())
+    return f"{name}({args})" if args else name
+
+
+def is_schedule_free(optimizer: Any) -> bool:
+    """True for the schedulefree package's optimizers (they keep two weight sets and need train/eval switching)."""
+    return type(optimizer).__module__.split(".")[0] == "schedulefree"
+
+
+def optimizer_train_mode(optimizer: Any) -> None:
+    """Switch a schedule-free optimizer to train mode (before optimizer steps); no-op for other optimizers."""
+    if is_schedule_free(optimizer) and callable(getattr(optimizer, "train", None)):
+        optimizer.train()
+
+
+def optimizer_eval_mode(optimizer: Any) -> None:
+    """Switch a schedule-free optimizer to eval mode (before sampling/validation/saving); no-op otherwise."""
+    if is_schedule_free(optimizer) and callable(getattr(optimizer, "eval", None)):
+        optimizer.eval()
+
+
+def clip_gradients(parameters: Iterable[torch.Tensor], max_grad_norm: float) -> torch.Tensor | None:
+    """kohya's clip before optimizer.step(): global L2 norm clip, skipped when max_grad_norm is 0.
+
+    Gradients must already be unscaled (GradScaler.unscale_) when fp16 loss scaling is used.
+    Returns the total norm before clipping, or None when disabled.
+    """
+    if max_grad_norm == 0.0:
+        return None
+    return torch.nn.utils.clip_grad_norm_(list(parameters), max_grad_norm)

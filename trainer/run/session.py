@@ -1,0 +1,266 @@
+"""One training run on ComfyUI's loaded SDXL: network, optimizer, data, loop, in the right context.
+
+The train node calls ``train``. Everything ComfyUI-specific goes through trainer/comfyui/;
+the math lives in objective/loop/noise/loss modules. The run happens inside
+``torch.inference_mode(False)`` (ComfyUI executes every node under inference mode), with the
+frozen weights made trainable-through, LoRA hooks attached and gradient checkpointing on, all of
+which are undone on exit, also on error or cancel.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..comfyui import kernels as comfy_kernels, models as comfy_models, encoders as comfy_encoders, training as comfy_training, services as comfy_services
+from .batch_loader import CachedBatchSource, LatentSource, TextSource
+from ..network.lora import LoRANetwork
+from ..network.config import NetworkConfig
+from .loop import LoopHooks, LoopSettings, LoopState, StepRecord, run
+from ..objective.loss_weighting import LossSettings
+from ..objective.noise import NoiseSettings
+from ..objective.ddpm_schedule import DDPMSchedule
+from .optimizers import OptimizerSettings, build_optimizer, optimizer_eval_mode
+from .schedulers import build_scheduler
+from ..data.dataset import TrainingDataset
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAIN_DTYPES = ("auto", *DTYPES)  # auto: what the training device computes well (comfyui/training.resolve_train_dtype)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run's settings, with kohya's names and defaults where kohya has them."""
+
+    max_train_steps: int = 1600
+    max_train_epochs: int = 0  # > 0 overrides max_train_steps, as in kohya
+    learning_rate: float = 1e-4
+    unet_lr: Optional[float] = None
+    text_encoder_lr1: Optional[float] = None  # CLIP-L (lora_te1)
+    text_encoder_lr2: Optional[float] = None  # CLIP-G (lora_te2)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: float = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    scale_weight_norms: Optional[float] = None
+    seed: int = 42
+    train_dtype: str = "fp32"  # or "auto"
+    full_bf16: bool = False
+    gradient_checkpointing: bool = True
+    loraplus_lr_ratio: Optional[float] = None
+    loraplus_unet_lr_ratio: Optional[float] = None
+    loraplus_text_encoder_lr_ratio: Optional[float] = None
+    loss: LossSettings = field(default_factory=LossSettings)
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
+
+    def __post_init__(self) -> None:
+        if self.train_dtype not in TRAIN_DTYPES:
+            raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
+        if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
+            raise ValueError("full_bf16 needs train_dtype bf16")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """kohya: max_train_epochs, when given, sets max_train_steps = epochs * ceil(batches / ga)."""
+        if self.max_train_epochs > 0:
+            return self.max_train_epochs * steps_per_epoch
+        return self.max_train_steps
+
+
+@dataclass
+class TrainResult:
+    network: Any  # LoRANetwork, or LycorisNetwork for algo loha/lokr (same interface)
+    state: LoopState
+    models: Any  # comfyui.training.TrainingModels: the MODEL/CLIP the run trains through (previews sample with them)
+    total_steps: int
+    steps_per_epoch: int
+    prediction_type: str
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    group_names: list[str] = field(default_factory=list)
+    train_dtype: str = "fp32"  # what "auto" resolved to
+    notes: list[str] = field(default_factory=list)  # what the run changed or chose, for the report
+
+
+class ComfyDenoiser:
+    """The objective's Denoiser over a ComfyUI MODEL: raw U-Net output in the training dtype.
+
+    Asks ComfyUI to have the MODEL loaded before every forward: a no-op while it is, a reload after a preview or a
+    live caption encode made ComfyUI evict some of it on a small GPU.
+    """
+
+    def __init__(self, model: Any, dtype: torch.dtype) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.prediction_type = comfy_models.prediction_type(model)
+        self.latent_scale = comfy_models.latent_scale_factor(model)
+        self.device = model.load_device
+
+    def __call__(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        comfy_training.load_for_training(self.model)
+        return comfy_models.unet_forward(self.model, noisy_latents, timesteps, context, y, self.dtype)
+
+
+def live_text_encoder(clip: Any, with_grad: bool) -> Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Encode captions now: random captions (frozen encoders), or text-encoder training (``with_grad``)."""
+
+    def encode(captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        with torch.set_grad_enabled(with_grad):
+            for text in captions:
+                ctx, pooled = comfy_encoders.encode_text(clip, text)
+                out.append((ctx[0].float(), pooled[0].float()))
+        return out
+
+    return encode
+
+
+def _normal_tensors(obj: Any) -> Any:
+    """Copies of inference tensors (made under ComfyUI's inference mode) that autograd/optimizers may update."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.is_inference() else obj
+    if isinstance(obj, dict):
+        return {k: _normal_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_normal_tensors(v) for v in obj]
+    return obj
+
+
+def build_network(model: Any, clip: Any, config: NetworkConfig, seed: int,
+                  initial_weights: Optional[dict[str, torch.Tensor]] = None) -> Any:
+    """kohya's LoRANetwork for algo "lora", LyCORIS's LoHa/LoKr (trainer/network/lycoris.py) otherwise; both have
+    the same interface (attach, param_groups, state_dict_kohya, load_kohya, apply_max_norm)."""
+    unet = comfy_models.diffusion_model(model)
+    te1 = te2 = None
+    if config.train_te1 or config.train_te2:
+        if clip is None:
+            raise ValueError("Training the text encoders needs the CLIP input connected.")
+        l, g = comfy_models.text_encoders(clip)
+        te1 = l if config.train_te1 else None
+        te2 = g if config.train_te2 else None
+    if config.algo == "lora":
+        network_cls = LoRANetwork
+    else:
+        from ..network.lycoris import LycorisNetwork
+
+        network_cls = LycorisNetwork
+    network = network_cls.build(unet if config.train_unet else None, te1, te2, config,
+                                generator=torch.Generator().manual_seed(seed))
+    if initial_weights is not None:
+        network.load_kohya(initial_weights)
+    return network
+
+
+def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource, text: Optional[TextSource],
+          network_config: NetworkConfig, config: TrainConfig, *, initial_weights: Optional[dict] = None,
+          resume: Optional[dict] = None, should_stop: Callable[[], bool] = lambda: False,
+          on_step: Callable[[StepRecord, int, "TrainResult"], None] = lambda r, t, res: None,
+          on_finish: Optional[Callable[["TrainResult"], Any]] = None) -> TrainResult:
+    """Train a LoRA on ``model`` (and ``clip``). ``resume`` = trainer/run/resume_state.load_state output.
+
+    ``on_step(record, total, result)`` runs after every optimizer step inside the training context
+    (LoRA attached): ``result.state`` is then complete, so it can save the LoRA or a resumable state.
+    ``on_finish(result)`` runs once after the last step, still inside the context (final previews).
+    """
+    comfy_models.require_sdxl(model)
+    train_te = network_config.train_te1 or network_config.train_te2
+    loss_settings = replace(config.loss, v_parameterization=comfy_models.prediction_type(model) == "v_prediction")
+    loss_settings.validate()
+    schedule = DDPMSchedule(zero_terminal_snr=comfy_models.zero_terminal_snr(model))
+
+    steps_per_epoch = dataset.steps_per_epoch(config.gradient_accumulation_steps)
+    total = config.total_steps(steps_per_epoch)
+    if total < 1:
+        raise ValueError("Set max_train_steps or max_train_epochs to at least 1.")
+    if train_te and clip is None:
+        raise ValueError("Training the text encoders needs the CLIP input connected.")
+
+    with torch.inference_mode(False), comfy_training.training_models(model, clip, train_te) as models:
+        device = models.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the report gives this run's peak
+        train_dtype = comfy_training.resolve_train_dtype(config.train_dtype, device)
+        if config.full_bf16 and train_dtype != "bf16":
+            raise ValueError(f"full_bf16 needs bf16; train_dtype auto chose {train_dtype} for {device}. Set "
+                             "train_dtype to bf16 explicitly, or turn full_bf16 off.")
+        dtype = DTYPES[train_dtype]
+        network = build_network(models.model, models.clip, network_config, config.seed, initial_weights)
+        network.to(device, torch.bfloat16 if config.full_bf16 else torch.float32)
+        network.train()
+        lr = config.learning_rate
+        groups, group_names = network.param_groups(
+            unet_lr=config.unet_lr if config.unet_lr is not None else lr,
+            te1_lr=config.text_encoder_lr1 if config.text_encoder_lr1 is not None else lr,
+            te2_lr=config.text_encoder_lr2 if config.text_encoder_lr2 is not None else lr,
+            loraplus_lr_ratio=config.loraplus_lr_ratio, loraplus_unet_lr_ratio=config.loraplus_unet_lr_ratio,
+            loraplus_text_encoder_lr_ratio=config.loraplus_text_encoder_lr_ratio)
+        optimizer = build_optimizer(groups, replace(config.optimizer, learning_rate=lr))
+        scheduler = build_scheduler(optimizer, config.lr_scheduler, max_train_steps=total,
+                                    warmup_steps=config.lr_warmup_steps, num_cycles=config.lr_scheduler_num_cycles,
+                                    power=config.lr_scheduler_power, initial_lr=lr)
+        scaler = torch.amp.GradScaler(device.type) if train_dtype == "fp16" else None
+        state = None
+        if resume is not None:
+            resume = _normal_tensors(resume)  # read inside the node, i.e. under inference mode
+            network.load_kohya(resume["network"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if scheduler is not None and resume.get("scheduler") is not None:
+                scheduler.load_state_dict(resume["scheduler"])
+            if scaler is not None and resume.get("scaler") is not None:
+                scaler.load_state_dict(resume["scaler"])
+            state = resume["loop"]
+
+        needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
+        encoder = live_text_encoder(models.clip, with_grad=train_te) if clip is not None else None
+        source = CachedBatchSource(dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te,
+                                   device=device)
+        if not needs_clip:
+            comfy_training.free_other_models()
+        comfy_training.load_for_training(models.model)
+        unet = comfy_models.diffusion_model(models.model)
+        text_encoders = list(comfy_models.text_encoders(models.clip)) if train_te else []
+        params = [p for g in groups for p in g["params"]]
+        result = TrainResult(network=network, state=state if state is not None else LoopState(), models=models,
+                             total_steps=total, steps_per_epoch=steps_per_epoch,
+                             prediction_type=comfy_models.prediction_type(model), optimizer=optimizer, scheduler=scheduler,
+                             scaler=scaler, group_names=group_names, train_dtype=train_dtype)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(comfy_training.training_flag())
+            kernel = stack.enter_context(comfy_kernels.differentiable_attention())
+            if stack.enter_context(comfy_training.full_precision_accumulation()):
+                result.notes.append("fp16 accumulation (--fast fp16_accumulation) was switched off while training")
+            if stack.enter_context(comfy_kernels.differentiable_layers(unet, *text_encoders)):
+                result.notes.append("cublas_ops layers (--fast cublas_ops) trained through ComfyUI's plain path")
+            if train_te:
+                stack.enter_context(comfy_kernels.differentiable_text_encoders(*text_encoders))
+            stack.enter_context(comfy_kernels.gradient_checkpointing(unet, config.gradient_checkpointing))
+            stack.enter_context(network.attach())
+            result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
+            try:
+                result.state = run(
+                    ComfyDenoiser(models.model, dtype), source, params, optimizer, scheduler,
+                    LoopSettings(max_train_steps=total, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                 max_grad_norm=config.max_grad_norm, scale_weight_norms=config.scale_weight_norms,
+                                 seed=config.seed),
+                    schedule, config.noise, loss_settings, state=result.state,
+                    hooks=LoopHooks(should_stop=should_stop, on_step=lambda rec, tot, st: on_step(rec, tot, result),
+                                    is_cancel=comfy_services.is_interrupt),
+                    max_norm=network.apply_max_norm, scaler=scaler)
+                if on_finish is not None and not result.state.interrupted:
+                    on_finish(result)
+            finally:
+                optimizer_eval_mode(optimizer)
+        network.eval()
+        if device.type == "cuda":
+            result.notes.append(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
+        finite = torch.stack([p.detach().float().abs().max() for p in params]).isfinite().all()
+        if not bool(finite.cpu()):
+            raise RuntimeError("The LoRA weights are not finite after training; nothing was saved.")
+        return result

@@ -1,6 +1,6 @@
 # The two commands the README promises. Each runs the (idempotent) setup first.
 SHELL := /bin/bash
-.PHONY: setup setup-browser demo test
+.PHONY: setup setup-browser demo test lint format
 
 setup:
 	bash scripts/setup.sh
@@ -15,3 +15,10 @@ demo: setup
 
 test: setup setup-browser
 	source .comfyui/env.sh && "$$COMFYUI_PYTHON" -m pytest tests $(PYTEST_ARGS)
+
+# ruff (pinned in requirements-test.txt), configured in pyproject.toml; .ci/run runs this before the tests
+lint: setup
+	source .comfyui/env.sh && "$$COMFYUI_PYTHON" -m ruff check . && "$$COMFYUI_PYTHON" -m ruff format --check .
+
+format: setup
+	source .comfyui/env.sh && "$$COMFYUI_PYTHON" -m ruff check --fix . && "$$COMFYUI_PYTHON" -m ruff format .

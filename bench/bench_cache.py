@@ -10,6 +10,7 @@ Measures, on the tiny SDXL's VAE and CLIP (ComfyUI's own classes) on CPU:
 
 Usage: .venv/bin/python bench/bench_cache.py [--images 32] [--size 256] [--batch 8] [--big]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,13 @@ import_comfy()
 import tiny_sdxl  # noqa: E402
 
 from sdxl_lora_trainer.trainer.cache import fingerprints
-from sdxl_lora_trainer.trainer.data.buckets import BucketSettings
-from sdxl_lora_trainer.trainer.cache.stores import ENCODER_CALLS, MemoryStore
-from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
-from sdxl_lora_trainer.trainer.data.sources import scan_folder
 from sdxl_lora_trainer.trainer.cache.latents import LatentCache, vae_fingerprint
+from sdxl_lora_trainer.trainer.cache.stores import ENCODER_CALLS, MemoryStore
 from sdxl_lora_trainer.trainer.cache.text import TextCache, clip_fingerprint
+from sdxl_lora_trainer.trainer.data.buckets import BucketSettings
+from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
 from sdxl_lora_trainer.trainer.data.dataset import bucket_images, training_dataset
+from sdxl_lora_trainer.trainer.data.sources import scan_folder
 
 
 def make_dataset(root: Path, n: int, size: int):
@@ -94,7 +95,8 @@ def _time_module_fingerprint(numel: int, dtype: torch.dtype) -> tuple[float, flo
 def fingerprint_rows(big: bool) -> list[tuple[str, float, float]]:
     rows = []
     for name, numel, dtype in [("synthetic SDXL VAE (84M fp32)", 83_653_863, torch.float32)] + (
-            [("synthetic SDXL TEs (817M fp16)", 817_000_000, torch.float16)] if big else []):
+        [("synthetic SDXL TEs (817M fp16)", 817_000_000, torch.float16)] if big else []
+    ):
         rows.append((name, *_time_module_fingerprint(numel, dtype)))
     return rows
 
@@ -123,8 +125,12 @@ def main() -> int:
             calls = ENCODER_CALLS["vae"]
             cache, dt = timed(lambda bs=bs: LatentCache.build(ds, vae, batch_size=bs, store=MemoryStore(1024)))
             per_run = (ENCODER_CALLS["vae"] - calls) // REPEAT
-            rows.append((f"VAE encode, batch {bs}", f"{n / dt:8.1f} images/s  ({per_run} calls, "
-                                                    f"{args.size}x{args.size}, {cache.size_mb:.2f} MB)"))
+            rows.append(
+                (
+                    f"VAE encode, batch {bs}",
+                    f"{n / dt:8.1f} images/s  ({per_run} calls, {args.size}x{args.size}, {cache.size_mb:.2f} MB)",
+                )
+            )
         store = MemoryStore(1024)
         LatentCache.build(ds, vae, batch_size=args.batch, store=store)
         calls = ENCODER_CALLS["vae"]
@@ -137,8 +143,13 @@ def main() -> int:
         calls = ENCODER_CALLS["vae"]
         cache, dt = timed(lambda: LatentCache.build(ds, vae, disk_dir=disk, store=MemoryStore(1024)))
         mb = cache.disk_size_mb()
-        rows.append(("latents from disk (restart)", f"{n / dt:8.1f} items/s, {mb / dt:6.1f} MB/s  "
-                                                    f"({(ENCODER_CALLS['vae'] - calls) // REPEAT} calls, {mb:.2f} MB files)"))
+        rows.append(
+            (
+                "latents from disk (restart)",
+                f"{n / dt:8.1f} items/s, {mb / dt:6.1f} MB/s  "
+                f"({(ENCODER_CALLS['vae'] - calls) // REPEAT} calls, {mb:.2f} MB files)",
+            )
+        )
 
         TextCache.build(ds, clip, store=MemoryStore(64))  # warm up
         calls = ENCODER_CALLS["clip"]
@@ -161,8 +172,10 @@ def main() -> int:
         rows.append((f"fingerprint {name}", f"first {first * 1e3:7.1f} ms, memoised {memo * 1e3:6.3f} ms"))
 
     width = max(len(r[0]) for r in rows)
-    print(f"cache benchmark: {args.images} images, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"hash {fingerprints.HASH_NAME}, CPU")
+    print(
+        f"cache benchmark: {args.images} images, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"hash {fingerprints.HASH_NAME}, CPU"
+    )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
     return 0

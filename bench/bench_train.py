@@ -47,6 +47,7 @@ Options: --only ours|builtin, --builtin-checkpoint-depth D, --images N, --batch 
 --threads N (default 1), --mem-cap-gib G (default 22), --name NAME. See bench/README.md for measured figures.
 Writes bench/out/<name>.json (default name: train_<model>_<dtype>_<res>).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,26 +66,44 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
-GIB = 1024 ** 3
+GIB = 1024**3
 
 # comfy/model_detection.py: the unet_config ComfyUI detects for an SDXL base checkpoint (dtype set below)
 SDXL_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
 # --model mid: SDXL's widths, heads and context, with 1/2 transformer blocks per level instead of 2/10
 # (849 M parameters, 3.2 GiB in fp32): small enough that the built-in node's second copy fits in memory.
-MID_UNET_CONFIG = dict(SDXL_UNET_CONFIG, transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_middle=2,
-                       transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2])
+MID_UNET_CONFIG = dict(
+    SDXL_UNET_CONFIG,
+    transformer_depth=[0, 0, 1, 1, 2, 2],
+    transformer_depth_middle=2,
+    transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2],
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # worker side (runs in the capped subprocess)
 # ---------------------------------------------------------------------------------------------------
+
 
 def _setup_imports() -> None:
     sys.path.insert(0, str(ROOT / "devkit"))
@@ -198,8 +217,9 @@ def build_model(kind: str, dtype_name: str, seed: int = 0):
         model = cfg.get_model({}, "", device=torch.device("cpu"))
         fill_weights(model.diffusion_model, seed)
         model.eval()
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
+        patcher = comfy.model_patcher.ModelPatcher(
+            model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+        )
     return patcher, ctx_dim, pooled_dim
 
 
@@ -216,18 +236,20 @@ def make_data(n: int, res: int, ctx_dim: int, pooled_dim: int, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         latents = [torch.randn((4, res // 8, res // 8), generator=gen) / 0.13025 for _ in range(n)]
-        texts = [(torch.randn((77, ctx_dim), generator=gen), torch.randn((pooled_dim,), generator=gen))
-                 for _ in range(n)]
+        texts = [
+            (torch.randn((77, ctx_dim), generator=gen), torch.randn((pooled_dim,), generator=gen)) for _ in range(n)
+        ]
     return latents, texts
 
 
 def worker_ours(args, result: dict) -> None:
     import torch
     from PIL import Image
+
     from sdxl_lora_trainer.trainer.comfyui import models as comfy_models
+    from sdxl_lora_trainer.trainer.data.assemble import dataset_from_scan
     from sdxl_lora_trainer.trainer.data.buckets import BucketSettings
     from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
-    from sdxl_lora_trainer.trainer.data.assemble import dataset_from_scan
     from sdxl_lora_trainer.trainer.data.sources import items_from_images
     from sdxl_lora_trainer.trainer.network.config import NetworkConfig
     from sdxl_lora_trainer.trainer.run.session import DTYPES, TrainConfig, train
@@ -242,8 +264,9 @@ def worker_ours(args, result: dict) -> None:
 
     images = [Image.new("RGB", (args.res, args.res), (127, 127, 127)) for _ in range(args.images)]
     scan = items_from_images(images, [f"image {i}" for i in range(args.images)])
-    settings = BucketSettings(resolution=(args.res, args.res), min_bucket_reso=64,
-                              max_bucket_reso=max(args.res, 256), bucket_reso_steps=64)
+    settings = BucketSettings(
+        resolution=(args.res, args.res), min_bucket_reso=64, max_bucket_reso=max(args.res, 256), bucket_reso_steps=64
+    )
     dataset = dataset_from_scan(scan, settings, args.batch, CaptionOptions())
 
     class Latents:  # trainer/run/batch_loader.LatentSource
@@ -263,8 +286,12 @@ def worker_ours(args, result: dict) -> None:
     dtype = DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(123)
     b, h = args.batch, args.res // 8
-    bare_inputs = (torch.randn((b, 4, h, h), generator=gen), torch.randint(0, 1000, (b,), generator=gen),
-                   torch.randn((b, 77, ctx_dim), generator=gen), torch.randn((b, pooled_dim + 1536), generator=gen))
+    bare_inputs = (
+        torch.randn((b, 4, h, h), generator=gen),
+        torch.randint(0, 1000, (b,), generator=gen),
+        torch.randn((b, 77, ctx_dim), generator=gen),
+        torch.randn((b, pooled_dim + 1536), generator=gen),
+    )
     bare: list[float] = []
     marks: list[tuple[float, float]] = []  # (entered, left) on_step: a step is left[i-1] -> entered[i]
 
@@ -282,8 +309,10 @@ def worker_ours(args, result: dict) -> None:
     def on_step(record, total, res):
         entered = time.perf_counter()
         step_s = entered - (marks[-1][1] if marks else t0)
-        msg = (f"  ours step {record.step}/{total}: {step_s:.3f} s, loss {record.loss:.4f}, "
-               f"rss {rss_bytes() / GIB:.2f} GiB")
+        msg = (
+            f"  ours step {record.step}/{total}: {step_s:.3f} s, loss {record.loss:.4f}, "
+            f"rss {rss_bytes() / GIB:.2f} GiB"
+        )
         if record.step < total and len(bare) < args.bare_reps:  # interleaved, so both see the same machine load
             bare.append(bare_fwd_bwd(res))
             msg += f"; bare fwd+bwd {bare[-1]:.3f} s"
@@ -291,8 +320,9 @@ def worker_ours(args, result: dict) -> None:
         marks.append((entered, time.perf_counter()))
 
     network = NetworkConfig(network_dim=8, network_alpha=1.0, train_unet=True, train_te1=False, train_te2=False)
-    config = TrainConfig(max_train_steps=args.steps, learning_rate=1e-4, train_dtype=args.dtype,
-                         gradient_checkpointing=True, seed=42)
+    config = TrainConfig(
+        max_train_steps=args.steps, learning_rate=1e-4, train_dtype=args.dtype, gradient_checkpointing=True, seed=42
+    )
     result["rss_before_train_gib"] = rss_bytes() / GIB
     sampler = RssSampler().start()
     t0 = time.perf_counter()
@@ -343,8 +373,10 @@ def worker_builtin(args, result: dict) -> None:
 
         def update(self, value):
             marks.append(time.perf_counter())
-            print(f"  built-in step {len(marks) - 1}: {marks[-1] - marks[-2]:.3f} s, "
-                  f"rss {rss_bytes() / GIB:.2f} GiB", flush=True)
+            print(
+                f"  built-in step {len(marks) - 1}: {marks[-1] - marks[-2]:.3f} s, rss {rss_bytes() / GIB:.2f} GiB",
+                flush=True,
+            )
             super().update(value)
 
     original_fwd_bwd = nodes_train.TrainSampler.fwd_bwd
@@ -359,12 +391,28 @@ def worker_builtin(args, result: dict) -> None:
     nodes_train.ProgressBar = TimingBar
     nodes_train.TrainSampler.fwd_bwd = timed_fwd_bwd
     inputs = {  # is_input_list=True: every input is a list
-        "model": [model], "latents": [latent], "positive": [positive], "batch_size": [args.batch],
-        "grad_accumulation_steps": [1], "steps": [args.steps], "learning_rate": [1e-4], "rank": [8],
-        "optimizer": ["AdamW"], "loss_function": ["MSE"], "seed": [0], "training_dtype": [args.dtype],
-        "lora_dtype": ["fp32"], "quantized_backward": [False], "algorithm": ["LoRA"],
-        "gradient_checkpointing": [True], "checkpoint_depth": [args.builtin_checkpoint_depth],
-        "offloading": [False], "existing_lora": ["[None]"], "bucket_mode": [False], "bypass_mode": [False]}
+        "model": [model],
+        "latents": [latent],
+        "positive": [positive],
+        "batch_size": [args.batch],
+        "grad_accumulation_steps": [1],
+        "steps": [args.steps],
+        "learning_rate": [1e-4],
+        "rank": [8],
+        "optimizer": ["AdamW"],
+        "loss_function": ["MSE"],
+        "seed": [0],
+        "training_dtype": [args.dtype],
+        "lora_dtype": ["fp32"],
+        "quantized_backward": [False],
+        "algorithm": ["LoRA"],
+        "gradient_checkpointing": [True],
+        "checkpoint_depth": [args.builtin_checkpoint_depth],
+        "offloading": [False],
+        "existing_lora": ["[None]"],
+        "bucket_mode": [False],
+        "bypass_mode": [False],
+    }
     result["rss_before_train_gib"] = rss_bytes() / GIB
     sampler = RssSampler().start()
     t0 = time.perf_counter()
@@ -411,6 +459,7 @@ def worker_main(args) -> int:
 # parent side
 # ---------------------------------------------------------------------------------------------------
 
+
 def run_worker(which: str, args) -> dict:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     result_path = OUT_DIR / f".{args.name}_{which}.json"
@@ -420,10 +469,32 @@ def run_worker(which: str, args) -> dict:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
-    cmd = [sys.executable, __file__, "--worker", which, "--result", str(result_path), "--model", args.model,
-           "--steps", str(args.steps), "--res", str(args.res), "--dtype", args.dtype, "--images", str(args.images),
-           "--batch", str(args.batch), "--bare-reps", str(args.bare_reps), "--threads", str(args.threads),
-           "--builtin-checkpoint-depth", str(args.builtin_checkpoint_depth)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        which,
+        "--result",
+        str(result_path),
+        "--model",
+        args.model,
+        "--steps",
+        str(args.steps),
+        "--res",
+        str(args.res),
+        "--dtype",
+        args.dtype,
+        "--images",
+        str(args.images),
+        "--batch",
+        str(args.batch),
+        "--bare-reps",
+        str(args.bare_reps),
+        "--threads",
+        str(args.threads),
+        "--builtin-checkpoint-depth",
+        str(args.builtin_checkpoint_depth),
+    ]
     print(f"[{which}] {' '.join(cmd[1:])}  (RLIMIT_AS {args.mem_cap_gib} GiB)", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, check=False, preexec_fn=limit, cwd=ROOT)
@@ -432,8 +503,12 @@ def run_worker(which: str, args) -> dict:
         result = json.loads(result_path.read_text())
         result_path.unlink()
     else:  # killed before it could write (signal, abort in native code)
-        result = {"trainer": which, "ok": False, "error": f"worker exited with {proc.returncode} and no result",
-                  "maxrss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GIB}
+        result = {
+            "trainer": which,
+            "ok": False,
+            "error": f"worker exited with {proc.returncode} and no result",
+            "maxrss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GIB,
+        }
     result["returncode"] = proc.returncode
     result["process_wall_s"] = wall
     return result
@@ -465,8 +540,9 @@ def summarise(r: dict) -> dict:
         s["min_fwd_bwd_s"] = min(inner[1:]) if len(inner) > 1 else None
     s["step_over_fwd_bwd"] = (s["s_per_step"] / s["fwd_bwd_s"]) if s["s_per_step"] and s["fwd_bwd_s"] else None
     s["step_over_fwd_bwd_paired"] = statistics.median(pairs) if pairs else None
-    s["step_over_fwd_bwd_min"] = (s["min_step_s"] / s["min_fwd_bwd_s"]
-                                  if s["min_step_s"] and s["min_fwd_bwd_s"] else None)
+    s["step_over_fwd_bwd_min"] = (
+        s["min_step_s"] / s["min_fwd_bwd_s"] if s["min_step_s"] and s["min_fwd_bwd_s"] else None
+    )
     return s
 
 
@@ -476,30 +552,38 @@ def fmt(v, spec: str, none: str = "-") -> str:
 
 def print_table(args, results: dict[str, dict]) -> None:
     print()
-    print(f"train benchmark: --model {args.model} --dtype {args.dtype} --res {args.res} --steps {args.steps} "
-          f"--images {args.images} --batch {args.batch} --threads {args.threads}; CPU, {os.cpu_count()} cores; "
-          f"RLIMIT_AS {args.mem_cap_gib} GiB")
-    header = (f"{'trainer':<8} {'status':<7} {'s/step':>8} {'1st step':>8} {'fwd+bwd':>8} {'step/fb':>7} "
-              f"{'paired':>6} {'min':>6} {'RSS model':>9} {'RSS peak':>8} {'train pk':>8} {'call s':>7} "
-              f"{'LoRA params':>11}")
+    print(
+        f"train benchmark: --model {args.model} --dtype {args.dtype} --res {args.res} --steps {args.steps} "
+        f"--images {args.images} --batch {args.batch} --threads {args.threads}; CPU, {os.cpu_count()} cores; "
+        f"RLIMIT_AS {args.mem_cap_gib} GiB"
+    )
+    header = (
+        f"{'trainer':<8} {'status':<7} {'s/step':>8} {'1st step':>8} {'fwd+bwd':>8} {'step/fb':>7} "
+        f"{'paired':>6} {'min':>6} {'RSS model':>9} {'RSS peak':>8} {'train pk':>8} {'call s':>7} "
+        f"{'LoRA params':>11}"
+    )
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         s = r["summary"]
         status = "ok" if r.get("ok") else ("OOM" if r.get("oom") else "FAILED")
-        print(f"{name:<8} {status:<7} {fmt(s['s_per_step'], '8.3f'):>8} {fmt(s['first_step_s'], '8.3f'):>8} "
-              f"{fmt(s['fwd_bwd_s'], '8.3f'):>8} {fmt(s['step_over_fwd_bwd'], '7.3f'):>7} "
-              f"{fmt(s['step_over_fwd_bwd_paired'], '6.3f'):>6} {fmt(s['step_over_fwd_bwd_min'], '6.3f'):>6} "
-              f"{fmt(r.get('rss_before_train_gib'), '8.2f'):>8}G {fmt(r.get('maxrss_gib'), '7.2f'):>7}G "
-              f"{fmt(r.get('train_peak_rss_gib'), '7.2f'):>7}G {fmt(r.get('train_wall_s'), '7.1f'):>7} "
-              f"{fmt(r.get('lora_params'), ',d'):>11}")
+        print(
+            f"{name:<8} {status:<7} {fmt(s['s_per_step'], '8.3f'):>8} {fmt(s['first_step_s'], '8.3f'):>8} "
+            f"{fmt(s['fwd_bwd_s'], '8.3f'):>8} {fmt(s['step_over_fwd_bwd'], '7.3f'):>7} "
+            f"{fmt(s['step_over_fwd_bwd_paired'], '6.3f'):>6} {fmt(s['step_over_fwd_bwd_min'], '6.3f'):>6} "
+            f"{fmt(r.get('rss_before_train_gib'), '8.2f'):>8}G {fmt(r.get('maxrss_gib'), '7.2f'):>7}G "
+            f"{fmt(r.get('train_peak_rss_gib'), '7.2f'):>7}G {fmt(r.get('train_wall_s'), '7.1f'):>7} "
+            f"{fmt(r.get('lora_params'), ',d'):>11}"
+        )
         if not r.get("ok"):
             print(f"         error: {r.get('error', '?')[:400]}")
-    print("s/step: median after the first step. 1st step: ours includes train()'s setup, the built-in's starts at its "
-          "first progress bar.\nfwd+bwd: ours = bare U-Net forward+backward with the same LoRA hooks, between steps "
-          "(median); built-in = time inside its TrainSampler.fwd_bwd.\nstep/fb = s/step / fwd+bwd; paired = median of "
-          "step / neighbouring fwd+bwd; min = fastest step / fastest fwd+bwd.\nRSS model = before training; RSS peak "
-          "= ru_maxrss of the process; train pk = sampled while training; call s = wall time of train() / execute().")
+    print(
+        "s/step: median after the first step. 1st step: ours includes train()'s setup, the built-in's starts at its "
+        "first progress bar.\nfwd+bwd: ours = bare U-Net forward+backward with the same LoRA hooks, between steps "
+        "(median); built-in = time inside its TrainSampler.fwd_bwd.\nstep/fb = s/step / fwd+bwd; paired = median of "
+        "step / neighbouring fwd+bwd; min = fastest step / fastest fwd+bwd.\nRSS model = before training; RSS peak "
+        "= ru_maxrss of the process; train pk = sampled while training; call s = wall time of train() / execute()."
+    )
 
 
 def main() -> int:
@@ -510,15 +594,27 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="U-Net weights and training compute")
     ap.add_argument("--images", type=int, default=None, help="dataset size (default: tiny 4, full 2)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--bare-reps", type=int, default=None,
-                    help="bare fwd+bwd passes, one after each of the first N steps (default: steps - 1)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (0: torch's default). 1 by default: on the shared 2-core machine the "
-                         "figures were taken on, 2 OpenMP threads were slower than 1 (they spin against other loads)")
+    ap.add_argument(
+        "--bare-reps",
+        type=int,
+        default=None,
+        help="bare fwd+bwd passes, one after each of the first N steps (default: steps - 1)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0: torch's default). 1 by default: on the shared 2-core machine the "
+        "figures were taken on, 2 OpenMP threads were slower than 1 (they spin against other loads)",
+    )
     ap.add_argument("--mem-cap-gib", type=float, default=22.0, help="RLIMIT_AS of each trainer's subprocess")
-    ap.add_argument("--builtin-checkpoint-depth", type=int, default=1,
-                    help="TrainLoraNode's checkpoint_depth (its default 1 checkpoints the whole UNetModel as one "
-                         "unit; 2 = ResBlock / SpatialTransformer level, the granularity ours uses)")
+    ap.add_argument(
+        "--builtin-checkpoint-depth",
+        type=int,
+        default=1,
+        help="TrainLoraNode's checkpoint_depth (its default 1 checkpoints the whole UNetModel as one "
+        "unit; 2 = ResBlock / SpatialTransformer level, the granularity ours uses)",
+    )
     ap.add_argument("--only", choices=["ours", "builtin"], default=None)
     ap.add_argument("--name", default=None)
     ap.add_argument("--worker", choices=["ours", "builtin"], help=argparse.SUPPRESS)
@@ -536,7 +632,7 @@ def main() -> int:
     args.name = args.name or f"train_{args.model}_{args.dtype}_{args.res}"
 
     results: dict[str, dict] = {}
-    for which in (["ours", "builtin"] if args.only is None else [args.only]):
+    for which in ["ours", "builtin"] if args.only is None else [args.only]:
         r = run_worker(which, args)
         r["summary"] = summarise(r)
         results[which] = r
@@ -545,9 +641,14 @@ def main() -> int:
 
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-                    "mem_total_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB,
-                    "torch": torch.__version__, "device": "cpu"},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "mem_total_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB,
+            "torch": torch.__version__,
+            "device": "cpu",
+        },
         "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "LD_PRELOAD"))},
         "args": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
         "results": results,

@@ -26,6 +26,7 @@ Printed per run: pass/fail, s/it (median of the steps after the first, from the 
 memory the train node reports (torch's max allocated / reserved in the server process) and the error, if any.
 Writes ``bench/out/gpu_check.json``. Without CUDA (and without ``--smoke``) it says so and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,15 +39,29 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-GIB = 1024 ** 3
+GIB = 1024**3
 RUNS = ("dynamic", "legacy", "lowvram_6gb", "highvram", "gpu_only", "text_encoders", "sage", "adamw8bit")
 CHECKPOINT = "random_sdxl_fp16.safetensors"
-SDXL_VAE_CONFIG = {"params": {"embed_dim": 4, "ddconfig": {
-    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}}
+SDXL_VAE_CONFIG = {
+    "params": {
+        "embed_dim": 4,
+        "ddconfig": {
+            "double_z": True,
+            "z_channels": 4,
+            "resolution": 256,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 128,
+            "ch_mult": [1, 2, 4, 4],
+            "num_res_blocks": 2,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+    }
+}
 
 
 def _setup_imports() -> None:
@@ -58,6 +73,7 @@ def _setup_imports() -> None:
 
 
 # -- the random checkpoint --------------------------------------------------------------------------------------
+
 
 def write_random_sdxl(path: Path, seed: int = 0) -> None:
     """A full-size SDXL checkpoint with seeded random weights, written by ComfyUI's save_checkpoint."""
@@ -80,8 +96,10 @@ def write_random_sdxl(path: Path, seed: int = 0) -> None:
         fill_weights(model.diffusion_model, seed)
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
         target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-        clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float16, "load_device": cpu,
-                                                    "offload_device": cpu, "initial_device": cpu})
+        clip = comfy.sd.CLIP(
+            target,
+            model_options={"dtype": torch.float16, "load_device": cpu, "offload_device": cpu, "initial_device": cpu},
+        )
         fill_weights(clip.cond_stage_model, seed + 1)
         from comfy.ldm.models.autoencoder import AutoencoderKL
 
@@ -95,6 +113,7 @@ def write_random_sdxl(path: Path, seed: int = 0) -> None:
 
 
 # -- one run --------------------------------------------------------------------------------------------------
+
 
 def flags_for(run: str, total_vram_gib: float) -> list[str]:
     return {
@@ -126,11 +145,27 @@ def make_images(folder: Path, n: int, size: int) -> None:
 def prompt_for(run: str, folder: str, steps: int, res: int, smoke: bool) -> dict[str, Any]:
     from example_prompts import train_then_test, training_only, with_run_options
 
-    prompt = train_then_test(folder, steps=steps, seed=1, checkpoint=None if smoke else CHECKPOINT,
-                             resolution=res, lr=1e-4, output_name=f"gpu_check_{run}")
-    prompt = training_only(with_run_options(prompt, previews={
-        "every_n_steps": max(1, steps // 2), "width": min(res, 512), "height": min(res, 512), "steps": 4,
-        "prompts": "check image 0, colored blocks"}))
+    prompt = train_then_test(
+        folder,
+        steps=steps,
+        seed=1,
+        checkpoint=None if smoke else CHECKPOINT,
+        resolution=res,
+        lr=1e-4,
+        output_name=f"gpu_check_{run}",
+    )
+    prompt = training_only(
+        with_run_options(
+            prompt,
+            previews={
+                "every_n_steps": max(1, steps // 2),
+                "width": min(res, 512),
+                "height": min(res, 512),
+                "steps": 4,
+                "prompts": "check image 0, colored blocks",
+            },
+        )
+    )
     train = prompt["7"]["inputs"]
     train["train_dtype"] = "fp32" if smoke else "auto"
     prompt["6"]["inputs"].update(network_dim=16, network_alpha=16.0)
@@ -171,7 +206,7 @@ def run_one(run: str, args: argparse.Namespace, total_vram_gib: float) -> dict[s
     return out
 
 
-def median_step_seconds(csv_path: Path) -> Optional[float]:
+def median_step_seconds(csv_path: Path) -> float | None:
     """The median per-step seconds of the run's CSV log, first step left out (it includes the setup)."""
     if not csv_path.is_file():
         return None
@@ -181,7 +216,7 @@ def median_step_seconds(csv_path: Path) -> Optional[float]:
     return round(statistics.median(seconds), 3) if seconds else None
 
 
-def skip_reason(run: str, smoke: bool) -> Optional[str]:
+def skip_reason(run: str, smoke: bool) -> str | None:
     if smoke:
         return None if run == "legacy" else "smoke runs one mode"
     if run == "sage":
@@ -197,7 +232,7 @@ def skip_reason(run: str, smoke: bool) -> Optional[str]:
     return None
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     ap.add_argument("--steps", type=int, default=20)
@@ -231,16 +266,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         if reason:
             results.append({"run": run, "ok": None, "skipped": reason})
             continue
-        print(f"{run}: starting ComfyUI {' '.join(flags_for(run, total_vram_gib)) if not args.smoke else '--cpu'} ...",
-              flush=True)
+        print(
+            f"{run}: starting ComfyUI {' '.join(flags_for(run, total_vram_gib)) if not args.smoke else '--cpu'} ...",
+            flush=True,
+        )
         results.append(run_one(run, args, total_vram_gib))
         print(f"  {summary_line(results[-1])}", flush=True)
     print("\n" + table(results))
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("gpu_check_smoke.json" if args.smoke else "gpu_check.json")).write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "steps": args.steps,
-         "res": args.res, "results": results, "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
+    (out / ("gpu_check_smoke.json" if args.smoke else "gpu_check.json")).write_text(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                "steps": args.steps,
+                "res": args.res,
+                "results": results,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+            },
+            indent=1,
+        )
+    )
     return 0 if all(r.get("ok") is not False for r in results) else 1
 
 
@@ -251,17 +297,25 @@ def summary_line(r: dict[str, Any]) -> str:
         return f"FAIL: {r.get('error')}"
     s = r.get("s_per_it")
     peak = r.get("peak_allocated_gib")
-    return (f"pass  {s if s is not None else '?'} s/it  peak "
-            f"{f'{peak:.2f} GiB' if peak is not None else 'n/a'}  ({r.get('wall_s')} s)")
+    return (
+        f"pass  {s if s is not None else '?'} s/it  peak "
+        f"{f'{peak:.2f} GiB' if peak is not None else 'n/a'}  ({r.get('wall_s')} s)"
+    )
 
 
 def table(results: list[dict[str, Any]]) -> str:
     rows = ["| run | result | s/it | peak allocated GiB | peak reserved GiB |", "|---|---|---|---|---|"]
     for r in results:
-        result = "skipped: " + r["skipped"] if r.get("skipped") else ("pass" if r.get("ok") else "FAIL: " + str(r.get("error")))
+        result = (
+            "skipped: " + r["skipped"]
+            if r.get("skipped")
+            else ("pass" if r.get("ok") else "FAIL: " + str(r.get("error")))
+        )
         fmt = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)  # noqa: E731
-        rows.append(f"| {r['run']} | {result} | {fmt(r.get('s_per_it'))} | {fmt(r.get('peak_allocated_gib'))} | "
-                    f"{fmt(r.get('peak_reserved_gib'))} |")
+        rows.append(
+            f"| {r['run']} | {result} | {fmt(r.get('s_per_it'))} | {fmt(r.get('peak_allocated_gib'))} | "
+            f"{fmt(r.get('peak_reserved_gib'))} |"
+        )
     return "\n".join(rows)
 
 

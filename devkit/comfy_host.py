@@ -3,6 +3,7 @@
 The setup script provisions ComfyUI 0.30.0 at ``.comfyui/ComfyUI`` (or takes ``COMFYUI_DIR``) and
 writes ``.comfyui/env.sh``; tests read the same place so that a plain ``pytest`` after setup works.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,8 @@ def comfyui_dir() -> Path:
     path = Path(env) if env else ROOT / ".comfyui" / "ComfyUI"
     if not (path / "main.py").is_file():
         raise RuntimeError(
-            f"No ComfyUI at {path}: run `bash scripts/setup.sh` (or `make test`), or set COMFYUI_DIR to a ComfyUI checkout."
+            f"No ComfyUI at {path}: run `bash scripts/setup.sh` (or `make test`), "
+            "or set COMFYUI_DIR to a ComfyUI checkout."
         )
     return path
 

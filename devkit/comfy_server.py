@@ -4,6 +4,7 @@ Used by the server-tier tests and by the demo script. The server gets a throw-aw
 whose custom_nodes/ links this pack (and, for tests, the test-only tiny-model loader pack), so the
 user's own ComfyUI folders are never touched.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,14 @@ class ServerError(RuntimeError):
 class ComfyServer:
     """One ComfyUI process on a free loopback port, with its own base directory."""
 
-    def __init__(self, base_dir: Path | None = None, with_test_nodes: bool = True, python: str | None = None,
-                 extra_args: list[str] | None = None, cpu: bool = True) -> None:
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        with_test_nodes: bool = True,
+        python: str | None = None,
+        extra_args: list[str] | None = None,
+        cpu: bool = True,
+    ) -> None:
         self.comfy = comfyui_dir()
         self.python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
         self._own_base = base_dir is None
@@ -60,22 +67,37 @@ class ComfyServer:
     def _prepare_base(self) -> None:
         nodes = self.base / "custom_nodes"
         nodes.mkdir(parents=True, exist_ok=True)
-        for name, target in [(PACK_NAME, ROOT)] + ([("sdxl_lora_trainer_testnodes", TEST_NODES_DIR)] if self.with_test_nodes else []):
+        for name, target in [(PACK_NAME, ROOT)] + (
+            [("sdxl_lora_trainer_testnodes", TEST_NODES_DIR)] if self.with_test_nodes else []
+        ):
             link = nodes / name
             if not link.exists():
                 link.symlink_to(target, target_is_directory=True)
         for sub in ("input", "output", "temp", "user", "models/loras", "models/checkpoints"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
 
-    def start(self, timeout: float = 180.0) -> "ComfyServer":
+    def start(self, timeout: float = 180.0) -> ComfyServer:
         self._prepare_base()
-        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
-               "--port", str(self.port), "--base-directory", str(self.base), "--disable-auto-launch",
-               "--database-url", "sqlite:///:memory:", *self.extra_args]
+        cmd = [
+            self.python,
+            "main.py",
+            *(["--cpu"] if self.cpu else []),
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--disable-auto-launch",
+            "--database-url",
+            "sqlite:///:memory:",
+            *self.extra_args,
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=self.comfy, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open while the server runs, closed by stop()
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.comfy, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -109,7 +131,7 @@ class ComfyServer:
         if self._own_base:
             shutil.rmtree(self.base, ignore_errors=True)
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -128,8 +150,9 @@ class ComfyServer:
         return json.loads(body) if body else None
 
     def post(self, path: str, data: Any, timeout: float = 30) -> Any:
-        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(data).encode(), method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 body = r.read()
@@ -193,25 +216,24 @@ class WsListener:
 
         async def main() -> None:
             url = f"ws://127.0.0.1:{self.server.port}/ws?clientId={self.server.client_id}"
-            async with aiohttp.ClientSession() as session:
-                async with session.ws_connect(url) as ws:
-                    self._ready.set()
-                    while not self._stop.is_set():
-                        try:
-                            msg = await ws.receive(timeout=0.2)
-                        except asyncio.TimeoutError:
-                            continue
-                        if msg.type == aiohttp.WSMsgType.TEXT:
-                            data = json.loads(msg.data)
-                            self.events.append((data.get("type"), data.get("data")))
-                        elif msg.type == aiohttp.WSMsgType.BINARY:
-                            self.binary += 1
-                        elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                            break
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                self._ready.set()
+                while not self._stop.is_set():
+                    try:
+                        msg = await ws.receive(timeout=0.2)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(msg.data)
+                        self.events.append((data.get("type"), data.get("data")))
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        self.binary += 1
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        break
 
         asyncio.run(main())
 
-    def __enter__(self) -> "WsListener":
+    def __enter__(self) -> WsListener:
         self._thread.start()
         if not self._ready.wait(30):
             raise ServerError("websocket did not connect")

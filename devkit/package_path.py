@@ -11,6 +11,7 @@ Two things, in one place:
 
 Use from a script: ``sys.path.insert(0, str(ROOT / "devkit")); import package_path; package_path.register()``.
 """
+
 from __future__ import annotations
 
 import sys

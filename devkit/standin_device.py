@@ -19,6 +19,7 @@ numbers there, while every operation is checked the way CUDA checks it:
 Values are bit-identical to the same computation on the CPU, so a run on the stand-in can be compared with a CPU
 run byte for byte. What it cannot show: kernels (cuDNN, SDPA backends, streams), memory sizes and speed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,8 @@ import dataclasses
 import sys
 import types
 import weakref
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.utils.checkpoint as checkpoint_module
@@ -38,21 +40,45 @@ DEVICE = torch.device("meta")
 _aten = torch.ops.aten
 
 #: ops whose output shape depends on the data: on CUDA they wait for the device (a sync)
-_SYNCING = {_aten.nonzero.default, _aten.masked_select.default, _aten._local_scalar_dense.default,
-            _aten.is_nonzero.default, _aten.equal.default, _aten.unique_dim.default, _aten._unique2.default}
+_SYNCING = {
+    _aten.nonzero.default,
+    _aten.masked_select.default,
+    _aten._local_scalar_dense.default,
+    _aten.is_nonzero.default,
+    _aten.equal.default,
+    _aten.unique_dim.default,
+    _aten._unique2.default,
+}
 
 #: ops that only compare tensor metadata: any mix of devices is fine
 _METADATA = {_aten._has_compatible_shallow_copy_type.default, _aten.is_same_size.default}
 
 #: ops that may take CPU index tensors for a device tensor (CUDA copies them over)
-_INDEXING = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default,
-             _aten._index_put_impl_.default}
+_INDEXING = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default, _aten._index_put_impl_.default}
 
 #: ops that draw random numbers (they honour ``generator``)
-_RANDOM = {"aten::randn", "aten::rand", "aten::randint", "aten::randperm", "aten::bernoulli", "aten::bernoulli_",
-           "aten::normal", "aten::normal_", "aten::uniform_", "aten::native_dropout", "aten::randn_like",
-           "aten::rand_like", "aten::randint_like", "aten::exponential_", "aten::random_", "aten::multinomial",
-           "aten::cauchy_", "aten::log_normal_", "aten::geometric_", "aten::poisson"}
+_RANDOM = {
+    "aten::randn",
+    "aten::rand",
+    "aten::randint",
+    "aten::randperm",
+    "aten::bernoulli",
+    "aten::bernoulli_",
+    "aten::normal",
+    "aten::normal_",
+    "aten::uniform_",
+    "aten::native_dropout",
+    "aten::randn_like",
+    "aten::rand_like",
+    "aten::randint_like",
+    "aten::exponential_",
+    "aten::random_",
+    "aten::multinomial",
+    "aten::cauchy_",
+    "aten::log_normal_",
+    "aten::geometric_",
+    "aten::poisson",
+}
 
 
 class StandInTensor(torch.Tensor):
@@ -61,13 +87,19 @@ class StandInTensor(torch.Tensor):
     elem: torch.Tensor
 
     @staticmethod
-    def __new__(cls, elem: torch.Tensor, requires_grad: Optional[bool] = None) -> "StandInTensor":
+    def __new__(cls, elem: torch.Tensor, requires_grad: bool | None = None) -> StandInTensor:
         if isinstance(elem, StandInTensor):
             elem = elem.elem
         r = torch.Tensor._make_wrapper_subclass(
-            cls, elem.size(), strides=elem.stride(), storage_offset=elem.storage_offset(), dtype=elem.dtype,
-            layout=elem.layout, device=DEVICE,
-            requires_grad=elem.requires_grad if requires_grad is None else requires_grad)
+            cls,
+            elem.size(),
+            strides=elem.stride(),
+            storage_offset=elem.storage_offset(),
+            dtype=elem.dtype,
+            layout=elem.layout,
+            device=DEVICE,
+            requires_grad=elem.requires_grad if requires_grad is None else requires_grad,
+        )
         r.elem = elem
         return r
 
@@ -94,10 +126,10 @@ class Transfers:
     syncs: int = 0  # device->host copies, .item(), data-dependent shapes
     ops: int = 0  # every op that ran on the stand-in device
 
-    def since(self, before: "Transfers") -> "Transfers":
+    def since(self, before: Transfers) -> Transfers:
         return Transfers(*(getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self)))
 
-    def copy(self) -> "Transfers":
+    def copy(self) -> Transfers:
         return dataclasses.replace(self)
 
 
@@ -181,7 +213,7 @@ class StandInGenerator(torch.Generator):
     torch hands an op a new Python object for the same generator, so ops recognise it by its state (``is_ours``).
     """
 
-    def __new__(cls, device: Any = "cpu") -> "StandInGenerator":
+    def __new__(cls, device: Any = "cpu") -> StandInGenerator:
         return super().__new__(cls, device="cpu" if _targets_standin(device) else device)
 
     def __init__(self, device: Any = "cpu") -> None:
@@ -190,10 +222,10 @@ class StandInGenerator(torch.Generator):
             _DEVICE_GENERATORS.add(self)
 
 
-_DEVICE_GENERATORS: "weakref.WeakSet[StandInGenerator]" = weakref.WeakSet()
+_DEVICE_GENERATORS: weakref.WeakSet[StandInGenerator] = weakref.WeakSet()
 
 
-def _is_device_generator(generator: Optional[torch.Generator]) -> bool:
+def _is_device_generator(generator: torch.Generator | None) -> bool:
     if generator is None or generator.device.type != "cpu":
         return False
     if getattr(generator, "on_standin", False):
@@ -265,7 +297,7 @@ def _device_index(index: Any) -> Any:
     return index
 
 
-def _set_device_states(devices: list, states: list, *, device_type: Optional[str] = None) -> None:
+def _set_device_states(devices: list, states: list, *, device_type: str | None = None) -> None:
     if device_type == "meta" and _ACTIVE:
         for state in states:
             torch.meta.set_rng_state(state)
@@ -286,17 +318,23 @@ class StandInDevice(TorchDispatchMode):
         self._patched: list[tuple[Any, str, Any]] = []
 
     # -- entering and leaving -----------------------------------------------------------------------------
-    def __enter__(self) -> "StandInDevice":
+    def __enter__(self) -> StandInDevice:
         _register_device_module()
         _ACTIVE.append(self)
-        patches = [(checkpoint_module, "_get_device_module", _get_device_module),
-                   (checkpoint_module, "get_device_states", _get_device_states),
-                   (checkpoint_module, "set_device_states", _set_device_states)]
-        patches += [(torch, name, _host_data_factory(getattr(torch, name))) for name in ("tensor", "as_tensor", "asarray")]
+        patches = [
+            (checkpoint_module, "_get_device_module", _get_device_module),
+            (checkpoint_module, "get_device_states", _get_device_states),
+            (checkpoint_module, "set_device_states", _set_device_states),
+        ]
+        patches += [
+            (torch, name, _host_data_factory(getattr(torch, name))) for name in ("tensor", "as_tensor", "asarray")
+        ]
         patches += [(torch.Tensor, "new_tensor", _host_data_new_tensor(torch.Tensor.new_tensor))]
         patches += [(torch, "Generator", _StandInGeneratorClass)]
-        patches += [(torch.Tensor, name, _host_data_index(getattr(torch.Tensor, name)))
-                    for name in ("__getitem__", "__setitem__")]
+        patches += [
+            (torch.Tensor, name, _host_data_index(getattr(torch.Tensor, name)))
+            for name in ("__getitem__", "__setitem__")
+        ]
         for owner, name, value in patches:
             self._patched.append((owner, name, getattr(owner, name)))
             setattr(owner, name, value)
@@ -322,11 +360,15 @@ class StandInDevice(TorchDispatchMode):
         if not on_standin and not wants_standin:
             for t in flat:
                 if isinstance(t, torch.Tensor) and t.device.type == "meta":
-                    raise RuntimeError(f"{func}: a meta tensor without data reached the stand-in device; it was made "
-                                       "outside StandInDevice()")
+                    raise RuntimeError(
+                        f"{func}: a meta tensor without data reached the stand-in device; it was made "
+                        "outside StandInDevice()"
+                    )
             if _is_device_generator(kwargs.get("generator")):
-                raise RuntimeError("Expected a 'cpu' device type for generator but found 'meta' (a device generator "
-                                   "was used for a draw on the host)")
+                raise RuntimeError(
+                    "Expected a 'cpu' device type for generator but found 'meta' (a device generator "
+                    "was used for a draw on the host)"
+                )
             return func(*args, **kwargs)
         self.transfers.ops += 1
 
@@ -343,25 +385,31 @@ class StandInDevice(TorchDispatchMode):
 
         for t in flat:
             if isinstance(t, torch.Tensor) and not _is_standin(t) and t.device.type == "meta":
-                raise RuntimeError(f"{func}: a meta tensor without data met the stand-in device (made by a factory "
-                                   "the stand-in does not see)")
-        cpu_operand = next((t for t in flat if isinstance(t, torch.Tensor) and not _is_standin(t)
-                            and t.dim() > 0), None)
+                raise RuntimeError(
+                    f"{func}: a meta tensor without data met the stand-in device (made by a factory "
+                    "the stand-in does not see)"
+                )
+        cpu_operand = next(
+            (t for t in flat if isinstance(t, torch.Tensor) and not _is_standin(t) and t.dim() > 0), None
+        )
         if cpu_operand is not None and on_standin:
             if func in _INDEXING and cpu_operand.dtype in (torch.long, torch.int, torch.bool):
                 self.transfers.host_to_device += 1
             else:
                 raise RuntimeError(
                     f"Expected all tensors to be on the same device, but found at least two devices, meta and cpu! "
-                    f"({func}: a CPU tensor of shape {tuple(cpu_operand.shape)} met a tensor on the device)")
+                    f"({func}: a CPU tensor of shape {tuple(cpu_operand.shape)} met a tensor on the device)"
+                )
 
         kwargs = dict(kwargs)
         draws_from_device_rng = False
         if func._schema.name in _RANDOM:
             generator = kwargs.get("generator")
             if generator is not None and not _is_device_generator(generator):
-                raise RuntimeError("Expected a 'meta' device type for generator but found 'cpu' (a CPU generator "
-                                   "was used for a draw on the device)")
+                raise RuntimeError(
+                    "Expected a 'meta' device type for generator but found 'cpu' (a CPU generator "
+                    "was used for a draw on the device)"
+                )
             draws_from_device_rng = generator is None
         explicit = kwargs.get("device")
         if wants_standin:
@@ -428,7 +476,7 @@ def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
-def _convert(func: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Optional[str]]:
+def _convert(func: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | None]:
     """``to`` / ``_to_copy`` between the host and the stand-in: (result, "to_device" | "to_host" | None)."""
     bound = _bind(func, args, kwargs)
     src = bound["self"]

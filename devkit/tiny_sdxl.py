@@ -15,13 +15,13 @@ U-Net model_channels 32, channel_mult [1,2,4], head dim 16, context 64 (= CLIP-L
 adm 32+1536; CLIP-L and CLIP-G: 3 layers, width 32, ComfyUI's real SDXL tokenizers (offline);
 VAE: ch 32, ch_mult [1,1,1,1] (8x downscale), 1 res block, 4 latent channels.
 """
+
 from __future__ import annotations
 
 import math
 from typing import Any
 
 import torch
-
 from comfy_host import import_comfy
 
 import_comfy()
@@ -88,8 +88,17 @@ VAE_CONFIG: dict[str, Any] = {
 class TinySDXLConfig(comfy.supported_models.SDXL):
     """SDXL's model config with tiny widths; everything else (latent format, sampling) is SDXL's."""
 
-    unet_config = {k: UNET_CONFIG[k] for k in ("model_channels", "use_linear_in_transformer", "transformer_depth",
-                                               "context_dim", "adm_in_channels", "use_temporal_attention")}
+    unet_config = {
+        k: UNET_CONFIG[k]
+        for k in (
+            "model_channels",
+            "use_linear_in_transformer",
+            "transformer_depth",
+            "context_dim",
+            "adm_in_channels",
+            "use_temporal_attention",
+        )
+    }
     unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
 
 
@@ -114,8 +123,9 @@ def init_weights(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def make_unet_model(seed: int = 0, v_prediction: bool = False,
-                    weight_dtype: torch.dtype = torch.float32) -> "comfy.model_base.SDXL":
+def make_unet_model(
+    seed: int = 0, v_prediction: bool = False, weight_dtype: torch.dtype = torch.float32
+) -> comfy.model_base.SDXL:
     """The model_base.SDXL a MODEL wraps (weights seeded), without its patcher."""
     cfg = TinySDXLConfig(dict(UNET_CONFIG))
     cfg.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
@@ -125,9 +135,14 @@ def make_unet_model(seed: int = 0, v_prediction: bool = False,
     return model.eval()
 
 
-def make_model(seed: int = 0, v_prediction: bool = False, weight_dtype: torch.dtype = torch.float32,
-               load_device: torch.device | None = None, offload_device: torch.device | None = None,
-               patcher_class: Any = None) -> "comfy.model_patcher.ModelPatcher":
+def make_model(
+    seed: int = 0,
+    v_prediction: bool = False,
+    weight_dtype: torch.dtype = torch.float32,
+    load_device: torch.device | None = None,
+    offload_device: torch.device | None = None,
+    patcher_class: Any = None,
+) -> comfy.model_patcher.ModelPatcher:
     """MODEL: a ModelPatcher over model_base.SDXL, as CheckpointLoaderSimple returns it.
 
     ``weight_dtype`` other than float32 stores the U-Net weights in that dtype (e.g. fp8, as ComfyUI's
@@ -150,8 +165,9 @@ def _reload_model(seed, v_prediction, weight_dtype, load, offload, disable_dynam
         return make_model(seed, v_prediction, weight_dtype, load, offload)
 
 
-def make_clip(seed: int = 1, load_device: torch.device | None = None,
-              offload_device: torch.device | None = None) -> "comfy.sd.CLIP":
+def make_clip(
+    seed: int = 1, load_device: torch.device | None = None, offload_device: torch.device | None = None
+) -> comfy.sd.CLIP:
     """CLIP: comfy.sd.CLIP with SDXL's tokenizer and both encoders (CLIP-L = te1, CLIP-G = te2)."""
     target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
     options = {
@@ -167,13 +183,17 @@ def make_clip(seed: int = 1, load_device: torch.device | None = None,
     return clip
 
 
-def make_vae(seed: int = 2, load_device: torch.device | None = None) -> "comfy.sd.VAE":
+def make_vae(seed: int = 2, load_device: torch.device | None = None) -> comfy.sd.VAE:
     """VAE: comfy.sd.VAE from a config (8x downscale, 4 latent channels, like SDXL's)."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     weights = init_weights(AutoencoderKL(**VAE_CONFIG["params"]), seed).state_dict()
-    return comfy.sd.VAE(sd=weights, config=VAE_CONFIG, dtype=torch.float32,
-                        device=load_device if load_device is not None else torch.device("cpu"))
+    return comfy.sd.VAE(
+        sd=weights,
+        config=VAE_CONFIG,
+        dtype=torch.float32,
+        device=load_device if load_device is not None else torch.device("cpu"),
+    )
 
 
 def make_all(seed: int = 0, v_prediction: bool = False):

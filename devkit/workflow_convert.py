@@ -14,6 +14,7 @@ tests/server/test_example_workflows.py):
   ``control_after_generate`` (True or a mode), or, when the spec does not say, when it is named ``seed`` or
   ``noise_seed``; FLOAT and COMBO widgets get one only when the spec says so.
 """
+
 from __future__ import annotations
 
 import copy
@@ -102,15 +103,18 @@ def widgets_to_inputs(node_info: Mapping[str, Any], values: list | dict | None, 
     i = 0
     for name, control in widget_slots(node_info):
         if i >= len(values):
-            raise ConversionError(f"{node_label}: widgets_values has {len(values)} entries, too few for the widget "
-                                  f"{name!r} (widgets: {[n for n, _ in widget_slots(node_info)]})")
+            raise ConversionError(
+                f"{node_label}: widgets_values has {len(values)} entries, too few for the widget "
+                f"{name!r} (widgets: {[n for n, _ in widget_slots(node_info)]})"
+            )
         out[name] = values[i]
         i += 1 + (1 if control else 0)
     return out
 
 
-def inputs_to_widgets(node_info: Mapping[str, Any], inputs: Mapping[str, Any], control_value: str = "fixed",
-                      linked_placeholder: Any = "") -> list:
+def inputs_to_widgets(
+    node_info: Mapping[str, Any], inputs: Mapping[str, Any], control_value: str = "fixed", linked_placeholder: Any = ""
+) -> list:
     """The inverse: ``widgets_values`` for named inputs (a linked widget keeps a placeholder value)."""
     values: list = []
     for name, control in widget_slots(node_info):
@@ -125,8 +129,9 @@ def inputs_to_widgets(node_info: Mapping[str, Any], inputs: Mapping[str, Any], c
 
 def is_link(value: Any) -> bool:
     """An API-prompt link: ``[node_id, output_slot]``."""
-    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str) and \
-        isinstance(value[1], int)
+    return (
+        isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,8 +184,9 @@ def workflow_to_prompt(workflow: Mapping[str, Any], object_info: Mapping[str, An
                 return None
             if origin.get("mode", 0) == MODE_BYPASS:
                 out_type = origin["outputs"][origin_slot]["type"]
-                passthrough = [i for i in origin.get("inputs", []) if i.get("type") == out_type and
-                               i.get("link") is not None]
+                passthrough = [
+                    i for i in origin.get("inputs", []) if i.get("type") == out_type and i.get("link") is not None
+                ]
                 if not passthrough:
                     return None
                 link_id = passthrough[0]["link"]
@@ -203,8 +209,11 @@ def workflow_to_prompt(workflow: Mapping[str, Any], object_info: Mapping[str, An
             if src is None:
                 continue  # a PrimitiveNode's value is already on the widget
             inputs[slot["name"]] = [src[0], src[1]]
-        prompt[str(node["id"])] = {"class_type": t, "inputs": inputs,
-                                   "_meta": {"title": node.get("title") or info.get("display_name") or t}}
+        prompt[str(node["id"])] = {
+            "class_type": t,
+            "inputs": inputs,
+            "_meta": {"title": node.get("title") or info.get("display_name") or t},
+        }
     return prompt
 
 
@@ -224,9 +233,19 @@ def only_node(prompt: Mapping[str, dict], class_type: str) -> str:
     return ids[0]
 
 
-def for_ci(prompt: Mapping[str, dict], *, folder: str | None = None, toml_path: str | None = None,
-           steps: int = 8, resolution: int = 64, sample_steps: int = 3, learning_rate: float = 1e-3,
-           tiny_model: bool = True, checkpoint: str | None = None, **train_overrides: Any) -> dict[str, dict]:
+def for_ci(
+    prompt: Mapping[str, dict],
+    *,
+    folder: str | None = None,
+    toml_path: str | None = None,
+    steps: int = 8,
+    resolution: int = 64,
+    sample_steps: int = 3,
+    learning_rate: float = 1e-3,
+    tiny_model: bool = True,
+    checkpoint: str | None = None,
+    **train_overrides: Any,
+) -> dict[str, dict]:
     """A copy of an example prompt that runs in CI (or in the demo): the tiny model (or ``checkpoint``), the
     given dataset, few steps at a small resolution, fp32 compute (CPU), a learning rate that moves in few steps.
 
@@ -238,8 +257,11 @@ def for_ci(prompt: Mapping[str, dict], *, folder: str | None = None, toml_path: 
             p[nid]["inputs"]["ckpt_name"] = checkpoint
         elif tiny_model:
             # same three outputs (MODEL, CLIP, VAE), so every link stays valid
-            p[nid] = {"class_type": "TinySDXLCheckpointLoader", "inputs": {"seed": 0, "v_prediction": False},
-                      "_meta": {"title": "Tiny SDXL (CI)"}}
+            p[nid] = {
+                "class_type": "TinySDXLCheckpointLoader",
+                "inputs": {"seed": 0, "v_prediction": False},
+                "_meta": {"title": "Tiny SDXL (CI)"},
+            }
     if folder is not None:
         for nid in nodes_of(p, "SDXLLoraImagesFromFolder"):
             p[nid]["inputs"]["folder"] = folder
@@ -247,15 +269,21 @@ def for_ci(prompt: Mapping[str, dict], *, folder: str | None = None, toml_path: 
         for nid in nodes_of(p, "SDXLLoraDatasetFromToml"):
             p[nid]["inputs"]["toml_path"] = toml_path
     for nid in nodes_of(p, "SDXLLoraBuckets"):
-        p[nid]["inputs"].update(resolution_width=resolution, resolution_height=resolution, min_bucket_reso=32,
-                                max_bucket_reso=2 * resolution, bucket_reso_steps=32)
+        p[nid]["inputs"].update(
+            resolution_width=resolution,
+            resolution_height=resolution,
+            min_bucket_reso=32,
+            max_bucket_reso=2 * resolution,
+            bucket_reso_steps=32,
+        )
     for nid in nodes_of(p, "EmptyLatentImage"):
         p[nid]["inputs"].update(width=resolution, height=resolution, batch_size=1)
     for nid in nodes_of(p, "KSampler"):
         p[nid]["inputs"]["steps"] = sample_steps
     for nid in nodes_of(p, "SDXLLoraTrain"):
-        p[nid]["inputs"].update(max_train_steps=steps, max_train_epochs=0, learning_rate=learning_rate,
-                                train_dtype="fp32", full_bf16=False)
+        p[nid]["inputs"].update(
+            max_train_steps=steps, max_train_epochs=0, learning_rate=learning_rate, train_dtype="fp32", full_bf16=False
+        )
         p[nid]["inputs"].update(train_overrides)
     return p
 

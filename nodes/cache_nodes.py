@@ -1,14 +1,17 @@
 """Cache nodes: VAE latents and text-encoder outputs, computed once with ComfyUI's loaded VAE/CLIP."""
+
 from __future__ import annotations
 
 import os
 
 from comfy_api.latest import io
 
-from ..trainer.comfyui import services as comfy_services
 from ..trainer.cache.latents import LatentCache
 from ..trainer.cache.text import TextCache
-from .common import CATEGORY, Dataset, LatentCache as LatentCacheType, TextCache as TextCacheType
+from ..trainer.comfyui import services as comfy_services
+from .common import CATEGORY, Dataset
+from .common import LatentCache as LatentCacheType
+from .common import TextCache as TextCacheType
 
 CACHE_SUBDIR = os.path.join("sdxl_lora_trainer", "cache")
 
@@ -41,31 +44,51 @@ class CacheLatents(io.ComfyNode):
             display_name="SDXL LoRA: Cache Latents",
             category=f"{CATEGORY}/cache",
             description="Encodes every image (and its flip, with flip_aug) at its bucket size with the VAE once. "
-                        "Cached by content hash: unchanged images are never encoded again, also after a restart "
-                        "with the disk cache.",
+            "Cached by content hash: unchanged images are never encoded again, also after a restart "
+            "with the disk cache.",
             inputs=[
                 Dataset.Input("dataset", tooltip="The bucketed dataset."),
                 io.Vae.Input("vae", tooltip="The SDXL VAE (from Load Checkpoint)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per VAE call (same bucket)."),
-                io.Boolean.Input("float32_vae", default=False, tooltip="Run the VAE in float32 (kohya no_half_vae): "
-                                 "use it if latents come out NaN with an fp16 VAE."),
-                io.Boolean.Input("cache_to_disk", default=False, tooltip="Also keep the latents on disk so a "
-                                 "restarted ComfyUI does no VAE work."),
-                io.String.Input("disk_folder", default="", tooltip="Disk cache folder; empty = "
-                                "output/sdxl_lora_trainer/cache/latents. Relative paths are under the output "
-                                "directory."),
+                io.Boolean.Input(
+                    "float32_vae",
+                    default=False,
+                    tooltip="Run the VAE in float32 (kohya no_half_vae): "
+                    "use it if latents come out NaN with an fp16 VAE.",
+                ),
+                io.Boolean.Input(
+                    "cache_to_disk",
+                    default=False,
+                    tooltip="Also keep the latents on disk so a restarted ComfyUI does no VAE work.",
+                ),
+                io.String.Input(
+                    "disk_folder",
+                    default="",
+                    tooltip="Disk cache folder; empty = "
+                    "output/sdxl_lora_trainer/cache/latents. Relative paths are under the output "
+                    "directory.",
+                ),
             ],
-            outputs=[LatentCacheType.Output(display_name="latents", tooltip="Latents for the train node."),
-                     io.String.Output(display_name="report", tooltip="Encoded / reused counts and cache size.")],
+            outputs=[
+                LatentCacheType.Output(display_name="latents", tooltip="Latents for the train node."),
+                io.String.Output(display_name="report", tooltip="Encoded / reused counts and cache size."),
+            ],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, dataset, vae, batch_size: int, float32_vae: bool, cache_to_disk: bool,
-                disk_folder: str) -> io.NodeOutput:
-        cache = LatentCache.build(dataset, vae, batch_size=batch_size, float32_vae=float32_vae,
-                                  disk_dir=cache_folder(cache_to_disk, disk_folder, "latents"),
-                                  progress=_progress(cls.hidden.unique_id), check_interrupt=_check_interrupt)
+    def execute(
+        cls, dataset, vae, batch_size: int, float32_vae: bool, cache_to_disk: bool, disk_folder: str
+    ) -> io.NodeOutput:
+        cache = LatentCache.build(
+            dataset,
+            vae,
+            batch_size=batch_size,
+            float32_vae=float32_vae,
+            disk_dir=cache_folder(cache_to_disk, disk_folder, "latents"),
+            progress=_progress(cls.hidden.unique_id),
+            check_interrupt=_check_interrupt,
+        )
         report = cache.report_text()
         return io.NodeOutput(cache, report, ui={"text": [report]})
 
@@ -78,24 +101,32 @@ class CacheText(io.ComfyNode):
             display_name="SDXL LoRA: Cache Text",
             category=f"{CATEGORY}/cache",
             description="Encodes each caption once with both SDXL text encoders (context 2048 + pooled 1280), "
-                        "as literal text. Captions with shuffle/dropout are marked live and encoded during "
-                        "training instead; an edited caption re-encodes only itself.",
+            "as literal text. Captions with shuffle/dropout are marked live and encoded during "
+            "training instead; an edited caption re-encodes only itself.",
             inputs=[
                 Dataset.Input("dataset", tooltip="The bucketed dataset."),
                 io.Clip.Input("clip", tooltip="The SDXL CLIP (from Load Checkpoint)."),
                 io.Boolean.Input("cache_to_disk", default=False, tooltip="Also keep the encodings on disk."),
-                io.String.Input("disk_folder", default="", tooltip="Disk cache folder; empty = "
-                                "output/sdxl_lora_trainer/cache/text."),
+                io.String.Input(
+                    "disk_folder", default="", tooltip="Disk cache folder; empty = output/sdxl_lora_trainer/cache/text."
+                ),
             ],
-            outputs=[TextCacheType.Output(display_name="text", tooltip="Text encodings for the train node."),
-                     io.String.Output(display_name="report", tooltip="Encoded / reused / live counts.")],
+            outputs=[
+                TextCacheType.Output(display_name="text", tooltip="Text encodings for the train node."),
+                io.String.Output(display_name="report", tooltip="Encoded / reused / live counts."),
+            ],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, dataset, clip, cache_to_disk: bool, disk_folder: str) -> io.NodeOutput:
-        cache = TextCache.build(dataset, clip, disk_dir=cache_folder(cache_to_disk, disk_folder, "text"),
-                                progress=_progress(cls.hidden.unique_id), check_interrupt=_check_interrupt)
+        cache = TextCache.build(
+            dataset,
+            clip,
+            disk_dir=cache_folder(cache_to_disk, disk_folder, "text"),
+            progress=_progress(cls.hidden.unique_id),
+            check_interrupt=_check_interrupt,
+        )
         report = cache.report_text()
         return io.NodeOutput(cache, report, ui={"text": [report]})
 

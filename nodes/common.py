@@ -1,4 +1,5 @@
 """Things every node of the pack shares: the menu category, the custom socket types, small converters."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +19,7 @@ Network = io.Custom("SDXL_LORA_NETWORK")  # LoRA network settings (trainer/netwo
 def pil_to_image(pil) -> torch.Tensor:
     """A PIL image as a ComfyUI IMAGE batch of one: [1, H, W, 3] float in 0..1."""
     return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
 
 Objective = io.Custom("SDXL_LORA_OBJECTIVE")  # loss/noise settings (trainer.loss_weighting / trainer.noise)
 Checkpointing = io.Custom("SDXL_LORA_CHECKPOINTING")  # save-every-N / keep-last / state / resume settings

@@ -1,4 +1,5 @@
 """Dataset nodes: images from a folder / the graph / a kohya TOML, and kohya bucketing + captions."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,17 @@ import os
 from comfy_api.latest import io
 
 from ..trainer.comfyui import services as comfy_services
+from ..trainer.data.assemble import dataset_from_scan, dataset_from_toml
 from ..trainer.data.buckets import BucketSettings
 from ..trainer.data.captions import CaptionOptions
-from ..trainer.data.assemble import dataset_from_scan, dataset_from_toml
-from ..trainer.data.sources import ScanResult, folder_fingerprint, items_from_images, resolve_dataset_path, scan_folder, scan_metadata_jsonl
+from ..trainer.data.sources import (
+    ScanResult,
+    folder_fingerprint,
+    items_from_images,
+    resolve_dataset_path,
+    scan_folder,
+    scan_metadata_jsonl,
+)
 from ..trainer.report_images import bucket_histogram_image
 from .common import CATEGORY, Dataset, Images, pil_to_image
 
@@ -36,8 +44,7 @@ def scan_report(scan: ScanResult) -> str:
 def dataset_outputs(ds) -> io.NodeOutput:
     report = ds.report_text()
     histogram = pil_to_image(bucket_histogram_image(ds.bucket_histogram()))
-    return io.NodeOutput(ds, report, histogram, json.dumps(ds.report_json(), indent=1),
-                         ui={"text": [report]})
+    return io.NodeOutput(ds, report, histogram, json.dumps(ds.report_json(), indent=1), ui={"text": [report]})
 
 
 class ImagesFromFolder(io.ComfyNode):
@@ -48,25 +55,52 @@ class ImagesFromFolder(io.ComfyNode):
             display_name="SDXL LoRA: Images from Folder",
             category=f"{CATEGORY}/dataset",
             description="Scans a folder of training images with captions, the way you prepared it for kohya "
-                        "(N_name subfolders = N repeats, captions in .txt files beside the images) or with a "
-                        "metadata.jsonl (file_name, text). Bad files are skipped with a reason in the report.",
+            "(N_name subfolders = N repeats, captions in .txt files beside the images) or with a "
+            "metadata.jsonl (file_name, text). Bad files are skipped with a reason in the report.",
             inputs=[
-                io.String.Input("folder", default="", tooltip="The image folder. Absolute, or relative to ComfyUI's "
-                                "input directory. kohya layout: subfolders named '10_name' are repeated 10 times."),
-                io.Combo.Input("layout", options=LAYOUTS, default="auto", tooltip="auto: metadata.jsonl if the "
-                               "folder has one, else captions beside the images."),
-                io.String.Input("caption_extension", default=".txt", tooltip="Extension of the caption file beside "
-                                "each image (kohya: caption_extension), e.g. .txt or .caption."),
-                io.Int.Input("default_repeats", default=1, min=1, max=10000, tooltip="Repeats for images that are "
-                             "not inside an 'N_name' subfolder."),
+                io.String.Input(
+                    "folder",
+                    default="",
+                    tooltip="The image folder. Absolute, or relative to ComfyUI's "
+                    "input directory. kohya layout: subfolders named '10_name' are repeated 10 times.",
+                ),
+                io.Combo.Input(
+                    "layout",
+                    options=LAYOUTS,
+                    default="auto",
+                    tooltip="auto: metadata.jsonl if the folder has one, else captions beside the images.",
+                ),
+                io.String.Input(
+                    "caption_extension",
+                    default=".txt",
+                    tooltip="Extension of the caption file beside "
+                    "each image (kohya: caption_extension), e.g. .txt or .caption.",
+                ),
+                io.Int.Input(
+                    "default_repeats",
+                    default=1,
+                    min=1,
+                    max=10000,
+                    tooltip="Repeats for images that are not inside an 'N_name' subfolder.",
+                ),
                 io.Boolean.Input("recursive", default=True, tooltip="Also scan subfolders of subfolders."),
-                io.Boolean.Input("strict_captions", default=False, tooltip="Stop with an error when an image has "
-                                 "no caption file (otherwise: empty caption and a warning)."),
-                io.Boolean.Input("exif_transpose", default=True, tooltip="Apply the EXIF orientation of photos. "
-                                 "kohya does not; turn off to train exactly what kohya would."),
+                io.Boolean.Input(
+                    "strict_captions",
+                    default=False,
+                    tooltip="Stop with an error when an image has "
+                    "no caption file (otherwise: empty caption and a warning).",
+                ),
+                io.Boolean.Input(
+                    "exif_transpose",
+                    default=True,
+                    tooltip="Apply the EXIF orientation of photos. "
+                    "kohya does not; turn off to train exactly what kohya would.",
+                ),
             ],
-            outputs=[Images.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
-                     io.String.Output(display_name="report", tooltip="Counts, repeats, skipped files, warnings.")],
+            outputs=[
+                Images.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
+                io.String.Output(display_name="report", tooltip="Counts, repeats, skipped files, warnings."),
+            ],
         )
 
     @classmethod
@@ -75,17 +109,39 @@ class ImagesFromFolder(io.ComfyNode):
         return folder_fingerprint(folder, comfy_services.input_directory())
 
     @classmethod
-    def execute(cls, folder: str, layout: str, caption_extension: str, default_repeats: int, recursive: bool,
-                strict_captions: bool, exif_transpose: bool) -> io.NodeOutput:
+    def execute(
+        cls,
+        folder: str,
+        layout: str,
+        caption_extension: str,
+        default_repeats: int,
+        recursive: bool,
+        strict_captions: bool,
+        exif_transpose: bool,
+    ) -> io.NodeOutput:
         input_dir = comfy_services.input_directory()
         root, _ = resolve_dataset_path(folder, input_dir)
-        use_jsonl = layout == "metadata.jsonl" or (layout == "auto" and os.path.isfile(os.path.join(root, "metadata.jsonl")))
+        use_jsonl = layout == "metadata.jsonl" or (
+            layout == "auto" and os.path.isfile(os.path.join(root, "metadata.jsonl"))
+        )
         if use_jsonl:
-            scan = scan_metadata_jsonl(folder, input_dir, default_repeats=default_repeats,
-                                       strict_captions=strict_captions, exif_transpose=exif_transpose)
+            scan = scan_metadata_jsonl(
+                folder,
+                input_dir,
+                default_repeats=default_repeats,
+                strict_captions=strict_captions,
+                exif_transpose=exif_transpose,
+            )
         else:
-            scan = scan_folder(folder, caption_extension, default_repeats, recursive, strict_captions, input_dir,
-                               exif_transpose=exif_transpose)
+            scan = scan_folder(
+                folder,
+                caption_extension,
+                default_repeats,
+                recursive,
+                strict_captions,
+                input_dir,
+                exif_transpose=exif_transpose,
+            )
         report = scan_report(scan)
         return io.NodeOutput(scan, report, ui={"text": [report]})
 
@@ -98,18 +154,29 @@ class ImagesFromGraph(io.ComfyNode):
             display_name="SDXL LoRA: Images from Graph",
             category=f"{CATEGORY}/dataset",
             description="Turns IMAGEs from the canvas (a batch, or a list of differently sized images) into "
-                        "training images with captions.",
+            "training images with captions.",
             is_input_list=True,
             inputs=[
                 io.Image.Input("images", tooltip="IMAGE batch or list (e.g. from Load Image nodes)."),
-                io.String.Input("captions", multiline=True, default="", tooltip="One caption per line, one line "
-                                "per image in order; a single line is used for every image."),
+                io.String.Input(
+                    "captions",
+                    multiline=True,
+                    default="",
+                    tooltip="One caption per line, one line per image in order; a single line is used for every image.",
+                ),
                 io.String.Input("name", default="images", tooltip="Subset name shown in reports and metadata."),
-                io.Int.Input("repeats", default=1, min=1, max=10000, tooltip="How often each image is repeated "
-                             "per epoch (kohya num_repeats)."),
+                io.Int.Input(
+                    "repeats",
+                    default=1,
+                    min=1,
+                    max=10000,
+                    tooltip="How often each image is repeated per epoch (kohya num_repeats).",
+                ),
             ],
-            outputs=[Images.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
-                     io.String.Output(display_name="report", tooltip="Counts and warnings.")],
+            outputs=[
+                Images.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
+                io.String.Output(display_name="report", tooltip="Counts and warnings."),
+            ],
         )
 
     @classmethod
@@ -131,61 +198,136 @@ class Buckets(io.ComfyNode):
             display_name="SDXL LoRA: Buckets & Captions",
             category=f"{CATEGORY}/dataset",
             description="kohya's aspect-ratio bucketing, SDXL size conditioning and caption options. The report "
-                        "shows per-bucket counts and steps per epoch, exactly as kohya would train.",
+            "shows per-bucket counts and steps per epoch, exactly as kohya would train.",
             inputs=[
                 Images.Input("images", tooltip="From 'Images from Folder' or 'Images from Graph'."),
-                io.Int.Input("resolution_width", default=1024, min=64, max=8192, step=32, tooltip="Training "
-                             "resolution width (kohya resolution). The bucket area is width x height."),
-                io.Int.Input("resolution_height", default=1024, min=64, max=8192, step=32, tooltip="Training "
-                             "resolution height."),
-                io.Boolean.Input("enable_bucket", default=True, tooltip="Aspect-ratio buckets. Off: every image "
-                                 "must already be exactly the resolution (kohya)."),
+                io.Int.Input(
+                    "resolution_width",
+                    default=1024,
+                    min=64,
+                    max=8192,
+                    step=32,
+                    tooltip="Training resolution width (kohya resolution). The bucket area is width x height.",
+                ),
+                io.Int.Input(
+                    "resolution_height", default=1024, min=64, max=8192, step=32, tooltip="Training resolution height."
+                ),
+                io.Boolean.Input(
+                    "enable_bucket",
+                    default=True,
+                    tooltip="Aspect-ratio buckets. Off: every image must already be exactly the resolution (kohya).",
+                ),
                 io.Int.Input("min_bucket_reso", default=256, min=32, max=8192, tooltip="Smallest bucket side."),
                 io.Int.Input("max_bucket_reso", default=2048, min=64, max=16384, tooltip="Largest bucket side."),
-                io.Int.Input("bucket_reso_steps", default=64, min=32, max=1024, step=32, tooltip="Bucket sides are "
-                             "multiples of this (SDXL needs a multiple of 32)."),
-                io.Boolean.Input("bucket_no_upscale", default=False, tooltip="Never upscale: buckets come from the "
-                                 "images' own sizes (kohya bucket_no_upscale)."),
-                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per batch; batches never mix "
-                             "buckets."),
-                io.Boolean.Input("flip_aug", default=False, tooltip="Random horizontal flips (the flipped latent is "
-                                 "cached too)."),
-                io.Combo.Input("crop_conditioning", options=["kohya", "true crop"], default="kohya",
-                               tooltip="SDXL crop_top_left numbers: kohya's (what kohya trains with; not the real "
-                                       "crop) or the true centre-crop offsets."),
+                io.Int.Input(
+                    "bucket_reso_steps",
+                    default=64,
+                    min=32,
+                    max=1024,
+                    step=32,
+                    tooltip="Bucket sides are multiples of this (SDXL needs a multiple of 32).",
+                ),
+                io.Boolean.Input(
+                    "bucket_no_upscale",
+                    default=False,
+                    tooltip="Never upscale: buckets come from the images' own sizes (kohya bucket_no_upscale).",
+                ),
+                io.Int.Input(
+                    "batch_size", default=1, min=1, max=256, tooltip="Images per batch; batches never mix buckets."
+                ),
+                io.Boolean.Input(
+                    "flip_aug", default=False, tooltip="Random horizontal flips (the flipped latent is cached too)."
+                ),
+                io.Combo.Input(
+                    "crop_conditioning",
+                    options=["kohya", "true crop"],
+                    default="kohya",
+                    tooltip="SDXL crop_top_left numbers: kohya's (what kohya trains with; not the real "
+                    "crop) or the true centre-crop offsets.",
+                ),
                 io.Boolean.Input("shuffle_caption", default=False, tooltip="Shuffle comma-separated tags every step."),
-                io.Int.Input("keep_tokens", default=0, min=0, max=255, tooltip="Keep this many leading tags in place "
-                             "when shuffling."),
-                io.String.Input("keep_tokens_separator", default="", tooltip="Tags before this separator stay "
-                                "fixed (kohya keep_tokens_separator, e.g. |||)."),
-                io.Float.Input("caption_dropout_rate", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability of training a sample with an empty caption."),
-                io.Float.Input("caption_tag_dropout_rate", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability of dropping each (non-kept) tag."),
+                io.Int.Input(
+                    "keep_tokens",
+                    default=0,
+                    min=0,
+                    max=255,
+                    tooltip="Keep this many leading tags in place when shuffling.",
+                ),
+                io.String.Input(
+                    "keep_tokens_separator",
+                    default="",
+                    tooltip="Tags before this separator stay fixed (kohya keep_tokens_separator, e.g. |||).",
+                ),
+                io.Float.Input(
+                    "caption_dropout_rate",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Probability of training a sample with an empty caption.",
+                ),
+                io.Float.Input(
+                    "caption_tag_dropout_rate",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Probability of dropping each (non-kept) tag.",
+                ),
                 io.String.Input("caption_prefix", default="", tooltip="Text put before every caption."),
                 io.String.Input("caption_suffix", default="", tooltip="Text put after every caption."),
             ],
-            outputs=[Dataset.Output(display_name="dataset", tooltip="The bucketed dataset for the cache and train "
-                                    "nodes."),
-                     io.String.Output(display_name="report", tooltip="Images, repeats, buckets, steps per epoch, "
-                                      "skipped files."),
-                     io.Image.Output(display_name="bucket_histogram", tooltip="Images per bucket as a chart."),
-                     io.String.Output(display_name="details_json", tooltip="Per-image bucket, resize, crop and "
-                                      "time_ids as JSON.")],
+            outputs=[
+                Dataset.Output(display_name="dataset", tooltip="The bucketed dataset for the cache and train nodes."),
+                io.String.Output(
+                    display_name="report", tooltip="Images, repeats, buckets, steps per epoch, skipped files."
+                ),
+                io.Image.Output(display_name="bucket_histogram", tooltip="Images per bucket as a chart."),
+                io.String.Output(
+                    display_name="details_json", tooltip="Per-image bucket, resize, crop and time_ids as JSON."
+                ),
+            ],
         )
 
     @classmethod
-    def execute(cls, images: ScanResult, resolution_width: int, resolution_height: int, enable_bucket: bool,
-                min_bucket_reso: int, max_bucket_reso: int, bucket_reso_steps: int, bucket_no_upscale: bool,
-                batch_size: int, flip_aug: bool, crop_conditioning: str, shuffle_caption: bool, keep_tokens: int,
-                keep_tokens_separator: str, caption_dropout_rate: float, caption_tag_dropout_rate: float,
-                caption_prefix: str, caption_suffix: str) -> io.NodeOutput:
-        settings = BucketSettings((resolution_width, resolution_height), min_bucket_reso, max_bucket_reso,
-                                  bucket_reso_steps, bucket_no_upscale, enable_bucket)
-        options = CaptionOptions(shuffle_caption=shuffle_caption, keep_tokens=keep_tokens,
-                                 keep_tokens_separator=keep_tokens_separator, caption_prefix=caption_prefix or None,
-                                 caption_suffix=caption_suffix or None, caption_dropout_rate=caption_dropout_rate,
-                                 caption_tag_dropout_rate=caption_tag_dropout_rate)
+    def execute(
+        cls,
+        images: ScanResult,
+        resolution_width: int,
+        resolution_height: int,
+        enable_bucket: bool,
+        min_bucket_reso: int,
+        max_bucket_reso: int,
+        bucket_reso_steps: int,
+        bucket_no_upscale: bool,
+        batch_size: int,
+        flip_aug: bool,
+        crop_conditioning: str,
+        shuffle_caption: bool,
+        keep_tokens: int,
+        keep_tokens_separator: str,
+        caption_dropout_rate: float,
+        caption_tag_dropout_rate: float,
+        caption_prefix: str,
+        caption_suffix: str,
+    ) -> io.NodeOutput:
+        settings = BucketSettings(
+            (resolution_width, resolution_height),
+            min_bucket_reso,
+            max_bucket_reso,
+            bucket_reso_steps,
+            bucket_no_upscale,
+            enable_bucket,
+        )
+        options = CaptionOptions(
+            shuffle_caption=shuffle_caption,
+            keep_tokens=keep_tokens,
+            keep_tokens_separator=keep_tokens_separator,
+            caption_prefix=caption_prefix or None,
+            caption_suffix=caption_suffix or None,
+            caption_dropout_rate=caption_dropout_rate,
+            caption_tag_dropout_rate=caption_tag_dropout_rate,
+        )
         ds = dataset_from_scan(images, settings, batch_size, options, flip_aug, crop_conditioning == "true crop")
         return dataset_outputs(ds)
 
@@ -198,21 +340,31 @@ class DatasetFromToml(io.ComfyNode):
             display_name="SDXL LoRA: Dataset from kohya TOML",
             category=f"{CATEGORY}/dataset",
             description="Loads a kohya dataset config ([general], [[datasets]], [[datasets.subsets]]) as kohya "
-                        "would, bucketed per dataset. Unknown keys are reported, not silently dropped.",
+            "would, bucketed per dataset. Unknown keys are reported, not silently dropped.",
             inputs=[
-                io.String.Input("toml_path", default="", tooltip="Path of the dataset .toml. Relative paths resolve "
-                                "against ComfyUI's input directory; image_dir inside it against the TOML's folder."),
-                io.Boolean.Input("strict_captions", default=False, tooltip="Stop with an error when an image has no "
-                                 "caption file."),
+                io.String.Input(
+                    "toml_path",
+                    default="",
+                    tooltip="Path of the dataset .toml. Relative paths resolve "
+                    "against ComfyUI's input directory; image_dir inside it against the TOML's folder.",
+                ),
+                io.Boolean.Input(
+                    "strict_captions", default=False, tooltip="Stop with an error when an image has no caption file."
+                ),
                 io.Boolean.Input("exif_transpose", default=True, tooltip="Apply EXIF orientation (kohya does not)."),
-                io.Combo.Input("crop_conditioning", options=["kohya", "true crop"], default="kohya",
-                               tooltip="SDXL crop_top_left numbers: kohya's or the true crop offsets."),
+                io.Combo.Input(
+                    "crop_conditioning",
+                    options=["kohya", "true crop"],
+                    default="kohya",
+                    tooltip="SDXL crop_top_left numbers: kohya's or the true crop offsets.",
+                ),
             ],
-            outputs=[Dataset.Output(display_name="dataset", tooltip="The bucketed dataset."),
-                     io.String.Output(display_name="report", tooltip="Images, repeats, buckets, steps per epoch, "
-                                      "warnings."),
-                     io.Image.Output(display_name="bucket_histogram", tooltip="Images per bucket as a chart."),
-                     io.String.Output(display_name="details_json", tooltip="Per-image details as JSON.")],
+            outputs=[
+                Dataset.Output(display_name="dataset", tooltip="The bucketed dataset."),
+                io.String.Output(display_name="report", tooltip="Images, repeats, buckets, steps per epoch, warnings."),
+                io.Image.Output(display_name="bucket_histogram", tooltip="Images per bucket as a chart."),
+                io.String.Output(display_name="details_json", tooltip="Per-image details as JSON."),
+            ],
         )
 
     @classmethod
@@ -226,12 +378,18 @@ class DatasetFromToml(io.ComfyNode):
         return folder_fingerprint(path.parent, input_dir)
 
     @classmethod
-    def execute(cls, toml_path: str, strict_captions: bool, exif_transpose: bool,
-                crop_conditioning: str) -> io.NodeOutput:
+    def execute(
+        cls, toml_path: str, strict_captions: bool, exif_transpose: bool, crop_conditioning: str
+    ) -> io.NodeOutput:
         input_dir = comfy_services.input_directory()
         path, _ = resolve_dataset_path(toml_path, input_dir)
-        ds, _ = dataset_from_toml(str(path), input_dir, strict_captions=strict_captions,
-                                  exif_transpose=exif_transpose, true_crop=crop_conditioning == "true crop")
+        ds, _ = dataset_from_toml(
+            str(path),
+            input_dir,
+            strict_captions=strict_captions,
+            exif_transpose=exif_transpose,
+            true_crop=crop_conditioning == "true crop",
+        )
         return dataset_outputs(ds)
 
 

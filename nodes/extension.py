@@ -1,7 +1,15 @@
 """The V3 extension that hands ComfyUI the pack's node list."""
+
 from comfy_api.latest import ComfyExtension, io
 
-NODE_MODULES: tuple[str, ...] = ("dataset_nodes", "cache_nodes", "network_node", "objective_node", "run_options_nodes", "train_node")
+NODE_MODULES: tuple[str, ...] = (
+    "dataset_nodes",
+    "cache_nodes",
+    "network_node",
+    "objective_node",
+    "run_options_nodes",
+    "train_node",
+)
 
 
 def register_routes() -> None:

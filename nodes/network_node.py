@@ -1,4 +1,5 @@
 """The LoRA network node: kohya's network settings as one value the train node takes."""
+
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -18,45 +19,104 @@ class NetworkSettings(io.ComfyNode):
             display_name="SDXL LoRA: Network",
             category=CATEGORY,
             description="kohya networks.lora settings: rank/alpha, conv layers, per-block dims, dropouts, which "
-                        "parts to train, and an optional LoRA file to continue from.",
+            "parts to train, and an optional LoRA file to continue from.",
             inputs=[
-                io.Int.Input("network_dim", default=16, min=1, max=1024, tooltip="LoRA rank of the attention/"
-                             "linear layers (kohya network_dim)."),
-                io.Float.Input("network_alpha", default=8.0, min=0.0, max=1024.0, step=0.5, tooltip="Scale = alpha "
-                               "/ rank. 0 means alpha = rank (kohya)."),
-                io.Int.Input("conv_dim", default=0, min=0, max=1024, tooltip="Rank of LoRA on the 3x3 convs of "
-                             "ResBlocks and Down/Upsample (kohya conv_dim); 0 = off."),
-                io.Float.Input("conv_alpha", default=1.0, min=0.0, max=1024.0, step=0.5, tooltip="Alpha of the "
-                               "conv LoRA."),
+                io.Int.Input(
+                    "network_dim",
+                    default=16,
+                    min=1,
+                    max=1024,
+                    tooltip="LoRA rank of the attention/linear layers (kohya network_dim).",
+                ),
+                io.Float.Input(
+                    "network_alpha",
+                    default=8.0,
+                    min=0.0,
+                    max=1024.0,
+                    step=0.5,
+                    tooltip="Scale = alpha / rank. 0 means alpha = rank (kohya).",
+                ),
+                io.Int.Input(
+                    "conv_dim",
+                    default=0,
+                    min=0,
+                    max=1024,
+                    tooltip="Rank of LoRA on the 3x3 convs of ResBlocks and Down/Upsample (kohya conv_dim); 0 = off.",
+                ),
+                io.Float.Input(
+                    "conv_alpha", default=1.0, min=0.0, max=1024.0, step=0.5, tooltip="Alpha of the conv LoRA."
+                ),
                 io.Boolean.Input("train_unet", default=True, tooltip="Train LoRA on the U-Net."),
-                io.Boolean.Input("train_clip_l", default=False, tooltip="Train LoRA on CLIP-L (text encoder 1, "
-                                 "keys lora_te1_). Needs the CLIP input of the train node; text is encoded live."),
-                io.Boolean.Input("train_clip_g", default=False, tooltip="Train LoRA on CLIP-G (text encoder 2, "
-                                 "keys lora_te2_)."),
-                io.Float.Input("dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Dropout on the LoRA "
-                               "down-projection output (kohya network_dropout)."),
-                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Drop whole "
-                               "ranks per sample (kohya rank_dropout)."),
-                io.Float.Input("module_dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Skip a whole "
-                               "LoRA module per step with this probability (kohya module_dropout)."),
-                io.String.Input("block_dims", default="", tooltip="23 comma-separated ranks for kohya's SDXL "
-                                "blocks (0 disables a block); empty = network_dim everywhere."),
+                io.Boolean.Input(
+                    "train_clip_l",
+                    default=False,
+                    tooltip="Train LoRA on CLIP-L (text encoder 1, "
+                    "keys lora_te1_). Needs the CLIP input of the train node; text is encoded live.",
+                ),
+                io.Boolean.Input(
+                    "train_clip_g", default=False, tooltip="Train LoRA on CLIP-G (text encoder 2, keys lora_te2_)."
+                ),
+                io.Float.Input(
+                    "dropout",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Dropout on the LoRA down-projection output (kohya network_dropout).",
+                ),
+                io.Float.Input(
+                    "rank_dropout",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Drop whole ranks per sample (kohya rank_dropout).",
+                ),
+                io.Float.Input(
+                    "module_dropout",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Skip a whole LoRA module per step with this probability (kohya module_dropout).",
+                ),
+                io.String.Input(
+                    "block_dims",
+                    default="",
+                    tooltip="23 comma-separated ranks for kohya's SDXL "
+                    "blocks (0 disables a block); empty = network_dim everywhere.",
+                ),
                 io.String.Input("block_alphas", default="", tooltip="23 alphas matching block_dims."),
                 io.String.Input("conv_block_dims", default="", tooltip="23 conv ranks per block."),
                 io.String.Input("conv_block_alphas", default="", tooltip="23 conv alphas per block."),
-                io.String.Input("block_lr_weight", default="", tooltip="23 learning-rate multipliers per block "
-                                "(0 freezes a block)."),
-                io.Combo.Input("start_from", options=[NONE] + comfy_services.lora_file_names(), default=NONE,
-                               tooltip="Continue training this LoRA file; its dims and alphas replace the ones "
-                                       "above. Only kohya LoRA files (algo lora) for now."),
-                io.Combo.Input("algo", options=list(NETWORK_ALGOS), default="lora",
-                               tooltip="lora: kohya networks.lora. loha / lokr: LyCORIS's LoHa (Hadamard product) "
-                                       "and LoKr (Kronecker product) modules from the lycoris-lora package, on the "
-                                       "same layers, saved with LyCORIS's keys (ComfyUI's LoraLoader reads them). "
-                                       "network_dim/alpha and conv_dim/alpha are their lora_dim/alpha; LoRA+ is "
-                                       "lora only."),
-                io.Int.Input("lokr_factor", default=-1, min=-1, max=1024, tooltip="LoKr only: LyCORIS's "
-                             "Kronecker factor (lycoris-lora 'factor'); -1 = LyCORIS's automatic factorization."),
+                io.String.Input(
+                    "block_lr_weight", default="", tooltip="23 learning-rate multipliers per block (0 freezes a block)."
+                ),
+                io.Combo.Input(
+                    "start_from",
+                    options=[NONE] + comfy_services.lora_file_names(),
+                    default=NONE,
+                    tooltip="Continue training this LoRA file; its dims and alphas replace the ones "
+                    "above. Only kohya LoRA files (algo lora) for now.",
+                ),
+                io.Combo.Input(
+                    "algo",
+                    options=list(NETWORK_ALGOS),
+                    default="lora",
+                    tooltip="lora: kohya networks.lora. loha / lokr: LyCORIS's LoHa (Hadamard product) "
+                    "and LoKr (Kronecker product) modules from the lycoris-lora package, on the "
+                    "same layers, saved with LyCORIS's keys (ComfyUI's LoraLoader reads them). "
+                    "network_dim/alpha and conv_dim/alpha are their lora_dim/alpha; LoRA+ is "
+                    "lora only.",
+                ),
+                io.Int.Input(
+                    "lokr_factor",
+                    default=-1,
+                    min=-1,
+                    max=1024,
+                    tooltip="LoKr only: LyCORIS's "
+                    "Kronecker factor (lycoris-lora 'factor'); -1 = LyCORIS's automatic factorization.",
+                ),
             ],
             outputs=[Network.Output(display_name="network", tooltip="Network settings for the train node.")],
         )
@@ -67,40 +127,73 @@ class NetworkSettings(io.ComfyNode):
         this server is accepted before the browser reloads the list; execute resolves it or says why not.
         No **kwargs: with them ComfyUI would skip its min/max and option checks of every other input too."""
         if algo != "lora" and isinstance(rank_dropout, (int, float)) and rank_dropout > 0:
-            return (f"rank_dropout is not supported with algo {algo}: LyCORIS draws the mask on the CPU for every "
-                    "layer (LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use algo lora.")
+            return (
+                f"rank_dropout is not supported with algo {algo}: LyCORIS draws the mask on the CPU for every "
+                "layer (LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use algo lora."
+            )
         return True
 
     @classmethod
-    def execute(cls, network_dim: int, network_alpha: float, conv_dim: int, conv_alpha: float, train_unet: bool,
-                train_clip_l: bool, train_clip_g: bool, dropout: float, rank_dropout: float, module_dropout: float,
-                block_dims: str, block_alphas: str, conv_block_dims: str, conv_block_alphas: str,
-                block_lr_weight: str, start_from: str, algo: str = "lora", lokr_factor: int = -1) -> io.NodeOutput:
-        common = dict(dropout=dropout or None, rank_dropout=rank_dropout or None,
-                      module_dropout=module_dropout or None, train_unet=train_unet, train_te1=train_clip_l,
-                      train_te2=train_clip_g,
-                      block_lr_weight=parse_block_list(block_lr_weight or None, "block_lr_weight", as_int=False))
+    def execute(
+        cls,
+        network_dim: int,
+        network_alpha: float,
+        conv_dim: int,
+        conv_alpha: float,
+        train_unet: bool,
+        train_clip_l: bool,
+        train_clip_g: bool,
+        dropout: float,
+        rank_dropout: float,
+        module_dropout: float,
+        block_dims: str,
+        block_alphas: str,
+        conv_block_dims: str,
+        conv_block_alphas: str,
+        block_lr_weight: str,
+        start_from: str,
+        algo: str = "lora",
+        lokr_factor: int = -1,
+    ) -> io.NodeOutput:
+        common = {
+            "dropout": dropout or None,
+            "rank_dropout": rank_dropout or None,
+            "module_dropout": module_dropout or None,
+            "train_unet": train_unet,
+            "train_te1": train_clip_l,
+            "train_te2": train_clip_g,
+            "block_lr_weight": parse_block_list(block_lr_weight or None, "block_lr_weight", as_int=False),
+        }
         if lokr_factor == 0 or lokr_factor < -1:
             raise ValueError(f"lokr_factor must be -1 (auto) or >= 1, got {lokr_factor}")
         initial = None
         if start_from != NONE:
             if algo != "lora":
-                raise ValueError(f"start_from with algo {algo!r} is not supported yet: continuing training works "
-                                 "for kohya LoRA files (algo lora) only.")
+                raise ValueError(
+                    f"start_from with algo {algo!r} is not supported yet: continuing training works "
+                    "for kohya LoRA files (algo lora) only."
+                )
             initial = comfy_services.load_safetensors(comfy_services.lora_file_path(start_from))
             if any(k.rsplit(".", 1)[-1].startswith(("hada_", "lokr_")) for k in initial):
-                raise ValueError(f"{start_from} is a LyCORIS LoHa/LoKr file; continuing a LoHa/LoKr file is not "
-                                 "supported yet (start_from works for kohya LoRA files only).")
+                raise ValueError(
+                    f"{start_from} is a LyCORIS LoHa/LoKr file; continuing a LoHa/LoKr file is not "
+                    "supported yet (start_from works for kohya LoRA files only)."
+                )
             config = NetworkConfig.from_kohya_state_dict(initial, **common)
         else:
             config = NetworkConfig(
-                network_dim=network_dim, network_alpha=network_alpha, conv_dim=conv_dim or None,
+                network_dim=network_dim,
+                network_alpha=network_alpha,
+                conv_dim=conv_dim or None,
                 conv_alpha=conv_alpha if conv_dim else None,
                 block_dims=parse_block_list(block_dims or None, "block_dims", as_int=True),
                 block_alphas=parse_block_list(block_alphas or None, "block_alphas", as_int=False),
                 conv_block_dims=parse_block_list(conv_block_dims or None, "conv_block_dims", as_int=True),
                 conv_block_alphas=parse_block_list(conv_block_alphas or None, "conv_block_alphas", as_int=False),
-                algo=algo, factor=lokr_factor, **common)
+                algo=algo,
+                factor=lokr_factor,
+                **common,
+            )
         if not (config.train_unet or config.train_te1 or config.train_te2):
             raise ValueError("Nothing to train: enable train_unet, train_clip_l or train_clip_g.")
         return io.NodeOutput({"config": config, "initial_weights": initial, "start_from": start_from})

@@ -1,11 +1,12 @@
 """Optional inputs of the train node: intermediate saves / resumable state, and sample previews."""
+
 from __future__ import annotations
 
 from comfy_api.latest import io
 
 from ..trainer.comfyui import sampling as comfy_sampling
-from ..trainer.run.previews import PreviewSettings
 from ..trainer.run.checkpoints import CheckpointSettings
+from ..trainer.run.previews import PreviewSettings
 from .common import CATEGORY, Checkpointing, Previews
 
 
@@ -17,29 +18,71 @@ class CheckpointOptions(io.ComfyNode):
             display_name="SDXL LoRA: Save Every N & Resume",
             category=CATEGORY,
             description="Intermediate LoRA files, resumable training state (LoRA, optimizer, scheduler, RNG, "
-                        "position in the epoch), and resuming from a saved state folder.",
+            "position in the epoch), and resuming from a saved state folder.",
             inputs=[
-                io.Int.Input("save_every_n_steps", default=0, min=0, max=1_000_000, tooltip="Save an intermediate "
-                             "LoRA every N steps (0 = off)."),
-                io.Int.Input("save_every_n_epochs", default=0, min=0, max=100_000, tooltip="Save an intermediate "
-                             "LoRA every N epochs (0 = off)."),
-                io.Int.Input("keep_last_n", default=0, min=0, max=10_000, tooltip="Keep only the newest N "
-                             "intermediate files of this run (0 = keep all)."),
-                io.Int.Input("save_state_every_n_steps", default=0, min=0, max=1_000_000, tooltip="Save a "
-                             "resumable state every N steps (0 = only on cancel)."),
-                io.Boolean.Input("save_state_on_cancel", default=True, tooltip="On Cancel, save the LoRA and a "
-                                 "resumable state before stopping."),
-                io.String.Input("resume_from", default="", tooltip="A state folder from an earlier run "
-                                "(output/sdxl_lora_trainer/state/<run>/step-N or .../latest) to continue exactly."),
+                io.Int.Input(
+                    "save_every_n_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Save an intermediate LoRA every N steps (0 = off).",
+                ),
+                io.Int.Input(
+                    "save_every_n_epochs",
+                    default=0,
+                    min=0,
+                    max=100_000,
+                    tooltip="Save an intermediate LoRA every N epochs (0 = off).",
+                ),
+                io.Int.Input(
+                    "keep_last_n",
+                    default=0,
+                    min=0,
+                    max=10_000,
+                    tooltip="Keep only the newest N intermediate files of this run (0 = keep all).",
+                ),
+                io.Int.Input(
+                    "save_state_every_n_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Save a resumable state every N steps (0 = only on cancel).",
+                ),
+                io.Boolean.Input(
+                    "save_state_on_cancel",
+                    default=True,
+                    tooltip="On Cancel, save the LoRA and a resumable state before stopping.",
+                ),
+                io.String.Input(
+                    "resume_from",
+                    default="",
+                    tooltip="A state folder from an earlier run "
+                    "(output/sdxl_lora_trainer/state/<run>/step-N or .../latest) to continue exactly.",
+                ),
             ],
             outputs=[Checkpointing.Output(display_name="checkpointing", tooltip="Connect to the train node.")],
         )
 
     @classmethod
-    def execute(cls, save_every_n_steps: int, save_every_n_epochs: int, keep_last_n: int,
-                save_state_every_n_steps: int, save_state_on_cancel: bool, resume_from: str) -> io.NodeOutput:
-        return io.NodeOutput(CheckpointSettings(save_every_n_steps, save_every_n_epochs, keep_last_n,
-                                                save_state_every_n_steps, save_state_on_cancel, resume_from.strip()))
+    def execute(
+        cls,
+        save_every_n_steps: int,
+        save_every_n_epochs: int,
+        keep_last_n: int,
+        save_state_every_n_steps: int,
+        save_state_on_cancel: bool,
+        resume_from: str,
+    ) -> io.NodeOutput:
+        return io.NodeOutput(
+            CheckpointSettings(
+                save_every_n_steps,
+                save_every_n_epochs,
+                keep_last_n,
+                save_state_every_n_steps,
+                save_state_on_cancel,
+                resume_from.strip(),
+            )
+        )
 
 
 class PreviewOptions(io.ComfyNode):
@@ -50,39 +93,72 @@ class PreviewOptions(io.ComfyNode):
             display_name="SDXL LoRA: Sample Previews",
             category=CATEGORY,
             description="Renders the prompts with ComfyUI's sampler on the LoRA being trained, every N steps and "
-                        "at the end; images stream to the train node and come out as an IMAGE batch.",
+            "at the end; images stream to the train node and come out as an IMAGE batch.",
             inputs=[
                 io.Clip.Input("clip", tooltip="CLIP to encode the prompts (the same SDXL CLIP)."),
                 io.Vae.Input("vae", tooltip="VAE to decode the previews."),
                 io.String.Input("prompts", multiline=True, default="a photo", tooltip="One prompt per line."),
-                io.String.Input("negative", multiline=True, default="", tooltip="Negative prompt for every "
-                                "preview."),
-                io.Int.Input("every_n_steps", default=0, min=0, max=1_000_000, tooltip="Render every N steps; 0 = "
-                             "only at the end."),
+                io.String.Input("negative", multiline=True, default="", tooltip="Negative prompt for every preview."),
+                io.Int.Input(
+                    "every_n_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Render every N steps; 0 = only at the end.",
+                ),
                 io.Int.Input("width", default=1024, min=64, max=4096, step=8, tooltip="Preview width."),
                 io.Int.Input("height", default=1024, min=64, max=4096, step=8, tooltip="Preview height."),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=50.0, step=0.1, tooltip="CFG scale."),
-                io.Combo.Input("sampler_name", options=comfy_sampling.sampler_names(), default="euler",
-                               tooltip="Sampler."),
-                io.Combo.Input("scheduler", options=comfy_sampling.scheduler_names(), default="normal",
-                               tooltip="Scheduler."),
+                io.Combo.Input(
+                    "sampler_name", options=comfy_sampling.sampler_names(), default="euler", tooltip="Sampler."
+                ),
+                io.Combo.Input(
+                    "scheduler", options=comfy_sampling.scheduler_names(), default="normal", tooltip="Scheduler."
+                ),
                 # "fixed": the frontend's default for an INT named seed is "randomize", and a new seed here
                 # would retrain the LoRA on every queue (this node feeds the train node)
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             control_after_generate=io.ControlAfterGenerate.fixed,
-                             tooltip="Seed of the first prompt (+1 per further prompt)."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=io.ControlAfterGenerate.fixed,
+                    tooltip="Seed of the first prompt (+1 per further prompt).",
+                ),
             ],
             outputs=[Previews.Output(display_name="previews", tooltip="Connect to the train node.")],
         )
 
     @classmethod
-    def execute(cls, clip, vae, prompts: str, negative: str, every_n_steps: int, width: int, height: int,
-                steps: int, cfg: float, sampler_name: str, scheduler: str, seed: int) -> io.NodeOutput:
+    def execute(
+        cls,
+        clip,
+        vae,
+        prompts: str,
+        negative: str,
+        every_n_steps: int,
+        width: int,
+        height: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        seed: int,
+    ) -> io.NodeOutput:
         lines = tuple(p.strip() for p in prompts.split("\n") if p.strip())
-        settings = PreviewSettings(prompts=lines, negative=negative, every_n_steps=every_n_steps, width=width,
-                                   height=height, steps=steps, cfg=cfg, sampler_name=sampler_name,
-                                   scheduler=scheduler, seed=seed)
+        settings = PreviewSettings(
+            prompts=lines,
+            negative=negative,
+            every_n_steps=every_n_steps,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg=cfg,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+            seed=seed,
+        )
         if not lines:
             raise ValueError("Sample Previews: write at least one prompt (one per line).")
         return io.NodeOutput({"settings": settings, "clip": clip, "vae": vae})

@@ -1,18 +1,19 @@
 """The train node: trains the LoRA on the incoming MODEL (and CLIP), saves it, and hands it on."""
+
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import io
 
 from ..trainer.comfyui import sampling as comfy_sampling
+from ..trainer.report_images import loss_graph_image
+from ..trainer.run.job import run_job
+from ..trainer.run.lora_output import OutputSettings, output_name_error
 from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings
 from ..trainer.run.schedulers import SCHEDULER_TYPES
-from ..trainer.report_images import loss_graph_image
-from ..trainer.run.lora_output import OutputSettings, output_name_error
-from ..trainer.run.job import run_job
 from ..trainer.run.session import TRAIN_DTYPES, TrainConfig
-from .common import (CATEGORY, Checkpointing, Dataset, LatentCache, Network, Objective, Previews, TextCache,
-                     pil_to_image)
+from .common import CATEGORY, Checkpointing, Dataset, LatentCache, Network, Objective, Previews, TextCache, pil_to_image
+
 
 def _lr_or_none(v: float) -> float | None:
     return v if v > 0 else None
@@ -26,88 +27,193 @@ class TrainLora(io.ComfyNode):
             display_name="SDXL LoRA: Train",
             category=CATEGORY,
             description="Trains a kohya-compatible LoRA on the MODEL ComfyUI loaded (no second copy; the incoming "
-                        "MODEL is left unchanged), saves it into models/loras and outputs the MODEL/CLIP with the "
-                        "LoRA applied plus the file name for LoraLoader. Cancel stops within a step and saves.",
+            "MODEL is left unchanged), saves it into models/loras and outputs the MODEL/CLIP with the "
+            "LoRA applied plus the file name for LoraLoader. Cancel stops within a step and saves.",
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The SDXL MODEL to train on (from Load Checkpoint)."),
                 Dataset.Input("dataset", tooltip="From 'Buckets & Captions' or 'Dataset from kohya TOML'."),
                 LatentCache.Input("latents", tooltip="From 'Cache Latents'."),
                 Network.Input("network", tooltip="From 'Network'."),
-                io.Int.Input("max_train_steps", default=400, min=1, max=1_000_000, tooltip="Optimizer steps to "
-                             "train (kohya max_train_steps)."),
-                io.Int.Input("max_train_epochs", default=0, min=0, max=100_000, tooltip="If > 0, train this many "
-                             "epochs instead of max_train_steps (kohya)."),
-                io.Float.Input("learning_rate", default=1e-4, min=0.0, max=10.0, step=1e-6, round=False,
-                               tooltip="Learning rate (kohya learning_rate)."),
-                io.Float.Input("unet_lr", default=0.0, min=0.0, max=10.0, step=1e-6, round=False,
-                               tooltip="U-Net learning rate; 0 = learning_rate."),
-                io.Float.Input("clip_l_lr", default=0.0, min=0.0, max=10.0, step=1e-6, round=False,
-                               tooltip="CLIP-L (text encoder 1) learning rate; 0 = learning_rate."),
-                io.Float.Input("clip_g_lr", default=0.0, min=0.0, max=10.0, step=1e-6, round=False,
-                               tooltip="CLIP-G (text encoder 2) learning rate; 0 = learning_rate."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZER_TYPES), default="AdamW", tooltip="Optimizer "
-                               "(8-bit ones need bitsandbytes and CUDA)."),
-                io.String.Input("optimizer_args", default="", tooltip="key=value pairs, e.g. weight_decay=0.01 "
-                                "betas=0.9,0.99 (kohya optimizer_args)."),
-                io.Combo.Input("lr_scheduler", options=list(SCHEDULER_TYPES), default="constant",
-                               tooltip="Learning-rate schedule."),
-                io.Float.Input("lr_warmup_steps", default=0.0, min=0.0, max=1_000_000, step=1.0, tooltip="Warmup "
-                               "steps; a value below 1 is a fraction of the total steps."),
-                io.Int.Input("lr_scheduler_num_cycles", default=1, min=1, max=1000, tooltip="Restarts for "
-                             "cosine_with_restarts."),
-                io.Float.Input("lr_scheduler_power", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Power "
-                               "of the polynomial schedule."),
-                io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024, tooltip="Batches per "
-                             "optimizer step."),
-                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, tooltip="Gradient "
-                               "clipping; 0 = off."),
-                io.Float.Input("scale_weight_norms", default=0.0, min=0.0, max=100.0, step=0.1, tooltip="Max-norm "
-                               "regularisation of the LoRA weights; 0 = off."),
+                io.Int.Input(
+                    "max_train_steps",
+                    default=400,
+                    min=1,
+                    max=1_000_000,
+                    tooltip="Optimizer steps to train (kohya max_train_steps).",
+                ),
+                io.Int.Input(
+                    "max_train_epochs",
+                    default=0,
+                    min=0,
+                    max=100_000,
+                    tooltip="If > 0, train this many epochs instead of max_train_steps (kohya).",
+                ),
+                io.Float.Input(
+                    "learning_rate",
+                    default=1e-4,
+                    min=0.0,
+                    max=10.0,
+                    step=1e-6,
+                    round=False,
+                    tooltip="Learning rate (kohya learning_rate).",
+                ),
+                io.Float.Input(
+                    "unet_lr",
+                    default=0.0,
+                    min=0.0,
+                    max=10.0,
+                    step=1e-6,
+                    round=False,
+                    tooltip="U-Net learning rate; 0 = learning_rate.",
+                ),
+                io.Float.Input(
+                    "clip_l_lr",
+                    default=0.0,
+                    min=0.0,
+                    max=10.0,
+                    step=1e-6,
+                    round=False,
+                    tooltip="CLIP-L (text encoder 1) learning rate; 0 = learning_rate.",
+                ),
+                io.Float.Input(
+                    "clip_g_lr",
+                    default=0.0,
+                    min=0.0,
+                    max=10.0,
+                    step=1e-6,
+                    round=False,
+                    tooltip="CLIP-G (text encoder 2) learning rate; 0 = learning_rate.",
+                ),
+                io.Combo.Input(
+                    "optimizer",
+                    options=list(OPTIMIZER_TYPES),
+                    default="AdamW",
+                    tooltip="Optimizer (8-bit ones need bitsandbytes and CUDA).",
+                ),
+                io.String.Input(
+                    "optimizer_args",
+                    default="",
+                    tooltip="key=value pairs, e.g. weight_decay=0.01 betas=0.9,0.99 (kohya optimizer_args).",
+                ),
+                io.Combo.Input(
+                    "lr_scheduler", options=list(SCHEDULER_TYPES), default="constant", tooltip="Learning-rate schedule."
+                ),
+                io.Float.Input(
+                    "lr_warmup_steps",
+                    default=0.0,
+                    min=0.0,
+                    max=1_000_000,
+                    step=1.0,
+                    tooltip="Warmup steps; a value below 1 is a fraction of the total steps.",
+                ),
+                io.Int.Input(
+                    "lr_scheduler_num_cycles", default=1, min=1, max=1000, tooltip="Restarts for cosine_with_restarts."
+                ),
+                io.Float.Input(
+                    "lr_scheduler_power",
+                    default=1.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="Power of the polynomial schedule.",
+                ),
+                io.Int.Input(
+                    "gradient_accumulation_steps", default=1, min=1, max=1024, tooltip="Batches per optimizer step."
+                ),
+                io.Float.Input(
+                    "max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, tooltip="Gradient clipping; 0 = off."
+                ),
+                io.Float.Input(
+                    "scale_weight_norms",
+                    default=0.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="Max-norm regularisation of the LoRA weights; 0 = off.",
+                ),
                 # control_after_generate "fixed": the frontend gives every INT named "seed" a control widget that
                 # defaults to "randomize", which would retrain a new LoRA on every queue
-                io.Int.Input("seed", default=42, min=0, max=2**31 - 1,
-                             control_after_generate=io.ControlAfterGenerate.fixed,
-                             tooltip="Seed of every random draw (LoRA init, noise, timesteps, order, dropout). "
-                                     "Same seed = same LoRA on CPU."),
-                io.Combo.Input("train_dtype", options=list(TRAIN_DTYPES), default="auto", tooltip="Compute "
-                               "dtype of the forward/backward pass; LoRA weights and optimizer stay fp32 unless "
-                               "full_bf16. auto: bf16 where the GPU computes it natively (ComfyUI's check), fp16 "
-                               "on older GPUs, fp32 on the CPU. fp16 uses a gradient scaler."),
-                io.Boolean.Input("full_bf16", default=False, tooltip="Keep the LoRA weights in bf16 too (less "
-                                 "memory; needs train_dtype bf16)."),
-                io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute each ResBlock/"
-                                 "Transformer in backward: much less memory, ~30% slower."),
+                io.Int.Input(
+                    "seed",
+                    default=42,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=io.ControlAfterGenerate.fixed,
+                    tooltip="Seed of every random draw (LoRA init, noise, timesteps, order, dropout). "
+                    "Same seed = same LoRA on CPU.",
+                ),
+                io.Combo.Input(
+                    "train_dtype",
+                    options=list(TRAIN_DTYPES),
+                    default="auto",
+                    tooltip="Compute "
+                    "dtype of the forward/backward pass; LoRA weights and optimizer stay fp32 unless "
+                    "full_bf16. auto: bf16 where the GPU computes it natively (ComfyUI's check), fp16 "
+                    "on older GPUs, fp32 on the CPU. fp16 uses a gradient scaler.",
+                ),
+                io.Boolean.Input(
+                    "full_bf16",
+                    default=False,
+                    tooltip="Keep the LoRA weights in bf16 too (less memory; needs train_dtype bf16).",
+                ),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=True,
+                    tooltip="Recompute each ResBlock/Transformer in backward: much less memory, ~30% slower.",
+                ),
                 io.String.Input("output_name", default="my_sdxl_lora", tooltip="File name stem of the saved LoRA."),
-                io.String.Input("output_subfolder", default="sdxl_lora_trainer", tooltip="Subfolder of "
-                                "models/loras to save into."),
-                io.Combo.Input("save_precision", options=["fp16", "bf16", "fp32"], default="fp16",
-                               tooltip="dtype of the saved file."),
-                io.Boolean.Input("overwrite", default=False, tooltip="Save as exactly <output_name>.safetensors, "
-                                 "replacing an earlier file (off: every run gets a new, unique name and no file is "
-                                 "ever replaced). Note: a LoraLoader that already loaded that name keeps serving "
-                                 "the old weights until it loads another file."),
-                io.Clip.Input("clip", optional=True, tooltip="SDXL CLIP: needed to train the text encoders or to "
-                              "encode randomised captions (shuffle/dropout) during training."),
+                io.String.Input(
+                    "output_subfolder", default="sdxl_lora_trainer", tooltip="Subfolder of models/loras to save into."
+                ),
+                io.Combo.Input(
+                    "save_precision",
+                    options=["fp16", "bf16", "fp32"],
+                    default="fp16",
+                    tooltip="dtype of the saved file.",
+                ),
+                io.Boolean.Input(
+                    "overwrite",
+                    default=False,
+                    tooltip="Save as exactly <output_name>.safetensors, "
+                    "replacing an earlier file (off: every run gets a new, unique name and no file is "
+                    "ever replaced). Note: a LoraLoader that already loaded that name keeps serving "
+                    "the old weights until it loads another file.",
+                ),
+                io.Clip.Input(
+                    "clip",
+                    optional=True,
+                    tooltip="SDXL CLIP: needed to train the text encoders or to "
+                    "encode randomised captions (shuffle/dropout) during training.",
+                ),
                 TextCache.Input("text", optional=True, tooltip="From 'Cache Text' (fixed captions)."),
-                Objective.Input("objective", optional=True, tooltip="From 'Loss & Noise (advanced)'; kohya "
-                                "defaults when not connected."),
+                Objective.Input(
+                    "objective",
+                    optional=True,
+                    tooltip="From 'Loss & Noise (advanced)'; kohya defaults when not connected.",
+                ),
                 Checkpointing.Input("checkpointing", optional=True, tooltip="From 'Save Every N & Resume'."),
                 Previews.Input("previews", optional=True, tooltip="From 'Sample Previews'."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
-                io.Clip.Output(display_name="clip", tooltip="The CLIP with the trained LoRA applied (unchanged "
-                               "when only the U-Net was trained)."),
-                io.LoraModel.Output(display_name="lora", tooltip="The LoRA weights, for the built-in 'Load LoRA "
-                                    "Model' node."),
-                io.AnyType.Output(display_name="lora_name", tooltip="The saved file's name: connect to "
-                                  "LoraLoader's lora_name."),
+                io.Clip.Output(
+                    display_name="clip",
+                    tooltip="The CLIP with the trained LoRA applied (unchanged when only the U-Net was trained).",
+                ),
+                io.LoraModel.Output(
+                    display_name="lora", tooltip="The LoRA weights, for the built-in 'Load LoRA Model' node."
+                ),
+                io.AnyType.Output(
+                    display_name="lora_name", tooltip="The saved file's name: connect to LoraLoader's lora_name."
+                ),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step (for 'Plot Loss Graph')."),
                 io.Image.Output(display_name="loss_graph", tooltip="Loss, moving average and lr as an image."),
                 io.String.Output(display_name="report", tooltip="What was trained and where it was saved."),
-                io.Image.Output(display_name="previews", tooltip="All sample previews of the run (empty 64x64 "
-                                "black image without the previews input)."),
+                io.Image.Output(
+                    display_name="previews",
+                    tooltip="All sample previews of the run (empty 64x64 black image without the previews input).",
+                ),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
         )
@@ -121,41 +227,100 @@ class TrainLora(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, dataset, latents, network, max_train_steps: int, max_train_epochs: int,
-                learning_rate: float, unet_lr: float, clip_l_lr: float, clip_g_lr: float, optimizer: str,
-                optimizer_args: str, lr_scheduler: str, lr_warmup_steps: float, lr_scheduler_num_cycles: int,
-                lr_scheduler_power: float, gradient_accumulation_steps: int, max_grad_norm: float,
-                scale_weight_norms: float, seed: int, train_dtype: str, full_bf16: bool,
-                gradient_checkpointing: bool, output_name: str, output_subfolder: str, save_precision: str,
-                overwrite: bool, clip=None, text=None, objective=None, checkpointing=None,
-                previews=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        dataset,
+        latents,
+        network,
+        max_train_steps: int,
+        max_train_epochs: int,
+        learning_rate: float,
+        unet_lr: float,
+        clip_l_lr: float,
+        clip_g_lr: float,
+        optimizer: str,
+        optimizer_args: str,
+        lr_scheduler: str,
+        lr_warmup_steps: float,
+        lr_scheduler_num_cycles: int,
+        lr_scheduler_power: float,
+        gradient_accumulation_steps: int,
+        max_grad_norm: float,
+        scale_weight_norms: float,
+        seed: int,
+        train_dtype: str,
+        full_bf16: bool,
+        gradient_checkpointing: bool,
+        output_name: str,
+        output_subfolder: str,
+        save_precision: str,
+        overwrite: bool,
+        clip=None,
+        text=None,
+        objective=None,
+        checkpointing=None,
+        previews=None,
+    ) -> io.NodeOutput:
         extra = {}
         if objective is not None:
             extra = {"loss": objective["loss"], "noise": objective["noise"]}
         config = TrainConfig(
-            max_train_steps=max_train_steps, max_train_epochs=max_train_epochs, learning_rate=learning_rate,
-            unet_lr=_lr_or_none(unet_lr), text_encoder_lr1=_lr_or_none(clip_l_lr),
+            max_train_steps=max_train_steps,
+            max_train_epochs=max_train_epochs,
+            learning_rate=learning_rate,
+            unet_lr=_lr_or_none(unet_lr),
+            text_encoder_lr1=_lr_or_none(clip_l_lr),
             text_encoder_lr2=_lr_or_none(clip_g_lr),
             optimizer=OptimizerSettings(optimizer, learning_rate, optimizer_args, max_grad_norm),
-            lr_scheduler=lr_scheduler, lr_warmup_steps=int(lr_warmup_steps) if lr_warmup_steps >= 1 else lr_warmup_steps,
-            lr_scheduler_num_cycles=lr_scheduler_num_cycles, lr_scheduler_power=lr_scheduler_power,
-            gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
-            scale_weight_norms=scale_weight_norms or None, seed=seed, train_dtype=train_dtype, full_bf16=full_bf16,
-            gradient_checkpointing=gradient_checkpointing, **extra)
-        out = OutputSettings(name=output_name, subfolder=output_subfolder, save_precision=save_precision,
-                             overwrite=overwrite)
-        result = run_job(model=model, clip=clip, dataset=dataset, latents=latents, text=text, network=network,
-                         config=config, out=out, checkpointing=checkpointing, previews=previews,
-                         node_id=cls.hidden.unique_id, prompt=cls.hidden.prompt,
-                         extra_pnginfo=cls.hidden.extra_pnginfo)
+            lr_scheduler=lr_scheduler,
+            lr_warmup_steps=int(lr_warmup_steps) if lr_warmup_steps >= 1 else lr_warmup_steps,
+            lr_scheduler_num_cycles=lr_scheduler_num_cycles,
+            lr_scheduler_power=lr_scheduler_power,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            max_grad_norm=max_grad_norm,
+            scale_weight_norms=scale_weight_norms or None,
+            seed=seed,
+            train_dtype=train_dtype,
+            full_bf16=full_bf16,
+            gradient_checkpointing=gradient_checkpointing,
+            **extra,
+        )
+        out = OutputSettings(
+            name=output_name, subfolder=output_subfolder, save_precision=save_precision, overwrite=overwrite
+        )
+        result = run_job(
+            model=model,
+            clip=clip,
+            dataset=dataset,
+            latents=latents,
+            text=text,
+            network=network,
+            config=config,
+            out=out,
+            checkpointing=checkpointing,
+            previews=previews,
+            node_id=cls.hidden.unique_id,
+            prompt=cls.hidden.prompt,
+            extra_pnginfo=cls.hidden.extra_pnginfo,
+        )
         model_out, clip_out = comfy_sampling.apply_lora(model, clip, result.weights)
         history = result.state.history
-        graph = pil_to_image(loss_graph_image([r.step for r in history], [r.loss for r in history],
-                                              [r.lr for r in history]))
+        graph = pil_to_image(
+            loss_graph_image([r.step for r in history], [r.loss for r in history], [r.lr for r in history])
+        )
         images = result.previews if result.previews is not None else torch.zeros(1, 64, 64, 3)
-        return io.NodeOutput(model_out, clip_out if clip is not None else None, result.weights,
-                             result.saved.lora_name, {"loss": [r.loss for r in history]}, graph, result.report,
-                             images, ui={"text": [result.report]})
+        return io.NodeOutput(
+            model_out,
+            clip_out if clip is not None else None,
+            result.weights,
+            result.saved.lora_name,
+            {"loss": [r.loss for r in history]},
+            graph,
+            result.report,
+            images,
+            ui={"text": [result.report]},
+        )
 
 
 NODES = [TrainLora]

@@ -13,6 +13,7 @@ the schema's default, so a new input shows up with its default after a re-run.
 
 tests/server/test_example_workflows.py regenerates the files from the running server and compares them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -147,82 +148,224 @@ Left: the base model; right: with the LoRA. Both are saved in `ComfyUI/output/sd
 
 
 def _model_group() -> Group:
-    return Group("1. Model", NOTE_MODEL, [
-        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL_CHECKPOINT}, column=0, title="Load Checkpoint"),
-    ])
+    return Group(
+        "1. Model",
+        NOTE_MODEL,
+        [
+            Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL_CHECKPOINT}, column=0, title="Load Checkpoint"),
+        ],
+    )
 
 
 def _dataset_group(source: str) -> Group:
     if source == "toml":
-        return Group("2. Dataset", NOTE_DATASET_TOML, [
-            Node("dataset", "SDXLLoraDatasetFromToml", {"toml_path": f"{SAMPLE_FOLDER}/dataset.toml"}, column=1),
-            Node("histogram", "PreviewImage", {"images": ref("dataset", "bucket_histogram")}, column=1,
-                 title="Bucket histogram", extra_height=220),
-        ])
-    return Group("2. Dataset", NOTE_DATASET_FOLDER, [
-        Node("images", "SDXLLoraImagesFromFolder", {"folder": SAMPLE_FOLDER}, column=1),
-        Node("dataset", "SDXLLoraBuckets", {"images": ref("images", "images"), "resolution_width": 1024,
-                                            "resolution_height": 1024}, column=1),
-        Node("histogram", "PreviewImage", {"images": ref("dataset", "bucket_histogram")}, column=1,
-             title="Bucket histogram", extra_height=220),
-    ])
+        return Group(
+            "2. Dataset",
+            NOTE_DATASET_TOML,
+            [
+                Node("dataset", "SDXLLoraDatasetFromToml", {"toml_path": f"{SAMPLE_FOLDER}/dataset.toml"}, column=1),
+                Node(
+                    "histogram",
+                    "PreviewImage",
+                    {"images": ref("dataset", "bucket_histogram")},
+                    column=1,
+                    title="Bucket histogram",
+                    extra_height=220,
+                ),
+            ],
+        )
+    return Group(
+        "2. Dataset",
+        NOTE_DATASET_FOLDER,
+        [
+            Node("images", "SDXLLoraImagesFromFolder", {"folder": SAMPLE_FOLDER}, column=1),
+            Node(
+                "dataset",
+                "SDXLLoraBuckets",
+                {"images": ref("images", "images"), "resolution_width": 1024, "resolution_height": 1024},
+                column=1,
+            ),
+            Node(
+                "histogram",
+                "PreviewImage",
+                {"images": ref("dataset", "bucket_histogram")},
+                column=1,
+                title="Bucket histogram",
+                extra_height=220,
+            ),
+        ],
+    )
 
 
 def _cache_group(start_from: str | None) -> Group:
     network = {"network_dim": 16, "network_alpha": 8.0, "start_from": start_from or "none"}
-    return Group("3. Caches & network", NOTE_CACHES_CONTINUE if start_from else NOTE_CACHES, [
-        Node("latents", "SDXLLoraCacheLatents", {"dataset": ref("dataset", "dataset"), "vae": ref("ckpt", "VAE")},
-             column=2),
-        Node("text", "SDXLLoraCacheText", {"dataset": ref("dataset", "dataset"), "clip": ref("ckpt", "CLIP")},
-             column=2),
-        Node("network", "SDXLLoraNetwork", network, column=2, title="Network (continue from a LoRA)" if start_from
-             else None),
-    ])
+    return Group(
+        "3. Caches & network",
+        NOTE_CACHES_CONTINUE if start_from else NOTE_CACHES,
+        [
+            Node(
+                "latents",
+                "SDXLLoraCacheLatents",
+                {"dataset": ref("dataset", "dataset"), "vae": ref("ckpt", "VAE")},
+                column=2,
+            ),
+            Node(
+                "text",
+                "SDXLLoraCacheText",
+                {"dataset": ref("dataset", "dataset"), "clip": ref("ckpt", "CLIP")},
+                column=2,
+            ),
+            Node(
+                "network",
+                "SDXLLoraNetwork",
+                network,
+                column=2,
+                title="Network (continue from a LoRA)" if start_from else None,
+            ),
+        ],
+    )
 
 
 def _train_group(output_name: str, steps: int, lr: float) -> Group:
-    return Group("4. Train", NOTE_TRAIN, [
-        Node("train", "SDXLLoraTrain", {
-            "model": ref("ckpt", "MODEL"), "clip": ref("ckpt", "CLIP"), "dataset": ref("dataset", "dataset"),
-            "latents": ref("latents", "latents"), "network": ref("network", "network"), "text": ref("text", "text"),
-            "max_train_steps": steps, "learning_rate": lr, "seed": 42, "train_dtype": "auto",
-            "output_name": output_name, "output_subfolder": "sdxl_lora_trainer", "overwrite": False,
-        }, column=3, width=420, extra_height=260),  # room for the live loss chart drawn by web/loss_chart.js
-        Node("loss", "PreviewImage", {"images": ref("train", "loss_graph")}, column=3, title="Loss graph",
-             extra_height=260, width=380),
-    ])
+    return Group(
+        "4. Train",
+        NOTE_TRAIN,
+        [
+            Node(
+                "train",
+                "SDXLLoraTrain",
+                {
+                    "model": ref("ckpt", "MODEL"),
+                    "clip": ref("ckpt", "CLIP"),
+                    "dataset": ref("dataset", "dataset"),
+                    "latents": ref("latents", "latents"),
+                    "network": ref("network", "network"),
+                    "text": ref("text", "text"),
+                    "max_train_steps": steps,
+                    "learning_rate": lr,
+                    "seed": 42,
+                    "train_dtype": "auto",
+                    "output_name": output_name,
+                    "output_subfolder": "sdxl_lora_trainer",
+                    "overwrite": False,
+                },
+                column=3,
+                width=420,
+                extra_height=260,
+            ),  # room for the live loss chart drawn by web/loss_chart.js
+            Node(
+                "loss",
+                "PreviewImage",
+                {"images": ref("train", "loss_graph")},
+                column=3,
+                title="Loss graph",
+                extra_height=260,
+                width=380,
+            ),
+        ],
+    )
 
 
 def _test_groups(prompt: str) -> list[Group]:
-    sampler = {"seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-               "positive": ref("positive", "CONDITIONING"), "negative": ref("negative", "CONDITIONING"),
-               "latent_image": ref("latent", "LATENT")}
-    test = Group("5. Test: base vs LoRA", NOTE_TEST, [
-        Node("lora_loader", "LoraLoader", {"model": ref("ckpt", "MODEL"), "clip": ref("ckpt", "CLIP"),
-                                           "lora_name": ref("train", "lora_name"), "strength_model": 1.0,
-                                           "strength_clip": 1.0}, column=4, title="Load the trained LoRA"),
-        Node("positive", "CLIPTextEncode", {"text": prompt, "clip": ref("ckpt", "CLIP")}, column=4,
-             title="Prompt", extra_height=40),
-        Node("negative", "CLIPTextEncode", {"text": "blurry, low quality", "clip": ref("ckpt", "CLIP")}, column=4,
-             title="Negative prompt", extra_height=20),
-        Node("latent", "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, column=4),
-        Node("sample_base", "KSampler", dict(sampler, model=ref("ckpt", "MODEL")), column=5,
-             title="KSampler: base model"),
-        Node("sample_lora", "KSampler", dict(sampler, model=ref("lora_loader", "MODEL")), column=5,
-             title="KSampler: with LoRA (same seed)"),
-    ])
-    results = Group("6. Results", NOTE_RESULTS, [
-        Node("decode_base", "VAEDecode", {"samples": ref("sample_base", "LATENT"), "vae": ref("ckpt", "VAE")},
-             column=6, width=260),
-        Node("decode_lora", "VAEDecode", {"samples": ref("sample_lora", "LATENT"), "vae": ref("ckpt", "VAE")},
-             column=7, width=260),
-        Node("save_base", "SaveImage", {"images": ref("decode_base", "IMAGE"),
-                                        "filename_prefix": "sdxl_lora_trainer/base"}, column=6,
-             title="Base model", width=260, extra_height=260),
-        Node("save_lora", "SaveImage", {"images": ref("decode_lora", "IMAGE"),
-                                        "filename_prefix": "sdxl_lora_trainer/with_lora"}, column=7,
-             title="With LoRA", width=260, extra_height=260),
-    ])
+    sampler = {
+        "seed": 42,
+        "steps": 25,
+        "cfg": 7.0,
+        "sampler_name": "euler",
+        "scheduler": "normal",
+        "denoise": 1.0,
+        "positive": ref("positive", "CONDITIONING"),
+        "negative": ref("negative", "CONDITIONING"),
+        "latent_image": ref("latent", "LATENT"),
+    }
+    test = Group(
+        "5. Test: base vs LoRA",
+        NOTE_TEST,
+        [
+            Node(
+                "lora_loader",
+                "LoraLoader",
+                {
+                    "model": ref("ckpt", "MODEL"),
+                    "clip": ref("ckpt", "CLIP"),
+                    "lora_name": ref("train", "lora_name"),
+                    "strength_model": 1.0,
+                    "strength_clip": 1.0,
+                },
+                column=4,
+                title="Load the trained LoRA",
+            ),
+            Node(
+                "positive",
+                "CLIPTextEncode",
+                {"text": prompt, "clip": ref("ckpt", "CLIP")},
+                column=4,
+                title="Prompt",
+                extra_height=40,
+            ),
+            Node(
+                "negative",
+                "CLIPTextEncode",
+                {"text": "blurry, low quality", "clip": ref("ckpt", "CLIP")},
+                column=4,
+                title="Negative prompt",
+                extra_height=20,
+            ),
+            Node("latent", "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, column=4),
+            Node(
+                "sample_base",
+                "KSampler",
+                dict(sampler, model=ref("ckpt", "MODEL")),
+                column=5,
+                title="KSampler: base model",
+            ),
+            Node(
+                "sample_lora",
+                "KSampler",
+                dict(sampler, model=ref("lora_loader", "MODEL")),
+                column=5,
+                title="KSampler: with LoRA (same seed)",
+            ),
+        ],
+    )
+    results = Group(
+        "6. Results",
+        NOTE_RESULTS,
+        [
+            Node(
+                "decode_base",
+                "VAEDecode",
+                {"samples": ref("sample_base", "LATENT"), "vae": ref("ckpt", "VAE")},
+                column=6,
+                width=260,
+            ),
+            Node(
+                "decode_lora",
+                "VAEDecode",
+                {"samples": ref("sample_lora", "LATENT"), "vae": ref("ckpt", "VAE")},
+                column=7,
+                width=260,
+            ),
+            Node(
+                "save_base",
+                "SaveImage",
+                {"images": ref("decode_base", "IMAGE"), "filename_prefix": "sdxl_lora_trainer/base"},
+                column=6,
+                title="Base model",
+                width=260,
+                extra_height=260,
+            ),
+            Node(
+                "save_lora",
+                "SaveImage",
+                {"images": ref("decode_lora", "IMAGE"), "filename_prefix": "sdxl_lora_trainer/with_lora"},
+                column=7,
+                title="With LoRA",
+                width=260,
+                extra_height=260,
+            ),
+        ],
+    )
     return [test, results]
 
 
@@ -231,16 +374,36 @@ SAMPLE_PROMPT = "zkw toy, a red circle on a blue background"
 
 def definitions() -> list[Definition]:
     return [
-        Definition("train_then_test_sdxl_lora", [
-            _model_group(), _dataset_group("folder"), _cache_group(None),
-            _train_group("my_sdxl_lora", 400, 1e-4), *_test_groups(SAMPLE_PROMPT)]),
-        Definition("kohya_toml_dataset", [
-            _model_group(), _dataset_group("toml"), _cache_group(None),
-            _train_group("my_sdxl_lora", 400, 1e-4), *_test_groups(SAMPLE_PROMPT)]),
-        Definition("continue_training", [
-            _model_group(), _dataset_group("folder"),
-            _cache_group("sdxl_lora_trainer/my_sdxl_lora.safetensors"),
-            _train_group("my_sdxl_lora_continued", 200, 5e-5), *_test_groups(SAMPLE_PROMPT)]),
+        Definition(
+            "train_then_test_sdxl_lora",
+            [
+                _model_group(),
+                _dataset_group("folder"),
+                _cache_group(None),
+                _train_group("my_sdxl_lora", 400, 1e-4),
+                *_test_groups(SAMPLE_PROMPT),
+            ],
+        ),
+        Definition(
+            "kohya_toml_dataset",
+            [
+                _model_group(),
+                _dataset_group("toml"),
+                _cache_group(None),
+                _train_group("my_sdxl_lora", 400, 1e-4),
+                *_test_groups(SAMPLE_PROMPT),
+            ],
+        ),
+        Definition(
+            "continue_training",
+            [
+                _model_group(),
+                _dataset_group("folder"),
+                _cache_group("sdxl_lora_trainer/my_sdxl_lora.safetensors"),
+                _train_group("my_sdxl_lora_continued", 200, 5e-5),
+                *_test_groups(SAMPLE_PROMPT),
+            ],
+        ),
     ]
 
 
@@ -311,16 +474,19 @@ def build(definition: Definition, object_info: dict[str, Any]) -> dict[str, Any]
         for name, value in n.inputs.items():
             if isinstance(value, tuple):
                 if is_widget(specs[name]):
-                    inputs_ui.append({"name": name, "type": widget_type_name(specs[name]), "widget": {"name": name},
-                                      "link": None})
+                    inputs_ui.append(
+                        {"name": name, "type": widget_type_name(specs[name]), "widget": {"name": name}, "link": None}
+                    )
                 src_key, out_name = value
                 src = next(x for x in nodes if x.key == src_key)
                 src_info = object_info[src.class_type]
                 try:
                     slot = src_info["output_name"].index(out_name)
                 except ValueError:
-                    raise ConversionError(f"{definition.name}.{n.key}.{name}: {src.class_type} has no output "
-                                          f"{out_name!r} (outputs: {src_info['output_name']})") from None
+                    raise ConversionError(
+                        f"{definition.name}.{n.key}.{name}: {src.class_type} has no output "
+                        f"{out_name!r} (outputs: {src_info['output_name']})"
+                    ) from None
                 link_id = len(links) + 1
                 target_slot = next(i for i, e in enumerate(inputs_ui) if e["name"] == name)
                 inputs_ui[target_slot]["link"] = link_id
@@ -332,11 +498,25 @@ def build(definition: Definition, object_info: dict[str, Any]) -> dict[str, Any]
         n_widgets = sum(1 for _, spec in input_specs(info) if is_widget(spec))
         n_widgets += len(widget_values) - n_widgets  # control widgets take a row too
         ui_nodes[n.key] = {
-            "id": ids[n.key], "type": n.class_type, "pos": [0, 0],
-            "size": [n.width, _node_height(len(inputs_ui) - sum(1 for e in inputs_ui if "widget" in e),
-                                           len(info["output"]), n_widgets, n.extra_height)],
-            "flags": {}, "order": 0, "mode": 0, "inputs": inputs_ui,
-            "outputs": [], "properties": {"Node name for S&R": n.class_type}, "widgets_values": widget_values,
+            "id": ids[n.key],
+            "type": n.class_type,
+            "pos": [0, 0],
+            "size": [
+                n.width,
+                _node_height(
+                    len(inputs_ui) - sum(1 for e in inputs_ui if "widget" in e),
+                    len(info["output"]),
+                    n_widgets,
+                    n.extra_height,
+                ),
+            ],
+            "flags": {},
+            "order": 0,
+            "mode": 0,
+            "inputs": inputs_ui,
+            "outputs": [],
+            "properties": {"Node name for S&R": n.class_type},
+            "widgets_values": widget_values,
         }
         if n.title:
             ui_nodes[n.key]["title"] = n.title
@@ -344,12 +524,14 @@ def build(definition: Definition, object_info: dict[str, Any]) -> dict[str, Any]
             ui_nodes[n.key]["properties"].update({"cnr_id": "comfy-core", "ver": CORE_VERSION})
         if n.class_type == "CheckpointLoaderSimple":
             ui_nodes[n.key]["properties"]["models"] = [
-                {"name": SDXL_CHECKPOINT, "url": SDXL_URL, "directory": "checkpoints"}]
+                {"name": SDXL_CHECKPOINT, "url": SDXL_URL, "directory": "checkpoints"}
+            ]
     for n in nodes:
         info = object_info[n.class_type]
         ui_nodes[n.key]["outputs"] = [
             {"name": name, "type": typ, "slot_index": i, "links": out_links.get((ids[n.key], i))}
-            for i, (name, typ) in enumerate(zip(info["output_name"], info["output"]))]
+            for i, (name, typ) in enumerate(zip(info["output_name"], info["output"]))
+        ]
 
     # execution order (the frontend recomputes it; a topological order keeps the file tidy)
     deps = {ids[n.key]: {ln[1] for ln in links if ln[3] == ids[n.key]} for n in nodes}
@@ -377,9 +559,22 @@ def build(definition: Definition, object_info: dict[str, Any]) -> dict[str, Any]
         right = col_x[gcols[-1]] + col_width[gcols[-1]]
         note_w = right - left
         note_h = _note_height(g.note, note_w)
-        note = {"id": next_id, "type": "MarkdownNote", "pos": [left, top + TITLE_H], "size": [note_w, note_h],
-                "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [], "title": f"Note: {g.title}",
-                "properties": {}, "widgets_values": [g.note], "color": NOTE_COLOR, "bgcolor": NOTE_BG}
+        note = {
+            "id": next_id,
+            "type": "MarkdownNote",
+            "pos": [left, top + TITLE_H],
+            "size": [note_w, note_h],
+            "flags": {},
+            "order": 0,
+            "mode": 0,
+            "inputs": [],
+            "outputs": [],
+            "title": f"Note: {g.title}",
+            "properties": {},
+            "widgets_values": [g.note],
+            "color": NOTE_COLOR,
+            "bgcolor": NOTE_BG,
+        }
         next_id += 1
         notes.append(note)
         y0 = top + TITLE_H + note_h + ROW_GAP
@@ -390,10 +585,21 @@ def build(definition: Definition, object_info: dict[str, Any]) -> dict[str, Any]
                 ui_nodes[n.key]["pos"] = [col_x[c], y + TITLE_H]
                 y += TITLE_H + ui_nodes[n.key]["size"][1] + ROW_GAP
             bottom = max(bottom, y - ROW_GAP)
-        groups.append({"id": gi + 1, "title": g.title,
-                       "bounding": [left - GROUP_PAD, top - GROUP_TITLE_H, note_w + 2 * GROUP_PAD,
-                                    bottom - top + GROUP_TITLE_H + GROUP_PAD],
-                       "color": GROUP_COLOR, "font_size": 24, "flags": {}})
+        groups.append(
+            {
+                "id": gi + 1,
+                "title": g.title,
+                "bounding": [
+                    left - GROUP_PAD,
+                    top - GROUP_TITLE_H,
+                    note_w + 2 * GROUP_PAD,
+                    bottom - top + GROUP_TITLE_H + GROUP_PAD,
+                ],
+                "color": GROUP_COLOR,
+                "font_size": 24,
+                "flags": {},
+            }
+        )
     position = {nid: i for i, nid in enumerate(order)}
     for n in nodes:
         ui_nodes[n.key]["order"] = position[ids[n.key]] + len(notes)
@@ -445,10 +651,23 @@ batch_size = 1
   num_repeats = 2
 """
 
-_SHAPES = [("red", "circle", "blue"), ("yellow", "square", "green"), ("red", "triangle", "white"),
-           ("blue", "circle", "yellow"), ("green", "square", "purple"), ("white", "triangle", "black")]
-_RGB = {"red": (220, 40, 40), "blue": (40, 70, 200), "yellow": (240, 210, 40), "green": (40, 160, 70),
-        "white": (245, 245, 245), "purple": (130, 60, 170), "black": (20, 20, 20)}
+_SHAPES = [
+    ("red", "circle", "blue"),
+    ("yellow", "square", "green"),
+    ("red", "triangle", "white"),
+    ("blue", "circle", "yellow"),
+    ("green", "square", "purple"),
+    ("white", "triangle", "black"),
+]
+_RGB = {
+    "red": (220, 40, 40),
+    "blue": (40, 70, 200),
+    "yellow": (240, 210, 40),
+    "green": (40, 160, 70),
+    "white": (245, 245, 245),
+    "purple": (130, 60, 170),
+    "black": (20, 20, 20),
+}
 _SIZES = [(64, 64), (64, 64), (64, 48), (48, 64), (64, 64), (64, 64)]
 
 
@@ -503,8 +722,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     info = json.loads(args.object_info.read_text()) if args.object_info else server_object_info()
     files = build_all(info)
-    stale = [name for name, text in files.items()
-             if not (OUT_DIR / name).is_file() or (OUT_DIR / name).read_text() != text]
+    stale = [
+        name for name, text in files.items() if not (OUT_DIR / name).is_file() or (OUT_DIR / name).read_text() != text
+    ]
     if args.check:
         for name in stale:
             print(f"out of date: example_workflows/{name} (run scripts/build_example_workflows.py)")

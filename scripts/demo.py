@@ -10,6 +10,7 @@ one). The LoRA, the base/LoRA images and the base directory are printed at the e
     make demo
     make demo DEMO_ARGS="--checkpoint /models/sd_xl_base_1.0.safetensors --steps 200"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +35,22 @@ DEFAULT_BASE = ROOT / ".comfyui" / "demo-base"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, default=os.environ.get("SDXL_CHECKPOINT") or None,
-                    help="a real SDXL .safetensors (default: $SDXL_CHECKPOINT, else the tiny test model)")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=os.environ.get("SDXL_CHECKPOINT") or None,
+        help="a real SDXL .safetensors (default: $SDXL_CHECKPOINT, else the tiny test model)",
+    )
     ap.add_argument("--base-dir", type=Path, default=DEFAULT_BASE, help="ComfyUI base directory (kept)")
     ap.add_argument("--steps", type=int, help="training steps (default 20 tiny / 100 real)")
     ap.add_argument("--resolution", type=int, help="training and sampling size (default 64 tiny / 1024 real)")
     ap.add_argument("--sample-steps", type=int, help="KSampler steps (default 4 tiny / 25 real)")
     ap.add_argument("--seed", type=int, default=42, help="training seed")
-    ap.add_argument("--cpu", action="store_true", help="use the CPU for a real checkpoint even if there is a GPU "
-                    "(the tiny model always runs on the CPU)")
+    ap.add_argument(
+        "--cpu",
+        action="store_true",
+        help="use the CPU for a real checkpoint even if there is a GPU (the tiny model always runs on the CPU)",
+    )
     return ap.parse_args(argv)
 
 
@@ -82,8 +90,10 @@ def install_sample_dataset(base: Path) -> Path:
 
 
 def image_paths(server: ComfyServer, entry: dict, node: str) -> list[Path]:
-    return [server.base / im["type"] / im["subfolder"] / im["filename"]
-            for im in entry["outputs"].get(node, {}).get("images", [])]
+    return [
+        server.base / im["type"] / im["subfolder"] / im["filename"]
+        for im in entry["outputs"].get(node, {}).get("images", [])
+    ]
 
 
 def mean_abs_difference(a: Path, b: Path) -> float:
@@ -112,15 +122,33 @@ def main(argv: list[str] | None = None) -> int:
     with server:
         info = server.get("/object_info")
         ours = [k for k, v in info.items() if v.get("python_module") == f"custom_nodes.{PACK_NAME}"]
-        print(f"ComfyUI at {server.url} loaded the pack with {len(ours)} nodes; example workflows: "
-              f"{', '.join(sorted(server.get('/workflow_templates').get(PACK_NAME, [])))}")
+        print(
+            f"ComfyUI at {server.url} loaded the pack with {len(ours)} nodes; example workflows: "
+            f"{', '.join(sorted(server.get('/workflow_templates').get(PACK_NAME, [])))}"
+        )
         prompt = workflow_to_prompt(json.loads(WORKFLOW.read_text()), info)
         if real:
-            prompt = for_ci(prompt, checkpoint=ckpt_name, folder=SAMPLE_FOLDER, steps=steps, resolution=resolution,
-                            sample_steps=sample_steps, learning_rate=1e-4, seed=args.seed, train_dtype="auto")
+            prompt = for_ci(
+                prompt,
+                checkpoint=ckpt_name,
+                folder=SAMPLE_FOLDER,
+                steps=steps,
+                resolution=resolution,
+                sample_steps=sample_steps,
+                learning_rate=1e-4,
+                seed=args.seed,
+                train_dtype="auto",
+            )
         else:
-            prompt = for_ci(prompt, folder=SAMPLE_FOLDER, steps=steps, resolution=resolution,
-                            sample_steps=sample_steps, learning_rate=1e-3, seed=args.seed)
+            prompt = for_ci(
+                prompt,
+                folder=SAMPLE_FOLDER,
+                steps=steps,
+                resolution=resolution,
+                sample_steps=sample_steps,
+                learning_rate=1e-3,
+                seed=args.seed,
+            )
         model = f"{ckpt_name} ({'CPU' if cpu else 'GPU'})" if real else "the tiny test SDXL"
         print(f"training {steps} steps at {resolution}px on {model} with {dataset} ...", flush=True)
         started = time.time()
@@ -133,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         train = only_node(prompt, "SDXLLoraTrain")
         report = entry["outputs"][train]["text"][0]
         lora_line = next(ln for ln in report.splitlines() if ln.startswith("saved "))
-        saves = {prompt[n]["inputs"]["filename_prefix"].rsplit("/", 1)[-1]: image_paths(server, entry, n)
-                 for n in nodes_of(prompt, "SaveImage")}
+        saves = {
+            prompt[n]["inputs"]["filename_prefix"].rsplit("/", 1)[-1]: image_paths(server, entry, n)
+            for n in nodes_of(prompt, "SaveImage")
+        }
         not_loaded = [ln for ln in server.log()[log_start:].splitlines() if "lora key not loaded" in ln]
         print(f"\ndone in {time.time() - started:.0f}s\n{report}\n")
-        print(f"LoRA:            {lora_line[len('saved '):]}")
+        print(f"LoRA:            {lora_line[len('saved ') :]}")
         for kind, paths in saves.items():
             for p in paths:
                 print(f"{'image ' + kind + ':':17s}{p}")

@@ -1,7 +1,8 @@
 """Regenerate the README's node reference from the live schemas (/object_info of a headless ComfyUI).
 
-    python scripts/node_reference.py    # rewrites the part of README.md between the <!-- nodes --> markers
+python scripts/node_reference.py    # rewrites the part of README.md between the <!-- nodes --> markers
 """
+
 from __future__ import annotations
 
 import re

@@ -9,6 +9,7 @@ devkit/package_path.py registers the repo root as the package ``sdxl_lora_traine
 ``sdxl_lora_trainer.trainer...``) and puts the development tools of devkit/ on the path; tests/ holds the
 test-only helpers (fixtures, golden data, dataset factories).
 """
+
 from __future__ import annotations
 
 import sys

@@ -2,6 +2,7 @@
 
 Images are drawn with Pillow at test time; no binary is committed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

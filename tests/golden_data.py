@@ -1,4 +1,5 @@
 """Where the golden numbers live: ../shared/golden beside the clone (or SDXL_LORA_GOLDEN_DIR)."""
+
 from __future__ import annotations
 
 import json

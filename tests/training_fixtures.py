@@ -8,14 +8,15 @@ nodes produce them (so the engine sees inference tensors, as it will in ComfyUI)
 
 The dict sources are stand-ins for trainer/cache/latents.py / text.py.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 import pytest
@@ -24,13 +25,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders
+from sdxl_lora_trainer.trainer.data.assemble import dataset_from_scan
 from sdxl_lora_trainer.trainer.data.buckets import BucketSettings, resize_and_crop
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions, escape_for_comfy_tokenizer
-from sdxl_lora_trainer.trainer.data.assemble import dataset_from_scan
+from sdxl_lora_trainer.trainer.data.dataset import TrainingDataset
 from sdxl_lora_trainer.trainer.data.sources import items_from_images
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.run.session import TrainConfig, train
-from sdxl_lora_trainer.trainer.data.dataset import TrainingDataset
 
 DEFAULT_CAPTIONS = ("a red cube", "a blue ball", "a green tree", "a yellow house")
 
@@ -43,16 +44,24 @@ def draw(size: tuple[int, int], seed: int) -> Image.Image:
     return Image.fromarray(coarse).resize((w, h), Image.NEAREST)
 
 
-def make_dataset(n: int = 2, size: tuple[int, int] = (64, 64), captions: Optional[Sequence[str]] = None,
-                 batch_size: int = 1, num_repeats: int = 1, flip_aug: bool = False,
-                 caption_options: CaptionOptions = CaptionOptions(), resolution: int = 64,
-                 image_seed: int = 0) -> TrainingDataset:
+def make_dataset(
+    n: int = 2,
+    size: tuple[int, int] = (64, 64),
+    captions: Sequence[str] | None = None,
+    batch_size: int = 1,
+    num_repeats: int = 1,
+    flip_aug: bool = False,
+    caption_options: CaptionOptions | None = None,
+    resolution: int = 64,
+    image_seed: int = 0,
+) -> TrainingDataset:
     images = [draw(size, image_seed + i) for i in range(n)]
     caps = list(captions) if captions is not None else [DEFAULT_CAPTIONS[i % len(DEFAULT_CAPTIONS)] for i in range(n)]
     scan = items_from_images(images, caps, num_repeats=num_repeats)
-    settings = BucketSettings(resolution=(resolution, resolution), min_bucket_reso=32, max_bucket_reso=128,
-                              bucket_reso_steps=32)
-    return dataset_from_scan(scan, settings, batch_size, caption_options, flip_aug=flip_aug)
+    settings = BucketSettings(
+        resolution=(resolution, resolution), min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32
+    )
+    return dataset_from_scan(scan, settings, batch_size, caption_options or CaptionOptions(), flip_aug=flip_aug)
 
 
 def _key(image) -> str:
@@ -112,7 +121,8 @@ def sources(tiny, dataset: TrainingDataset) -> tuple[DictLatents, DictText]:
 
 # -- the models, built as ComfyUI's loader nodes build them (under inference mode) ---------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def inference_models(v_prediction: bool = False):
     """(MODEL, CLIP, VAE) of the tiny SDXL built inside ``torch.inference_mode()`` (weights are inference tensors)."""
     import tiny_sdxl
@@ -121,7 +131,7 @@ def inference_models(v_prediction: bool = False):
         return tiny_sdxl.make_model(0, v_prediction), tiny_sdxl.make_clip(1), tiny_sdxl.make_vae(2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_unet() -> torch.nn.Module:
     """A twin of the tiny U-Net built OUTSIDE inference mode (ordinary tensors, so plain autograd works)."""
     import tiny_sdxl
@@ -131,25 +141,43 @@ def reference_unet() -> torch.nn.Module:
     return unet
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_data(n: int = 2):
     """(dataset, latents, text) of ``n`` 64x64 images (one bucket), batch size 1."""
     ds = make_dataset(n)
     return (ds, *sources(inference_models(), ds))
 
 
-def run_train(dataset, latents, text, network: NetworkConfig = None, config: TrainConfig = None, *,
-              model=None, clip=None, **kwargs):
+def run_train(
+    dataset,
+    latents,
+    text,
+    network: NetworkConfig = None,
+    config: TrainConfig = None,
+    *,
+    model=None,
+    clip=None,
+    **kwargs,
+):
     """``train`` as the node calls it: inside inference mode, on the inference-built tiny MODEL/CLIP."""
     m, c, _ = inference_models()
     network = network or NetworkConfig(network_dim=4, network_alpha=1.0, train_te1=False, train_te2=False)
     config = config or TrainConfig(max_train_steps=1)
     with torch.inference_mode():
-        return train(model if model is not None else m, clip if clip is not None else c, dataset, latents, text,
-                     network, config, **kwargs)
+        return train(
+            model if model is not None else m,
+            clip if clip is not None else c,
+            dataset,
+            latents,
+            text,
+            network,
+            config,
+            **kwargs,
+        )
 
 
 # -- capturing what the engine does inside train() ------------------------------------------------
+
 
 class Capture:
     """Wraps run/session.build_network / build_optimizer and loop.batch_loss (via monkeypatch) to record:
@@ -181,8 +209,14 @@ class Capture:
             names = {id(p): n for n, p in self.network.named_parameters()}
 
             def pre(optimizer, args, kwargs):
-                self.step_grads.append({names[id(p)]: p.grad.detach().clone() for g in optimizer.param_groups
-                                        for p in g["params"] if p.grad is not None})
+                self.step_grads.append(
+                    {
+                        names[id(p)]: p.grad.detach().clone()
+                        for g in optimizer.param_groups
+                        for p in g["params"]
+                        if p.grad is not None
+                    }
+                )
 
             opt.register_step_pre_hook(pre)
             self.optimizer = opt
@@ -231,7 +265,8 @@ def ref_size_embedding(time_ids: torch.Tensor) -> torch.Tensor:
 
 
 def ref_draws(x0: torch.Tensor, noise_settings, gen: torch.Generator, py: random.Random):
-    """(noise target, noise put into the latents, timesteps) in kohya's draw order (get_noise_noisy_latents_and_timesteps)."""
+    """(noise target, noise put into the latents, timesteps) in kohya's draw order
+    (get_noise_noisy_latents_and_timesteps)."""
     ns = noise_settings
     b, c, h, w = x0.shape
     noise = torch.randn(x0.shape, generator=gen)
@@ -263,8 +298,9 @@ def ref_draws(x0: torch.Tensor, noise_settings, gen: torch.Generator, py: random
     return noise, put, t
 
 
-def ref_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, loss_settings,
-             v_pred: bool) -> torch.Tensor:
+def ref_loss(
+    pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, loss_settings, v_pred: bool
+) -> torch.Tensor:
     """kohya's process_batch loss: target, element-wise loss, mean over CHW, post_process_loss weights, mean."""
     ls = loss_settings
     ac = ref_alphas_cumprod()[t].view(-1, 1, 1, 1)
@@ -342,9 +378,20 @@ def sdpa_attention():
         attention.optimized_attention, attention.optimized_attention_masked = before
 
 
-def reference_step(items: list[tuple[str, bool]], dataset, latents: DictLatents, text: DictText, lora_sd: dict,
-                   seed: int, noise_settings=None, loss_settings=None, v_pred: bool = False,
-                   gen: Optional[torch.Generator] = None, py: Optional[random.Random] = None, grads: bool = True):
+def reference_step(
+    items: list[tuple[str, bool]],
+    dataset,
+    latents: DictLatents,
+    text: DictText,
+    lora_sd: dict,
+    seed: int,
+    noise_settings=None,
+    loss_settings=None,
+    v_pred: bool = False,
+    gen: torch.Generator | None = None,
+    py: random.Random | None = None,
+    grads: bool = True,
+):
     """kohya's loss (and LoRA gradients) of one batch of ``items`` with the noise of a generator seeded ``seed``.
 
     Returns (loss, {param name: grad}); ``gen``/``py`` may be passed to continue a stream (micro-batch 2, ...).
@@ -401,5 +448,6 @@ def random_lora_weights(network_config: NetworkConfig, seed: int, up_std: float 
     model, clip, _ = inference_models()
     sd = build_network(model, clip, network_config, seed).state_dict_kohya()
     g = torch.Generator().manual_seed(seed + 100)
-    return {k: (torch.randn(v.shape, generator=g) * up_std if k.endswith("lora_up.weight") else v)
-            for k, v in sd.items()}
+    return {
+        k: (torch.randn(v.shape, generator=g) * up_std if k.endswith("lora_up.weight") else v) for k, v in sd.items()
+    }

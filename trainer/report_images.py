@@ -3,6 +3,7 @@
 Both return an RGB ``PIL.Image``; nodes turn it into a ComfyUI IMAGE. They must never fail on
 degenerate input (one bucket, one step, constant loss), since a chart error would hide a good run.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,9 @@ def _step_label(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-def bucket_histogram_image(buckets: Sequence[tuple[tuple[int, int], int, int]], width: int = 640,
-                           height: int = 360) -> Image.Image:
+def bucket_histogram_image(
+    buckets: Sequence[tuple[tuple[int, int], int, int]], width: int = 640, height: int = 360
+) -> Image.Image:
     """Bars of images per bucket (dark) and images with repeats (light); buckets as 'WxH' labels."""
     img = Image.new("RGB", (width, height), BG)
     draw = ImageDraw.Draw(img)
@@ -107,8 +109,13 @@ def _frac(v: float, lo: float, hi: float) -> float:
     return (v - lo) / span
 
 
-def loss_graph_image(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None = None,
-                     width: int = 800, height: int = 400) -> Image.Image:
+def loss_graph_image(
+    steps: Sequence[int],
+    losses: Sequence[float],
+    lrs: Sequence[float] | None = None,
+    width: int = 800,
+    height: int = 400,
+) -> Image.Image:
     """Raw loss, its moving average and (right axis) the learning rate against the step.
 
     Non-finite losses / lrs are left out (the lines join their neighbours); one step is drawn as dots
@@ -128,7 +135,7 @@ def loss_graph_image(steps: Sequence[int], losses: Sequence[float], lrs: Sequenc
         draw.text((left + 10, height // 2), "no loss recorded", fill=AXIS, font=font)
         return img
     xs = [s for s, _ in finite]
-    ys = [l for _, l in finite]
+    ys = [loss for _, loss in finite]
     first, last = min(xs), max(xs)
     x_lo, x_hi = (first - 1, last + 1) if last == first else (first, last)
     y_lo, y_hi = _span(min(ys), max(ys), 1.0)
@@ -136,8 +143,7 @@ def loss_graph_image(steps: Sequence[int], losses: Sequence[float], lrs: Sequenc
     def pt(x: float, y: float, lo: float, hi: float) -> tuple[float, float]:
         return left + pw * _frac(x, x_lo, x_hi), top + ph * (1 - _frac(y, lo, hi))
 
-    def polyline(points: list[tuple[float, float]], colour: tuple[int, int, int], width_px: int,
-                 dot: int) -> None:
+    def polyline(points: list[tuple[float, float]], colour: tuple[int, int, int], width_px: int, dot: int) -> None:
         if len(points) == 1:
             x, y = points[0]
             draw.ellipse([x - dot, y - dot, x + dot, y + dot], fill=colour)

@@ -6,6 +6,7 @@ every node type must resolve, and re-serialising must keep every widget value in
 or order would shift them). Tools come from scripts/setup_browser.sh; skipped only when it recorded that Chromium
 cannot be installed here.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,11 +45,17 @@ def loaded(tmp_path_factory) -> dict:
         server.post("/settings/Comfy.TutorialCompleted", True)  # no template browser over the canvas
         object_info = server.get("/object_info")
         examples = {n: json.loads((EXAMPLES / f"{n}.json").read_text()) for n in NAMES}
-        spec = {"url": server.url, "out_dir": str(out), "playwright_core": str(PLAYWRIGHT_CORE),
-                "chromium": chromium, "examples": examples}
+        spec = {
+            "url": server.url,
+            "out_dir": str(out),
+            "playwright_core": str(PLAYWRIGHT_CORE),
+            "chromium": chromium,
+            "examples": examples,
+        }
         (out / "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.run([node, str(DRIVER), str(out / "spec.json")], capture_output=True, text=True,
-                              check=False, timeout=600)
+        proc = subprocess.run(
+            [node, str(DRIVER), str(out / "spec.json")], capture_output=True, text=True, check=False, timeout=600
+        )
         path = out / "report.json"
         assert path.is_file(), f"driver wrote no report (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         report = json.loads(path.read_text())
@@ -66,7 +73,10 @@ def test_frontend_resolves_every_node(loaded, name):
 def test_frontend_prompt_equals_the_converter(loaded, name):
     front = loaded["report"]["examples"][name]["prompt"]
     ours = workflow_to_prompt(loaded["examples"][name], loaded["object_info"])
-    strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
+
+    def strip(p):
+        return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
+
     assert strip(front) == strip(ours)
 
 
@@ -76,12 +86,18 @@ def test_widget_values_keep_their_slots(loaded, name):
     wf = loaded["examples"][name]
     again = {n["id"]: n for n in loaded["report"]["examples"][name]["serialized"]["nodes"]}
     for node in wf["nodes"]:
-        assert again[node["id"]].get("widgets_values", []) == node.get("widgets_values", []), \
-            (node["type"], loaded["report"]["examples"][name]["widgets"][str(node["id"])])
+        assert again[node["id"]].get("widgets_values", []) == node.get("widgets_values", []), (
+            node["type"],
+            loaded["report"]["examples"][name]["widgets"][str(node["id"])],
+        )
     assert sorted(map(tuple, again_links(loaded, name))) == sorted(map(tuple, wf["links"]))
 
 
 def again_links(loaded: dict, name: str) -> list:
     links = loaded["report"]["examples"][name]["serialized"]["links"]
-    return [ln if isinstance(ln, list) else [ln["id"], ln["origin_id"], ln["origin_slot"], ln["target_id"],
-                                            ln["target_slot"], ln["type"]] for ln in links]
+    return [
+        ln
+        if isinstance(ln, list)
+        else [ln["id"], ln["origin_id"], ln["origin_slot"], ln["target_id"], ln["target_slot"], ln["type"]]
+        for ln in links
+    ]

@@ -12,6 +12,7 @@ synthetic events (other node, new run, constant loss, null loss / lr, the cancel
 Tools come from scripts/setup_browser.sh (make test runs it); this file installs nothing. Skipped only when
 that script recorded that Chromium cannot be installed on this machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ import pytest
 from comfy_host import ROOT
 from comfy_server import ComfyServer
 from dataset_factory import kohya_folder
-from PIL import Image
 from example_prompts import train_then_test
+from PIL import Image
 
 DRIVER = Path(__file__).with_name("loss_chart_driver.cjs")
 EXAMPLE = ROOT / "example_workflows" / "train_then_test_sdxl_lora.json"
@@ -50,10 +51,19 @@ def _tools() -> tuple[str, str]:
         return chromium, node
     if UNAVAILABLE.is_file():
         pytest.skip(f"browser test skipped: {UNAVAILABLE.read_text().strip()} (from scripts/setup_browser.sh)")
-    missing = [what for what, ok in [(chromium, os.access(chromium, os.X_OK)), ("node", bool(node)),
-                                     (str(PLAYWRIGHT_CORE), (PLAYWRIGHT_CORE / "package.json").is_file())] if not ok]
-    pytest.fail(f"browser test tools missing: {missing}. Run `bash scripts/setup_browser.sh` (make test runs it); "
-                "the test is skipped only when that script finds Chromium cannot be installed.")
+    missing = [
+        what
+        for what, ok in [
+            (chromium, os.access(chromium, os.X_OK)),
+            ("node", bool(node)),
+            (str(PLAYWRIGHT_CORE), (PLAYWRIGHT_CORE / "package.json").is_file()),
+        ]
+        if not ok
+    ]
+    pytest.fail(
+        f"browser test tools missing: {missing}. Run `bash scripts/setup_browser.sh` (make test runs it); "
+        "the test is skipped only when that script finds Chromium cannot be installed."
+    )
 
 
 def _overrides(prompt: dict) -> dict[str, dict]:
@@ -78,16 +88,30 @@ def run(tmp_path_factory):
         # A returning user: no template browser over the canvas on first load.
         server.post("/settings/Comfy.TutorialCompleted", True)
         # A unique output name: the prompt can never be served from ComfyUI's cache of an earlier run.
-        prompt = train_then_test("ds_browser", steps=STEPS, seed=3, resolution=RES, sample_steps=2,
-                                 output_name=f"browser_{uuid.uuid4().hex[:8]}")
+        prompt = train_then_test(
+            "ds_browser",
+            steps=STEPS,
+            seed=3,
+            resolution=RES,
+            sample_steps=2,
+            output_name=f"browser_{uuid.uuid4().hex[:8]}",
+        )
         spec = {
-            "url": server.url, "out_dir": str(out), "playwright_core": str(PLAYWRIGHT_CORE), "chromium": chromium,
-            "prompt": prompt, "example": json.loads(EXAMPLE.read_text()) if EXAMPLE.is_file() else None,
-            "overrides": _overrides(prompt), "train_class": TRAIN, "steps": STEPS, "timeout_ms": 600_000,
+            "url": server.url,
+            "out_dir": str(out),
+            "playwright_core": str(PLAYWRIGHT_CORE),
+            "chromium": chromium,
+            "prompt": prompt,
+            "example": json.loads(EXAMPLE.read_text()) if EXAMPLE.is_file() else None,
+            "overrides": _overrides(prompt),
+            "train_class": TRAIN,
+            "steps": STEPS,
+            "timeout_ms": 600_000,
         }
         (out / "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.run([node, str(DRIVER), str(out / "spec.json")], capture_output=True, text=True,
-                              check=False, timeout=840)
+        proc = subprocess.run(
+            [node, str(DRIVER), str(out / "spec.json")], capture_output=True, text=True, check=False, timeout=840
+        )
         report_path = out / "report.json"
         assert report_path.is_file(), f"driver wrote no report (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         report = json.loads(report_path.read_text())
@@ -102,21 +126,23 @@ def _ok(report: dict) -> None:
     assert report.get("error") is None, (
         f"browser scenario failed at stage {report.get('stage')!r}: {report.get('error')}\n"
         f"page errors: {report.get('pageerrors')}\nconsole: {report.get('console', [])[-20:]}\n"
-        f"driver: {report['_driver']}\nserver log: {report['_log']}\nscreenshots in {report['_out']}")
+        f"driver: {report['_driver']}\nserver log: {report['_log']}\nscreenshots in {report['_out']}"
+    )
 
 
 def _chart_ok(report: dict) -> None:
     _ok(report)
     assert report.get("chart_error") is None, (
         f"chart checks failed: {report['chart_error']}\nchart widgets: {report['validate']['chart_widgets']}\n"
-        f"console: {report.get('console', [])[-20:]}\nscreenshots in {report['_out']}")
+        f"console: {report.get('console', [])[-20:]}\nscreenshots in {report['_out']}"
+    )
     assert "error" not in report["chart"], report["chart"]
 
 
 def _coverage(rgb: np.ndarray, colour: str, bg: str) -> np.ndarray:
     """Pixels lying on the line from bg to colour at >= 35% coverage (anti-aliased edges count)."""
-    c = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], float)
-    b = np.array([int(bg[i:i + 2], 16) for i in (1, 3, 5)], float)
+    c = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)], float)
+    b = np.array([int(bg[i : i + 2], 16) for i in (1, 3, 5)], float)
     d = c - b
     p = rgb.astype(float) - b
     a = (p @ d) / (d @ d)
@@ -141,8 +167,11 @@ def test_frontend_loads_the_extension_once(run):
     assert run["extension_responses"], "the frontend never requested web/loss_chart.js"
     assert all(status == 200 for _, status in run["extension_responses"]), run["extension_responses"]
     assert run["validate"]["extension_registrations"] == 1
-    ours = [e for e in run["pageerrors"] + [c for c in run["console"] if c.startswith("[error]")]
-            if "loss_chart" in e or "sdxl_lora" in e]
+    ours = [
+        e
+        for e in run["pageerrors"] + [c for c in run["console"] if c.startswith("[error]")]
+        if "loss_chart" in e or "sdxl_lora" in e
+    ]
     assert not ours, ours
     assert not run["pageerrors"], run["pageerrors"]  # no uncaught exception in the page during the scenario
 
@@ -229,7 +258,8 @@ def test_no_node_lies_under_the_train_node_with_its_chart(run):
     focus = run["focus"]
     assert focus["overlapping"] == [], (
         f"nodes overlap the {TRAIN} node (size with chart {focus['size']}): {focus['overlapping']}; "
-        f"move them below it in {EXAMPLE.name if run['build']['source'] == 'example' else 'the built graph'}")
+        f"move them below it in {EXAMPLE.name if run['build']['source'] == 'example' else 'the built graph'}"
+    )
 
 
 def test_chart_ignores_other_nodes_resets_on_a_new_run_survives_degenerate_data_and_cancel(run):

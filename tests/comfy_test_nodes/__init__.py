@@ -2,6 +2,7 @@
 
 Loaded only by the tests and the demo (devkit/comfy_server.py links it into a throw-away base directory).
 """
+
 import os
 import sys
 

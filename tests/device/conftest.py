@@ -1,8 +1,10 @@
 """Device tier: the training engine with ComfyUI's MODEL/CLIP/VAE on a stand-in accelerator (see device_helpers)."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from device_helpers import ComfyGpu, math_attention

@@ -7,16 +7,17 @@ Users train on CUDA; CI has no GPU. Here the tiny SDXL's load device is the stan
 it as its GPU: ``ComfyGpu`` gives it a memory size, a VRAM mode (the command-line flags' states), async offload
 streams, --gpu-only, so ComfyUI's own loading, partial loading, eviction and weight streaming code runs on it.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
 import torch
-
 from comfy_host import import_comfy
 
 import_comfy()
@@ -24,7 +25,6 @@ import_comfy()
 import comfy.cli_args  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
-
 import tiny_sdxl  # noqa: E402
 import training_fixtures as tf  # noqa: E402
 from standin_device import DEVICE  # noqa: E402
@@ -56,12 +56,13 @@ class ComfyGpu:
     gpu_only: bool = False
 
     def free_memory(self) -> int:
-        used = sum(lm.model_loaded_memory() for lm in mm.current_loaded_models
-                   if lm.device == DEVICE and lm.model is not None)
+        used = sum(
+            lm.model_loaded_memory() for lm in mm.current_loaded_models if lm.device == DEVICE and lm.model is not None
+        )
         return max(0, self.memory - used)
 
     @contextlib.contextmanager
-    def installed(self, monkeypatch: pytest.MonkeyPatch) -> Iterator["ComfyGpu"]:
+    def installed(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[ComfyGpu]:
         real_free = mm.get_free_memory
 
         def get_free_memory(dev: Any = None, torch_free_too: bool = False) -> Any:
@@ -88,29 +89,32 @@ class ComfyGpu:
             mm.stream_counters.pop(DEVICE, None)
 
 
-def models_on(device: torch.device, gpu_only: bool = False, patcher_class: Any = None,
-              v_prediction: bool = False) -> tuple[Any, Any, Any]:
+def models_on(
+    device: torch.device, gpu_only: bool = False, patcher_class: Any = None, v_prediction: bool = False
+) -> tuple[Any, Any, Any]:
     """The tiny SDXL built as ComfyUI's loaders build it (under inference mode), loading to ``device``.
 
     Weights live on the host between loads (offload device), or on the device itself with --gpu-only.
     """
     offload = device if gpu_only else CPU
     with torch.inference_mode():
-        model = tiny_sdxl.make_model(0, v_prediction, load_device=device, offload_device=offload,
-                                     patcher_class=patcher_class)
+        model = tiny_sdxl.make_model(
+            0, v_prediction, load_device=device, offload_device=offload, patcher_class=patcher_class
+        )
         clip = tiny_sdxl.make_clip(1, load_device=device, offload_device=offload)
         vae = tiny_sdxl.make_vae(2, load_device=device)
     return model, clip, vae
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def data(n: int = 2, shuffle: bool = False):
     """(dataset, latents, text) from the host tier's fixtures (encoded on the CPU, as the caches hold them)."""
     from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
 
     options = CaptionOptions(shuffle_caption=True) if shuffle else CaptionOptions()
-    ds = tf.make_dataset(n, caption_options=options, captions=["red, cube, shiny", "blue, ball, matte"][:n]
-                         if shuffle else None)
+    ds = tf.make_dataset(
+        n, caption_options=options, captions=["red, cube, shiny", "blue, ball, matte"][:n] if shuffle else None
+    )
     return (ds, *tf.sources(tf.inference_models(), ds))
 
 
@@ -130,7 +134,7 @@ def cpu_models(v_prediction: bool = False) -> tuple[Any, Any, Any]:
     return models_on(CPU, v_prediction=v_prediction)
 
 
-def loaded_on_device(model: Any) -> Optional[bool]:
+def loaded_on_device(model: Any) -> bool | None:
     """True when every weight of the U-Net sits on the stand-in now."""
     return all(p.device == DEVICE for p in model.model.diffusion_model.parameters())
 

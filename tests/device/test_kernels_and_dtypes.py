@@ -1,17 +1,18 @@
 """ComfyUI's fast kernels and GPU settings meet training: attention kernels and layers without a backward are
 swapped for the run, fp16 accumulation is switched off, and train_dtype "auto" asks ComfyUI what the GPU can do."""
+
 from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-import torch
-
 import comfy.ldm.modules.attention as attention
 import comfy.model_management as mm
+import pytest
+import torch
 import training_fixtures as tf
 from device_helpers import assert_same_lora, data, lora_bytes, models_on
 from standin_device import DEVICE
+
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
@@ -27,6 +28,7 @@ def train(model=None, net=NET, config=CONFIG, **kwargs):
 
 # -- attention ------------------------------------------------------------------------------------------------
 
+
 def no_backward(q, k, v, heads, mask=None, **kwargs):
     """Like --use-flash-attention's custom op: right values, no autograd formula (nothing before it learns)."""
     with torch.no_grad():
@@ -38,16 +40,21 @@ def quantized_qk(q, k, v, heads, mask=None, **kwargs):
     return attention.attention_pytorch(q.detach(), k.detach(), v, heads, mask=mask, **kwargs)
 
 
-KERNELS = {"sub_quadratic": attention.attention_sub_quad, "split": attention.attention_split,
-           "flash_custom_op": no_backward, "sage_quantized": quantized_qk}
+KERNELS = {
+    "sub_quadratic": attention.attention_sub_quad,
+    "split": attention.attention_split,
+    "flash_custom_op": no_backward,
+    "sage_quantized": quantized_qk,
+}
 
 
 def qkv_grads(monkeypatch, model=None):
     cap = tf.Capture(monkeypatch)
     result = train(model)
     grads = cap.step_grads[0]
-    return result, {k: v for k, v in grads.items() if k.split(".")[0].endswith(("to_q", "to_k", "to_v"))
-                    and "lora_up" in k}
+    return result, {
+        k: v for k, v in grads.items() if k.split(".")[0].endswith(("to_q", "to_k", "to_v")) and "lora_up" in k
+    }
 
 
 @pytest.fixture
@@ -92,6 +99,7 @@ def test_an_attention_override_of_another_node_is_not_used_for_training(referenc
 
 # -- layers whose kernel has no backward (--fast cublas_ops) --------------------------------------------------
 
+
 def test_layers_with_a_kernel_without_backward_train_through_comfyuis_path(reference, monkeypatch):
     """comfy.ops' cublas Linear (--fast cublas_ops, fp16 models) multiplies with a kernel that has no backward."""
     want, _ = reference
@@ -117,6 +125,7 @@ def test_layers_with_a_kernel_without_backward_train_through_comfyuis_path(refer
 
 
 # -- precision --------------------------------------------------------------------------------------------------
+
 
 def unet_input_dtypes(model):
     seen = set()
@@ -162,7 +171,8 @@ def test_fp16_accumulation_is_off_while_training(comfy_gpu, monkeypatch):
     model = models_on(DEVICE)[0]
     seen = []
     handle = model.model.diffusion_model.register_forward_pre_hook(
-        lambda m, args: seen.append(matmul.allow_fp16_accumulation))
+        lambda m, args: seen.append(matmul.allow_fp16_accumulation)
+    )
     matmul.allow_fp16_accumulation = True
     try:
         result = train(model)

@@ -6,19 +6,20 @@ not fit are streamed per layer, through reused cast buffers when async offload s
 --gpu-only, and DynamicVRAM (ComfyUI's default on NVIDIA: a ModelPatcherDynamic, which streams through comfy-aimdo;
 training goes through ComfyUI's non-dynamic delegate instead). ComfyUI's own code decides what is loaded where.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-import torch
-
 import comfy.model_management as mm
 import comfy.model_patcher
+import pytest
 import tiny_sdxl
+import torch
 import training_fixtures as tf
 from device_helpers import CPU, assert_same_lora, data, lora_bytes, math_attention, models_on
 from standin_device import DEVICE
+
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.run.previews import PreviewRenderer, PreviewSettings
 from sdxl_lora_trainer.trainer.run.session import TrainConfig
@@ -41,8 +42,10 @@ def want():
     shuffled = data(shuffle=True)
     te_net = replace(NET, train_te1=True, train_te2=True)
     with math_attention():
-        return {"unet": lora_bytes(train(models_on(CPU), ds, lat, txt)),
-                "te_live": lora_bytes(train(models_on(CPU), *shuffled, net=te_net))}
+        return {
+            "unet": lora_bytes(train(models_on(CPU), ds, lat, txt)),
+            "te_live": lora_bytes(train(models_on(CPU), *shuffled, net=te_net)),
+        }
 
 
 class Spy:
@@ -80,12 +83,12 @@ def small_gpu(fraction: float) -> int:
 
 
 MODES = {
-    "highvram": dict(vram_state="HIGH_VRAM"),
-    "normal": dict(vram_state="NORMAL_VRAM"),
-    "lowvram_streams": dict(vram_state="LOW_VRAM", memory_fraction=0.5, streams=2),
-    "lowvram": dict(vram_state="LOW_VRAM", memory_fraction=0.5),
-    "novram_streams": dict(vram_state="NO_VRAM", streams=2),
-    "gpu_only": dict(vram_state="HIGH_VRAM", gpu_only=True),
+    "highvram": {"vram_state": "HIGH_VRAM"},
+    "normal": {"vram_state": "NORMAL_VRAM"},
+    "lowvram_streams": {"vram_state": "LOW_VRAM", "memory_fraction": 0.5, "streams": 2},
+    "lowvram": {"vram_state": "LOW_VRAM", "memory_fraction": 0.5},
+    "novram_streams": {"vram_state": "NO_VRAM", "streams": 2},
+    "gpu_only": {"vram_state": "HIGH_VRAM", "gpu_only": True},
 }
 
 
@@ -120,8 +123,19 @@ def test_previews_between_steps_leave_training_exact(comfy_gpu, monkeypatch, wan
     spy = Spy(monkeypatch)
     model, clip, vae = models_on(DEVICE)
     with torch.inference_mode():
-        renderer = PreviewRenderer(PreviewSettings(prompts=("a red cube",), width=64, height=64, steps=2, cfg=2.0,
-                                                   sampler_name="euler_ancestral", every_n_steps=1), clip, vae)
+        renderer = PreviewRenderer(
+            PreviewSettings(
+                prompts=("a red cube",),
+                width=64,
+                height=64,
+                steps=2,
+                cfg=2.0,
+                sampler_name="euler_ancestral",
+                every_n_steps=1,
+            ),
+            clip,
+            vae,
+        )
 
     def preview(record, total, result):
         renderer.render(result.models.model, result.network)

@@ -1,23 +1,32 @@
 """On a GPU every random draw is still the run's own and resumable, and a step does not copy or sync per layer."""
+
 from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
 import torch
-
 import training_fixtures as tf
 from device_helpers import assert_same_lora, data, lora_bytes, models_on
 from standin_device import DEVICE
+
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
-from sdxl_lora_trainer.trainer.run.session import TrainConfig
 from sdxl_lora_trainer.trainer.run.resume_state import load_state, save_state
+from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
 DROPOUTS = {
-    "lora": NetworkConfig(network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False, dropout=0.2,
-                          rank_dropout=0.2, module_dropout=0.2),
-    "loha": NetworkConfig(network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False, dropout=0.2,
-                          module_dropout=0.2, algo="loha"),
+    "lora": NetworkConfig(
+        network_dim=4,
+        network_alpha=2.0,
+        train_te1=False,
+        train_te2=False,
+        dropout=0.2,
+        rank_dropout=0.2,
+        module_dropout=0.2,
+    ),
+    "loha": NetworkConfig(
+        network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False, dropout=0.2, module_dropout=0.2, algo="loha"
+    ),
 }
 CONFIG = TrainConfig(max_train_steps=4, learning_rate=1e-2, seed=5)
 
@@ -46,9 +55,15 @@ def test_dropouts_on_the_device_are_seeded_saved_and_resumed(comfy_gpu, tmp_path
 
     def save_at_2(record, total, result):
         if record.step == 2:
-            save_state(tmp_path, network=result.network.state_dict_kohya(), optimizer=result.optimizer.state_dict(),
-                       scheduler=result.scheduler.state_dict() if result.scheduler else None, scaler=None,
-                       loop=result.state, fingerprint={})
+            save_state(
+                tmp_path,
+                network=result.network.state_dict_kohya(),
+                optimizer=result.optimizer.state_dict(),
+                scheduler=result.scheduler.state_dict() if result.scheduler else None,
+                scaler=None,
+                loop=result.state,
+                fingerprint={},
+            )
             raise KeyboardInterrupt  # stop the run here, as a crash would
 
     with pytest.raises(KeyboardInterrupt):

@@ -1,10 +1,10 @@
 """The stand-in accelerator itself: it must fail where CUDA fails, and compute what the CPU computes."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.utils.checkpoint
-
 from standin_device import DEVICE, on_standin, values
 
 pytestmark = pytest.mark.usefixtures("standin")

@@ -4,16 +4,17 @@ Each test trains the tiny SDXL twice with the same seed: on the CPU, and with MO
 stand-in device (caches, generators and the dataset stay on the host, as in ComfyUI). Any tensor the pack leaves
 on the wrong device raises there as it would on CUDA; equal LoRA bytes show that nothing else changed.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
 import torch
-
 import training_fixtures as tf
 from device_helpers import CPU, assert_same_lora, data, lora_bytes, models_on
 from standin_device import DEVICE
+
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
@@ -41,22 +42,31 @@ def assert_matches_cpu(ds, lat, txt, net=NET, config=CONFIG, v_prediction=False,
 # -- the objective: every loss and noise option ----------------------------------------------------
 
 OPTIONS = {
-    "l1": dict(loss=LossSettings(loss_type="l1")),
-    "huber_snr": dict(loss=LossSettings(loss_type="huber", huber_schedule="snr")),
-    "huber_exponential": dict(loss=LossSettings(loss_type="huber", huber_schedule="exponential")),
-    "smooth_l1_constant": dict(loss=LossSettings(loss_type="smooth_l1", huber_schedule="constant", huber_c=0.2)),
-    "min_snr_debiased_vlike": dict(loss=LossSettings(min_snr_gamma=5.0, debiased_estimation_loss=True,
-                                                     v_pred_like_loss=0.1)),
-    "noise_offset_adaptive": dict(noise=NoiseSettings(noise_offset=0.05, noise_offset_random_strength=True,
-                                                      adaptive_noise_scale=0.01)),
-    "multires": dict(noise=NoiseSettings(multires_noise_iterations=3, multires_noise_discount=0.3)),
-    "ip_noise_timestep_range": dict(noise=NoiseSettings(ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True,
-                                                        min_timestep=100, max_timestep=700)),
-    "accumulation_clipping_max_norm_cosine": dict(gradient_accumulation_steps=2, max_grad_norm=0.5,
-                                                  scale_weight_norms=0.01, lr_scheduler="cosine"),
-    "bf16": dict(train_dtype="bf16"),
-    "full_bf16": dict(train_dtype="bf16", full_bf16=True),
-    "fp16_grad_scaler": dict(train_dtype="fp16"),
+    "l1": {"loss": LossSettings(loss_type="l1")},
+    "huber_snr": {"loss": LossSettings(loss_type="huber", huber_schedule="snr")},
+    "huber_exponential": {"loss": LossSettings(loss_type="huber", huber_schedule="exponential")},
+    "smooth_l1_constant": {"loss": LossSettings(loss_type="smooth_l1", huber_schedule="constant", huber_c=0.2)},
+    "min_snr_debiased_vlike": {
+        "loss": LossSettings(min_snr_gamma=5.0, debiased_estimation_loss=True, v_pred_like_loss=0.1)
+    },
+    "noise_offset_adaptive": {
+        "noise": NoiseSettings(noise_offset=0.05, noise_offset_random_strength=True, adaptive_noise_scale=0.01)
+    },
+    "multires": {"noise": NoiseSettings(multires_noise_iterations=3, multires_noise_discount=0.3)},
+    "ip_noise_timestep_range": {
+        "noise": NoiseSettings(
+            ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True, min_timestep=100, max_timestep=700
+        )
+    },
+    "accumulation_clipping_max_norm_cosine": {
+        "gradient_accumulation_steps": 2,
+        "max_grad_norm": 0.5,
+        "scale_weight_norms": 0.01,
+        "lr_scheduler": "cosine",
+    },
+    "bf16": {"train_dtype": "bf16"},
+    "full_bf16": {"train_dtype": "bf16", "full_bf16": True},
+    "fp16_grad_scaler": {"train_dtype": "fp16"},
 }
 
 

@@ -1,6 +1,6 @@
 """Host tier: ComfyUI's comfy.* imported in-process on CPU, with the tiny SDXL built once per session."""
-import pytest
 
+import pytest
 from comfy_host import import_comfy
 
 import_comfy()

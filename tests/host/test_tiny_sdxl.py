@@ -1,11 +1,11 @@
 """The tiny SDXL fixture is what the engine will see in ComfyUI: check its types and shapes."""
-import time
 
-import torch
+import time
 
 import comfy.model_base
 import comfy.model_patcher
 import comfy.sd
+import torch
 
 
 def test_types_are_comfyuis_own(tiny):
@@ -36,8 +36,9 @@ def test_sdxl_forward_shapes(tiny, capsys):
     assert cond.shape == (1, 77, 64) and pooled.shape == (1, 32)
     latent = vae.encode(torch.rand(1, 64, 96, 3))
     assert latent.shape == (1, 4, 8, 12)
-    y = model.model.encode_adm(pooled_output=pooled, width=96, height=64, crop_w=0, crop_h=0,
-                               target_width=96, target_height=64)
+    y = model.model.encode_adm(
+        pooled_output=pooled, width=96, height=64, crop_w=0, crop_h=0, target_width=96, target_height=64
+    )
     assert y.shape == (1, 32 + 1536)
     t0 = time.perf_counter()
     out = model.model.apply_model(torch.randn(1, 4, 8, 12), torch.tensor([1.0]), c_crossattn=cond, y=y)
@@ -47,4 +48,6 @@ def test_sdxl_forward_shapes(tiny, capsys):
     n_clip = sum(p.numel() for p in clip.cond_stage_model.parameters())
     n_vae = sum(p.numel() for p in vae.first_stage_model.parameters())
     with capsys.disabled():
-        print(f"\ntiny SDXL: unet {n_unet:,} params, clip {n_clip:,}, vae {n_vae:,}; one 64x96 forward {dt*1000:.1f} ms")
+        print(
+            f"\ntiny SDXL: unet {n_unet:,} params, clip {n_clip:,}, vae {n_vae:,}; one 64x96 forward {dt * 1000:.1f} ms"
+        )

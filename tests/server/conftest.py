@@ -1,6 +1,6 @@
 """Server tier: one real ComfyUI server with the pack (and the test-only tiny loader) per session."""
-import pytest
 
+import pytest
 from comfy_server import ComfyServer
 
 

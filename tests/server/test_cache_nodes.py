@@ -1,4 +1,5 @@
 """The cache nodes do no VAE/CLIP work on a re-run, nor in a restarted ComfyUI with the disk cache."""
+
 from __future__ import annotations
 
 import tempfile
@@ -11,20 +12,56 @@ from dataset_factory import kohya_folder
 def cache_prompt(folder: str, to_disk: bool, caption_prefix: str = "") -> dict:
     return {
         "1": {"class_type": "TinySDXLCheckpointLoader", "inputs": {"seed": 0, "v_prediction": False}},
-        "2": {"class_type": "SDXLLoraImagesFromFolder", "inputs": {
-            "folder": folder, "layout": "auto", "caption_extension": ".txt", "default_repeats": 1,
-            "recursive": True, "strict_captions": False, "exif_transpose": True}},
-        "3": {"class_type": "SDXLLoraBuckets", "inputs": {
-            "images": ["2", 0], "resolution_width": 64, "resolution_height": 64, "enable_bucket": True,
-            "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32, "bucket_no_upscale": False,
-            "batch_size": 1, "flip_aug": True, "crop_conditioning": "kohya", "shuffle_caption": False,
-            "keep_tokens": 0, "keep_tokens_separator": "", "caption_dropout_rate": 0.0,
-            "caption_tag_dropout_rate": 0.0, "caption_prefix": caption_prefix, "caption_suffix": ""}},
-        "4": {"class_type": "SDXLLoraCacheLatents", "inputs": {
-            "dataset": ["3", 0], "vae": ["1", 2], "batch_size": 2, "float32_vae": False, "cache_to_disk": to_disk,
-            "disk_folder": ""}},
-        "5": {"class_type": "SDXLLoraCacheText", "inputs": {
-            "dataset": ["3", 0], "clip": ["1", 1], "cache_to_disk": to_disk, "disk_folder": ""}},
+        "2": {
+            "class_type": "SDXLLoraImagesFromFolder",
+            "inputs": {
+                "folder": folder,
+                "layout": "auto",
+                "caption_extension": ".txt",
+                "default_repeats": 1,
+                "recursive": True,
+                "strict_captions": False,
+                "exif_transpose": True,
+            },
+        },
+        "3": {
+            "class_type": "SDXLLoraBuckets",
+            "inputs": {
+                "images": ["2", 0],
+                "resolution_width": 64,
+                "resolution_height": 64,
+                "enable_bucket": True,
+                "min_bucket_reso": 32,
+                "max_bucket_reso": 128,
+                "bucket_reso_steps": 32,
+                "bucket_no_upscale": False,
+                "batch_size": 1,
+                "flip_aug": True,
+                "crop_conditioning": "kohya",
+                "shuffle_caption": False,
+                "keep_tokens": 0,
+                "keep_tokens_separator": "",
+                "caption_dropout_rate": 0.0,
+                "caption_tag_dropout_rate": 0.0,
+                "caption_prefix": caption_prefix,
+                "caption_suffix": "",
+            },
+        },
+        "4": {
+            "class_type": "SDXLLoraCacheLatents",
+            "inputs": {
+                "dataset": ["3", 0],
+                "vae": ["1", 2],
+                "batch_size": 2,
+                "float32_vae": False,
+                "cache_to_disk": to_disk,
+                "disk_folder": "",
+            },
+        },
+        "5": {
+            "class_type": "SDXLLoraCacheText",
+            "inputs": {"dataset": ["3", 0], "clip": ["1", 1], "cache_to_disk": to_disk, "disk_folder": ""},
+        },
         "6": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}},
         "7": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},
     }

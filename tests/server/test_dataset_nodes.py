@@ -6,15 +6,41 @@ from dataset_factory import kohya_folder
 
 def dataset_prompt(folder: str) -> dict:
     return {
-        "1": {"class_type": "SDXLLoraImagesFromFolder", "inputs": {
-            "folder": folder, "layout": "auto", "caption_extension": ".txt", "default_repeats": 1,
-            "recursive": True, "strict_captions": False, "exif_transpose": True}},
-        "2": {"class_type": "SDXLLoraBuckets", "inputs": {
-            "images": ["1", 0], "resolution_width": 128, "resolution_height": 128, "enable_bucket": True,
-            "min_bucket_reso": 64, "max_bucket_reso": 256, "bucket_reso_steps": 32, "bucket_no_upscale": False,
-            "batch_size": 2, "flip_aug": False, "crop_conditioning": "kohya", "shuffle_caption": False,
-            "keep_tokens": 0, "keep_tokens_separator": "", "caption_dropout_rate": 0.0,
-            "caption_tag_dropout_rate": 0.0, "caption_prefix": "", "caption_suffix": ""}},
+        "1": {
+            "class_type": "SDXLLoraImagesFromFolder",
+            "inputs": {
+                "folder": folder,
+                "layout": "auto",
+                "caption_extension": ".txt",
+                "default_repeats": 1,
+                "recursive": True,
+                "strict_captions": False,
+                "exif_transpose": True,
+            },
+        },
+        "2": {
+            "class_type": "SDXLLoraBuckets",
+            "inputs": {
+                "images": ["1", 0],
+                "resolution_width": 128,
+                "resolution_height": 128,
+                "enable_bucket": True,
+                "min_bucket_reso": 64,
+                "max_bucket_reso": 256,
+                "bucket_reso_steps": 32,
+                "bucket_no_upscale": False,
+                "batch_size": 2,
+                "flip_aug": False,
+                "crop_conditioning": "kohya",
+                "shuffle_caption": False,
+                "keep_tokens": 0,
+                "keep_tokens_separator": "",
+                "caption_dropout_rate": 0.0,
+                "caption_tag_dropout_rate": 0.0,
+                "caption_prefix": "",
+                "caption_suffix": "",
+            },
+        },
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 2]}},
     }
 
@@ -39,11 +65,18 @@ def test_kohya_toml_through_the_server(server):
     (root / "config.toml").write_text(
         "[general]\nresolution = 128\nenable_bucket = true\nmin_bucket_reso = 64\nmax_bucket_reso = 256\n"
         "bucket_reso_steps = 32\ncaption_extension = '.txt'\nbogus_key = 1\n"
-        "[[datasets]]\nbatch_size = 1\n[[datasets.subsets]]\nimage_dir = 'imgs/a'\nnum_repeats = 2\n")
+        "[[datasets]]\nbatch_size = 1\n[[datasets.subsets]]\nimage_dir = 'imgs/a'\nnum_repeats = 2\n"
+    )
     prompt = {
-        "1": {"class_type": "SDXLLoraDatasetFromToml", "inputs": {
-            "toml_path": "ds_toml/config.toml", "strict_captions": False, "exif_transpose": True,
-            "crop_conditioning": "kohya"}},
+        "1": {
+            "class_type": "SDXLLoraDatasetFromToml",
+            "inputs": {
+                "toml_path": "ds_toml/config.toml",
+                "strict_captions": False,
+                "exif_transpose": True,
+                "crop_conditioning": "kohya",
+            },
+        },
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}},
     }
     entry = server.run(prompt)

@@ -5,6 +5,7 @@ LoRA file (kohya key names derived here from the model's modules with kohya's ru
 the base and LoRA images differ, the stale-cache traps (a retrain must give a new name and a new image, an
 unchanged re-queue must not retrain), safe names, never overwriting, and the LORA_MODEL output.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -84,7 +85,7 @@ def image_of(server, entry: dict, node: str) -> np.ndarray:
 def lora_name_of(entry: dict, train_id: str) -> str:
     report = entry["outputs"][train_id]["text"][0]
     line = next(ln for ln in report.splitlines() if ln.startswith("lora_name: "))
-    return line[len("lora_name: "):]
+    return line[len("lora_name: ") :]
 
 
 def loras(server, subfolder: str = SUBFOLDER) -> set[str]:
@@ -176,8 +177,9 @@ def assert_all_keys_loaded(log: str) -> None:
 
 
 def _build_module():
-    spec = importlib.util.spec_from_file_location("build_example_workflows",
-                                                  ROOT / "scripts" / "build_example_workflows.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_example_workflows", ROOT / "scripts" / "build_example_workflows.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
@@ -197,8 +199,9 @@ def test_committed_workflows_match_the_node_schemas(object_info):
     built = _build_module().build_all(object_info)
     assert sorted(built) == sorted(f"{n}.json" for n in EXAMPLE_NAMES)
     for name, text in built.items():
-        assert (EXAMPLES / name).read_text() == text, f"example_workflows/{name} is out of date: run " \
-                                                       "scripts/build_example_workflows.py"
+        assert (EXAMPLES / name).read_text() == text, (
+            f"example_workflows/{name} is out of date: run scripts/build_example_workflows.py"
+        )
 
 
 def test_every_group_has_a_note_and_links_are_consistent():
@@ -217,23 +220,33 @@ def test_every_group_has_a_note_and_links_are_consistent():
             assert nodes[dst]["inputs"][dst_slot]["link"] == link_id, (name, link_id)
             assert nodes[src]["outputs"][src_slot]["type"] == typ
         xs = {n["type"]: n["pos"][0] for n in wf["nodes"] if n["type"] != "MarkdownNote"}
-        assert xs["CheckpointLoaderSimple"] < xs["SDXLLoraCacheLatents"] < xs["SDXLLoraTrain"] < xs["LoraLoader"] \
-            < xs["SaveImage"], (name, xs)  # left to right
+        assert (
+            xs["CheckpointLoaderSimple"]
+            < xs["SDXLLoraCacheLatents"]
+            < xs["SDXLLoraTrain"]
+            < xs["LoraLoader"]
+            < xs["SaveImage"]
+        ), (name, xs)  # left to right
         # tidy: no two nodes (title bar included) overlap, every node sits inside one group, groups are disjoint
-        boxes = {n["id"]: (n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
-                 for n in wf["nodes"]}
+        boxes = {
+            n["id"]: (n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+            for n in wf["nodes"]
+        }
         groups = [(x, y, x + w, y + h) for x, y, w, h in (g["bounding"] for g in wf["groups"])]
 
         def overlap(a, b):
             return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
         ids = sorted(boxes)
-        assert not [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if overlap(boxes[a], boxes[b])], name
+        assert not [(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :] if overlap(boxes[a], boxes[b])], name
         for nid, b in boxes.items():
-            assert sum(g[0] <= b[0] and b[2] <= g[2] and g[1] <= b[1] and b[3] <= g[3] for g in groups) == 1, \
-                (name, nodes[nid]["type"])
-        assert not [(i, j) for i in range(len(groups)) for j in range(i + 1, len(groups))
-                    if overlap(groups[i], groups[j])], name
+            assert sum(g[0] <= b[0] and b[2] <= g[2] and g[1] <= b[1] and b[3] <= g[3] for g in groups) == 1, (
+                name,
+                nodes[nid]["type"],
+            )
+        assert not [
+            (i, j) for i in range(len(groups)) for j in range(i + 1, len(groups)) if overlap(groups[i], groups[j])
+        ], name
 
 
 def test_converter_reads_a_workflow_the_frontend_saved(object_info):
@@ -244,8 +257,14 @@ def test_converter_reads_a_workflow_the_frontend_saved(object_info):
         pytest.skip("comfyui_workflow_templates_json is not installed")
     wf = json.loads((Path(comfyui_workflow_templates_json.__file__).parent / "templates" / "default.json").read_text())
     prompt = workflow_to_prompt(wf, object_info)
-    assert {v["class_type"] for v in prompt.values()} == {"CheckpointLoaderSimple", "KSampler", "CLIPTextEncode",
-                                                         "EmptyLatentImage", "VAEDecode", "SaveImage"}
+    assert {v["class_type"] for v in prompt.values()} == {
+        "CheckpointLoaderSimple",
+        "KSampler",
+        "CLIPTextEncode",
+        "EmptyLatentImage",
+        "VAEDecode",
+        "SaveImage",
+    }
     ks = prompt[only_node(prompt, "KSampler")]["inputs"]
     ks_spec = object_info["KSampler"]["input"]["required"]
     assert isinstance(ks["seed"], int) and isinstance(ks["steps"], int) and ks["steps"] >= 1, ks
@@ -274,9 +293,20 @@ def test_committed_sample_dataset_is_tiny_and_loads(server):
             assert im.width <= 64 and im.height <= 64, p
         assert p.with_suffix(".txt").read_text().strip(), p
     shutil.copytree(sample, server.base / "input" / "ci_sample")
-    entry = server.run({"1": {"class_type": "SDXLLoraDatasetFromToml", "inputs": {
-        "toml_path": "ci_sample/dataset.toml", "strict_captions": True, "exif_transpose": True,
-        "crop_conditioning": "kohya"}}, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}}})
+    entry = server.run(
+        {
+            "1": {
+                "class_type": "SDXLLoraDatasetFromToml",
+                "inputs": {
+                    "toml_path": "ci_sample/dataset.toml",
+                    "strict_captions": True,
+                    "exif_transpose": True,
+                    "crop_conditioning": "kohya",
+                },
+            },
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}},
+        }
+    )
     assert execution_error(entry) is None, execution_error(entry)
     assert f"{len(pngs)} images ({2 * len(pngs)} with repeats)" in entry["outputs"]["1"]["text"][0]
 
@@ -289,14 +319,21 @@ def test_committed_sample_dataset_is_tiny_and_loads(server):
 @pytest.fixture(scope="module")
 def first_run(server, object_info, folder_dataset) -> dict:
     """train_then_test with rank 4 / alpha 2 (so continue_training can show the file's dims win)."""
-    prompt = ci_prompt(object_info, "train_then_test_sdxl_lora", prefix="first", folder=folder_dataset, seed=1,
-                       output_name="first")
+    prompt = ci_prompt(
+        object_info, "train_then_test_sdxl_lora", prefix="first", folder=folder_dataset, seed=1, output_name="first"
+    )
     prompt = set_inputs(prompt, "SDXLLoraNetwork", network_dim=4, network_alpha=2.0)
     entry, log = run_ok(server, prompt)
     train = only_node(prompt, "SDXLLoraTrain")
     name = lora_name_of(entry, train)
-    return {"prompt": prompt, "entry": entry, "log": log, "train": train, "lora_name": name,
-            "path": server.base / "models" / "loras" / name}
+    return {
+        "prompt": prompt,
+        "entry": entry,
+        "log": log,
+        "train": train,
+        "lora_name": name,
+        "path": server.base / "models" / "loras" / name,
+    }
 
 
 def test_train_then_test_runs_end_to_end(server, first_run):
@@ -309,8 +346,7 @@ def test_train_then_test_runs_end_to_end(server, first_run):
     lora = image_of(server, entry, save_node(prompt, "with_lora"))
     assert base.shape == lora.shape == (64, 64, 3)
     assert np.abs(base - lora).max() > 0, "the LoRA did not change the sampled image"
-    previews = [k for k in nodes_of(prompt, "PreviewImage")
-                if prompt[k]["inputs"]["images"][0] == first_run["train"]]
+    previews = [k for k in nodes_of(prompt, "PreviewImage") if prompt[k]["inputs"]["images"][0] == first_run["train"]]
     assert len(previews) == 1 and entry["outputs"][previews[0]]["images"], "no loss graph"
 
 
@@ -326,8 +362,10 @@ def test_lora_model_output_samples_through_load_lora_model(server, first_run):
     train, lora_ks = first_run["train"], prompt[save_node(prompt, "with_lora")]["inputs"]["images"][0]
     sampler = prompt[lora_ks]["inputs"]["samples"][0]
     ckpt = prompt[train]["inputs"]["model"][0]
-    prompt["900"] = {"class_type": "LoraModelLoader", "inputs": {"model": [ckpt, 0], "lora": [train, 2],
-                                                                  "strength_model": 1.0, "bypass": False}}
+    prompt["900"] = {
+        "class_type": "LoraModelLoader",
+        "inputs": {"model": [ckpt, 0], "lora": [train, 2], "strength_model": 1.0, "bypass": False},
+    }
     prompt["901"] = {"class_type": "KSampler", "inputs": dict(prompt[sampler]["inputs"], model=["900", 0])}
     prompt["902"] = {"class_type": "VAEDecode", "inputs": {"samples": ["901", 0], "vae": [ckpt, 2]}}
     prompt["903"] = {"class_type": "SaveImage", "inputs": {"images": ["902", 0], "filename_prefix": "ci/lora_model"}}
@@ -359,8 +397,9 @@ def test_retrain_with_another_seed_gives_a_new_file_and_a_new_image(server, obje
 
 
 def test_requeue_unchanged_does_not_retrain_and_a_changed_input_does(server, object_info, folder_dataset):
-    prompt = ci_prompt(object_info, "train_then_test_sdxl_lora", prefix="cache", folder=folder_dataset, seed=3,
-                       output_name="cache")
+    prompt = ci_prompt(
+        object_info, "train_then_test_sdxl_lora", prefix="cache", folder=folder_dataset, seed=3, output_name="cache"
+    )
     train = only_node(prompt, "SDXLLoraTrain")
     run_ok(server, prompt)
     files = loras(server)
@@ -387,12 +426,22 @@ def test_kohya_toml_workflow_with_conv_and_text_encoders(server, object_info):
     (root / "config.toml").write_text(
         "[general]\nresolution = 64\nenable_bucket = true\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n"
         "bucket_reso_steps = 32\ncaption_extension = '.txt'\n"
-        "[[datasets]]\nbatch_size = 1\n[[datasets.subsets]]\nimage_dir = 'imgs/a'\nnum_repeats = 2\n")
-    prompt = ci_prompt(object_info, "kohya_toml_dataset", prefix="toml", toml_path="ci_toml/config.toml",
-                       output_name="toml")
+        "[[datasets]]\nbatch_size = 1\n[[datasets.subsets]]\nimage_dir = 'imgs/a'\nnum_repeats = 2\n"
+    )
+    prompt = ci_prompt(
+        object_info, "kohya_toml_dataset", prefix="toml", toml_path="ci_toml/config.toml", output_name="toml"
+    )
     assert not nodes_of(prompt, "SDXLLoraImagesFromFolder")
-    prompt = set_inputs(prompt, "SDXLLoraNetwork", network_dim=4, network_alpha=4.0, conv_dim=2, conv_alpha=1.0,
-                        train_clip_l=True, train_clip_g=True)
+    prompt = set_inputs(
+        prompt,
+        "SDXLLoraNetwork",
+        network_dim=4,
+        network_alpha=4.0,
+        conv_dim=2,
+        conv_alpha=1.0,
+        train_clip_l=True,
+        train_clip_g=True,
+    )
     entry, log = run_ok(server, prompt)
     train = only_node(prompt, "SDXLLoraTrain")
     name = lora_name_of(entry, train)
@@ -406,8 +455,14 @@ def test_kohya_toml_workflow_with_conv_and_text_encoders(server, object_info):
 
 
 def test_continue_training_starts_from_the_file(server, object_info, folder_dataset, first_run):
-    prompt = ci_prompt(object_info, "continue_training", prefix="continue", folder=folder_dataset,
-                       output_name="continued", learning_rate=1e-4)
+    prompt = ci_prompt(
+        object_info,
+        "continue_training",
+        prefix="continue",
+        folder=folder_dataset,
+        output_name="continued",
+        learning_rate=1e-4,
+    )
     network = only_node(prompt, "SDXLLoraNetwork")
     assert prompt[network]["inputs"]["network_dim"] == 16  # the example's widget; the file's rank 4 must win
     prompt[network]["inputs"]["start_from"] = first_run["lora_name"]
@@ -421,8 +476,9 @@ def test_continue_training_starts_from_the_file(server, object_info, folder_data
     downs = [k for k in start if k.endswith("lora_down.weight")]
     assert all(start[k].shape[0] == 4 for k in downs)
     ups = [k for k in start if k.endswith("lora_up.weight")]
-    assert any(not np.array_equal(cont[k].float().numpy(), start[k].float().numpy()) for k in ups), \
+    assert any(not np.array_equal(cont[k].float().numpy(), start[k].float().numpy()) for k in ups), (
         "continued training did not change the weights"
+    )
     # it continued from the file: a fresh start (random down, zero up, another seed) would land about as far from
     # the start file as the file is from zero; continuing at a 10x lower learning rate stays close to it
     for group in (downs, ups):
@@ -446,13 +502,16 @@ def training_only(object_info: dict, folder: str, **train) -> tuple[dict, str]:
     return upstream(prompt, [train_id]), train_id
 
 
-@pytest.mark.parametrize("field,value,fragments", [
-    ("output_subfolder", "../x", ["subfolder", "'..'", "inside the loras folder"]),
-    ("output_subfolder", "/abs", ["subfolder", "absolute path"]),
-    ("output_subfolder", "C:\\x", ["subfolder", "backslash"]),
-    ("output_name", "../../x", ["LoRA name", "'..'", "inside the loras folder"]),
-    ("output_name", "a/b", ["LoRA name", "contains '/'"]),
-])
+@pytest.mark.parametrize(
+    "field,value,fragments",
+    [
+        ("output_subfolder", "../x", ["subfolder", "'..'", "inside the loras folder"]),
+        ("output_subfolder", "/abs", ["subfolder", "absolute path"]),
+        ("output_subfolder", "C:\\x", ["subfolder", "backslash"]),
+        ("output_name", "../../x", ["LoRA name", "'..'", "inside the loras folder"]),
+        ("output_name", "a/b", ["LoRA name", "contains '/'"]),
+    ],
+)
 def test_path_escapes_are_rejected_before_training(server, object_info, folder_dataset, field, value, fragments):
     """Rejected by POST /prompt (nothing queued, nothing trained), with a message that says what is wrong."""
     prompt, train = training_only(object_info, folder_dataset, output_name="escape")
@@ -486,8 +545,10 @@ def test_an_existing_file_is_never_overwritten(server, object_info, folder_datas
     entry, _ = run_ok(server, prompt)
     name = lora_name_of(entry, train)
     path = server.base / "models" / "loras" / name
-    assert name.endswith("_2.safetensors") and path.with_name(path.name[:-len("_2.safetensors")] + ".safetensors") \
-        in markers, name
+    assert (
+        name.endswith("_2.safetensors")
+        and path.with_name(path.name[: -len("_2.safetensors")] + ".safetensors") in markers
+    ), name
     assert read_lora(path)
     for p, content in markers.items():
         assert p.read_bytes() == content, f"{p} was overwritten"

@@ -1,5 +1,6 @@
 """bench/gpu_check.py is the one command for the day a GPU is lent: its plumbing (server per mode, graph, report
 parsing) is run here on the CPU with the tiny model, so it works when that day comes."""
+
 from __future__ import annotations
 
 import json

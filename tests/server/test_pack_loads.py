@@ -1,4 +1,5 @@
 """The host starts with the pack loaded, cleanly, and every node is well described."""
+
 import re
 
 from comfy_server import PACK_NAME
@@ -21,7 +22,10 @@ def test_no_import_errors(server):
 def test_every_node_listed_with_category_names_and_tooltips(server):
     info = server.get("/object_info")
     ours = pack_nodes(info)
-    assert ours, f"no node of the pack in /object_info; python_modules seen: {sorted({d.get('python_module') for d in info.values()})[:20]}"
+    assert ours, (
+        "no node of the pack in /object_info; python_modules seen: "
+        f"{sorted({d.get('python_module') for d in info.values()})[:20]}"
+    )
     for name, d in ours.items():
         assert d["category"].startswith(CATEGORY_ROOT), (name, d["category"])
         assert d["display_name"] and d["display_name"] != name, name

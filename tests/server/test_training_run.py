@@ -1,15 +1,16 @@
 """Live feedback, previews, save-every-N, cancel and exact resume, through a real ComfyUI server."""
+
 from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from comfy_server import WsListener, execution_error
 from dataset_factory import kohya_folder
 from example_prompts import train_then_test, training_only, with_run_options
+from safetensors.torch import load_file
 
 RES = 64
 
@@ -34,9 +35,10 @@ def test_progress_events_previews_and_intermediate_files(server, folder):
     prompt = with_run_options(
         training_only(train_then_test(folder, steps=6, seed=11, resolution=RES, output_name="inter")),
         checkpointing={"save_every_n_steps": 2, "keep_last_n": 2},
-        previews={"every_n_steps": 3})
+        previews={"every_n_steps": 3},
+    )
     with WsListener(server) as ws:
-        entry = run(server, prompt)
+        run(server, prompt)
     progress = [d for d in ws.of_type("sdxl_lora_trainer.progress") if d.get("node") == "7"]
     assert [d["step"] for d in progress] == [1, 2, 3, 4, 5, 6]
     assert all(d["total"] == 6 for d in progress)
@@ -50,7 +52,7 @@ def test_progress_events_previews_and_intermediate_files(server, folder):
         meta_step = __import__("safetensors").safe_open(f, "pt").metadata()["ss_steps"]
         assert meta_step == os.path.basename(f).split("-step")[1].split(".")[0].lstrip("0")
     log_csv = finals[0].replace(".safetensors", ".log.csv")
-    assert open(log_csv).read().count("\n") == 7  # header + 6 steps
+    assert Path(log_csv).read_text().count("\n") == 7  # header + 6 steps
 
 
 def test_resume_equals_uninterrupted(server, folder):
@@ -58,22 +60,25 @@ def test_resume_equals_uninterrupted(server, folder):
     run(server, base)
     full = load_file(lora_files(server, "full_*.safetensors")[-1])
 
-    first = with_run_options(training_only(train_then_test(folder, steps=6, seed=5, resolution=RES,
-                                                           output_name="half")),
-                             checkpointing={"save_state_every_n_steps": 3})
+    first = with_run_options(
+        training_only(train_then_test(folder, steps=6, seed=5, resolution=RES, output_name="half")),
+        checkpointing={"save_state_every_n_steps": 3},
+    )
     run(server, first)
     states = sorted(glob.glob(str(server.base / "output" / "sdxl_lora_trainer" / "state" / "half_*" / "step-000003")))
     assert states, "no state folder at step 3"
-    resumed = with_run_options(training_only(train_then_test(folder, steps=6, seed=5, resolution=RES,
-                                                             output_name="resumed")),
-                               checkpointing={"resume_from": states[-1]})
+    resumed = with_run_options(
+        training_only(train_then_test(folder, steps=6, seed=5, resolution=RES, output_name="resumed")),
+        checkpointing={"resume_from": states[-1]},
+    )
     run(server, resumed)
     again = load_file(lora_files(server, "resumed_*.safetensors")[-1])
     assert full.keys() == again.keys()
     for k in full:
         assert full[k].dtype == again[k].dtype
-        assert bytes(full[k].view(-1).view(__import__("torch").uint8).numpy()) == \
-            bytes(again[k].view(-1).view(__import__("torch").uint8).numpy()), k
+        assert bytes(full[k].view(-1).view(__import__("torch").uint8).numpy()) == bytes(
+            again[k].view(-1).view(__import__("torch").uint8).numpy()
+        ), k
 
 
 def test_cancel_saves_a_loadable_lora_and_a_resumable_state(server, folder):
@@ -97,9 +102,12 @@ def test_cancel_saves_a_loadable_lora_and_a_resumable_state(server, folder):
     steps_done = max(d["step"] for d in ws.of_type("sdxl_lora_trainer.progress") if "step" in d)
     assert steps_done < 5000
     # the cancelled LoRA loads in LoraLoader and the state resumes (2 more steps)
-    resumed = with_run_options(training_only(train_then_test(folder, steps=steps_done + 2, seed=3, resolution=RES,
-                                                             output_name="after_cancel")),
-                               checkpointing={"resume_from": state_dir})
+    resumed = with_run_options(
+        training_only(
+            train_then_test(folder, steps=steps_done + 2, seed=3, resolution=RES, output_name="after_cancel")
+        ),
+        checkpointing={"resume_from": state_dir},
+    )
     # the step count is part of max_train_steps only, so the saved state is accepted
     entry = run(server, resumed)
     assert f"trained {steps_done + 2} steps" in entry["outputs"]["7"]["text"][0]

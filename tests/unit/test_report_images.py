@@ -2,6 +2,7 @@
 
 Pillow draws without anti-aliasing, so each series is found by its exact colour inside the plot frame.
 """
+
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import math
 import numpy as np
 import pytest
 from PIL import Image, ImageChops
+
 from sdxl_lora_trainer.trainer import report_images as ri
 from sdxl_lora_trainer.trainer.report_images import bucket_histogram_image, loss_graph_image, smoothed
 
@@ -22,7 +24,7 @@ PLOT = (64, 28, W - 64, H - 36)
 def pixels(img: Image.Image, colour: tuple[int, int, int], box: tuple[int, int, int, int] = PLOT) -> np.ndarray:
     """Mask of the pixels of exactly `colour` strictly inside box (the frame line itself excluded)."""
     x0, y0, x1, y1 = box
-    a = np.asarray(img.convert("RGB"))[y0 + 1:y1, x0 + 1:x1]
+    a = np.asarray(img.convert("RGB"))[y0 + 1 : y1, x0 + 1 : x1]
     return np.all(a == np.array(colour, dtype=np.uint8), axis=-1)
 
 
@@ -35,6 +37,7 @@ def same(a: Image.Image, b: Image.Image) -> bool:
 
 
 # ---- loss graph ------------------------------------------------------------------------------------------
+
 
 def test_normal_run_draws_all_three_series():
     steps = list(range(1, 51))

@@ -8,6 +8,7 @@ nothing has to be invalidated explicitly. Editing one caption re-encodes that ca
 Hashes use BLAKE3 when the ``blake3`` package is installed (ComfyUI ships it), else SHA-256. Weight fingerprints
 are memoised per model object (and per patch token), so a re-run does not hash a model again.
 """
+
 from __future__ import annotations
 
 import enum
@@ -19,10 +20,10 @@ import threading
 import types
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Iterable, Mapping, Optional, Union
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Any, Union
 
 import torch
-
 
 try:  # BLAKE3 is ~10x faster than SHA-256 on large buffers (weights, image files)
     import blake3 as _blake3
@@ -40,7 +41,8 @@ _MB = 1024 * 1024
 
 # -- hashing -----------------------------------------------------------------------------------
 
-def new_hasher(name: Optional[str] = None) -> Any:
+
+def new_hasher(name: str | None = None) -> Any:
     """A hashlib-like object (``update``/``hexdigest``) for ``name`` ("blake3" or "sha256"; default HASH_NAME)."""
     name = HASH_NAME if name is None else name
     if name == "blake3":
@@ -75,7 +77,7 @@ def _tagged(h: Any, tag: bytes, payload: bytes) -> None:
     h.update(tag + len(payload).to_bytes(8, "little") + payload)
 
 
-def update_structure(h: Any, obj: Any, _seen: Optional[set[int]] = None, _depth: int = 0) -> None:
+def update_structure(h: Any, obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> None:
     """Hash nested data (tensors, containers, numbers, strings, simple objects) unambiguously.
 
     Used for ModelPatcher patches (LoRA adapters, diffs, strengths). Each value is type-tagged and
@@ -203,8 +205,8 @@ def canonical_json(fields: Mapping[str, Any]) -> str:
 
 # -- memoised fingerprints -----------------------------------------------------------------------
 
-_MODULE_FP: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
-_TOKEN_FP: "OrderedDict[Hashable, str]" = OrderedDict()
+_MODULE_FP: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+_TOKEN_FP: OrderedDict[Hashable, str] = OrderedDict()
 _FP_LOCK = threading.Lock()
 _TOKEN_FP_MAX = 256
 

@@ -24,11 +24,13 @@ images), the EXIF flag, the bucket/resize/crop/flip decision, the VAE weight fin
 patches on its ModelPatcher), the encode dtype and Pillow's version (it decodes and resizes).
 Anything else is not an input, so it does not invalidate: moving the dataset folder keeps the cache.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import PIL
@@ -37,9 +39,19 @@ from PIL import Image
 
 from ..comfyui import encoders as comfy_encoders
 from ..data.buckets import resize_and_crop
-from .stores import ENCODER_CALLS, CacheStats, DiskStore, ImageIndex, ImageRef, MemoryStore, megabytes, memory_store, tensors_nbytes
-from .fingerprints import content_key, hash_file, hash_pil_image, module_fingerprint, structure_hash, token_fingerprint
 from ..data.dataset import BucketedImage, TrainingDataset
+from .fingerprints import content_key, hash_file, hash_pil_image, module_fingerprint, structure_hash, token_fingerprint
+from .stores import (
+    ENCODER_CALLS,
+    CacheStats,
+    DiskStore,
+    ImageIndex,
+    ImageRef,
+    MemoryStore,
+    megabytes,
+    memory_store,
+    tensors_nbytes,
+)
 
 __all__ = [
     "ENCODER_CALLS",
@@ -76,7 +88,8 @@ def check_cacheable(random_crop: bool, color_aug: bool) -> None:
             f"{' and '.join(used)} cannot be used with cached latents: a latent is encoded once, so pixel "
             "augmentation that changes every step cannot be applied to it (kohya refuses this too: 'when caching "
             "latents, either color_aug or random_crop cannot be used'). Turn off "
-            f"{' and '.join(used)}, or turn off latent caching.")
+            f"{' and '.join(used)}, or turn off latent caching."
+        )
 
 
 def vae_fingerprint(vae: Any) -> str:
@@ -105,12 +118,16 @@ def _image_source_hash(img: BucketedImage, memo: dict[Any, str]) -> str:
             try:
                 memo[token] = "file:" + hash_file(item.image_path)
             except OSError as e:
-                raise LatentCacheError(f"image {item.image_path} cannot be read ({e}); it changed since the dataset "
-                                       "was scanned: run the dataset node again") from None
+                raise LatentCacheError(
+                    f"image {item.image_path} cannot be read ({e}); it changed since the dataset "
+                    "was scanned: run the dataset node again"
+                ) from None
     return memo[token]
 
 
-def _latent_key(img: BucketedImage, flipped: bool, image_hash: str, vae_fp: str, encode_dtype: torch.dtype) -> tuple[str, dict]:
+def _latent_key(
+    img: BucketedImage, flipped: bool, image_hash: str, vae_fp: str, encode_dtype: torch.dtype
+) -> tuple[str, dict]:
     sel = img.selection
     fields = {
         "format": LATENT_FORMAT,
@@ -143,7 +160,7 @@ def _label(img: BucketedImage, flipped: bool) -> str:
     return f"{name} (bucket {img.selection.bucket[0]}x{img.selection.bucket[1]}{', flipped' if flipped else ''})"
 
 
-def _validate_latent(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+def _validate_latent(tensors: dict[str, torch.Tensor]) -> str | None:
     lat = tensors.get("latent")
     if lat is None or lat.ndim != 3 or lat.dtype != torch.float32:
         return "does not hold a float32 [C,H,W] latent"
@@ -155,9 +172,18 @@ def _validate_latent(tensors: dict[str, torch.Tensor]) -> Optional[str]:
 class LatentCache:
     """Latents for every image (and flip) of a TrainingDataset; see the module docstring."""
 
-    def __init__(self, dataset: TrainingDataset, unit_keys: dict[tuple[int, bool], str], latents: dict[str, torch.Tensor],
-                 stats: CacheStats, warnings: list[str], encode_dtype: torch.dtype, float32_vae: bool,
-                 disk_dir: Optional[str], batch_size: int) -> None:
+    def __init__(
+        self,
+        dataset: TrainingDataset,
+        unit_keys: dict[tuple[int, bool], str],
+        latents: dict[str, torch.Tensor],
+        stats: CacheStats,
+        warnings: list[str],
+        encode_dtype: torch.dtype,
+        float32_vae: bool,
+        disk_dir: str | None,
+        batch_size: int,
+    ) -> None:
         self.dataset = dataset
         self._index = ImageIndex(dataset.images)
         self._unit_keys = unit_keys
@@ -178,13 +204,13 @@ class LatentCache:
         *,
         batch_size: int = 1,
         float32_vae: bool = False,
-        disk_dir: Optional[str] = None,
+        disk_dir: str | None = None,
         random_crop: bool = False,
         color_aug: bool = False,
-        store: Optional[MemoryStore] = None,
-        progress: Optional[Callable[[int, int], None]] = None,
-        check_interrupt: Optional[Callable[[], None]] = None,
-    ) -> "LatentCache":
+        store: MemoryStore | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        check_interrupt: Callable[[], None] | None = None,
+    ) -> LatentCache:
         """Look every latent up (memory, then disk) and encode only the missing ones.
 
         ``store`` defaults to the process-level memory store; ``disk_dir`` adds the disk cache.
@@ -203,12 +229,12 @@ class LatentCache:
         warnings: list[str] = []
         latents: dict[str, torch.Tensor] = {}
         unit_keys: dict[tuple[int, bool], str] = {}
-        pending: "OrderedDict[str, _Pending]" = OrderedDict()
+        pending: OrderedDict[str, _Pending] = OrderedDict()
         hash_memo: dict[Any, str] = {}
 
         for index, img in enumerate(dataset.images):
             image_hash = _image_source_hash(img, hash_memo)
-            for flipped in ((False, True) if img.flip_aug else (False,)):
+            for flipped in (False, True) if img.flip_aug else (False,):
                 key, fields = _latent_key(img, flipped, image_hash, vae_fp, encode_dtype)
                 unit_keys[(index, flipped)] = key
                 if key in latents or key in pending:
@@ -233,21 +259,45 @@ class LatentCache:
         stats.items = len(latents) + len(pending)
 
         if pending:
-            cls._encode_pending(vae, list(pending.values()), batch_size, float32_vae, encode_dtype, store, disk,
-                                latents, stats, warnings, progress, check_interrupt)
+            cls._encode_pending(
+                vae,
+                list(pending.values()),
+                batch_size,
+                float32_vae,
+                encode_dtype,
+                store,
+                disk,
+                latents,
+                stats,
+                warnings,
+                progress,
+                check_interrupt,
+            )
         return cls(dataset, unit_keys, latents, stats, warnings, encode_dtype, float32_vae, disk_dir, batch_size)
 
     @staticmethod
-    def _encode_pending(vae: Any, pending: list[_Pending], batch_size: int, float32_vae: bool,
-                        encode_dtype: torch.dtype, store: MemoryStore, disk: Optional[DiskStore],
-                        latents: dict[str, torch.Tensor], stats: CacheStats, warnings: list[str],
-                        progress: Optional[Callable[[int, int], None]],
-                        check_interrupt: Optional[Callable[[], None]]) -> None:
+    def _encode_pending(
+        vae: Any,
+        pending: list[_Pending],
+        batch_size: int,
+        float32_vae: bool,
+        encode_dtype: torch.dtype,
+        store: MemoryStore,
+        disk: DiskStore | None,
+        latents: dict[str, torch.Tensor],
+        stats: CacheStats,
+        warnings: list[str],
+        progress: Callable[[int, int], None] | None,
+        check_interrupt: Callable[[], None] | None,
+    ) -> None:
         by_bucket: dict[tuple[int, int], list[_Pending]] = {}
         for p in pending:
             by_bucket.setdefault(tuple(p.image.selection.bucket), []).append(p)
-        batches = [units[i:i + batch_size] for _, units in sorted(by_bucket.items())
-                   for i in range(0, len(units), batch_size)]
+        batches = [
+            units[i : i + batch_size]
+            for _, units in sorted(by_bucket.items())
+            for i in range(0, len(units), batch_size)
+        ]
         done = 0
         disk_failed = False
         with comfy_encoders.vae_in_float32(vae, float32_vae) as encoder:
@@ -274,8 +324,10 @@ class LatentCache:
                                 disk.write(p.key, {"latent": lat}, inputs=p.fields)
                             except OSError as e:
                                 disk_failed = True
-                                warnings.append(f"could not write the latent cache to {disk.folder} ({e}); "
-                                                "continuing with the in-memory cache only")
+                                warnings.append(
+                                    f"could not write the latent cache to {disk.folder} ({e}); "
+                                    "continuing with the in-memory cache only"
+                                )
                 done += len(batch)
                 if progress is not None:
                     progress(done, len(pending))
@@ -318,10 +370,15 @@ class LatentCache:
     # -- report ------------------------------------------------------------------------------
     def report_json(self) -> dict[str, Any]:
         return {
-            "latents": len(self._unit_keys), **self.stats.as_dict(), "size_mb": round(self.size_mb, 3),
-            "disk_dir": self.disk_dir, "disk_size_mb": round(self.disk_size_mb(), 3),
-            "vae_dtype": str(self.encode_dtype).replace("torch.", ""), "float32_vae": self.float32_vae,
-            "batch_size": self.batch_size, "warnings": list(self.warnings),
+            "latents": len(self._unit_keys),
+            **self.stats.as_dict(),
+            "size_mb": round(self.size_mb, 3),
+            "disk_dir": self.disk_dir,
+            "disk_size_mb": round(self.disk_size_mb(), 3),
+            "vae_dtype": str(self.encode_dtype).replace("torch.", ""),
+            "float32_vae": self.float32_vae,
+            "batch_size": self.batch_size,
+            "warnings": list(self.warnings),
         }
 
     def report_text(self) -> str:
@@ -329,7 +386,8 @@ class LatentCache:
         n_img = len(self._index.images)
         n_flip = sum(1 for (_, f) in self._unit_keys if f)
         lines = [
-            f"latents: {len(self._unit_keys)} for {n_img} images" + (f" ({n_flip} flipped)" if n_flip else "")
+            f"latents: {len(self._unit_keys)} for {n_img} images"
+            + (f" ({n_flip} flipped)" if n_flip else "")
             + (f", {s.items} unique" if s.items != len(self._unit_keys) else ""),
             f"  encoded {s.encoded} in {s.encoder_calls} VAE calls (batch size {self.batch_size}), "
             f"from memory {s.from_memory}, from disk {s.from_disk}"
@@ -359,12 +417,18 @@ def _batch_pixels(batch: list[_Pending]) -> torch.Tensor:
 
 
 def _non_finite_message(bad: list[_Pending], dtype: torch.dtype, float32_vae: bool) -> str:
-    names = "; ".join(_label(p.image, p.flipped) for p in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    names = "; ".join(_label(p.image, p.flipped) for p in bad[:5]) + (
+        f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    )
     if float32_vae or dtype == torch.float32:
-        fix = ("The VAE already ran in float32, so check the image and the VAE "
-               "(a broken VAE file or an image of extreme values).")
+        fix = (
+            "The VAE already ran in float32, so check the image and the VAE "
+            "(a broken VAE file or an image of extreme values)."
+        )
     else:
-        fix = (f"The VAE ran in {str(dtype).replace('torch.', '')}, where SDXL's original VAE overflows: turn on the "
-               "'float32 VAE' option (kohya's --no_half_vae), or load an fp16-fixed SDXL VAE "
-               "(madebyollin/sdxl-vae-fp16-fix).")
+        fix = (
+            f"The VAE ran in {str(dtype).replace('torch.', '')}, where SDXL's original VAE overflows: turn on the "
+            "'float32 VAE' option (kohya's --no_half_vae), or load an fp16-fixed SDXL VAE "
+            "(madebyollin/sdxl-vae-fp16-fix)."
+        )
     return f"The VAE produced NaN/inf latents for {names}. {fix}"

@@ -12,6 +12,7 @@ Two stores hold the items:
 ``ENCODER_CALLS`` counts real VAE / CLIP encode calls, so tests and a stats route can prove that a
 re-run did no encoder work.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,10 +37,10 @@ try:  # BLAKE3 is ~10x faster than SHA-256 on large buffers (weights, image file
 except ImportError:  # pragma: no cover - depends on the environment
     _blake3 = None
 from . import fingerprints
-from .fingerprints import PathLike, _MB, _tagged, canonical_json, new_hasher, update_tensor
+from .fingerprints import _MB, PathLike, _tagged, canonical_json, new_hasher, update_tensor
 
 Tensors = dict[str, torch.Tensor]
-ImageRef = Union[int, str, BucketedImage]
+ImageRef = int | str | BucketedImage
 
 #: Real encoder calls made by the caches (one per VAE batch / per CLIP caption), process-wide.
 ENCODER_CALLS: dict[str, int] = {"vae": 0, "clip": 0}
@@ -51,6 +53,7 @@ _STALE_TMP_SECONDS = 3600.0
 
 # -- size accounting -----------------------------------------------------------------------------
 
+
 def tensors_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -61,6 +64,7 @@ def megabytes(nbytes: int) -> float:
 
 # -- in-memory LRU -------------------------------------------------------------------------------
 
+
 class MemoryStore:
     """Items (dicts of CPU tensors) by key, least recently used evicted beyond ``capacity_mb``.
 
@@ -69,7 +73,7 @@ class MemoryStore:
     """
 
     def __init__(self, capacity_mb: float = DEFAULT_MEMORY_MB) -> None:
-        self._items: "OrderedDict[str, tuple[Tensors, int]]" = OrderedDict()
+        self._items: OrderedDict[str, tuple[Tensors, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._size = 0
         self.evictions = 0
@@ -97,7 +101,7 @@ class MemoryStore:
     def __contains__(self, key: str) -> bool:  # no LRU touch
         return key in self._items
 
-    def get(self, key: str) -> Optional[Tensors]:
+    def get(self, key: str) -> Tensors | None:
         with self._lock:
             entry = self._items.get(key)
             if entry is None:
@@ -137,7 +141,7 @@ class MemoryStore:
             self.evictions += 1
 
 
-_PROCESS_STORE: Optional[MemoryStore] = None
+_PROCESS_STORE: MemoryStore | None = None
 _PROCESS_STORE_LOCK = threading.Lock()
 
 
@@ -152,7 +156,8 @@ def memory_store() -> MemoryStore:
 
 # -- disk ----------------------------------------------------------------------------------------
 
-def tensors_checksum(tensors: Mapping[str, torch.Tensor], algorithm: Optional[str] = None) -> str:
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor], algorithm: str | None = None) -> str:
     """``<algorithm>:<hex>`` over names, dtypes, shapes and bytes of all tensors (sorted by name).
 
     The algorithm is recorded so that a file stays verifiable if blake3 is later unavailable.
@@ -173,8 +178,8 @@ class CacheFolderError(ValueError):
 class DiskRead:
     """Result of ``DiskStore.read``: tensors (None on a miss or a bad file) and a warning for bad files."""
 
-    tensors: Optional[Tensors]
-    warning: Optional[str] = None
+    tensors: Tensors | None
+    warning: str | None = None
 
     @property
     def corrupt(self) -> bool:
@@ -191,7 +196,8 @@ class DiskStore:
         except OSError as e:
             raise CacheFolderError(
                 f"cannot use {self.folder} as a cache folder ({e}); choose a writable folder, or turn the disk "
-                "cache off to cache in memory only") from None
+                "cache off to cache in memory only"
+            ) from None
         self._remove_stale_temp_files()
 
     def path(self, key: str) -> Path:
@@ -202,7 +208,7 @@ class DiskStore:
     def __contains__(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def write(self, key: str, tensors: Mapping[str, torch.Tensor], inputs: Optional[Mapping[str, Any]] = None) -> int:
+    def write(self, key: str, tensors: Mapping[str, torch.Tensor], inputs: Mapping[str, Any] | None = None) -> int:
         """Write an item atomically; returns the file size. Raises OSError (disk full, permissions).
 
         The file appears under its final name only once complete (``os.replace`` of a temp file in the
@@ -231,7 +237,7 @@ class DiskStore:
             raise
         return len(data)
 
-    def read(self, key: str, validate: Optional[Callable[[Tensors], Optional[str]]] = None) -> DiskRead:
+    def read(self, key: str, validate: Callable[[Tensors], str | None] | None = None) -> DiskRead:
         """The item's tensors, or ``DiskRead(None)`` when absent.
 
         A file that cannot be parsed (truncated, garbage), belongs to another key, fails its checksum,
@@ -258,7 +264,7 @@ class DiskStore:
         except FileNotFoundError:
             pass
 
-    def size_bytes(self, keys: Optional[Iterable[str]] = None) -> int:
+    def size_bytes(self, keys: Iterable[str] | None = None) -> int:
         """Bytes on disk of the given keys (or of every item in the folder)."""
         paths = [self.path(k) for k in keys] if keys is not None else list(self.folder.glob("*.safetensors"))
         total = 0
@@ -290,7 +296,7 @@ class DiskStore:
                 pass
 
 
-def _parse_item(data: bytes, key: str) -> tuple[Optional[str], Optional[Tensors]]:
+def _parse_item(data: bytes, key: str) -> tuple[str | None, Tensors | None]:
     """(problem, tensors): problem is None when the file is a complete, intact item for ``key``."""
     import safetensors.torch
 
@@ -299,7 +305,7 @@ def _parse_item(data: bytes, key: str) -> tuple[Optional[str], Optional[Tensors]
     try:
         tensors = safetensors.torch.load(data)
         header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(data[8 : 8 + header_len])
         metadata = header.get("__metadata__") or {}
     except Exception as e:  # safetensors raises its own error type for every malformed file
         return f"is truncated or corrupted ({type(e).__name__}: {e})", None
@@ -319,6 +325,7 @@ def _parse_item(data: bytes, key: str) -> tuple[Optional[str], Optional[Tensors]
 
 
 # -- what the latent and text caches share ----------------------------------------------------
+
 
 @dataclass
 class CacheStats:
@@ -361,9 +368,13 @@ class ImageIndex:
             return int(image)
         if isinstance(image, str):
             if image in self._ambiguous:
-                raise KeyError(f"image key {image!r} occurs in several dataset parts; pass the BucketedImage or "
-                               "its index in TrainingDataset.images")
+                raise KeyError(
+                    f"image key {image!r} occurs in several dataset parts; pass the BucketedImage or "
+                    "its index in TrainingDataset.images"
+                )
             if image not in self._by_key:
                 raise KeyError(f"image {image!r} is not part of the dataset this cache was built for")
             return self._by_key[image]
-        raise TypeError(f"image reference must be an index, an image key or a BucketedImage, got {type(image).__name__}")
+        raise TypeError(
+            f"image reference must be an index, an image key or a BucketedImage, got {type(image).__name__}"
+        )

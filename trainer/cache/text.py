@@ -22,20 +22,32 @@ ModelPatcher (a LoRA from LoraLoader, merges, with strengths), CLIPSetLastLayer'
 options, and the exact escaped text. Identical captions are encoded once. Outputs are float32 CPU
 tensors.
 """
+
 from __future__ import annotations
 
 import random
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
 from ..comfyui import encoders as comfy_encoders
-from .stores import ENCODER_CALLS, CacheStats, DiskStore, ImageIndex, ImageRef, MemoryStore, megabytes, memory_store, tensors_nbytes
-from .fingerprints import content_key, module_fingerprint, structure_hash, token_fingerprint
 from ..data.captions import CaptionOptions, escape_for_comfy_tokenizer, process_caption
 from ..data.dataset import BucketedImage, TrainingDataset
+from .fingerprints import content_key, module_fingerprint, structure_hash, token_fingerprint
+from .stores import (
+    ENCODER_CALLS,
+    CacheStats,
+    DiskStore,
+    ImageIndex,
+    ImageRef,
+    MemoryStore,
+    megabytes,
+    memory_store,
+    tensors_nbytes,
+)
 
 __all__ = [
     "ENCODER_CALLS",
@@ -80,14 +92,18 @@ def cached_caption(img: BucketedImage) -> str:
 def random_caption_options(options: CaptionOptions) -> list[str]:
     """Names of the options that make captions random, for the report."""
     o = options
-    names = [("shuffle_caption", o.shuffle_caption), ("caption_dropout_rate", o.caption_dropout_rate > 0),
-             ("caption_dropout_every_n_epochs", bool(o.caption_dropout_every_n_epochs)),
-             ("caption_tag_dropout_rate", o.caption_tag_dropout_rate > 0), ("enable_wildcard", o.enable_wildcard),
-             ("token_warmup_step", bool(o.token_warmup_step))]
+    names = [
+        ("shuffle_caption", o.shuffle_caption),
+        ("caption_dropout_rate", o.caption_dropout_rate > 0),
+        ("caption_dropout_every_n_epochs", bool(o.caption_dropout_every_n_epochs)),
+        ("caption_tag_dropout_rate", o.caption_tag_dropout_rate > 0),
+        ("enable_wildcard", o.enable_wildcard),
+        ("token_warmup_step", bool(o.token_warmup_step)),
+    ]
     return [n for n, on in names if on]
 
 
-def clip_fingerprint(clip: Any) -> Optional[str]:
+def clip_fingerprint(clip: Any) -> str | None:
     """Hash of the CLIP's weights (memoised per model object), patches and settings; None if it has hooks."""
     settings = comfy_encoders.clip_settings(clip)
     if settings.pop("hooks"):
@@ -115,7 +131,7 @@ def encode_caption_live(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tenso
         return _encode(clip, escape_for_comfy_tokenizer(text))
 
 
-def _validate_text(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+def _validate_text(tensors: dict[str, torch.Tensor]) -> str | None:
     ctx, pooled = tensors.get("context"), tensors.get("pooled")
     if ctx is None or pooled is None or ctx.ndim != 2 or pooled.ndim != 1:
         return "does not hold a [tokens, width] context and a [width] pooled output"
@@ -138,9 +154,17 @@ class _Pending:
 class TextCache:
     """Text encodings for every non-random caption of a TrainingDataset; see the module docstring."""
 
-    def __init__(self, dataset: TrainingDataset, image_keys: dict[int, str], captions: dict[int, str],
-                 encodings: dict[str, tuple[torch.Tensor, torch.Tensor]], live: list[int], stats: CacheStats,
-                 warnings: list[str], disk_dir: Optional[str]) -> None:
+    def __init__(
+        self,
+        dataset: TrainingDataset,
+        image_keys: dict[int, str],
+        captions: dict[int, str],
+        encodings: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        live: list[int],
+        stats: CacheStats,
+        warnings: list[str],
+        disk_dir: str | None,
+    ) -> None:
         self.dataset = dataset
         self._index = ImageIndex(dataset.images)
         self._image_keys = image_keys
@@ -157,11 +181,11 @@ class TextCache:
         dataset: TrainingDataset,
         clip: Any,
         *,
-        disk_dir: Optional[str] = None,
-        store: Optional[MemoryStore] = None,
-        progress: Optional[Callable[[int, int], None]] = None,
-        check_interrupt: Optional[Callable[[], None]] = None,
-    ) -> "TextCache":
+        disk_dir: str | None = None,
+        store: MemoryStore | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        check_interrupt: Callable[[], None] | None = None,
+    ) -> TextCache:
         """Look each non-random caption up (memory, then disk) and encode only the missing ones."""
         store = memory_store() if store is None else store
         disk = DiskStore(disk_dir) if disk_dir else None
@@ -169,14 +193,16 @@ class TextCache:
         warnings: list[str] = []
         if fingerprint is None:
             disk = None
-            warnings.append("the CLIP has hooks (CLIP hook nodes), which cannot be fingerprinted: captions are "
-                            "encoded now and not reused across runs")
+            warnings.append(
+                "the CLIP has hooks (CLIP hook nodes), which cannot be fingerprinted: captions are "
+                "encoded now and not reused across runs"
+            )
         stats = CacheStats()
         encodings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         image_keys: dict[int, str] = {}
         captions: dict[int, str] = {}
         live: list[int] = []
-        pending: "OrderedDict[str, _Pending]" = OrderedDict()
+        pending: OrderedDict[str, _Pending] = OrderedDict()
 
         for i, img in enumerate(dataset.images):
             if img.caption_options.is_random:
@@ -221,7 +247,8 @@ class TextCache:
                     where = p.first_image.item.image_path or p.first_image.key
                     raise TextEncodingError(
                         f"the text encoders produced NaN/inf for the caption of {where} "
-                        f"({p.escaped[:80]!r}); check the CLIP model (and any LoRA applied to it)")
+                        f"({p.escaped[:80]!r}); check the CLIP model (and any LoRA applied to it)"
+                    )
                 context, pooled = context.clone(), pooled.clone()
                 encodings[p.key] = (context, pooled)
                 stats.encoded += 1
@@ -234,8 +261,10 @@ class TextCache:
                         disk.write(p.key, item, inputs=p.fields)
                     except OSError as e:
                         disk_failed = True
-                        warnings.append(f"could not write the text-encoder cache to {disk.folder} ({e}); "
-                                        "continuing with the in-memory cache only")
+                        warnings.append(
+                            f"could not write the text-encoder cache to {disk.folder} ({e}); "
+                            "continuing with the in-memory cache only"
+                        )
                 if progress is not None:
                     progress(done, len(pending))
         return cls(dataset, image_keys, captions, encodings, live, stats, warnings, disk_dir)
@@ -261,7 +290,8 @@ class TextCache:
         if key is None:
             raise LiveCaptionError(
                 f"the caption of {self._index.images[i].key!r} uses random caption options, so it has no cached "
-                "encoding; encode it per step with encode_caption_live")
+                "encoding; encode it per step with encode_caption_live"
+            )
         return self._encodings[key]
 
     def caption(self, image: ImageRef) -> str:
@@ -298,11 +328,17 @@ class TextCache:
 
     def report_json(self) -> dict[str, Any]:
         return {
-            "images": len(self._index.images), "cached_images": len(self._image_keys),
-            "unique_captions": len(self._encodings), **self.stats.as_dict(),
-            "live_images": len(self._live), "live_keys": self.live_keys, "live_reasons": self._live_reasons(),
-            "size_mb": round(self.size_mb, 3), "disk_dir": self.disk_dir,
-            "disk_size_mb": round(self.disk_size_mb(), 3), "warnings": list(self.warnings),
+            "images": len(self._index.images),
+            "cached_images": len(self._image_keys),
+            "unique_captions": len(self._encodings),
+            **self.stats.as_dict(),
+            "live_images": len(self._live),
+            "live_keys": self.live_keys,
+            "live_reasons": self._live_reasons(),
+            "size_mb": round(self.size_mb, 3),
+            "disk_dir": self.disk_dir,
+            "disk_size_mb": round(self.disk_size_mb(), 3),
+            "warnings": list(self.warnings),
         }
 
     def report_text(self) -> str:
@@ -318,7 +354,8 @@ class TextCache:
         if self._live:
             lines.append(
                 f"  live: {len(self._live)} images have random caption options ({', '.join(self._live_reasons())}); "
-                "their captions are encoded at train time, each step")
+                "their captions are encoded at train time, each step"
+            )
         if self.warnings:
             lines.append(f"  {len(self.warnings)} warnings:")
             lines.extend(f"    {w}" for w in self.warnings)

@@ -1,14 +1,16 @@
-"""VAE and CLIP encoding exactly as ComfyUI's nodes do it, and what the caches fingerprint of them.
-"""
+"""VAE and CLIP encoding exactly as ComfyUI's nodes do it, and what the caches fingerprint of them."""
+
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 # -- encoders -----------------------------------------------------------------------------------
+
 
 def encode_pixels(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """Unscaled latents of IMAGE-layout pixels [B,H,W,C] in 0..1 (ComfyUI's LATENT convention)."""
@@ -47,6 +49,7 @@ def encode_text(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- what the latent / text-encoder caches fingerprint (trainer/cache/fingerprints.py hashes it) -------
 
+
 def vae_module(vae: Any) -> torch.nn.Module:
     """The VAE's nn.Module: the identity its weight fingerprint is memoised on."""
     return vae.first_stage_model
@@ -84,8 +87,10 @@ def patcher_patches(obj: Any) -> tuple[Any, dict[str, Any]]:
     object patches, which cannot be hashed by content.
     """
     p = obj.patcher
-    wrappers = {k: [getattr(f, "__qualname__", type(f).__qualname__) for f in fns]
-                for k, fns in p.weight_wrapper_patches.items()}
+    wrappers = {
+        k: [getattr(f, "__qualname__", type(f).__qualname__) for f in fns]
+        for k, fns in p.weight_wrapper_patches.items()
+    }
     objects = {k: type(v).__qualname__ for k, v in p.object_patches.items()}
     return p.patches_uuid, {"patches": p.patches, "weight_wrappers": wrappers, "object_patches": objects}
 
@@ -96,7 +101,10 @@ def clip_settings(clip: Any) -> dict[str, Any]:
     Hooks (CLIP hook nodes) cannot be fingerprinted by content; ``hooks`` is then True and the caller
     must not reuse an encoding.
     """
-    hooks = getattr(clip.patcher, "forced_hooks", None) is not None or getattr(clip, "apply_hooks_to_conds", None) is not None
+    hooks = (
+        getattr(clip.patcher, "forced_hooks", None) is not None
+        or getattr(clip, "apply_hooks_to_conds", None) is not None
+    )
     return {"layer_idx": clip.layer_idx, "tokenizer_options": dict(clip.tokenizer_options), "hooks": bool(hooks)}
 
 

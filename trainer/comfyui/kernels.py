@@ -1,12 +1,14 @@
-"""Forward overrides for the training block: gradient checkpointing, and kernels that have a backward.
-"""
+"""Forward overrides for the training block: gradient checkpointing, and kernels that have a backward."""
+
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
+
 
 def checkpoint_targets(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """The ResBlock and SpatialTransformer modules: kohya checkpoints at this level, not the whole U-Net."""

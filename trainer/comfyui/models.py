@@ -1,16 +1,18 @@
-"""ComfyUI's MODEL/CLIP objects as the engine needs them: what kind of SDXL it is, its parts, the U-Net call.
-"""
+"""ComfyUI's MODEL/CLIP objects as the engine needs them: what kind of SDXL it is, its parts, the U-Net call."""
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
+
 class WrongModelError(ValueError):
     """The MODEL/CLIP/VAE given is not something this SDXL trainer can train."""
 
 
 # -- model identity -----------------------------------------------------------------------------
+
 
 def require_sdxl(model: Any) -> None:
     """Fail early, with the fix, when the MODEL is not an SDXL (base architecture) model."""
@@ -23,7 +25,8 @@ def require_sdxl(model: Any) -> None:
         raise WrongModelError(
             f"The MODEL input is a {type(inner).__name__} model; this trainer trains SDXL base-architecture "
             "models (SDXL 1.0, Pony, Illustrious, NoobAI, ...). Load an SDXL checkpoint with "
-            "'Load Checkpoint' and connect its MODEL output.")
+            "'Load Checkpoint' and connect its MODEL output."
+        )
 
 
 def prediction_type(model: Any) -> str:
@@ -37,7 +40,8 @@ def prediction_type(model: Any) -> str:
         return "v_prediction"
     raise WrongModelError(
         f"The MODEL uses the {mtype.name} objective; only epsilon and v-prediction SDXL models can be trained "
-        "with kohya's DDPM objective.")
+        "with kohya's DDPM objective."
+    )
 
 
 def zero_terminal_snr(model: Any) -> bool:
@@ -58,15 +62,19 @@ def text_encoders(clip: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(CLIP-L, CLIP-G) transformers of an SDXL CLIP: kohya's te1 and te2."""
     inner = getattr(clip, "cond_stage_model", None)
     if inner is None or not hasattr(inner, "clip_l") or not hasattr(inner, "clip_g"):
-        raise WrongModelError("The CLIP input is not SDXL's dual text encoder (CLIP-L + CLIP-G); "
-                              "connect the CLIP output of the SDXL checkpoint loader.")
+        raise WrongModelError(
+            "The CLIP input is not SDXL's dual text encoder (CLIP-L + CLIP-G); "
+            "connect the CLIP output of the SDXL checkpoint loader."
+        )
     return inner.clip_l.transformer, inner.clip_g.transformer
 
 
 # -- the diffusion objective through ComfyUI's own model_sampling ------------------------------
 
-def model_input_for_timesteps(model: Any, latents: torch.Tensor, noise: torch.Tensor,
-                              timesteps: torch.Tensor) -> torch.Tensor:
+
+def model_input_for_timesteps(
+    model: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """The U-Net input for integer DDPM timesteps, built with the MODEL's own ``model_sampling``.
 
     ComfyUI's sampler forms ``x = x0 + sigma*noise`` and feeds ``x / sqrt(sigma^2 + 1)``, which is
@@ -80,8 +88,14 @@ def model_input_for_timesteps(model: Any, latents: torch.Tensor, noise: torch.Te
     return x / (sigma * sigma + 1.0).sqrt()
 
 
-def unet_forward(model: Any, model_input: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                 y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def unet_forward(
+    model: Any,
+    model_input: torch.Tensor,
+    timesteps: torch.Tensor,
+    context: torch.Tensor,
+    y: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """The raw U-Net output (epsilon or v) for a batch, as kohya's SDXL U-Net call returns it.
 
     Calls ``diffusion_model`` directly rather than ``apply_model`` (which returns x0): the loss is
@@ -94,5 +108,9 @@ def unet_forward(model: Any, model_input: torch.Tensor, timesteps: torch.Tensor,
     options.pop("optimized_attention_override", None)
     device = model.load_device
     return diffusion_model(model)(
-        model_input.to(device, dtype), timesteps.to(device).float(), context=context.to(device, dtype),
-        y=y.to(device, dtype), transformer_options=options).float()
+        model_input.to(device, dtype),
+        timesteps.to(device).float(),
+        context=context.to(device, dtype),
+        y=y.to(device, dtype),
+        transformer_options=options,
+    ).float()

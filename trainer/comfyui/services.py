@@ -1,5 +1,5 @@
-"""Host services of ComfyUI the engine uses: progress, cancel, websocket events, folders and files.
-"""
+"""Host services of ComfyUI the engine uses: progress, cancel, websocket events, folders and files."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,15 +1,18 @@
-"""How a training run uses the MODEL/CLIP ComfyUI loaded, in every memory mode, and leaves them as they were.
-"""
+"""How a training run uses the MODEL/CLIP ComfyUI loaded, in every memory mode, and leaves them as they were."""
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
+
 from .models import WrongModelError
 
 # -- the MODEL / CLIP that training runs through (every ComfyUI memory mode) ----------------------
+
 
 def _private_weight(weight: torch.Tensor) -> torch.Tensor:
     """A weight wrapper: the cast weight as a tensor that autograd may keep for backward.
@@ -67,7 +70,8 @@ def _non_dynamic(patcher: Any, what: str) -> Any:
     except RuntimeError as e:
         raise WrongModelError(
             f"The {what} comes from a loader ComfyUI cannot reload outside DynamicVRAM ({e}). Load the SDXL "
-            "checkpoint with 'Load Checkpoint', or start ComfyUI with --disable-dynamic-vram.") from None
+            "checkpoint with 'Load Checkpoint', or start ComfyUI with --disable-dynamic-vram."
+        ) from None
 
 
 @dataclasses.dataclass
@@ -106,8 +110,10 @@ def training_models(model: Any, clip: Any, train_text_encoders: bool) -> Iterato
     if train_text_encoders:
         base = clip.clone(disable_dynamic=True) if clip.patcher.is_dynamic() else clip
         if clip.patcher.is_dynamic() and base.patcher.is_dynamic():
-            raise WrongModelError("The CLIP could not be reloaded outside DynamicVRAM for text-encoder training; "
-                                  "start ComfyUI with --disable-dynamic-vram.")
+            raise WrongModelError(
+                "The CLIP could not be reloaded outside DynamicVRAM for text-encoder training; "
+                "start ComfyUI with --disable-dynamic-vram."
+            )
         train_clip = base.clone()
         _register_private_weights(train_clip.patcher)
     frozen = [train_model.model] + ([train_clip.patcher.model] if train_text_encoders else [])
@@ -152,7 +158,7 @@ def full_precision_accumulation() -> Iterator[bool]:
 
 
 def resolve_train_dtype(train_dtype: str, device: torch.device) -> str:
-    """"auto" -> what the device computes well: bf16 where ComfyUI's own check says so (NVIDIA Ampere and newer,
+    """ "auto" -> what the device computes well: bf16 where ComfyUI's own check says so (NVIDIA Ampere and newer,
     ...), fp16 with a gradient scaler on other GPUs, fp32 on the CPU."""
     if train_dtype != "auto":
         return train_dtype

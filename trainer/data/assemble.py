@@ -4,18 +4,19 @@ This is the glue the dataset nodes call: kohya's registration (repeats, reg-imag
 bucketing per dataset, caption options per subset, and the checks that must fail early
 (random crop / color augmentation cannot be combined with latent caching, as in kohya).
 """
+
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Any, Optional
+from typing import Any
 
-from .registration import Subset, register_dreambooth, register_finetuning
 from .buckets import BucketSettings
 from .captions import CaptionOptions
-from .sources import DatasetItem, ScanResult
-from .kohya_toml import DatasetTomlConfig, scan_dataset_toml
 from .dataset import DatasetPart, TrainingDataset, bucket_images, training_dataset
+from .kohya_toml import DatasetTomlConfig, scan_dataset_toml
+from .registration import Subset, register_dreambooth, register_finetuning
+from .sources import DatasetItem, ScanResult
 
 CAPTION_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(CaptionOptions))
 
@@ -27,7 +28,8 @@ def check_cacheable(random_crop: bool, color_aug: bool, where: str = "") -> None
         raise ValueError(
             f"{where}{' and '.join(bad)} cannot be combined with latent caching (kohya refuses it too: "
             "the cached latent would freeze one crop/colour for the whole run). This trainer always caches "
-            "latents; set " + " and ".join(f"{b} = false" for b in bad) + ".")
+            "latents; set " + " and ".join(f"{b} = false" for b in bad) + "."
+        )
 
 
 def caption_options_from_kohya(params: dict[str, Any]) -> CaptionOptions:
@@ -42,52 +44,87 @@ def register_items(scan: ScanResult, dreambooth: bool = True) -> ScanResult:
     for item in scan.items:
         by_subset[item.subset_index].append(item)
     order = sorted(by_subset)
-    subsets = [Subset(source=f"{i}", images=by_subset[i], num_repeats=by_subset[i][0].num_repeats,
-                      is_reg=by_subset[i][0].is_reg) for i in order]
+    subsets = [
+        Subset(
+            source=f"{i}", images=by_subset[i], num_repeats=by_subset[i][0].num_repeats, is_reg=by_subset[i][0].is_reg
+        )
+        for i in order
+    ]
     reg = register_dreambooth(subsets) if dreambooth else register_finetuning(subsets, key=lambda it: it.key)
     used = {id(r.image) for r in reg.images}
     out = ScanResult(skipped=list(scan.skipped), warnings=list(scan.warnings))
     for r in reg.images:
-        out.items.append(r.image if r.image.num_repeats == r.num_repeats
-                         else dataclasses.replace(r.image, num_repeats=r.num_repeats))
+        out.items.append(
+            r.image if r.image.num_repeats == r.num_repeats else dataclasses.replace(r.image, num_repeats=r.num_repeats)
+        )
     unused = [it for it in scan.items if id(it) not in used]
     for it in unused:
-        out.skipped.append((it.image_path or it.key, "regularisation image not needed: kohya registers reg images "
-                                                     "only until their repeats match the training images"))
+        out.skipped.append(
+            (
+                it.image_path or it.key,
+                "regularisation image not needed: kohya registers reg images "
+                "only until their repeats match the training images",
+            )
+        )
     return out
 
 
-def dataset_from_scan(scan: ScanResult, settings: BucketSettings, batch_size: int, caption_options: CaptionOptions,
-                      flip_aug: bool = False, true_crop: bool = False, seed: int = 0) -> TrainingDataset:
+def dataset_from_scan(
+    scan: ScanResult,
+    settings: BucketSettings,
+    batch_size: int,
+    caption_options: CaptionOptions,
+    flip_aug: bool = False,
+    true_crop: bool = False,
+    seed: int = 0,
+) -> TrainingDataset:
     """One dataset from a folder / metadata / graph-images scan, with one set of options for all images."""
     registered = register_items(scan)
     part = bucket_images(registered, settings, batch_size, caption_options, flip_aug, true_crop)
     return training_dataset([part], [registered], seed)
 
 
-def dataset_from_toml(path: str, input_dir: Optional[str] = None, *, strict_captions: bool = False,
-                      exif_transpose: bool = True, true_crop: bool = False, seed: int = 0,
-                      fallbacks: Optional[dict[str, Any]] = None) -> tuple[TrainingDataset, DatasetTomlConfig]:
+def dataset_from_toml(
+    path: str,
+    input_dir: str | None = None,
+    *,
+    strict_captions: bool = False,
+    exif_transpose: bool = True,
+    true_crop: bool = False,
+    seed: int = 0,
+    fallbacks: dict[str, Any] | None = None,
+) -> tuple[TrainingDataset, DatasetTomlConfig]:
     """A kohya dataset TOML, loaded as kohya would (precedence, defaults), bucketed per [[datasets]]."""
-    config, scan = scan_dataset_toml(path, input_dir, fallbacks=fallbacks, strict_captions=strict_captions,
-                                     exif_transpose=exif_transpose)
+    config, scan = scan_dataset_toml(
+        path, input_dir, fallbacks=fallbacks, strict_captions=strict_captions, exif_transpose=exif_transpose
+    )
     parts: list[DatasetPart] = []
     scans: list[ScanResult] = []
     for ds in config.datasets:
         items = [it for it in scan.items if it.dataset_index == ds.index]
         where = f"{config.path}: [[datasets]] #{ds.index + 1}: "
         for sub in ds.subsets:
-            check_cacheable(bool(sub.params.get("random_crop")), bool(sub.params.get("color_aug")),
-                            where=f"{where}subset #{sub.index + 1}: ")
+            check_cacheable(
+                bool(sub.params.get("random_crop")),
+                bool(sub.params.get("color_aug")),
+                where=f"{where}subset #{sub.index + 1}: ",
+            )
         if not items:
             continue
         b = ds.bucket
         if b.get("resolution") is None:
-            raise ValueError(f"{where}no resolution: set `resolution = 1024` (or [width, height]) in [general] "
-                             "or in the [[datasets]] entry.")
-        settings = BucketSettings(resolution=tuple(b["resolution"]), min_bucket_reso=b["min_bucket_reso"],
-                                  max_bucket_reso=b["max_bucket_reso"], bucket_reso_steps=b["bucket_reso_steps"],
-                                  bucket_no_upscale=b["bucket_no_upscale"], enable_bucket=b["enable_bucket"])
+            raise ValueError(
+                f"{where}no resolution: set `resolution = 1024` (or [width, height]) in [general] "
+                "or in the [[datasets]] entry."
+            )
+        settings = BucketSettings(
+            resolution=tuple(b["resolution"]),
+            min_bucket_reso=b["min_bucket_reso"],
+            max_bucket_reso=b["max_bucket_reso"],
+            bucket_reso_steps=b["bucket_reso_steps"],
+            bucket_no_upscale=b["bucket_no_upscale"],
+            enable_bucket=b["enable_bucket"],
+        )
         options = {sub.index: caption_options_from_kohya(sub.params) for sub in ds.subsets}
         flips = {sub.index: bool(sub.params.get("flip_aug")) for sub in ds.subsets}
         part_scan = register_items(ScanResult(items=items), dreambooth=ds.is_dreambooth)

@@ -15,11 +15,14 @@ order. The state carries over, so epoch 2's order depends on epoch 1's. We do th
 ``random.Random`` (never the global one, which other code draws from). In real training the DataLoader additionally
 shuffles the batch order with torch's RNG.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Optional, Protocol, Sequence
+from typing import Protocol
+
 from .registration import _ceil_div
 
 Size = tuple[int, int]
@@ -174,7 +177,7 @@ class BucketBatcher:
         """The epoch's batches in the current (shuffled) order."""
         return [self.batch(i) for i in range(len(self))]
 
-    def bucket_contents(self, bucket: Size) -> Optional[list]:
+    def bucket_contents(self, bucket: Size) -> list | None:
         """Current (shuffled) key list of one bucket, or None if no item uses it."""
         try:
             return list(self._bucket_keys[self.buckets.index(tuple(bucket))])

@@ -26,12 +26,12 @@ directions (``w >= new_w and h >= new_h``) and PIL LANCZOS otherwise. We use ``I
 case (PIL's box filter is the same pixel-area average as INTER_AREA; the two can differ by a rounding step per pixel)
 and ``Image.Resampling.LANCZOS`` for the other case, which is exactly kohya's call. No resize when sizes match.
 """
+
 from __future__ import annotations
 
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional
 
 from PIL import Image
 
@@ -91,7 +91,9 @@ class BucketSettings:
         )[1]
 
 
-def adjust_min_max_bucket_reso(resolution: Size, min_bucket_reso: int, max_bucket_reso: int, step: int) -> tuple[int, int]:
+def adjust_min_max_bucket_reso(
+    resolution: Size, min_bucket_reso: int, max_bucket_reso: int, step: int
+) -> tuple[int, int]:
     """min rounded DOWN and max rounded UP to a multiple of ``step``, then checked against ``resolution``.
 
     Mirrors BaseDataset.adjust_min_max_bucket_reso_by_steps plus BucketManager's asserts; kohya's asserts become
@@ -135,7 +137,7 @@ def make_bucket_resolutions(resolution: Size, min_size: int, max_size: int, step
     return sorted(resos)
 
 
-def predefined_buckets(settings: BucketSettings) -> Optional[list[Size]]:
+def predefined_buckets(settings: BucketSettings) -> list[Size] | None:
     """The bucket list images are matched against; None with ``bucket_no_upscale`` (buckets come from the images).
 
     With ``enable_bucket=False`` the list is the single bucket ``resolution``.
@@ -169,7 +171,7 @@ def get_crop_ltrb(bucket: Size, image_size: Size) -> tuple[float, float, float, 
     return float(left), float(top), float(left + fitted_w), float(top + fitted_h)
 
 
-def resize_filter(original_size: Size, resized_size: Size) -> Optional[Image.Resampling]:
+def resize_filter(original_size: Size, resized_size: Size) -> Image.Resampling | None:
     """Pillow filter kohya's default choice maps to, or None when no resize happens.
 
     kohya: INTER_AREA if the image shrinks (or keeps) in BOTH directions, else LANCZOS (through PIL).
@@ -205,7 +207,7 @@ class BucketSelection:
     crop_offset: tuple[int, int]
 
     @property
-    def resample(self) -> Optional[Image.Resampling]:
+    def resample(self) -> Image.Resampling | None:
         return resize_filter(self.original_size, self.resized_size)
 
 
@@ -222,7 +224,7 @@ class BucketSelector:
 
     def __init__(self, settings: BucketSettings) -> None:
         self.settings = settings
-        self.predefined: Optional[list[Size]] = predefined_buckets(settings)
+        self.predefined: list[Size] | None = predefined_buckets(settings)
         self._predefined_set = set(self.predefined) if self.predefined is not None else set()
         self._predefined_ars = [w / h for w, h in self.predefined] if self.predefined is not None else []
         self._max_area = settings.resolution[0] * settings.resolution[1]

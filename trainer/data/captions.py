@@ -19,13 +19,13 @@ reproducible caption stream and the same draws kohya would make from the global 
    are never shuffled or dropped. The result is joined with ``", "`` whatever the separator was.
 5. ``secondary_separator`` is replaced by ``caption_separator`` last (after shuffling, so it glues tags together).
 """
+
 from __future__ import annotations
 
 import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,10 @@ class CaptionOptions:
     caption_separator: str = ","
     keep_tokens: int = 0
     keep_tokens_separator: str = ""
-    secondary_separator: Optional[str] = None
+    secondary_separator: str | None = None
     enable_wildcard: bool = False
-    caption_prefix: Optional[str] = None
-    caption_suffix: Optional[str] = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
@@ -61,8 +61,14 @@ class CaptionOptions:
     @property
     def is_random(self) -> bool:
         """True when the caption can change from step to step, so its text encoding cannot be cached once."""
-        return bool(self.shuffle_caption or self.caption_dropout_rate > 0 or self.caption_dropout_every_n_epochs
-                    or self.caption_tag_dropout_rate > 0 or self.enable_wildcard or self.token_warmup_step)
+        return bool(
+            self.shuffle_caption
+            or self.caption_dropout_rate > 0
+            or self.caption_dropout_every_n_epochs
+            or self.caption_tag_dropout_rate > 0
+            or self.enable_wildcard
+            or self.token_warmup_step
+        )
 
 
 _WILDCARD = re.compile(r"\{([^}]+)\}")

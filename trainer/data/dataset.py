@@ -7,18 +7,20 @@ around, and its report says exactly what kohya would train on.
 A kohya TOML can hold several ``[[datasets]]`` with their own bucket settings and batch size; each
 becomes one ``DatasetPart``. Batches never mix parts or buckets (kohya's DatasetGroup).
 """
+
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 from .bucket_batches import Batch, BucketBatcher, TrainItem, batches_per_epoch
 from .buckets import BucketSelection, BucketSelector, BucketSettings, EmptyBucketError
 from .captions import CaptionOptions
-from .sources import DatasetItem, ScanResult
 from .size_conditioning import SizeConditioning, size_conditioning
+from .sources import DatasetItem, ScanResult
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,10 @@ class DatasetPart:
     used_buckets: list[tuple[int, int]]
 
     def train_items(self) -> list[TrainItem]:
-        return [TrainItem(key=i, bucket=img.selection.bucket, num_repeats=img.item.num_repeats)
-                for i, img in enumerate(self.images)]
+        return [
+            TrainItem(key=i, bucket=img.selection.bucket, num_repeats=img.item.num_repeats)
+            for i, img in enumerate(self.images)
+        ]
 
     def num_batches(self) -> int:
         return batches_per_epoch(self.train_items(), self.batch_size)
@@ -108,23 +112,40 @@ class TrainingDataset:
             "num_images": len(self.images),
             "num_images_with_repeats": sum(img.item.num_repeats for img in self.images),
             "batches_per_epoch": self.num_batches(),
-            "parts": [{
-                "resolution": list(p.settings.resolution), "enable_bucket": p.settings.enable_bucket,
-                "min_bucket_reso": p.settings.min_bucket_reso, "max_bucket_reso": p.settings.max_bucket_reso,
-                "bucket_reso_steps": p.settings.bucket_reso_steps, "bucket_no_upscale": p.settings.bucket_no_upscale,
-                "batch_size": p.batch_size, "true_crop": p.true_crop,
-                "batches_per_epoch": p.num_batches(),
-            } for p in self.parts],
-            "buckets": [{"bucket": list(b), "images": n, "images_with_repeats": r}
-                        for b, n, r in self.bucket_histogram()],
-            "images": [{
-                "key": img.key, "image": img.item.image_path or img.item.image_key,
-                "caption": img.item.caption, "num_repeats": img.item.num_repeats, "is_reg": img.item.is_reg,
-                "flip_aug": img.flip_aug,
-                "original_size": list(img.selection.original_size), "bucket": list(img.selection.bucket),
-                "resized_size": list(img.selection.resized_size), "crop_offset": list(img.selection.crop_offset),
-                "time_ids": list(img.conditioning.time_ids), "time_ids_flipped": list(img.conditioning_flipped.time_ids),
-            } for img in self.images],
+            "parts": [
+                {
+                    "resolution": list(p.settings.resolution),
+                    "enable_bucket": p.settings.enable_bucket,
+                    "min_bucket_reso": p.settings.min_bucket_reso,
+                    "max_bucket_reso": p.settings.max_bucket_reso,
+                    "bucket_reso_steps": p.settings.bucket_reso_steps,
+                    "bucket_no_upscale": p.settings.bucket_no_upscale,
+                    "batch_size": p.batch_size,
+                    "true_crop": p.true_crop,
+                    "batches_per_epoch": p.num_batches(),
+                }
+                for p in self.parts
+            ],
+            "buckets": [
+                {"bucket": list(b), "images": n, "images_with_repeats": r} for b, n, r in self.bucket_histogram()
+            ],
+            "images": [
+                {
+                    "key": img.key,
+                    "image": img.item.image_path or img.item.image_key,
+                    "caption": img.item.caption,
+                    "num_repeats": img.item.num_repeats,
+                    "is_reg": img.item.is_reg,
+                    "flip_aug": img.flip_aug,
+                    "original_size": list(img.selection.original_size),
+                    "bucket": list(img.selection.bucket),
+                    "resized_size": list(img.selection.resized_size),
+                    "crop_offset": list(img.selection.crop_offset),
+                    "time_ids": list(img.conditioning.time_ids),
+                    "time_ids_flipped": list(img.conditioning_flipped.time_ids),
+                }
+                for img in self.images
+            ],
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "warnings": list(self.warnings),
         }
@@ -154,12 +175,18 @@ class TrainingDataset:
         return "\n".join(lines)
 
 
-OptionsBySubset = Union[CaptionOptions, Mapping[int, CaptionOptions]]
-FlipBySubset = Union[bool, Mapping[int, bool]]
+OptionsBySubset = CaptionOptions | Mapping[int, CaptionOptions]
+FlipBySubset = bool | Mapping[int, bool]
 
 
-def bucket_images(scan: ScanResult, settings: BucketSettings, batch_size: int, caption_options: OptionsBySubset,
-                  flip_aug: FlipBySubset = False, true_crop: bool = False) -> DatasetPart:
+def bucket_images(
+    scan: ScanResult,
+    settings: BucketSettings,
+    batch_size: int,
+    caption_options: OptionsBySubset,
+    flip_aug: FlipBySubset = False,
+    true_crop: bool = False,
+) -> DatasetPart:
     """kohya's make_buckets for one dataset: select a bucket for every image and its size conditioning.
 
     ``caption_options`` and ``flip_aug`` are kohya subset options: one value for all images, or a
@@ -178,15 +205,25 @@ def bucket_images(scan: ScanResult, settings: BucketSettings, batch_size: int, c
         except (EmptyBucketError, ValueError) as e:
             scan.skipped.append((item.image_path or item.key, f"{e}"))
             continue
-        images.append(BucketedImage(
-            item=item, selection=sel,
-            conditioning=size_conditioning(sel, False, true_crop=true_crop),
-            conditioning_flipped=size_conditioning(sel, True, true_crop=true_crop),
-            caption_options=caption_options if isinstance(caption_options, CaptionOptions)
-            else caption_options[item.subset_index],
-            flip_aug=flip_aug if isinstance(flip_aug, bool) else bool(flip_aug[item.subset_index])))
-    return DatasetPart(settings=settings, batch_size=batch_size, true_crop=true_crop,
-                       images=images, used_buckets=list(selector.used_buckets()))
+        images.append(
+            BucketedImage(
+                item=item,
+                selection=sel,
+                conditioning=size_conditioning(sel, False, true_crop=true_crop),
+                conditioning_flipped=size_conditioning(sel, True, true_crop=true_crop),
+                caption_options=caption_options
+                if isinstance(caption_options, CaptionOptions)
+                else caption_options[item.subset_index],
+                flip_aug=flip_aug if isinstance(flip_aug, bool) else bool(flip_aug[item.subset_index]),
+            )
+        )
+    return DatasetPart(
+        settings=settings,
+        batch_size=batch_size,
+        true_crop=true_crop,
+        images=images,
+        used_buckets=list(selector.used_buckets()),
+    )
 
 
 def training_dataset(parts: Sequence[DatasetPart], scans: Sequence[ScanResult], seed: int = 0) -> TrainingDataset:
@@ -199,8 +236,11 @@ def training_dataset(parts: Sequence[DatasetPart], scans: Sequence[ScanResult], 
     ds = TrainingDataset(parts=[p for p in parts if p.images], skipped=skipped, warnings=warnings, seed=seed)
     if not ds.parts:
         reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
-        raise ValueError("No image is left to train on after bucketing" + (f" (skipped: {reasons})" if reasons else "")
-                         + ". Check the folder and the bucket settings.")
+        raise ValueError(
+            "No image is left to train on after bucketing"
+            + (f" (skipped: {reasons})" if reasons else "")
+            + ". Check the folder and the bucket settings."
+        )
     return ds
 
 
@@ -208,8 +248,9 @@ def caption_for_step(img: BucketedImage, rng: random.Random, epoch: int, step: i
     """The caption a sample trains with at this step (kohya's shuffle/dropout, if enabled)."""
     from .captions import process_caption
 
-    return process_caption(img.item.caption, img.caption_options, rng, epoch=epoch, step=step,
-                           max_train_steps=max_train_steps)
+    return process_caption(
+        img.item.caption, img.caption_options, rng, epoch=epoch, step=step, max_train_steps=max_train_steps
+    )
 
 
 def dumps_report(ds: TrainingDataset) -> str:

@@ -14,15 +14,17 @@ Deliberate differences from kohya (documented in the README):
 - 16-bit / 32-bit integer greyscale is scaled to 8 bits (kohya/Pillow clip it).
 - Animated files (GIF, APNG, animated WebP) use their first frame and report a warning.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -67,7 +69,7 @@ class ImageProbe:
     width: int
     height: int
     mode: str
-    format: Optional[str]
+    format: str | None
     n_frames: int
     orientation: int  # EXIF orientation 1..8 (1 when absent or when orientation is not applied)
 
@@ -211,9 +213,7 @@ def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def probe_image_info(
-    path: PathLike, exif_transpose: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> ImageProbe:
+def probe_image_info(path: PathLike, exif_transpose: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageProbe:
     """Read only the header: size after orientation, mode, format, frame count.
 
     Does not detect truncated pixel data (use verify_image for that); it does catch empty files,
@@ -235,9 +235,7 @@ def probe_image(path: PathLike, exif_transpose: bool = True, max_pixels: int = D
     return probe_image_info(path, exif_transpose, max_pixels).size
 
 
-def verify_image(
-    path: PathLike, exif_transpose: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> ImageProbe:
+def verify_image(path: PathLike, exif_transpose: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageProbe:
     """Decode the (first frame's) pixel data to catch truncated/corrupt files at scan time.
 
     Pillow opens lazily, so a file cut in half opens fine and only fails when pixels are read;
@@ -314,7 +312,7 @@ def load_image_rgb(
     exif_transpose: bool = True,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    warnings_out: Optional[list[str]] = None,
+    warnings_out: list[str] | None = None,
 ) -> Image.Image:
     """Load ``path`` fully decoded as an 8-bit RGB image, ready for resizing/cropping.
 

@@ -17,18 +17,21 @@ Relative ``image_dir``/``metadata_file`` paths are taken against the TOML file's
 uses the process's working directory, which in ComfyUI is arbitrary). Default caption extension is
 kohya's ``.caption`` unless ``fallbacks`` or the TOML says otherwise.
 """
+
 from __future__ import annotations
 
 import difflib
 import json
 import os
-import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Union
 
-from .sources import DatasetItem, ScanResult, normalize_caption_extension, resolve_dataset_path, scan_image_dir
+import tomllib
+
 from .images import ACCEPTED_EXTENSIONS, DEFAULT_MAX_PIXELS, DatasetError, probe_image_info, verify_image
+from .sources import DatasetItem, ScanResult, normalize_caption_extension, resolve_dataset_path, scan_image_dir
 
 __all__ = [
     "BUCKET_KEYS",
@@ -49,20 +52,45 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 # Subset parameters that may also be written in [[datasets]] or [general] ("ascendable").
 _SUBSET_ASCENDABLE = {
-    "color_aug", "face_crop_aug_range", "flip_aug", "num_repeats", "random_crop", "shuffle_caption",
-    "keep_tokens", "keep_tokens_separator", "secondary_separator", "caption_separator",
-    "enable_wildcard", "token_warmup_min", "token_warmup_step", "caption_prefix", "caption_suffix",
-    "custom_attributes", "resize_interpolation",
+    "color_aug",
+    "face_crop_aug_range",
+    "flip_aug",
+    "num_repeats",
+    "random_crop",
+    "shuffle_caption",
+    "keep_tokens",
+    "keep_tokens_separator",
+    "secondary_separator",
+    "caption_separator",
+    "enable_wildcard",
+    "token_warmup_min",
+    "token_warmup_step",
+    "caption_prefix",
+    "caption_suffix",
+    "custom_attributes",
+    "resize_interpolation",
     # dropout options (train_network supports them)
-    "caption_dropout_every_n_epochs", "caption_dropout_rate", "caption_tag_dropout_rate",
+    "caption_dropout_every_n_epochs",
+    "caption_dropout_rate",
+    "caption_tag_dropout_rate",
     # DreamBooth-style subset options
-    "caption_extension", "class_tokens", "cache_info",
+    "caption_extension",
+    "class_tokens",
+    "cache_info",
 }
 _DB_SUBSET_ONLY = {"image_dir", "is_reg", "alpha_mask"}
 _FT_SUBSET_ONLY = {"metadata_file", "image_dir", "alpha_mask"}
 _DATASET_ASCENDABLE = {
-    "batch_size", "bucket_no_upscale", "bucket_reso_steps", "enable_bucket", "max_bucket_reso",
-    "min_bucket_reso", "validation_seed", "validation_split", "resolution", "network_multiplier",
+    "batch_size",
+    "bucket_no_upscale",
+    "bucket_reso_steps",
+    "enable_bucket",
+    "max_bucket_reso",
+    "min_bucket_reso",
+    "validation_seed",
+    "validation_split",
+    "resolution",
+    "network_multiplier",
     "resize_interpolation",
 }
 _SUBSET_KEYS = _SUBSET_ASCENDABLE | _DB_SUBSET_ONLY | _FT_SUBSET_ONLY
@@ -122,7 +150,12 @@ DATASET_DEFAULTS: dict[str, Any] = {
 
 #: Dataset parameters that bucketing/batching consume (kohya names), collected in DatasetConfig.bucket.
 BUCKET_KEYS: tuple[str, ...] = (
-    "resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+    "resolution",
+    "batch_size",
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
     "bucket_no_upscale",
 )
 
@@ -142,7 +175,7 @@ def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float))) and not isinstance(v, bool)
 
 
-def _check_resolution(v: Any) -> Optional[tuple[int, int]]:
+def _check_resolution(v: Any) -> tuple[int, int] | None:
     if _is_int(v):
         return (v, v)
     if isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) for x in v):
@@ -150,7 +183,7 @@ def _check_resolution(v: Any) -> Optional[tuple[int, int]]:
     return None
 
 
-def _check_pair_of_floats(v: Any) -> Optional[tuple[float, float]]:
+def _check_pair_of_floats(v: Any) -> tuple[float, float] | None:
     if isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) for x in v):
         return (float(v[0]), float(v[1]))
     return None
@@ -176,19 +209,61 @@ _INT = ("a whole number", "10", _simple(_is_int))
 _FLOAT = ("a number", "0.1", _simple(_is_number, float))
 _STR = ("a quoted string", '"text"', _simple(lambda v: isinstance(v, str)))
 _TYPES: dict[str, tuple[str, str, _Checker]] = {
-    **{k: _BOOL for k in (
-        "color_aug", "flip_aug", "random_crop", "shuffle_caption", "enable_wildcard", "cache_info", "is_reg",
-        "alpha_mask", "bucket_no_upscale", "enable_bucket")},
-    **{k: _INT for k in (
-        "num_repeats", "keep_tokens", "token_warmup_min", "caption_dropout_every_n_epochs", "batch_size",
-        "bucket_reso_steps", "max_bucket_reso", "min_bucket_reso", "validation_seed")},
-    **{k: _FLOAT for k in (
-        "token_warmup_step", "caption_dropout_rate", "caption_tag_dropout_rate", "validation_split",
-        "network_multiplier")},
-    **{k: _STR for k in (
-        "keep_tokens_separator", "secondary_separator", "caption_separator", "caption_prefix", "caption_suffix",
-        "resize_interpolation", "caption_extension", "class_tokens", "image_dir", "metadata_file")},
-    "custom_attributes": ("a table", "{ key = \"value\" }", _simple(lambda v: isinstance(v, dict))),
+    **dict.fromkeys(
+        (
+            "color_aug",
+            "flip_aug",
+            "random_crop",
+            "shuffle_caption",
+            "enable_wildcard",
+            "cache_info",
+            "is_reg",
+            "alpha_mask",
+            "bucket_no_upscale",
+            "enable_bucket",
+        ),
+        _BOOL,
+    ),
+    **dict.fromkeys(
+        (
+            "num_repeats",
+            "keep_tokens",
+            "token_warmup_min",
+            "caption_dropout_every_n_epochs",
+            "batch_size",
+            "bucket_reso_steps",
+            "max_bucket_reso",
+            "min_bucket_reso",
+            "validation_seed",
+        ),
+        _INT,
+    ),
+    **dict.fromkeys(
+        (
+            "token_warmup_step",
+            "caption_dropout_rate",
+            "caption_tag_dropout_rate",
+            "validation_split",
+            "network_multiplier",
+        ),
+        _FLOAT,
+    ),
+    **dict.fromkeys(
+        (
+            "keep_tokens_separator",
+            "secondary_separator",
+            "caption_separator",
+            "caption_prefix",
+            "caption_suffix",
+            "resize_interpolation",
+            "caption_extension",
+            "class_tokens",
+            "image_dir",
+            "metadata_file",
+        ),
+        _STR,
+    ),
+    "custom_attributes": ("a table", '{ key = "value" }', _simple(lambda v: isinstance(v, dict))),
     "face_crop_aug_range": ("two numbers", "[2.0, 4.0]", _special(_check_pair_of_floats)),
     "resolution": ("a number or [width, height]", "1024  or  [1024, 768]", _special(_check_resolution)),
 }
@@ -203,16 +278,16 @@ class SubsetConfig:
     """One ``[[datasets.subsets]]`` entry after kohya's precedence rules were applied."""
 
     index: int  # position inside its dataset (0-based)
-    image_dir: Optional[str]  # as written
-    resolved_image_dir: Optional[str]  # absolute path that is scanned
-    metadata_file: Optional[str]  # kohya fine-tuning metadata (JSON / JSONL), as written
-    resolved_metadata_file: Optional[str]
+    image_dir: str | None  # as written
+    resolved_image_dir: str | None  # absolute path that is scanned
+    metadata_file: str | None  # kohya fine-tuning metadata (JSON / JSONL), as written
+    resolved_metadata_file: str | None
     num_repeats: int
     is_reg: bool
-    class_tokens: Optional[str]
+    class_tokens: str | None
     caption_extension: str
     params: dict[str, Any]  # every kohya subset parameter (kohya names), resolved
-    dropped: Optional[str] = None  # why kohya would not use this subset (no items are produced)
+    dropped: str | None = None  # why kohya would not use this subset (no items are produced)
 
     @property
     def name(self) -> str:
@@ -244,7 +319,7 @@ class DatasetTomlConfig:
 # parsing
 
 
-def _section_name(dataset: Optional[int] = None, subset: Optional[int] = None) -> str:
+def _section_name(dataset: int | None = None, subset: int | None = None) -> str:
     if dataset is None:
         return "[general]"
     if subset is None:
@@ -285,9 +360,7 @@ def _validate_table(
                     f"(kohya rejects the file); move it to {where}."
                 )
             else:
-                warnings.append(
-                    f"{source}: {section}: unknown key '{key}' is ignored{_suggest(key, allowed)}."
-                )
+                warnings.append(f"{source}: {section}: unknown key '{key}' is ignored{_suggest(key, allowed)}.")
             continue
         if key == "subsets":
             continue
@@ -310,7 +383,7 @@ def _first_set(key: str, layers: list[dict[str, Any]], default: Any) -> Any:
     return default
 
 
-def _normalize_fallbacks(fallbacks: Optional[dict[str, Any]]) -> dict[str, Any]:
+def _normalize_fallbacks(fallbacks: dict[str, Any] | None) -> dict[str, Any]:
     out = dict(fallbacks or {})
     res = out.get("resolution")
     if isinstance(res, str):  # kohya's command-line form "1024" or "1024,768"
@@ -325,7 +398,7 @@ def _normalize_fallbacks(fallbacks: Optional[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _resolve_path(value: Optional[str], base_dir: Path) -> Optional[str]:
+def _resolve_path(value: str | None, base_dir: Path) -> str | None:
     if value is None:
         return None
     p = Path(os.path.expanduser(value))
@@ -335,8 +408,8 @@ def _resolve_path(value: Optional[str], base_dir: Path) -> Optional[str]:
 def parse_dataset_config(
     data: dict[str, Any],
     source: str = "<dataset config>",
-    base_dir: Optional[PathLike] = None,
-    fallbacks: Optional[dict[str, Any]] = None,
+    base_dir: PathLike | None = None,
+    fallbacks: dict[str, Any] | None = None,
 ) -> DatasetTomlConfig:
     """Apply kohya's schema and precedence to an already-parsed config table.
 
@@ -382,7 +455,9 @@ def parse_dataset_config(
                 f"{source}: {ds_section}: 'subsets' is a single table; write each one as [[datasets.subsets]]."
             )
         if not isinstance(subsets_raw, list):
-            raise DatasetError(f"{source}: {ds_section}: 'subsets' must be a list; write each one as [[datasets.subsets]].")
+            raise DatasetError(
+                f"{source}: {ds_section}: 'subsets' must be a list; write each one as [[datasets.subsets]]."
+            )
         if not subsets_raw:
             warnings.append(f"{source}: {ds_section} has no [[datasets.subsets]], so it contributes no images.")
 
@@ -399,11 +474,13 @@ def parse_dataset_config(
             ss_section = _section_name(di, si)
             if not isinstance(ss_raw, dict):
                 raise DatasetError(f"{source}: {ss_section} must be a table.")
-            allowed = (_SUBSET_ASCENDABLE | _DB_SUBSET_ONLY) if is_dreambooth else (_SUBSET_ASCENDABLE | _FT_SUBSET_ONLY)
+            allowed = (
+                (_SUBSET_ASCENDABLE | _DB_SUBSET_ONLY) if is_dreambooth else (_SUBSET_ASCENDABLE | _FT_SUBSET_ONLY)
+            )
             ss = _validate_table(ss_raw, allowed, ss_section, source, warnings)
             if is_dreambooth and "image_dir" not in ss:
                 raise DatasetError(
-                    f"{source}: {ss_section} has no image_dir; add image_dir = \"path/to/images\" "
+                    f'{source}: {ss_section} has no image_dir; add image_dir = "path/to/images" '
                     "(or metadata_file for a fine-tuning subset)."
                 )
             layers = [ss, ds, general, cli]
@@ -458,8 +535,8 @@ def _mark_dropped(dataset: DatasetConfig, source: str, warnings: list[str]) -> N
 
 def load_dataset_toml(
     path: PathLike,
-    input_dir: Optional[PathLike] = None,
-    fallbacks: Optional[dict[str, Any]] = None,
+    input_dir: PathLike | None = None,
+    fallbacks: dict[str, Any] | None = None,
 ) -> DatasetTomlConfig:
     """Load and resolve a kohya dataset config (``.toml``; ``.json`` is accepted like kohya does).
 
@@ -475,7 +552,9 @@ def load_dataset_toml(
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{p}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start}); re-save it as UTF-8.") from None
+        raise DatasetError(
+            f"{p}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start}); re-save it as UTF-8."
+        ) from None
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -505,7 +584,9 @@ def _load_kohya_metadata(meta: Path) -> dict[str, dict[str, Any]]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{meta}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start}); re-save it as UTF-8.") from None
+        raise DatasetError(
+            f"{meta}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start}); re-save it as UTF-8."
+        ) from None
     if meta.name.endswith(".jsonl"):
         out: dict[str, dict[str, Any]] = {}
         for n, line in enumerate(text.splitlines(), start=1):
@@ -516,7 +597,7 @@ def _load_kohya_metadata(meta: Path) -> dict[str, dict[str, Any]]:
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{meta}:{n}: not valid JSON ({e.msg}); fix that line.") from None
             if not isinstance(row, dict) or not isinstance(row.get("image_path"), str):
-                raise DatasetError(f"{meta}:{n}: each line needs \"image_path\" (and usually \"caption\").")
+                raise DatasetError(f'{meta}:{n}: each line needs "image_path" (and usually "caption").')
             entry = {"caption": row.get("caption", "")}
             for k in ("image_size", "tags"):
                 if k in row:
@@ -528,12 +609,18 @@ def _load_kohya_metadata(meta: Path) -> dict[str, dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise DatasetError(f"{meta}: not valid JSON (line {e.lineno}: {e.msg}); fix the syntax.") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise DatasetError(f"{meta}: expected an object mapping image names to {{\"caption\": ...}}.")
+        raise DatasetError(f'{meta}: expected an object mapping image names to {{"caption": ...}}.')
     return data
 
 
 def _scan_metadata_subset(
-    dataset: DatasetConfig, sub: SubsetConfig, *, strict_images: bool, verify: bool, exif_transpose: bool, max_pixels: int
+    dataset: DatasetConfig,
+    sub: SubsetConfig,
+    *,
+    strict_images: bool,
+    verify: bool,
+    exif_transpose: bool,
+    max_pixels: int,
 ) -> ScanResult:
     result = ScanResult()
     assert sub.resolved_metadata_file is not None
@@ -608,10 +695,10 @@ def _scan_metadata_subset(
 
 
 def scan_dataset_toml(
-    config: Union[DatasetTomlConfig, PathLike],
-    input_dir: Optional[PathLike] = None,
+    config: DatasetTomlConfig | PathLike,
+    input_dir: PathLike | None = None,
     *,
-    fallbacks: Optional[dict[str, Any]] = None,
+    fallbacks: dict[str, Any] | None = None,
     strict_captions: bool = False,
     strict_images: bool = False,
     verify: bool = True,
@@ -638,7 +725,8 @@ def scan_dataset_toml(
             assert ident is not None
             if ident in taken:
                 first = taken[ident]
-                sub.dropped = f"duplicate of subset #{first.index + 1} (same {'image_dir' if dataset.is_dreambooth else 'metadata_file'})"
+                where = "image_dir" if dataset.is_dreambooth else "metadata_file"
+                sub.dropped = f"duplicate of subset #{first.index + 1} (same {where})"
                 result.warnings.append(
                     f"{cfg.path}: {section} is not used: it has the same "
                     f"{'image_dir' if dataset.is_dreambooth else 'metadata_file'} '{ident}' as subset "
@@ -674,7 +762,11 @@ def scan_dataset_toml(
                 )
             else:
                 sub_result = _scan_metadata_subset(
-                    dataset, sub, strict_images=strict_images, verify=verify, exif_transpose=exif_transpose,
+                    dataset,
+                    sub,
+                    strict_images=strict_images,
+                    verify=verify,
+                    exif_transpose=exif_transpose,
                     max_pixels=max_pixels,
                 )
             result.extend(sub_result)

@@ -5,19 +5,18 @@ image_dir / metadata file, is silently dropped; DreamBooth reg images are regist
 the number of training images (more passes add +1 repeat each, overriding the subset's num_repeats); fine-tuning
 metadata is registered in order of DEcreasing key length (a stable sort, so equal lengths keep the file order).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-# ---------------------------------------------------------------------------------------------------------- registration
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,12 @@ The embedding (library/sdxl_train_util.get_size_embeddings): for each of the six
 128 sin of ``value * exp(-ln(10000) * i / 128)``, i = 0..127, in float32. Cos comes FIRST and there is no frequency
 shift (SDXL's flip_sin_to_cos=True, freq_shift=0): a generic "sin first" embedding would not match.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import torch
 
@@ -50,7 +51,9 @@ class SizeConditioning:
         return (*self.original_size_hw, *self.crop_top_left, *self.target_size_hw)  # type: ignore[return-value]
 
 
-def size_conditioning(selection: BucketSelection, flipped: bool = False, *, true_crop: bool = False) -> SizeConditioning:
+def size_conditioning(
+    selection: BucketSelection, flipped: bool = False, *, true_crop: bool = False
+) -> SizeConditioning:
     """time_ids for one sample from its bucket selection; ``flipped`` = horizontally flipped by flip_aug."""
     orig_w, orig_h = selection.original_size
     target_w, target_h = selection.bucket
@@ -69,7 +72,7 @@ def size_conditioning(selection: BucketSelection, flipped: bool = False, *, true
     )
 
 
-TimeIds = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
+TimeIds = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
 def time_ids_tensor(conditionings: Sequence[SizeConditioning]) -> torch.Tensor:
@@ -77,7 +80,7 @@ def time_ids_tensor(conditionings: Sequence[SizeConditioning]) -> torch.Tensor:
     return torch.tensor([c.time_ids for c in conditionings], dtype=torch.long)
 
 
-def size_embedding(time_ids: TimeIds, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+def size_embedding(time_ids: TimeIds, device: torch.device | str | None = None) -> torch.Tensor:
     """[B, 1536] float32 SDXL size embedding of [B, 6] (or a single [6]) time_ids, as kohya computes it.
 
     The float32 operation order follows kohya's ``timestep_embedding`` so the result matches bit for bit on the same

@@ -19,18 +19,30 @@ reads only the subset folder itself; pass ``recursive=False`` for kohya's behavi
 in caption files is stripped (kohya keeps it as part of the first token); subfolder order is sorted
 by name (kohya uses the file system's listing order).
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
 
-from .images import ACCEPTED_EXTENSIONS, DEFAULT_MAX_PIXELS, DatasetError, ImageProbe, is_image_filename, load_image_rgb, probe_image_info, to_rgb, verify_image
+from .images import (
+    ACCEPTED_EXTENSIONS,
+    DEFAULT_MAX_PIXELS,
+    DatasetError,
+    ImageProbe,
+    is_image_filename,
+    load_image_rgb,
+    probe_image_info,
+    to_rgb,
+    verify_image,
+)
 
 __all__ = [
     "DatasetError",
@@ -52,8 +64,27 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: Image-like files kohya does not load. We list them in ``skipped`` so a user who dropped a GIF or
 #: HEIC into the folder learns why it is not trained instead of wondering.
 UNSUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jfif", ".jpe", ".ico", ".tga",
-    ".psd", ".dds", ".exr", ".hdr", ".svg", ".raw", ".cr2", ".nef", ".dng", ".arw",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".avif",
+    ".heic",
+    ".heif",
+    ".jxl",
+    ".jfif",
+    ".jpe",
+    ".ico",
+    ".tga",
+    ".psd",
+    ".dds",
+    ".exr",
+    ".hdr",
+    ".svg",
+    ".raw",
+    ".cr2",
+    ".nef",
+    ".dng",
+    ".arw",
 )
 
 #: Caption extensions we look for when the configured one is missing, to suggest the right option.
@@ -71,22 +102,22 @@ class DatasetItem:
     EXIF orientation when ``exif_transpose`` is on; bucketing decides what is too small.
     """
 
-    image_path: Optional[str]
+    image_path: str | None
     caption: str
-    image: Optional[Image.Image] = None
+    image: Image.Image | None = None
     num_repeats: int = 1
     subset: str = ""  # subset name: kohya folder name ("10_sks dog"), TOML subset label, "images"
-    source_dir: Optional[str] = None  # folder the subset was scanned from (None for in-graph images)
+    source_dir: str | None = None  # folder the subset was scanned from (None for in-graph images)
     is_reg: bool = False
     image_size: tuple[int, int] = (0, 0)
     warnings: list[str] = field(default_factory=list)
-    caption_path: Optional[str] = None  # the caption file used, if any
+    caption_path: str | None = None  # the caption file used, if any
     caption_source: str = "file"  # "file" | "class_tokens" | "missing" | "metadata" | "input"
-    class_tokens: Optional[str] = None  # kohya class tokens of the subset (folder name after "N_")
+    class_tokens: str | None = None  # kohya class tokens of the subset (folder name after "N_")
     dataset_index: int = 0  # which [[datasets]] entry of a TOML (buckets/batches are per dataset)
     subset_index: int = 0  # which subset inside that dataset (caption-augmentation settings)
     exif_transpose: bool = True  # how image_size was measured; load with the same setting
-    image_key: Optional[str] = None  # identifier for in-memory images; files use their path
+    image_key: str | None = None  # identifier for in-memory images; files use their path
 
     def __post_init__(self) -> None:
         if (self.image_path is None) == (self.image is None):
@@ -101,7 +132,7 @@ class DatasetItem:
             return self.image_path
         return f"{self.subset or 'images'}#{self.subset_index}"
 
-    def load_rgb(self, max_pixels: int = DEFAULT_MAX_PIXELS, warnings_out: Optional[list[str]] = None) -> Image.Image:
+    def load_rgb(self, max_pixels: int = DEFAULT_MAX_PIXELS, warnings_out: list[str] | None = None) -> Image.Image:
         """The 8-bit RGB pixels, decoded with the same orientation rule the size was measured with."""
         if self.image is not None:
             return self.image
@@ -117,7 +148,7 @@ class ScanResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     warnings: list[str] = field(default_factory=list)
 
-    def extend(self, other: "ScanResult") -> None:
+    def extend(self, other: ScanResult) -> None:
         self.items.extend(other.items)
         self.skipped.extend(other.skipped)
         self.warnings.extend(other.warnings)
@@ -135,7 +166,7 @@ class ScanResult:
 # paths
 
 
-def resolve_dataset_path(path: PathLike, input_dir: Optional[PathLike] = None) -> tuple[Path, str]:
+def resolve_dataset_path(path: PathLike, input_dir: PathLike | None = None) -> tuple[Path, str]:
     """Resolve a user-typed path; returns (path, phrase describing how it was resolved).
 
     Relative paths are taken against ComfyUI's input directory (the node passes
@@ -159,21 +190,19 @@ def resolve_dataset_path(path: PathLike, input_dir: Optional[PathLike] = None) -
     return base / p, f"'{text}' resolved against the current working directory {base}"
 
 
-def _require_dir(p: Path, how: Optional[str], what: str = "dataset folder") -> None:
+def _require_dir(p: Path, how: str | None, what: str = "dataset folder") -> None:
     where = f" ({how})" if how and how != str(p) else ""
     if not p.exists():
         raise DatasetError(f"{what} {p} does not exist{where}; check the spelling, or give an absolute path.")
     if not p.is_dir():
-        raise DatasetError(
-            f"{what} {p} is a file, not a folder{where}; give the folder that contains the images."
-        )
+        raise DatasetError(f"{what} {p} is a file, not a folder{where}; give the folder that contains the images.")
 
 
 # --------------------------------------------------------------------------------------------
 # kohya folder names and captions
 
 
-def parse_repeats_folder_name(name: str) -> Optional[tuple[int, str]]:
+def parse_repeats_folder_name(name: str) -> tuple[int, str] | None:
     """kohya's ``N_name`` rule: split on '_', the first part must be an int (Python ``int()``).
 
     Returns (repeats, class_tokens) where class_tokens is the rest re-joined with '_' (possibly
@@ -318,12 +347,12 @@ def scan_image_dir(
     *,
     num_repeats: int = 1,
     caption_extension: str = ".txt",
-    class_tokens: Optional[str] = None,
+    class_tokens: str | None = None,
     recursive: bool = False,
     strict_captions: bool = False,
     strict_images: bool = False,
     is_reg: bool = False,
-    subset: Optional[str] = None,
+    subset: str | None = None,
     dataset_index: int = 0,
     subset_index: int = 0,
     verify: bool = True,
@@ -353,18 +382,22 @@ def scan_image_dir(
         if ext in ACCEPTED_EXTENSIONS:
             images.append(f)
         elif ext in UNSUPPORTED_IMAGE_EXTENSIONS:
-            result.skipped.append((
-                str(f),
-                f"{f}: extension '{f.suffix}' is not a training image format (kohya reads "
-                f"{', '.join(ACCEPTED_EXTENSIONS)}); convert it to PNG to use it.",
-            ))
+            result.skipped.append(
+                (
+                    str(f),
+                    f"{f}: extension '{f.suffix}' is not a training image format (kohya reads "
+                    f"{', '.join(ACCEPTED_EXTENSIONS)}); convert it to PNG to use it.",
+                )
+            )
     for f in sorted(hidden, key=str):
         if is_image_filename(f.name):
-            result.skipped.append((
-                str(f),
-                f"{f}: hidden file (name starts with '.', e.g. a macOS '._' resource fork) is ignored, as kohya's "
-                "glob does; rename it if it is a real image.",
-            ))
+            result.skipped.append(
+                (
+                    str(f),
+                    f"{f}: hidden file (name starts with '.', e.g. a macOS '._' resource fork) is ignored, as kohya's "
+                    "glob does; rename it if it is a real image.",
+                )
+            )
     images.sort(key=str)  # kohya: img_paths.sort() on path strings
 
     # Files sharing one caption file: kohya trains both with the same caption; so do we, but say so.
@@ -402,15 +435,15 @@ def scan_image_dir(
             result.skipped.append((str(img), str(e)))
             continue
         item_warnings: list[str] = []  # also reported in result.warnings
-        missing_note: Optional[str] = None  # per-item only; result.warnings gets one summary
+        missing_note: str | None = None  # per-item only; result.warnings gets one summary
         if info.is_animated:
             item_warnings.append(
                 f"{img}: animated image with {info.n_frames} frames; only the first frame is used. "
                 "Export the frame you want as PNG to silence this."
             )
 
-        caption: Optional[str] = None
-        caption_path: Optional[Path] = None
+        caption: str | None = None
+        caption_path: Path | None = None
         for cand in _caption_candidates(img, caption_extension):
             if cand.is_file():
                 caption_path = cand
@@ -490,7 +523,8 @@ def scan_image_dir(
 
     if missing:
         fallback = (
-            f"the class tokens {class_tokens!r} are used as their caption" if class_tokens is not None
+            f"the class tokens {class_tokens!r} are used as their caption"
+            if class_tokens is not None
             else "they train with an empty caption"
         )
         hint = ""
@@ -528,7 +562,7 @@ def scan_folder(
     default_repeats: int = 1,
     recursive: bool = True,
     strict_captions: bool = False,
-    input_dir: Optional[PathLike] = None,
+    input_dir: PathLike | None = None,
     *,
     is_reg: bool = False,
     strict_images: bool = False,
@@ -553,17 +587,17 @@ def scan_folder(
         )
     _require_dir(root, how)
     caption_extension = normalize_caption_extension(caption_extension)
-    common = dict(
-        caption_extension=caption_extension,
-        recursive=recursive,
-        strict_captions=strict_captions,
-        strict_images=strict_images,
-        is_reg=is_reg,
-        verify=verify,
-        exif_transpose=exif_transpose,
-        enable_wildcard=enable_wildcard,
-        max_pixels=max_pixels,
-    )
+    common = {
+        "caption_extension": caption_extension,
+        "recursive": recursive,
+        "strict_captions": strict_captions,
+        "strict_images": strict_images,
+        "is_reg": is_reg,
+        "verify": verify,
+        "exif_transpose": exif_transpose,
+        "enable_wildcard": enable_wildcard,
+        "max_pixels": max_pixels,
+    }
     result = ScanResult()
 
     try:
@@ -583,11 +617,13 @@ def scan_folder(
         root_files, _ = _list_files(root, recursive=False)
         root_images = sorted((f for f in root_files if is_image_filename(f.name)), key=str)
         for f in root_images:
-            result.skipped.append((
-                str(f),
-                f"{f}: image directly in a kohya dataset folder (one with '<repeats>_<name>' subfolders) is not "
-                "used, as in kohya; move it into a '<repeats>_<name>' subfolder.",
-            ))
+            result.skipped.append(
+                (
+                    str(f),
+                    f"{f}: image directly in a kohya dataset folder (one with '<repeats>_<name>' subfolders) is not "
+                    "used, as in kohya; move it into a '<repeats>_<name>' subfolder.",
+                )
+            )
         if root_images:
             result.warnings.append(
                 f"{len(root_images)} image(s) directly in {root} are not used because the folder has "
@@ -599,11 +635,13 @@ def scan_folder(
             if rule is None:
                 if not _contains_images(d):
                     continue  # e.g. a 'logs' folder: nothing a user would expect to be trained
-                result.skipped.append((
-                    str(d),
-                    f"{d}: folder name does not start with '<repeats>_' (kohya ignores it); rename it like "
-                    f"'1_{d.name}' to train its images.",
-                ))
+                result.skipped.append(
+                    (
+                        str(d),
+                        f"{d}: folder name does not start with '<repeats>_' (kohya ignores it); rename it like "
+                        f"'1_{d.name}' to train its images.",
+                    )
+                )
                 result.warnings.append(
                     f"subfolder '{d.name}' of {root} is ignored: its name does not start with a number of repeats "
                     f"(kohya layout needs '<repeats>_<name>', e.g. '1_{d.name}')."
@@ -611,10 +649,12 @@ def scan_folder(
                 continue
             repeats, class_tokens = rule
             if repeats < 1:
-                result.skipped.append((
-                    str(d),
-                    f"{d}: repeats {repeats} < 1, so kohya drops this folder; rename it with a repeat count >= 1.",
-                ))
+                result.skipped.append(
+                    (
+                        str(d),
+                        f"{d}: repeats {repeats} < 1, so kohya drops this folder; rename it with a repeat count >= 1.",
+                    )
+                )
                 result.warnings.append(
                     f"subfolder '{d.name}' of {root} is ignored: repeats {repeats} is less than 1 "
                     "(kohya drops such folders silently)."
@@ -653,7 +693,7 @@ def scan_folder(
 
 def scan_metadata_jsonl(
     folder: PathLike,
-    input_dir: Optional[PathLike] = None,
+    input_dir: PathLike | None = None,
     *,
     caption_column: str = "text",
     default_repeats: int = 1,
@@ -706,24 +746,32 @@ def scan_metadata_jsonl(
                 '{"file_name": "a.png", "text": "a caption"}.'
             ) from None
         if not isinstance(row, dict):
-            raise DatasetError(f"{meta}:{line_no}: expected a JSON object, got {type(row).__name__}; write one object per line.")
+            raise DatasetError(
+                f"{meta}:{line_no}: expected a JSON object, got {type(row).__name__}; write one object per line."
+            )
         name = row.get("file_name")
         if not isinstance(name, str) or not name.strip():
-            raise DatasetError(f"{meta}:{line_no}: missing \"file_name\"; add the image's file name (relative to {base}).")
+            raise DatasetError(
+                f'{meta}:{line_no}: missing "file_name"; add the image\'s file name (relative to {base}).'
+            )
         img = Path(name) if os.path.isabs(name) else base / name
         key = os.path.normpath(str(img))
         if key in seen:
-            result.skipped.append((
-                str(img),
-                f"{meta}:{line_no}: {name} is listed again (first on line {seen[key]}); only the first row is used. "
-                "Delete the duplicate row.",
-            ))
+            result.skipped.append(
+                (
+                    str(img),
+                    f"{meta}:{line_no}: {name} is listed again (first on line {seen[key]}); "
+                    "only the first row is used. "
+                    "Delete the duplicate row.",
+                )
+            )
             continue
         seen[key] = line_no
         caption = row.get(caption_column)
         if caption is not None and not isinstance(caption, str):
             raise DatasetError(
-                f"{meta}:{line_no}: \"{caption_column}\" must be a string, got {type(caption).__name__}; write the caption as text."
+                f'{meta}:{line_no}: "{caption_column}" must be a string, got {type(caption).__name__}; '
+                "write the caption as text."
             )
         try:
             info = check(img, exif_transpose=exif_transpose, max_pixels=max_pixels)
@@ -739,11 +787,13 @@ def scan_metadata_jsonl(
         if caption is None or not caption.strip():
             if strict_captions:
                 raise DatasetError(
-                    f"{meta}:{line_no}: no \"{caption_column}\" caption for {name}; add it, or turn strict captions "
+                    f'{meta}:{line_no}: no "{caption_column}" caption for {name}; add it, or turn strict captions '
                     "off to train with an empty caption."
                 )
             missing_caption.append(name)
-            item_warnings.append(f"{img}: no \"{caption_column}\" in {meta.name} line {line_no}; training with an empty caption.")
+            item_warnings.append(
+                f'{img}: no "{caption_column}" in {meta.name} line {line_no}; training with an empty caption.'
+            )
         result.items.append(
             DatasetItem(
                 image_path=str(img),
@@ -762,11 +812,12 @@ def scan_metadata_jsonl(
 
     if missing_caption:
         result.warnings.append(
-            f"{len(missing_caption)} row(s) of {meta} have no \"{caption_column}\"; they train with an empty caption: "
+            f'{len(missing_caption)} row(s) of {meta} have no "{caption_column}"; they train with an empty caption: '
             f"{_summarize(missing_caption)}."
         )
     unlisted = sorted(
-        str(p) for p in base.iterdir()
+        str(p)
+        for p in base.iterdir()
         if p.is_file() and is_image_filename(p.name) and os.path.normpath(str(p)) not in seen
     )
     if unlisted:
@@ -847,7 +898,7 @@ def _array_to_rgb(arr: np.ndarray, index: int, notes: list[str]) -> Image.Image:
 
 def items_from_images(
     images: Any,
-    captions: Union[str, Sequence[str]],
+    captions: str | Sequence[str],
     *,
     name: str = "images",
     num_repeats: int = 1,
@@ -907,7 +958,7 @@ def items_from_images(
     return result
 
 
-def folder_fingerprint(path: PathLike, input_dir: Optional[PathLike] = None, extra_files: Sequence[PathLike] = ()) -> str:
+def folder_fingerprint(path: PathLike, input_dir: PathLike | None = None, extra_files: Sequence[PathLike] = ()) -> str:
     """A cheap signature of a dataset folder (names, sizes, mtimes of every file below it).
 
     ComfyUI re-runs a node only when its inputs change; a folder path does not change when a caption

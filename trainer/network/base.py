@@ -1,13 +1,15 @@
 """What every network algorithm shares: forward hooks on the shared modules, CPU state-dict copies, max-norm
 statistics.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+
 
 @contextmanager
 def output_hooks(handles: list, targets: Sequence[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
@@ -23,7 +25,7 @@ def output_hooks(handles: list, targets: Sequence[tuple[torch.nn.Module, Callabl
         handles.clear()
 
 
-def cpu_state_dict(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+def cpu_state_dict(module: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Detached CPU copies of a network's state dict, cast to ``dtype`` when given (alpha too, as kohya saves)."""
     out = {}
     for k, v in module.state_dict().items():
@@ -36,11 +38,11 @@ def cpu_state_dict(module: torch.nn.Module, dtype: Optional[torch.dtype] = None)
 class MaxNormStats:
     """What max-norm did, as device tensors (reading them is a sync; the training loop never does)."""
 
-    norms: Optional[torch.Tensor]  # [modules] norm after scaling
-    scaled: Optional[torch.Tensor]  # [modules] bool: was this module scaled
+    norms: torch.Tensor | None  # [modules] norm after scaling
+    scaled: torch.Tensor | None  # [modules] bool: was this module scaled
 
     @classmethod
-    def of(cls, norms: Sequence[torch.Tensor], ratios: Sequence[torch.Tensor]) -> "MaxNormStats":
+    def of(cls, norms: Sequence[torch.Tensor], ratios: Sequence[torch.Tensor]) -> MaxNormStats:
         if not norms:
             return cls(None, None)
         return cls(torch.stack(list(norms)), torch.stack(list(ratios)) != 1)

@@ -3,21 +3,34 @@
 A NetworkConfig is frozen and fully resolved (block lists parsed, 0 = off applied), so every algorithm and the
 file metadata read the same values.
 """
+
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
 
 import torch
+
 from .targets import PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, SDXL_NUM_BLOCKS, SDXL_NUM_IN_OUT_BLOCKS, SDXL_NUM_MID_BLOCKS
 
 #: the networks.lora network_args NetworkConfig.from_kohya_kwargs understands (loraplus_* go to param_groups)
-KOHYA_NETWORK_ARGS = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
-                      "rank_dropout", "module_dropout", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
-                      "block_lr_zero_threshold")
+KOHYA_NETWORK_ARGS = (
+    "conv_dim",
+    "conv_alpha",
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+    "rank_dropout",
+    "module_dropout",
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+    "block_lr_zero_threshold",
+)
 
 _KEY_RE = re.compile(r"^(lora_(?:unet|te1|te2)_[A-Za-z0-9_]+)\.(alpha|lora_down\.weight|lora_up\.weight)$")
 
@@ -29,8 +42,9 @@ NETWORK_ALGOS = ("lora", "loha", "lokr")
 # parsing kohya's comma-separated network_args
 
 
-def parse_block_list(value: Union[str, Sequence[float], None], name: str, as_int: bool,
-                     length: int = SDXL_NUM_BLOCKS) -> Optional[tuple]:
+def parse_block_list(
+    value: str | Sequence[float] | None, name: str, as_int: bool, length: int = SDXL_NUM_BLOCKS
+) -> tuple | None:
     """Parse kohya's "4,4,8,..." (or a sequence) into a tuple of ``length`` ints/floats; None stays None."""
     if value is None:
         return None
@@ -74,10 +88,12 @@ def _lr_preset(spec: str, n: int) -> list[float]:
     )
 
 
-def block_lr_weight_from_kohya(down_lr_weight: Union[str, Sequence[float], None] = None,
-                               mid_lr_weight: Union[str, Sequence[float], None] = None,
-                               up_lr_weight: Union[str, Sequence[float], None] = None,
-                               zero_threshold: float = 0.0) -> Optional[tuple[float, ...]]:
+def block_lr_weight_from_kohya(
+    down_lr_weight: str | Sequence[float] | None = None,
+    mid_lr_weight: str | Sequence[float] | None = None,
+    up_lr_weight: str | Sequence[float] | None = None,
+    zero_threshold: float = 0.0,
+) -> tuple[float, ...] | None:
     """kohya's down/mid/up_lr_weight network_args -> the 23 per-block lr weights (None when none is given).
 
     As kohya: too-long lists are cut, too-short ones padded with 1.0, weights <= zero_threshold become 0, and
@@ -87,7 +103,7 @@ def block_lr_weight_from_kohya(down_lr_weight: Union[str, Sequence[float], None]
         return None
     n, n_mid = SDXL_NUM_IN_OUT_BLOCKS, SDXL_NUM_MID_BLOCKS
 
-    def side(v: Union[str, Sequence[float], None]) -> list[float]:
+    def side(v: str | Sequence[float] | None) -> list[float]:
         if v is None:
             return [1.0] * n
         if isinstance(v, str):
@@ -107,7 +123,7 @@ def block_lr_weight_from_kohya(down_lr_weight: Union[str, Sequence[float], None]
     return tuple([1.0] + side(down_lr_weight) + mid + side(up_lr_weight) + [1.0])
 
 
-def _opt_float(v, name: str) -> Optional[float]:
+def _opt_float(v, name: str) -> float | None:
     if v is None:
         return None
     try:
@@ -139,22 +155,22 @@ class NetworkConfig:
     """
 
     network_dim: int = 4
-    network_alpha: Optional[float] = 1.0
-    conv_dim: Optional[int] = None
-    conv_alpha: Optional[float] = None
-    block_dims: Optional[tuple[int, ...]] = None
-    block_alphas: Optional[tuple[float, ...]] = None
-    conv_block_dims: Optional[tuple[int, ...]] = None
-    conv_block_alphas: Optional[tuple[float, ...]] = None
-    block_lr_weight: Optional[tuple[float, ...]] = None
-    dropout: Optional[float] = None
-    rank_dropout: Optional[float] = None
-    module_dropout: Optional[float] = None
+    network_alpha: float | None = 1.0
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float, ...] | None = None
+    block_lr_weight: tuple[float, ...] | None = None
+    dropout: float | None = None
+    rank_dropout: float | None = None
+    module_dropout: float | None = None
     train_unet: bool = True
     train_te1: bool = True
     train_te2: bool = True
     multiplier: float = 1.0
-    module_dims: Optional[tuple[tuple[str, int, float], ...]] = None
+    module_dims: tuple[tuple[str, int, float], ...] | None = None
     algo: str = "lora"  # "lora" (this file) | "loha" | "lokr" (LyCORIS modules, trainer/network/lycoris.py)
     factor: int = -1  # LoKr's Kronecker factor (LyCORIS ``factor``); -1 = LyCORIS's automatic factorization
 
@@ -165,9 +181,11 @@ class NetworkConfig:
         if self.algo not in NETWORK_ALGOS:
             raise ValueError(f"algo must be one of {list(NETWORK_ALGOS)}, got {self.algo!r}")
         if self.algo != "lora" and self.rank_dropout:
-            raise ValueError(f"rank_dropout is not supported with algo {self.algo!r}: LyCORIS draws the mask on the "
-                             "CPU for every layer (LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use "
-                             "algo lora.")
+            raise ValueError(
+                f"rank_dropout is not supported with algo {self.algo!r}: LyCORIS draws the mask on the "
+                "CPU for every layer (LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use "
+                "algo lora."
+            )
         if not isinstance(self.factor, int) or (self.factor != -1 and self.factor < 1):
             raise ValueError(f"factor must be -1 (auto) or an integer >= 1, got {self.factor!r}")
 
@@ -180,8 +198,13 @@ class NetworkConfig:
                 raise ValueError(f"conv_dim must be an integer >= 0, got {self.conv_dim!r}")
             if self.conv_dim == 0:
                 put("conv_dim", None)
-        for name, as_int in (("block_dims", True), ("block_alphas", False), ("conv_block_dims", True),
-                             ("conv_block_alphas", False), ("block_lr_weight", False)):
+        for name, as_int in (
+            ("block_dims", True),
+            ("block_alphas", False),
+            ("conv_block_dims", True),
+            ("conv_block_alphas", False),
+            ("block_lr_weight", False),
+        ):
             put(name, parse_block_list(getattr(self, name), name, as_int))
         for name in ("block_dims", "conv_block_dims"):
             v = getattr(self, name)
@@ -206,7 +229,7 @@ class NetworkConfig:
     def block_mode(self) -> bool:
         return self.module_dims is None and (self.block_dims is not None or self.block_lr_weight is not None)
 
-    def resolved_block_dims(self) -> tuple[list[int], list[float], Optional[list[int]], Optional[list[float]]]:
+    def resolved_block_dims(self) -> tuple[list[int], list[float], list[int] | None, list[float] | None]:
         """kohya's get_block_dims_and_alphas + remove_block_dims_and_alphas for block mode."""
         n = SDXL_NUM_BLOCKS
         dims = list(self.block_dims) if self.block_dims is not None else [self.network_dim] * n
@@ -233,10 +256,17 @@ class NetworkConfig:
         return self.module_dims is not None or self.conv_dim is not None or self.conv_block_dims is not None
 
     @classmethod
-    def from_kohya_kwargs(cls, network_dim: Optional[int] = None, network_alpha: Optional[float] = None,
-                          neuron_dropout: Optional[float] = None, *, train_unet: bool = True,
-                          train_te1: bool = True, train_te2: bool = True,
-                          **network_args: Union[str, float, int, None]) -> "NetworkConfig":
+    def from_kohya_kwargs(
+        cls,
+        network_dim: int | None = None,
+        network_alpha: float | None = None,
+        neuron_dropout: float | None = None,
+        *,
+        train_unet: bool = True,
+        train_te1: bool = True,
+        train_te2: bool = True,
+        **network_args: str | float | int | None,
+    ) -> NetworkConfig:
         """From kohya's command line: --network_dim, --network_alpha, --network_dropout and --network_args k=v."""
         args = dict(network_args)
         for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
@@ -244,7 +274,9 @@ class NetworkConfig:
                 raise ValueError(f"{k} is an optimizer setting here: pass it to LoRANetwork.param_groups")
         conv_dim = args.pop("conv_dim", None)
         block_lr = block_lr_weight_from_kohya(
-            args.pop("down_lr_weight", None), args.pop("mid_lr_weight", None), args.pop("up_lr_weight", None),
+            args.pop("down_lr_weight", None),
+            args.pop("mid_lr_weight", None),
+            args.pop("up_lr_weight", None),
             float(args.pop("block_lr_zero_threshold", 0.0) or 0.0),
         )
         block = {k: args.pop(k, None) for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")}
@@ -252,7 +284,9 @@ class NetworkConfig:
         rank_dropout = _opt_float(args.pop("rank_dropout", None), "rank_dropout")
         module_dropout = _opt_float(args.pop("module_dropout", None), "module_dropout")
         if args:
-            raise ValueError(f"unknown network_args for networks.lora: {sorted(args)} (known: {', '.join(KOHYA_NETWORK_ARGS)})")
+            raise ValueError(
+                f"unknown network_args for networks.lora: {sorted(args)} (known: {', '.join(KOHYA_NETWORK_ARGS)})"
+            )
         return cls(
             network_dim=4 if network_dim is None else int(network_dim),
             network_alpha=1.0 if network_alpha is None else float(network_alpha),
@@ -269,7 +303,7 @@ class NetworkConfig:
         )
 
     @classmethod
-    def from_kohya_state_dict(cls, sd: Mapping[str, torch.Tensor], **overrides) -> "NetworkConfig":
+    def from_kohya_state_dict(cls, sd: Mapping[str, torch.Tensor], **overrides) -> NetworkConfig:
         """Per-module dims/alphas read from a kohya LoRA file (kohya's create_network_from_weights).
 
         dim = lora_down.shape[0]; alpha = the ``.alpha`` value (missing = dim, kohya's "old LoRA"). Keys that are
@@ -302,15 +336,15 @@ class NetworkConfig:
         lin = Counter((d, a) for _, d, a, conv in modules if not conv)
         conv = Counter((d, a) for _, d, a, is_conv in modules if is_conv)
         (net_dim, net_alpha), _ = (lin or conv).most_common(1)[0]
-        kw = dict(
-            network_dim=net_dim,
-            network_alpha=net_alpha,
-            conv_dim=conv.most_common(1)[0][0][0] if conv else None,
-            conv_alpha=conv.most_common(1)[0][0][1] if conv else None,
-            train_unet=any(n.startswith(PREFIX_UNET + "_") for n, *_ in modules),
-            train_te1=any(n.startswith(PREFIX_TE1 + "_") for n, *_ in modules),
-            train_te2=any(n.startswith(PREFIX_TE2 + "_") for n, *_ in modules),
-            module_dims=tuple((n, d, a) for n, d, a, _ in modules),
-        )
+        kw = {
+            "network_dim": net_dim,
+            "network_alpha": net_alpha,
+            "conv_dim": conv.most_common(1)[0][0][0] if conv else None,
+            "conv_alpha": conv.most_common(1)[0][0][1] if conv else None,
+            "train_unet": any(n.startswith(PREFIX_UNET + "_") for n, *_ in modules),
+            "train_te1": any(n.startswith(PREFIX_TE1 + "_") for n, *_ in modules),
+            "train_te2": any(n.startswith(PREFIX_TE2 + "_") for n, *_ in modules),
+            "module_dims": tuple((n, d, a) for n, d, a, _ in modules),
+        }
         kw.update(overrides)
         return cls(**kw)

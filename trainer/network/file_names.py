@@ -11,12 +11,12 @@
   to the loras folder as ``os.path.relpath`` spells it (``sub/x.safetensors`` on Linux and macOS). The prompt
   validator only accepts values from that list.
 """
+
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-
 
 LORA_EXTENSION = ".safetensors"
 TEMP_SUFFIX = ".tmp"  # not in ComfyUI's supported_pt_extensions, so a temp file is never listed as a LoRA
@@ -118,8 +118,9 @@ def safe_relative_name(subfolder: str, stem: str) -> str:
     if "/" in name:
         # say the most telling rule first: an escape attempt must read as one, not as a style hint
         if name.startswith("/"):
-            raise ValueError(f"LoRA name {stem!r} is an absolute path; give a plain name (folders go in the "
-                             "subfolder input)")
+            raise ValueError(
+                f"LoRA name {stem!r} is an absolute path; give a plain name (folders go in the subfolder input)"
+            )
         for part in name.split("/"):
             if part in (".", ".."):
                 _check_component(part, f"LoRA name {stem!r}")

@@ -6,13 +6,14 @@ so the network here never changes them: it only keeps references and adds forwar
 The math, the module set, the key names, dims/alphas, the init draws, the state dict and max-norm are kohya's.
 
 Randomness:
-* init never touches torch's global RNG (ComfyUI reseeds it whenever a sampler runs): ``build(..., generator)`` takes a CPU ``torch.Generator``. Modules are created in kohya's order (TE1, TE2,
-  U-Net; inside a CLIP attention k, v, q, out as in transformers) and each draws exactly what kohya's LoRAModule
-  draws from the global RNG: nn.Linear/Conv2d default init of lora_down, then of lora_up (both discarded), then
-  kaiming_uniform_(a=sqrt(5)) of lora_down; lora_up = 0. So a generator seeded S should give kohya's weights
-  after ``torch.manual_seed(S); create_network(...)`` on CPU when nothing else draws in between (the per-module
-  draw pattern is checked in tests/unit; no golden file holds kohya's init values). TE modules are created (and drawn) even when that TE is
-  not trained, as kohya does, so the U-Net init does not depend on the train_te flags.
+* init never touches torch's global RNG (ComfyUI reseeds it whenever a sampler runs): ``build(..., generator)`` takes
+  a CPU ``torch.Generator``. Modules are created in kohya's order (TE1, TE2, U-Net; inside a CLIP attention k, v, q,
+  out as in transformers) and each draws exactly what kohya's LoRAModule draws from the global RNG: nn.Linear/Conv2d
+  default init of lora_down, then of lora_up (both discarded), then kaiming_uniform_(a=sqrt(5)) of lora_down; lora_up
+  = 0. So a generator seeded S should give kohya's weights after ``torch.manual_seed(S); create_network(...)`` on CPU
+  when nothing else draws in between (the per-module draw pattern is checked in tests/unit; no golden file holds
+  kohya's init values). TE modules are created (and drawn) even when that TE is not trained, as kohya does, so the
+  U-Net init does not depend on the train_te flags.
 * dropout / rank_dropout / module_dropout draw exactly as kohya's LoRAModule does: the module-dropout decision
   ``torch.rand(1) < p`` from the CPU's global RNG (a host draw, so the step never waits for the device), the
   dropout mask (``F.dropout``) and the rank mask from the global RNG of the device the activations are on. The
@@ -20,16 +21,18 @@ Randomness:
   seed, saves them in the resumable state and restores them after previews; gradient checkpointing replays them
   in the recompute. So a run is reproducible and resumable, and nothing is copied to the device per module.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
-from .targets import AlphaLike, PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, iter_target_modules, sdxl_block_index
-from .config import NetworkConfig, parse_block_list
+
 from .base import MaxNormStats, cpu_state_dict, output_hooks
+from .config import NetworkConfig, parse_block_list
+from .targets import PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, AlphaLike, iter_target_modules, sdxl_block_index
 
 # ----------------------------------------------------------------------------------------------------------------
 # one LoRA module
@@ -43,14 +46,24 @@ class LoRAModule(torch.nn.Module):
     float32; move the network with ``.to()``.
 
     The ``alpha`` buffer is float32, except when alpha is 0/None: then alpha = rank and the buffer is int64 as in
-    kohya (quirk K12, docs/kohya_quirks.md); it is saved with that dtype unless a save dtype is given. ComfyUI's loader reads it with
-    ``.item()``, so both load the same.
+    kohya (kohya quirk K12); it is saved with that dtype unless a save dtype is given. ComfyUI's loader reads it
+    with ``.item()``, so both load the same.
     """
 
-    def __init__(self, lora_name: str, org_module: torch.nn.Module, lora_dim: int, alpha: AlphaLike, *,
-                 generator: torch.Generator, multiplier: float = 1.0, dropout: Optional[float] = None,
-                 rank_dropout: Optional[float] = None, module_dropout: Optional[float] = None,
-                 dim_source: str = "network_dim") -> None:
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: torch.nn.Module,
+        lora_dim: int,
+        alpha: AlphaLike,
+        *,
+        generator: torch.Generator,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        dim_source: str = "network_dim",
+    ) -> None:
         super().__init__()
         if generator is None or generator.device.type != "cpu":
             raise ValueError("LoRAModule needs a private CPU torch.Generator for its init")
@@ -68,15 +81,16 @@ class LoRAModule(torch.nn.Module):
             self.stride = tuple(org_module.stride)
             self.padding = tuple(org_module.padding)
             self.kind = "conv{}x{}".format(*self.kernel_size)
-            mk = dict(device="cpu", dtype=torch.float32, bias=False)
-            self.lora_down = torch.nn.utils.skip_init(torch.nn.Conv2d, self.in_dim, self.lora_dim, self.kernel_size,
-                                                      self.stride, self.padding, **mk)
+            mk = {"device": "cpu", "dtype": torch.float32, "bias": False}
+            self.lora_down = torch.nn.utils.skip_init(
+                torch.nn.Conv2d, self.in_dim, self.lora_dim, self.kernel_size, self.stride, self.padding, **mk
+            )
             self.lora_up = torch.nn.utils.skip_init(torch.nn.Conv2d, self.lora_dim, self.out_dim, (1, 1), (1, 1), **mk)
         elif isinstance(org_module, torch.nn.Linear):
             self.in_dim, self.out_dim = org_module.in_features, org_module.out_features
             self.kernel_size = self.stride = self.padding = None
             self.kind = "linear"
-            mk = dict(device="cpu", dtype=torch.float32, bias=False)
+            mk = {"device": "cpu", "dtype": torch.float32, "bias": False}
             self.lora_down = torch.nn.utils.skip_init(torch.nn.Linear, self.in_dim, self.lora_dim, **mk)
             self.lora_up = torch.nn.utils.skip_init(torch.nn.Linear, self.lora_dim, self.out_dim, **mk)
         else:
@@ -114,7 +128,7 @@ class LoRAModule(torch.nn.Module):
     def alpha_value(self) -> float:
         return float(self.alpha.item())
 
-    def delta(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """kohya's LoRA branch on the module input: up(down(x)) * multiplier * scale, or None when module dropout
         skips this module. In training mode the dropouts draw from the global RNGs (see the module docstring)."""
         train = self.training
@@ -157,23 +171,25 @@ class LoRAModule(torch.nn.Module):
         # the two convs composed: delta[o, i, kh, kw] = sum_r up[o, r] * down[r, i, kh, kw]
         return torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
 
-    def delta_weight(self, multiplier: Optional[float] = None) -> torch.Tensor:
+    def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
         """float32 weight delta = multiplier * (up . down) * scale (kohya's LoRAInfModule.get_weight)."""
         m = self.multiplier if multiplier is None else multiplier
         return m * self._product() * self.scale
 
-    def merged_weight(self, multiplier: Optional[float] = None) -> torch.Tensor:
+    def merged_weight(self, multiplier: float | None = None) -> torch.Tensor:
         """float32 W + delta, as kohya's merge_to computes it (the org module is not changed)."""
         w = self.org_module.weight.detach().to(torch.float)
         return w + self.delta_weight(multiplier).to(w.device)
 
     def extra_repr(self) -> str:
-        return f"{self.lora_name}: {self.kind} {self.in_dim}->{self.out_dim}, rank {self.lora_dim}, alpha {self.alpha_value}"
+        shape = f"{self.kind} {self.in_dim}->{self.out_dim}"
+        return f"{self.lora_name}: {shape}, rank {self.lora_dim}, alpha {self.alpha_value}"
+
 
 class LoRANetwork(torch.nn.Module):
     """The set of LoRA modules, registered under their kohya names so ``state_dict()`` is kohya's file layout."""
 
-    def __init__(self, loras: Sequence[LoRAModule], config: Optional[NetworkConfig] = None) -> None:
+    def __init__(self, loras: Sequence[LoRAModule], config: NetworkConfig | None = None) -> None:
         super().__init__()
         self.config = config
         names = set()
@@ -186,16 +202,27 @@ class LoRANetwork(torch.nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, unet: Optional[torch.nn.Module], te1: Optional[torch.nn.Module], te2: Optional[torch.nn.Module],
-              config: NetworkConfig, generator: torch.Generator) -> "LoRANetwork":
+    def build(
+        cls,
+        unet: torch.nn.Module | None,
+        te1: torch.nn.Module | None,
+        te2: torch.nn.Module | None,
+        config: NetworkConfig,
+        generator: torch.Generator,
+    ) -> LoRANetwork:
         """Find kohya's targets in ComfyUI's U-Net (``diffusion_model``) and CLIP-L/CLIP-G ``.transformer``.
 
         Always returns the module set for THIS config: kohya's create_network appends the conv containers to a
         class attribute, so a later default network in the same process also wraps ResBlock Linear/1x1 convs
         (kohya quirk K11); that process-global mutation is deliberately not reproduced.
         """
-        common = dict(generator=generator, multiplier=config.multiplier, dropout=config.dropout,
-                      rank_dropout=config.rank_dropout, module_dropout=config.module_dropout)
+        common = {
+            "generator": generator,
+            "multiplier": config.multiplier,
+            "dropout": config.dropout,
+            "rank_dropout": config.rank_dropout,
+            "module_dropout": config.module_dropout,
+        }
         loras: list[LoRAModule] = []
         # TE modules are made (drawing from the generator) even when not trained, as kohya does: same init stream.
         for t in iter_target_modules(unet, te1, te2, config, include_untrained=True):
@@ -205,7 +232,7 @@ class LoRANetwork(torch.nn.Module):
         return cls(loras, config)
 
     @classmethod
-    def from_modules(cls, loras: Sequence[LoRAModule]) -> "LoRANetwork":
+    def from_modules(cls, loras: Sequence[LoRAModule]) -> LoRANetwork:
         """A network over hand-made modules (tests, tools)."""
         return cls(loras, None)
 
@@ -215,7 +242,7 @@ class LoRANetwork(torch.nn.Module):
         return [m for m in self.children() if isinstance(m, LoRAModule)]
 
     def _with_prefix(self, prefix: str) -> list[LoRAModule]:
-        return [l for l in self.loras if l.lora_name.startswith(prefix + "_")]
+        return [lora for lora in self.loras if lora.lora_name.startswith(prefix + "_")]
 
     @property
     def unet_loras(self) -> list[LoRAModule]:
@@ -235,7 +262,7 @@ class LoRANetwork(torch.nn.Module):
 
     # ------------------------------------------------------------------ hooks
     @contextmanager
-    def attach(self) -> Iterator["LoRANetwork"]:
+    def attach(self) -> Iterator[LoRANetwork]:
         """Add the LoRA to the original modules' outputs with forward hooks; on exit the hooks are removed and the
         modules are exactly as before (no attribute, forward or weight is changed at any time)."""
         if self._handles:
@@ -246,6 +273,7 @@ class LoRANetwork(torch.nn.Module):
                 if not args:
                     raise RuntimeError(f"{lora.lora_name}: the module was called without a positional input")
                 return lora.apply(args[0], output)
+
             return hook
 
         with output_hooks(self._handles, [(lora.org_module, hook_for(lora)) for lora in self.loras]):
@@ -256,7 +284,7 @@ class LoRANetwork(torch.nn.Module):
         return bool(self._handles)
 
     # ------------------------------------------------------------------ kohya files
-    def state_dict_kohya(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """kohya's saved dict: ``<name>.alpha`` (0-d), ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` in
         kohya's order, detached CPU copies, cast to ``dtype`` when given (alpha too, as kohya's save_weights)."""
         return cpu_state_dict(self, dtype)
@@ -271,8 +299,11 @@ class LoRANetwork(torch.nn.Module):
         """
         own = self.state_dict()
         unknown = [k for k in sd if k not in own]
-        missing = [k for k in own if k not in sd and not (
-            k.endswith(".alpha") and self.get_submodule(k[:-len(".alpha")]).scale == 1.0)]
+        missing = [
+            k
+            for k in own
+            if k not in sd and not (k.endswith(".alpha") and self.get_submodule(k[: -len(".alpha")]).scale == 1.0)
+        ]
         if unknown or missing:
             raise ValueError(
                 f"state dict does not match the network: {len(unknown)} unknown keys {unknown[:5]}, "
@@ -289,10 +320,16 @@ class LoRANetwork(torch.nn.Module):
                     own[k].copy_(v)
 
     # ------------------------------------------------------------------ optimizer
-    def param_groups(self, unet_lr: float, te1_lr: float, te2_lr: float,
-                     loraplus_lr_ratio: Optional[float] = None, loraplus_unet_lr_ratio: Optional[float] = None,
-                     loraplus_text_encoder_lr_ratio: Optional[float] = None,
-                     block_lr_weight: Optional[Sequence[float]] = None) -> tuple[list[dict], list[str]]:
+    def param_groups(
+        self,
+        unet_lr: float,
+        te1_lr: float,
+        te2_lr: float,
+        loraplus_lr_ratio: float | None = None,
+        loraplus_unet_lr_ratio: float | None = None,
+        loraplus_text_encoder_lr_ratio: float | None = None,
+        block_lr_weight: Sequence[float] | None = None,
+    ) -> tuple[list[dict], list[str]]:
         """kohya's LoRANetwork.prepare_optimizer_params: (param groups, lr descriptions).
 
         TE groups come first, then U-Net. Per part a "lora" group and, with a LoRA+ ratio, a "plus" group holding
@@ -307,7 +344,7 @@ class LoRANetwork(torch.nn.Module):
         groups: list[dict] = []
         descs: list[str] = []
 
-        def assemble(loras: Sequence[LoRAModule], lr: float, ratio: Optional[float], label: str) -> None:
+        def assemble(loras: Sequence[LoRAModule], lr: float, ratio: float | None, label: str) -> None:
             plain, plus = [], []
             for lora in loras:
                 for name, p in lora.named_parameters():
@@ -331,7 +368,9 @@ class LoRANetwork(torch.nn.Module):
 
         unet = self.unet_loras
         unet_ratio = loraplus_unet_lr_ratio or loraplus_lr_ratio
-        weights = block_lr_weight if block_lr_weight is not None else (self.config.block_lr_weight if self.config else None)
+        weights = (
+            block_lr_weight if block_lr_weight is not None else (self.config.block_lr_weight if self.config else None)
+        )
         if unet and weights is not None:
             weights = parse_block_list(weights, "block_lr_weight", as_int=False)
             by_block: dict[int, list[LoRAModule]] = {}
@@ -345,7 +384,7 @@ class LoRANetwork(torch.nn.Module):
 
     # ------------------------------------------------------------------ max-norm
     @torch.no_grad()
-    def apply_max_norm(self, max_norm: float) -> "MaxNormStats":
+    def apply_max_norm(self, max_norm: float) -> MaxNormStats:
         """kohya's apply_max_norm_regularization (--scale_weight_norms), IN PLACE (kohya quirk K21).
 
         Per module: delta = (up . down) * alpha/rank (no multiplier); n = max(||delta||_F, max_norm/2);
@@ -368,7 +407,7 @@ class LoRANetwork(torch.nn.Module):
             norm = updown.norm().clamp(min=max_norm / 2)
             desired = torch.clamp(norm, max=max_norm)
             ratio = desired / norm
-            sqrt_ratio = ratio ** 0.5
+            sqrt_ratio = ratio**0.5
             up.mul_(sqrt_ratio)
             down.mul_(sqrt_ratio)
             ratios.append(ratio)

@@ -23,18 +23,19 @@ What differs from ``lycoris.kohya.LycorisNetwork`` and why:
 * Max-norm: LyCORIS's per-module ``apply_max_norm`` formula, evaluated on the device without the ``.cpu()`` and
   ``if scaled`` it does per module (see ``apply_max_norm``).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from lycoris.modules.loha import LohaModule
 from lycoris.modules.lokr import LokrModule
 
-from .targets import PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, iter_target_modules
 from .base import MaxNormStats, cpu_state_dict, output_hooks
 from .config import NetworkConfig, parse_block_list
+from .targets import PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, iter_target_modules
 
 #: algo -> LyCORIS module class
 LYCORIS_MODULES = {"loha": LohaModule, "lokr": LokrModule}
@@ -63,8 +64,14 @@ class LycorisNetwork(torch.nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, unet: Optional[torch.nn.Module], te1: Optional[torch.nn.Module], te2: Optional[torch.nn.Module],
-              config: NetworkConfig, generator: torch.Generator) -> "LycorisNetwork":
+    def build(
+        cls,
+        unet: torch.nn.Module | None,
+        te1: torch.nn.Module | None,
+        te2: torch.nn.Module | None,
+        config: NetworkConfig,
+        generator: torch.Generator,
+    ) -> LycorisNetwork:
         """LyCORIS modules of ``config.algo`` on kohya's targets; the init is seeded by ``generator.initial_seed()``
         (LyCORIS uses the global RNG, which is forked so the caller's state is untouched)."""
         if config.algo not in LYCORIS_MODULES:
@@ -80,9 +87,18 @@ class LycorisNetwork(torch.nn.Module):
             torch.manual_seed(generator.initial_seed())
             for t in targets:
                 alpha = float(t.alpha.item()) if isinstance(t.alpha, torch.Tensor) else t.alpha
-                m = module_cls(t.name, t.module, multiplier=config.multiplier, lora_dim=t.dim, alpha=alpha,
-                               dropout=config.dropout or 0.0, rank_dropout=config.rank_dropout or 0.0,
-                               module_dropout=config.module_dropout or 0.0, bypass_mode=True, **extra)
+                m = module_cls(
+                    t.name,
+                    t.module,
+                    multiplier=config.multiplier,
+                    lora_dim=t.dim,
+                    alpha=alpha,
+                    dropout=config.dropout or 0.0,
+                    rank_dropout=config.rank_dropout or 0.0,
+                    module_dropout=config.module_dropout or 0.0,
+                    bypass_mode=True,
+                    **extra,
+                )
                 m.block_index = t.block_index
                 m.dim_source = t.dim_source
                 modules.append(m)
@@ -114,7 +130,7 @@ class LycorisNetwork(torch.nn.Module):
 
     # ------------------------------------------------------------------ hooks
     @contextmanager
-    def attach(self) -> Iterator["LycorisNetwork"]:
+    def attach(self) -> Iterator[LycorisNetwork]:
         """Add LyCORIS's bypass diff to the original modules' outputs with forward hooks; removed on exit."""
         if self._handles:
             raise RuntimeError("this LycorisNetwork is already attached")
@@ -127,6 +143,7 @@ class LycorisNetwork(torch.nn.Module):
                 if m.training and m.module_dropout and torch.rand(1) < m.module_dropout:
                     return output
                 return output + m.bypass_forward_diff(args[0], scale=m.multiplier).to(output.dtype)
+
             return hook
 
         with output_hooks(self._handles, [(m.org_module[0], hook_for(m)) for m in self.loras]):
@@ -137,7 +154,7 @@ class LycorisNetwork(torch.nn.Module):
         return bool(self._handles)
 
     # ------------------------------------------------------------------ files
-    def state_dict_kohya(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """LyCORIS's saved dict (its ``custom_state_dict`` per module, under ``<lora_name>.``): detached CPU copies,
         cast to ``dtype`` when given (alpha too, as kohya/LyCORIS save_weights)."""
         return cpu_state_dict(self, dtype)
@@ -171,10 +188,16 @@ class LycorisNetwork(torch.nn.Module):
                     self._tensor(k).copy_(v)
 
     # ------------------------------------------------------------------ optimizer
-    def param_groups(self, unet_lr: float, te1_lr: float, te2_lr: float,
-                     loraplus_lr_ratio: Optional[float] = None, loraplus_unet_lr_ratio: Optional[float] = None,
-                     loraplus_text_encoder_lr_ratio: Optional[float] = None,
-                     block_lr_weight: Optional[Sequence[float]] = None) -> tuple[list[dict], list[str]]:
+    def param_groups(
+        self,
+        unet_lr: float,
+        te1_lr: float,
+        te2_lr: float,
+        loraplus_lr_ratio: float | None = None,
+        loraplus_unet_lr_ratio: float | None = None,
+        loraplus_text_encoder_lr_ratio: float | None = None,
+        block_lr_weight: Sequence[float] | None = None,
+    ) -> tuple[list[dict], list[str]]:
         """(param groups, descriptions) with LoRANetwork.param_groups' grouping: "textencoder" (or "textencoder 1"
         / "textencoder 2" when the TE lrs differ), then "unet" or "unet_block{idx}" with block lr weights; groups
         with lr 0 are dropped. LoRA+ raises: it scales lora_up, which LoHa/LoKr do not have (LyCORIS's kohya
@@ -212,7 +235,7 @@ class LycorisNetwork(torch.nn.Module):
 
     # ------------------------------------------------------------------ max-norm
     @torch.no_grad()
-    def apply_max_norm(self, max_norm: float) -> "LycorisMaxNormStats":
+    def apply_max_norm(self, max_norm: float) -> LycorisMaxNormStats:
         """LyCORIS's apply_max_norm_regularization, in place, on the device.
 
         Per module, LyCORIS's formula: n = max(||dW||, max_norm/2) with dW = get_weight() (times ``scalar`` for

@@ -5,6 +5,7 @@
   (``library/sai_model_spec.py``) and the two addnet hashes (``sshs_model_hash``, ``sshs_legacy_hash``) that
   A1111-style UIs use to index LoRAs. Plus ``comfyui.prompt`` / ``comfyui.workflow``: the graph that trained it.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -13,7 +14,6 @@ import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-
 
 SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
 KOHYA_LORA_NETWORK_MODULE = "networks.lora"
@@ -131,9 +131,22 @@ NETWORK_KEYS: dict[str, Any] = {
 # kohya writes bool(args.x) for these store_true flags
 _BOOL_KEYS = frozenset(
     {
-        "gradient_checkpointing", "full_fp16", "cache_latents", "lowram", "zero_terminal_snr", "debiased_estimation",
-        "noise_offset_random_strength", "ip_noise_gamma_random_strength", "fp8_base", "fp8_base_unet",
-        "v_parameterization", "enable_bucket", "bucket_no_upscale", "color_aug", "flip_aug", "random_crop",
+        "gradient_checkpointing",
+        "full_fp16",
+        "cache_latents",
+        "lowram",
+        "zero_terminal_snr",
+        "debiased_estimation",
+        "noise_offset_random_strength",
+        "ip_noise_gamma_random_strength",
+        "fp8_base",
+        "fp8_base_unet",
+        "v_parameterization",
+        "enable_bucket",
+        "bucket_no_upscale",
+        "color_aug",
+        "flip_aug",
+        "random_crop",
         "shuffle_caption",
     }
 )

@@ -10,6 +10,7 @@
 The addnet hashes (``sshs_model_hash``, ``sshs_legacy_hash``) that A1111-style UIs index LoRAs by are computed
 here, over the exact bytes written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from safetensors import safe_open
+
 from .file_names import TEMP_SUFFIX
 
 SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -210,9 +212,7 @@ def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     return model_hash, legacy_hash
 
 
-def prepare_tensors(
-    tensors: Mapping[str, torch.Tensor], save_dtype: torch.dtype | None
-) -> dict[str, torch.Tensor]:
+def prepare_tensors(tensors: Mapping[str, torch.Tensor], save_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU copies, floating ones (``.alpha`` too, as kohya) cast to ``save_dtype``.
 
     Copies, because safetensors refuses tensors that share storage and training keeps using the originals.
@@ -254,5 +254,5 @@ def read_lora(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """``(tensors on CPU, metadata)`` of a .safetensors file; metadata is {} when the file has none."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     return tensors, metadata

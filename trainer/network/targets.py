@@ -19,10 +19,12 @@ CLIPTextModel keeps ``text_model.encoder.layers.N...``), which is what ComfyUI's
 
 Shared by every network algorithm (LoRA, LoHa, LoKr): one NetworkConfig means the same module set for each.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -53,14 +55,14 @@ _CHILD_ORDER = {
     "CLIPSdpaAttention": ("k_proj", "v_proj", "q_proj", "out_proj"),
 }
 
-AlphaLike = Union[float, int, torch.Tensor, None]
+AlphaLike = float | int | torch.Tensor | None
 
 
 def sdxl_block_index(lora_name: str) -> int:
     """kohya's ``get_block_index(name, is_sdxl=True)``: 0 emb, 1-9 input, 10-12 middle, 13-21 output, 22 out, -1 TE."""
     if not lora_name.startswith(PREFIX_UNET + "_"):
         return -1
-    name = lora_name[len(PREFIX_UNET) + 1:]
+    name = lora_name[len(PREFIX_UNET) + 1 :]
     parts = name.split("_")
     if name.startswith(("time_embed_", "label_emb_")):
         return 0
@@ -110,9 +112,13 @@ class TargetModule:
     trained: bool  # False only for TE modules of an untrained TE (made for kohya's init stream, then dropped)
 
 
-def iter_target_modules(unet: Optional[torch.nn.Module], te1: Optional[torch.nn.Module],
-                        te2: Optional[torch.nn.Module], config: NetworkConfig,
-                        include_untrained: bool = False) -> list[TargetModule]:
+def iter_target_modules(
+    unet: torch.nn.Module | None,
+    te1: torch.nn.Module | None,
+    te2: torch.nn.Module | None,
+    config: NetworkConfig,
+    include_untrained: bool = False,
+) -> list[TargetModule]:
     """kohya's module discovery and dim/alpha choice, shared by every network algorithm (LoRA, LoHa, LoKr).
 
     Order is kohya's creation order: TE1, TE2, U-Net. Modules whose dim resolves to 0 are skipped. With
@@ -127,12 +133,13 @@ def iter_target_modules(unet: Optional[torch.nn.Module], te1: Optional[torch.nn.
     if config.train_te2 and te2 is None:
         raise ValueError("config.train_te2 is set but no text encoder 2 (CLIP-G) was given")
 
-    wanted = dict((n, (d, a)) for n, d, a in config.module_dims) if config.module_dims is not None else None
+    wanted = {n: (d, a) for n, d, a in config.module_dims} if config.module_dims is not None else None
     block = config.resolved_block_dims() if config.block_mode else None
     conv_alpha = 1.0 if config.conv_alpha is None else config.conv_alpha
 
-    def make(prefix: str, root: torch.nn.Module, containers: frozenset, is_unet: bool,
-             trained: bool) -> list[TargetModule]:
+    def make(
+        prefix: str, root: torch.nn.Module, containers: frozenset, is_unet: bool, trained: bool
+    ) -> list[TargetModule]:
         out = []
         for path, child in _iter_targets(root, containers):
             name = (prefix + "." + path).replace(".", "_")

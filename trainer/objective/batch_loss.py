@@ -9,6 +9,7 @@ the loss is reduced as trainer/loss_weighting.compute_loss documents.
 The U-Net is reached through a small ``Denoiser`` protocol so this module is testable without
 ComfyUI; trainer/comfyui/ provides the real one.
 """
+
 from __future__ import annotations
 
 import random
@@ -17,10 +18,10 @@ from typing import Protocol
 
 import torch
 
+from ..data.size_conditioning import size_embedding
+from .ddpm_schedule import DDPMSchedule
 from .loss_weighting import LossSettings, compute_loss
 from .noise import NoiseSettings, sample_noise_and_timesteps
-from .ddpm_schedule import DDPMSchedule
-from ..data.size_conditioning import size_embedding
 
 
 class Denoiser(Protocol):
@@ -30,8 +31,9 @@ class Denoiser(Protocol):
     latent_scale: float  # SDXL: 0.13025
     device: torch.device  # where the model computes; batches are moved there
 
-    def __call__(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                 y: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         """Raw prediction (epsilon or v) for kohya-style noisy latents and integer timesteps."""
 
 
@@ -46,11 +48,10 @@ class Batch:
     # embedding is computed there, as kohya's numbers are)
     loss_weights: torch.Tensor | None = None  # [B]: kohya's per-sample loss weight (1.0 unless reg images)
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         """The batch on ``device`` (one copy per tensor; none when it is there already)."""
         weights = self.loss_weights.to(device) if self.loss_weights is not None else None
-        return Batch(self.latents.to(device), self.context.to(device), self.pooled.to(device), self.time_ids,
-                     weights)
+        return Batch(self.latents.to(device), self.context.to(device), self.pooled.to(device), self.time_ids, weights)
 
 
 @dataclass
@@ -65,8 +66,15 @@ def sdxl_vector_embedding(pooled: torch.Tensor, time_ids: torch.Tensor) -> torch
     return torch.cat([pooled, emb], dim=1)
 
 
-def batch_loss(model: Denoiser, batch: Batch, schedule: DDPMSchedule, noise_settings: NoiseSettings,
-               loss_settings: LossSettings, generator: torch.Generator, py_random: random.Random) -> StepResult:
+def batch_loss(
+    model: Denoiser,
+    batch: Batch,
+    schedule: DDPMSchedule,
+    noise_settings: NoiseSettings,
+    loss_settings: LossSettings,
+    generator: torch.Generator,
+    py_random: random.Random,
+) -> StepResult:
     """The loss of one batch, with kohya's random draws taken from the private generators given."""
     batch = batch.to(model.device)
     latents = batch.latents.float() * model.latent_scale

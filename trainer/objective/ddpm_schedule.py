@@ -36,6 +36,7 @@ Numerics to keep in mind:
 * ComfyUI casts the U-Net input to the model dtype inside apply_model and returns x0 in float32.
 * With zero-terminal SNR, ac_999 = 0, so sigma_999 = inf: the sigma route cannot represent that timestep.
 """
+
 from __future__ import annotations
 
 import torch

@@ -15,11 +15,11 @@ SNR conventions differ on purpose (kohya quirk K8): min-SNR uses the raw ``all_s
 debiased / scale-v / v-pred-like clamp it at 1000 first. Under zero-terminal SNR all of them still use the ORIGINAL
 schedule's SNR (kohya quirk K7), but the huber 'snr' schedule uses the rescaled alphas_cumprod.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,9 @@ class LossSettings:
     huber_c: float = 0.1
     huber_scale: float = 1.0
     v_parameterization: bool = False
-    min_snr_gamma: Optional[float] = None
+    min_snr_gamma: float | None = None
     scale_v_pred_loss_like_noise_pred: bool = False
-    v_pred_like_loss: Optional[float] = None
+    v_pred_like_loss: float | None = None
     debiased_estimation_loss: bool = False
 
     def __post_init__(self) -> None:
@@ -148,8 +148,8 @@ def huber_c_for_timesteps(
 ) -> torch.Tensor:
     """Per-sample huber threshold (kohya get_huber_threshold_if_needed), float32, on the device of ``timesteps``.
 
-    'snr': (1 - c)/(1 + sigma_t)**2 + c with sigma_t = sqrt((1-ac)/ac); ignores huber_scale (kohya quirk K9) and uses the
-    (possibly zero-terminal-rescaled) alphas_cumprod. 'exponential': huber_scale * exp(ln(c) * t / 1000), which
+    'snr': (1 - c)/(1 + sigma_t)**2 + c with sigma_t = sqrt((1-ac)/ac); ignores huber_scale (kohya quirk K9) and uses
+    the (possibly zero-terminal-rescaled) alphas_cumprod. 'exponential': huber_scale * exp(ln(c) * t / 1000), which
     reaches c at t=1000, not 999. 'constant': c * huber_scale.
     """
     timesteps = timesteps.long()
@@ -165,9 +165,7 @@ def huber_c_for_timesteps(
     raise ValueError(f"unknown huber_schedule {huber_schedule!r}")
 
 
-def huber_c_if_needed(
-    timesteps: torch.Tensor, schedule: DDPMSchedule, settings: LossSettings
-) -> Optional[torch.Tensor]:
+def huber_c_if_needed(timesteps: torch.Tensor, schedule: DDPMSchedule, settings: LossSettings) -> torch.Tensor | None:
     """The huber threshold when the loss type uses one, else None (as kohya)."""
     if settings.loss_type not in ("huber", "smooth_l1"):
         return None
@@ -178,7 +176,7 @@ def conditional_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     loss_type: str,
-    huber_c: Optional[torch.Tensor] = None,
+    huber_c: torch.Tensor | None = None,
     reduction: str = "none",
 ) -> torch.Tensor:
     """kohya's loss by type. huber = 2c(sqrt(d**2 + c**2) - c) (~ c*|d| for large d, d**2 for small);
@@ -210,7 +208,7 @@ def compute_loss(
     timesteps: torch.Tensor,
     schedule: DDPMSchedule,
     settings: LossSettings,
-    loss_weights: Optional[torch.Tensor] = None,
+    loss_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The scalar training loss of one batch, reduced exactly as kohya's process_batch (see module docstring)."""
     huber_c = huber_c_if_needed(timesteps, schedule, settings)

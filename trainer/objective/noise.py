@@ -17,18 +17,19 @@ All torch draws happen on the generator's device and are then moved to the laten
 gives the same stream whether training runs on CPU or GPU (kohya itself draws 1-3 and 6-7 on the training device
 and 4-5 on CPU, i.e. from two different streams on a GPU).
 """
+
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .ddpm_schedule import DDPMSchedule
 
-Strength = Union[float, torch.Tensor]
+Strength = float | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,14 @@ class NoiseSettings:
     ip_noise_gamma=0.0 all mean off. Timesteps are drawn from [min_timestep, max_timestep) (defaults 0 and 1000).
     """
 
-    noise_offset: Optional[float] = None
+    noise_offset: float | None = None
     noise_offset_random_strength: bool = False
-    adaptive_noise_scale: Optional[float] = None
-    multires_noise_iterations: Optional[int] = None
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
     multires_noise_discount: float = 0.3
-    min_timestep: Optional[int] = None
-    max_timestep: Optional[int] = None
-    ip_noise_gamma: Optional[float] = None
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    ip_noise_gamma: float | None = None
     ip_noise_gamma_random_strength: bool = False
 
     def __post_init__(self) -> None:
@@ -65,7 +66,9 @@ class NoiseSample(NamedTuple):
     # so logging them never waits for the GPU)
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
@@ -76,8 +79,8 @@ def _rand1(generator: torch.Generator, device: torch.device) -> torch.Tensor:
 def apply_noise_offset(
     latents: torch.Tensor,
     noise: torch.Tensor,
-    noise_offset: Optional[Strength],
-    adaptive_noise_scale: Optional[float],
+    noise_offset: Strength | None,
+    adaptive_noise_scale: float | None,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Offset noise (crosslabs): add one random constant per (sample, channel) so the model can learn to shift
@@ -101,9 +104,9 @@ def pyramid_noise_like(
 ) -> torch.Tensor:
     """Multires (pyramid) noise: add bilinearly upsampled coarser noise levels, then renormalise.
 
-    As kohya does (kohya quirk K17): the per-level shrink factor r in [2, 4) comes from Python's RNG, level 0 (r**0 = 1) adds a
-    full-resolution randn, the loop stops after a level with a side of 1, ``noise`` is modified IN PLACE, and the
-    result is divided by the unbiased std of the whole batch tensor.
+    As kohya does (kohya quirk K17): the per-level shrink factor r in [2, 4) comes from Python's RNG, level 0
+    (r**0 = 1) adds a full-resolution randn, the loop stops after a level with a side of 1, ``noise`` is modified IN
+    PLACE, and the result is divided by the unbiased std of the whole batch tensor.
     """
     b, c, h, w = noise.shape
     for i in range(iterations):
@@ -135,7 +138,9 @@ def sample_timesteps(
     if min_timestep < max_timestep:
         if min_timestep < 0 or max_timestep > num_train_timesteps:
             raise ValueError(f"timestep range [{min_timestep}, {max_timestep}) is outside [0, {num_train_timesteps})")
-        timesteps = torch.randint(min_timestep, max_timestep, (batch_size,), generator=generator, device=generator.device)
+        timesteps = torch.randint(
+            min_timestep, max_timestep, (batch_size,), generator=generator, device=generator.device
+        )
     else:
         if not 0 <= max_timestep < num_train_timesteps:
             raise ValueError(f"fixed timestep {max_timestep} (min >= max) is outside [0, {num_train_timesteps})")

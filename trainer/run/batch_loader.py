@@ -5,17 +5,19 @@ batch order shuffled as the DataLoader does, here from a private generator seede
 so any epoch's order can be recomputed on resume. Per sample, in kohya's __getitem__ order: the
 flip decision (``random() < 0.5`` when the subset has flip_aug), then the caption's random draws.
 """
+
 from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from ..data.captions import escape_for_comfy_tokenizer
-from ..objective.batch_loss import Batch
 from ..data.dataset import BucketedImage, TrainingDataset, caption_for_step
+from ..objective.batch_loss import Batch
 
 
 class LatentSource(Protocol):
@@ -48,9 +50,17 @@ def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
 class CachedBatchSource:
     """The loop's BatchSource over a TrainingDataset with cached latents and (mostly) cached text."""
 
-    def __init__(self, dataset: TrainingDataset, latents: LatentSource, text: Optional[TextSource],
-                 live_encoder: Optional[LiveEncoder], seed: int, max_train_steps: int,
-                 train_text_encoder: bool = False, device: torch.device = torch.device("cpu")) -> None:
+    def __init__(
+        self,
+        dataset: TrainingDataset,
+        latents: LatentSource,
+        text: TextSource | None,
+        live_encoder: LiveEncoder | None,
+        seed: int,
+        max_train_steps: int,
+        train_text_encoder: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.dataset = dataset
         self.device = torch.device(device)
         self.latents = latents
@@ -62,8 +72,10 @@ class CachedBatchSource:
         self._epoch_cache: tuple[int, list] | None = None
         needs_live = train_text_encoder or text is None or any(img.caption_options.is_random for img in dataset.images)
         if needs_live and live_encoder is None:
-            raise ValueError("Captions must be encoded while training (caption shuffle/dropout, text-encoder "
-                             "training, or no text cache given): connect the CLIP input of the train node.")
+            raise ValueError(
+                "Captions must be encoded while training (caption shuffle/dropout, text-encoder "
+                "training, or no text cache given): connect the CLIP input of the train node."
+            )
 
     def __len__(self) -> int:
         return self.dataset.num_batches()
@@ -105,6 +117,9 @@ class CachedBatchSource:
             ctx, pool = fixed[i] if fixed[i] is not None else live[live_idx.index(i)]
             contexts.append(ctx.reshape(-1, ctx.shape[-1]).to(self.device))
             pooled.append(pool.reshape(-1).to(self.device))
-        return Batch(latents=torch.stack([l.float() for l in latents]).to(self.device),
-                     context=stack_contexts(contexts), pooled=torch.stack(pooled),
-                     time_ids=torch.tensor(time_ids, dtype=torch.long))
+        return Batch(
+            latents=torch.stack([latent.float() for latent in latents]).to(self.device),
+            context=stack_contexts(contexts),
+            pooled=torch.stack(pooled),
+            time_ids=torch.tensor(time_ids, dtype=torch.long),
+        )

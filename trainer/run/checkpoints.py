@@ -4,17 +4,20 @@ resumable state folders.
 Intermediate files are full kohya LoRAs with their step/epoch in name and metadata. Only files this
 run wrote are ever deleted by keep-last-N.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .loop import LoopState, StepRecord
 from .lora_output import SavedLora
 from .resume_state import save_state
+
 
 @dataclass(frozen=True)
 class CheckpointSettings:
@@ -43,9 +46,12 @@ class RunArtifacts:
         s = self.settings
         state: LoopState = result.state
         epoch_done = state.batch_in_epoch == 0 and state.epoch > self._last_epoch_saved
-        if (s.save_every_n_steps and record.step % s.save_every_n_steps == 0) or \
-                (s.save_every_n_epochs and epoch_done and state.epoch % s.save_every_n_epochs == 0
-                 and record.step < result.total_steps):
+        if (s.save_every_n_steps and record.step % s.save_every_n_steps == 0) or (
+            s.save_every_n_epochs
+            and epoch_done
+            and state.epoch % s.save_every_n_epochs == 0
+            and record.step < result.total_steps
+        ):
             if epoch_done:
                 self._last_epoch_saved = state.epoch
             saved = self.save_lora(f"step{record.step:06d}", record.step, state.epoch)
@@ -66,10 +72,15 @@ class RunArtifacts:
     def save_state(self, result: Any) -> Path:
         state: LoopState = result.state
         folder = self.state_root / f"step-{state.global_step:06d}"
-        save_state(folder, network=result.network.state_dict_kohya(), optimizer=result.optimizer.state_dict(),
-                   scheduler=result.scheduler.state_dict() if result.scheduler is not None else None,
-                   scaler=result.scaler.state_dict() if result.scaler is not None else None,
-                   loop=state, fingerprint=self.fingerprint)
+        save_state(
+            folder,
+            network=result.network.state_dict_kohya(),
+            optimizer=result.optimizer.state_dict(),
+            scheduler=result.scheduler.state_dict() if result.scheduler is not None else None,
+            scaler=result.scaler.state_dict() if result.scaler is not None else None,
+            loop=state,
+            fingerprint=self.fingerprint,
+        )
         latest = self.state_root / "latest"
         tmp = self.state_root / ".latest.tmp"
         if tmp.exists() or tmp.is_symlink():

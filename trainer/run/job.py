@@ -4,6 +4,7 @@ render previews, save the final LoRA and its logs, and on Cancel save and stop.
 The train node builds the settings from its widgets and calls ``run_job``; everything that happens
 during the run lives here so the node stays a schema.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,19 +13,27 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from ..comfyui import services as comfy_services
-from .loop import LoopState, StepRecord
-from .previews import PreviewRenderer
+from ..data.dataset import TrainingDataset
 from .checkpoints import CheckpointSettings, RunArtifacts
 from .logs import write_logs, write_tensorboard
-from .lora_output import OutputSettings, SavedLora, dataset_metadata, network_metadata, run_tag, save_run_lora, training_metadata
-from .session import TrainConfig, train
+from .loop import LoopState, StepRecord
+from .lora_output import (
+    OutputSettings,
+    SavedLora,
+    dataset_metadata,
+    network_metadata,
+    run_tag,
+    save_run_lora,
+    training_metadata,
+)
+from .previews import PreviewRenderer
 from .resume_state import load_state
-from ..data.dataset import TrainingDataset
+from .session import TrainConfig, train
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
 
@@ -36,7 +45,7 @@ class JobResult:
     state: LoopState
     steps_per_epoch: int
     report: str
-    previews: Optional[torch.Tensor]  # all preview images [N,H,W,3], or None
+    previews: torch.Tensor | None  # all preview images [N,H,W,3], or None
 
 
 def _finite(v: float) -> float | None:
@@ -44,10 +53,22 @@ def _finite(v: float) -> float | None:
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def run_job(*, model: Any, clip: Any, dataset: TrainingDataset, latents: Any, text: Any, network: dict,
-            config: TrainConfig, out: OutputSettings, checkpointing: Optional[CheckpointSettings],
-            previews: Optional[dict], node_id: Optional[str], prompt: Any = None,
-            extra_pnginfo: Any = None) -> JobResult:
+def run_job(
+    *,
+    model: Any,
+    clip: Any,
+    dataset: TrainingDataset,
+    latents: Any,
+    text: Any,
+    network: dict,
+    config: TrainConfig,
+    out: OutputSettings,
+    checkpointing: CheckpointSettings | None,
+    previews: dict | None,
+    node_id: str | None,
+    prompt: Any = None,
+    extra_pnginfo: Any = None,
+) -> JobResult:
     """Train and save. ``network`` is the Network node's value; ``previews`` the Sample Previews node's.
     Raises ComfyUI's interrupt after saving when the user cancelled."""
     seed = config.seed
@@ -70,16 +91,33 @@ def run_job(*, model: Any, clip: Any, dataset: TrainingDataset, latents: Any, te
     def save(suffix: str, step: int, epoch: int):
         result = live["result"]
         return save_run_lora(
-            result.network, loras_root, out, run_tag=lora_tag + suffix if lora_tag else suffix.lstrip("-"),
-            training=training_metadata(replace(config, train_dtype=result.train_dtype), result.optimizer,
-                                       result.steps_per_epoch, result.total_steps, started, output_name),
-            dataset=dataset_metadata(dataset), network_meta=network_metadata(net_config), step=step,
-            epoch=epoch, prompt=prompt, extra_pnginfo=extra_pnginfo,
-            v_parameterization=result.prediction_type == "v_prediction")
+            result.network,
+            loras_root,
+            out,
+            run_tag=lora_tag + suffix if lora_tag else suffix.lstrip("-"),
+            training=training_metadata(
+                replace(config, train_dtype=result.train_dtype),
+                result.optimizer,
+                result.steps_per_epoch,
+                result.total_steps,
+                started,
+                output_name,
+            ),
+            dataset=dataset_metadata(dataset),
+            network_meta=network_metadata(net_config),
+            step=step,
+            epoch=epoch,
+            prompt=prompt,
+            extra_pnginfo=extra_pnginfo,
+            v_parameterization=result.prediction_type == "v_prediction",
+        )
 
-    artifacts = RunArtifacts(ckpt, lambda t, st, ep: save(f"-{t}", st, ep),
-                             Path(comfy_services.output_directory()) / "sdxl_lora_trainer" / "state" /
-                             f"{output_name}_{tag}", fingerprint)
+    artifacts = RunArtifacts(
+        ckpt,
+        lambda t, st, ep: save(f"-{t}", st, ep),
+        Path(comfy_services.output_directory()) / "sdxl_lora_trainer" / "state" / f"{output_name}_{tag}",
+        fingerprint,
+    )
 
     def on_step(record: StepRecord, total: int, result) -> None:
         live["result"] = result
@@ -91,18 +129,42 @@ def run_job(*, model: Any, clip: Any, dataset: TrainingDataset, latents: Any, te
         if renderer is not None and renderer.due(record.step) and record.step < total:
             images = render_previews(renderer, result, train_te)
             preview = preview_frame(images)
-        progress.update(record.step, total, text=f"step {record.step}/{total}  loss {record.loss:.4f}  "
-                        f"lr {record.lr:.2e}  {rate:.2f} it/s  ETA {eta:.0f}s", preview=preview)
-        progress.event(PROGRESS_EVENT, {"node": node_id, "step": record.step, "total": total,
-                                        "loss": _finite(record.loss), "lr": _finite(record.lr),
-                                        "it_s": _finite(rate), "eta_s": _finite(eta), "epoch": record.epoch})
+        progress.update(
+            record.step,
+            total,
+            text=f"step {record.step}/{total}  loss {record.loss:.4f}  "
+            f"lr {record.lr:.2e}  {rate:.2f} it/s  ETA {eta:.0f}s",
+            preview=preview,
+        )
+        progress.event(
+            PROGRESS_EVENT,
+            {
+                "node": node_id,
+                "step": record.step,
+                "total": total,
+                "loss": _finite(record.loss),
+                "lr": _finite(record.lr),
+                "it_s": _finite(rate),
+                "eta_s": _finite(eta),
+                "epoch": record.epoch,
+            },
+        )
 
     comfy_services.reset_interrupt_note()
-    result = train(model, clip, dataset, latents, text, net_config, config,
-                   initial_weights=network.get("initial_weights"), resume=resume,
-                   should_stop=comfy_services.interrupted, on_step=on_step,
-                   on_finish=(lambda res: render_previews(renderer, res, train_te))
-                   if renderer is not None else None)
+    result = train(
+        model,
+        clip,
+        dataset,
+        latents,
+        text,
+        net_config,
+        config,
+        initial_weights=network.get("initial_weights"),
+        resume=resume,
+        should_stop=comfy_services.interrupted,
+        on_step=on_step,
+        on_finish=(lambda res: render_previews(renderer, res, train_te)) if renderer is not None else None,
+    )
     live["result"] = result
     state = result.state
     saved = save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0))
@@ -114,31 +176,41 @@ def run_job(*, model: Any, clip: Any, dataset: TrainingDataset, latents: Any, te
             where += f"; resumable state in {artifacts.save_state(result)}"
         progress.update(state.global_step, result.total_steps, text=f"cancelled at step {state.global_step}; {where}")
         comfy_services.note_interrupt()
-        progress.event(PROGRESS_EVENT, {"node": node_id, "cancelled": True, "step": state.global_step,
-                                        "message": where})
+        progress.event(
+            PROGRESS_EVENT, {"node": node_id, "cancelled": True, "step": state.global_step, "message": where}
+        )
         comfy_services.raise_interrupt()
 
     history = state.history
     final = history[-1].loss if history else float("nan")
-    report = (f"trained {state.global_step} steps ({result.steps_per_epoch} per epoch) in "
-              f"{time.time() - started:.1f}s; final loss {final:.4f}\nsaved {saved.path}\n"
-              f"lora_name: {saved.lora_name}")
+    report = (
+        f"trained {state.global_step} steps ({result.steps_per_epoch} per epoch) in "
+        f"{time.time() - started:.1f}s; final loss {final:.4f}\nsaved {saved.path}\n"
+        f"lora_name: {saved.lora_name}"
+    )
     if artifacts.intermediates:
         report += "\nintermediate: " + ", ".join(s.lora_name for s in artifacts.intermediates)
     if artifacts.states:
         report += f"\nstate: {artifacts.states[-1]}"
     report += "".join(f"\n{note}" for note in result.notes)
     images = torch.cat(renderer.images) if renderer is not None and renderer.images else None
-    return JobResult(weights=result.network.state_dict_kohya(), saved=saved, state=state,
-                     steps_per_epoch=result.steps_per_epoch, report=report, previews=images)
+    return JobResult(
+        weights=result.network.state_dict_kohya(),
+        saved=saved,
+        state=state,
+        steps_per_epoch=result.steps_per_epoch,
+        report=report,
+        previews=images,
+    )
 
 
 def render_previews(renderer: PreviewRenderer, result, train_te: bool) -> list[torch.Tensor]:
     """Previews inside the run, with the MODEL/CLIP it trains through; a Cancel pressed meanwhile is remembered so
     the loop stops and saves."""
     try:
-        return renderer.render(result.models.model, result.network,
-                               training_clip=result.models.clip if train_te else None)
+        return renderer.render(
+            result.models.model, result.network, training_clip=result.models.clip if train_te else None
+        )
     except BaseException as e:  # noqa: BLE001 - only ComfyUI's interrupt is swallowed
         if comfy_services.is_interrupt(e):
             comfy_services.note_interrupt()
@@ -159,9 +231,15 @@ def preview_frame(images: list[torch.Tensor]):
 def run_fingerprint(dataset, network_config, config: TrainConfig) -> dict:
     """What must be equal for a saved state to be resumed (max steps may change)."""
     data = json.dumps([[i.key, list(i.selection.bucket), i.item.caption, i.item.num_repeats] for i in dataset.images])
-    return {"dataset": hashlib.sha256(data.encode()).hexdigest()[:16], "network": repr(network_config),
-            "seed": config.seed, "optimizer": repr(config.optimizer), "learning_rate": config.learning_rate,
-            "gradient_accumulation_steps": config.gradient_accumulation_steps, "lr_scheduler": config.lr_scheduler,
-            "train_dtype": config.train_dtype, "loss": repr(config.loss), "noise": repr(config.noise)}
-
-
+    return {
+        "dataset": hashlib.sha256(data.encode()).hexdigest()[:16],
+        "network": repr(network_config),
+        "seed": config.seed,
+        "optimizer": repr(config.optimizer),
+        "learning_rate": config.learning_rate,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "lr_scheduler": config.lr_scheduler,
+        "train_dtype": config.train_dtype,
+        "loss": repr(config.loss),
+        "noise": repr(config.noise),
+    }

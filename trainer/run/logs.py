@@ -1,14 +1,15 @@
 """A run's step log next to its LoRA: ``<lora>.log.csv``, ``<lora>.log.jsonl`` and, when tensorboard is installed,
 TensorBoard event files.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Optional
 
 from .loop import StepRecord
+
 
 def write_logs(lora_path: Path, history: list[StepRecord]) -> tuple[Path, Path]:
     """``<lora>.log.csv`` and ``<lora>.log.jsonl``: step, epoch, loss, lr, mean timestep, seconds."""
@@ -26,7 +27,7 @@ def write_logs(lora_path: Path, history: list[StepRecord]) -> tuple[Path, Path]:
     return csv_path, jsonl_path
 
 
-def write_tensorboard(log_dir: Path, history: list[StepRecord]) -> Optional[Path]:
+def write_tensorboard(log_dir: Path, history: list[StepRecord]) -> Path | None:
     """TensorBoard event files when the tensorboard package is installed; otherwise nothing."""
     try:
         from torch.utils.tensorboard import SummaryWriter

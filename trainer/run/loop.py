@@ -16,21 +16,23 @@ the global RNGs (previews) cannot disturb a run, and a saved state resumes exact
 The step never waits for the device per layer or per micro-batch: losses stay on the device and are
 read back once per optimizer step (one sync, for the log, the progress bar and the NaN check).
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
+from ..objective.batch_loss import Batch, Denoiser, batch_loss
+from ..objective.ddpm_schedule import DDPMSchedule
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
-from ..objective.ddpm_schedule import DDPMSchedule
-from ..objective.batch_loss import Batch, Denoiser, batch_loss
 
 
 class TrainingDiverged(RuntimeError):
@@ -92,8 +94,11 @@ class LoopState:
 
     def to_json(self) -> dict:
         return {
-            "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "py_random": _py_state_to_json(self.py_random), "interrupted": self.interrupted,
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "py_random": _py_state_to_json(self.py_random),
+            "interrupted": self.interrupted,
             "history": [vars(r) for r in self.history],
         }
 
@@ -104,12 +109,18 @@ class LoopState:
         return out
 
     @classmethod
-    def from_saved(cls, data: dict, tensors: dict[str, torch.Tensor]) -> "LoopState":
-        return cls(global_step=data["global_step"], epoch=data["epoch"], batch_in_epoch=data["batch_in_epoch"],
-                   noise_rng=tensors.get("noise_rng"), dropout_rng=tensors.get("dropout_rng"),
-                   device_rng=tensors.get("device_rng"),
-                   py_random=_py_state_from_json(data["py_random"]),
-                   history=[StepRecord(**r) for r in data["history"]], interrupted=False)
+    def from_saved(cls, data: dict, tensors: dict[str, torch.Tensor]) -> LoopState:
+        return cls(
+            global_step=data["global_step"],
+            epoch=data["epoch"],
+            batch_in_epoch=data["batch_in_epoch"],
+            noise_rng=tensors.get("noise_rng"),
+            dropout_rng=tensors.get("dropout_rng"),
+            device_rng=tensors.get("device_rng"),
+            py_random=_py_state_from_json(data["py_random"]),
+            history=[StepRecord(**r) for r in data["history"]],
+            interrupted=False,
+        )
 
 
 def _py_state_to_json(state: Any) -> Any:
@@ -135,7 +146,7 @@ class LoopHooks:
     # interrupt flag in every op): the partial group is dropped and the run ends at the last step
     is_cancel: Callable[[BaseException], bool] = lambda exc: False
     # after each optimizer step, with the (then complete, resumable) loop state
-    on_step: Callable[[StepRecord, int, "LoopState"], None] = lambda record, total, state: None
+    on_step: Callable[[StepRecord, int, LoopState], None] = lambda record, total, state: None
 
 
 class GlobalRngs:
@@ -157,7 +168,7 @@ class GlobalRngs:
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
             yield
 
-    def start(self, state: "LoopState", seed: int) -> None:
+    def start(self, state: LoopState, seed: int) -> None:
         """Continue the saved streams, or seed them from the run's seed."""
         if state.dropout_rng is not None:
             torch.set_rng_state(state.dropout_rng)
@@ -170,11 +181,11 @@ class GlobalRngs:
                 with self.module.device(self.index):
                     self.module.manual_seed(seed + 2)
 
-    def snapshot(self, state: "LoopState") -> None:
+    def snapshot(self, state: LoopState) -> None:
         state.dropout_rng = torch.get_rng_state()
         state.device_rng = self.module.get_rng_state(self.index) if self.module is not None else None
 
-    def restore(self, state: "LoopState") -> None:
+    def restore(self, state: LoopState) -> None:
         torch.set_rng_state(state.dropout_rng)
         if self.module is not None and state.device_rng is not None:
             self.module.set_rng_state(state.device_rng, self.index)
@@ -188,11 +199,21 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(lr)
 
 
-def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-        scheduler: Any, settings: LoopSettings, schedule: DDPMSchedule, noise_settings: NoiseSettings,
-        loss_settings: LossSettings, state: LoopState | None = None, hooks: LoopHooks | None = None,
-        max_norm: Callable[[float], Any] | None = None,
-        scaler: "torch.amp.GradScaler | None" = None) -> LoopState:
+def run(
+    model: Denoiser,
+    data: BatchSource,
+    params: Sequence[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    settings: LoopSettings,
+    schedule: DDPMSchedule,
+    noise_settings: NoiseSettings,
+    loss_settings: LossSettings,
+    state: LoopState | None = None,
+    hooks: LoopHooks | None = None,
+    max_norm: Callable[[float], Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> LoopState:
     """Train until ``settings.max_train_steps`` optimizer steps, a cancel, or divergence.
 
     ``params`` are the trainable tensors (for clipping); ``max_norm(value)`` applies kohya's
@@ -260,7 +281,8 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
                                 f"The loss became {bad} at step {state.global_step + 1} (epoch {state.epoch + 1}). "
                                 "The weights were not updated with it. Try a lower learning rate, train_dtype fp32 "
                                 "or bf16 instead of fp16, or the VAE in float32 (no_half_vae) if the cached latents "
-                                "look wrong.")
+                                "look wrong."
+                            )
                         stepped = True
                         if scaler is not None:
                             scaler.unscale_(optimizer)
@@ -280,10 +302,14 @@ def run(model: Denoiser, data: BatchSource, params: Sequence[torch.nn.Parameter]
                             max_norm(settings.scale_weight_norms)
                         state.global_step += 1
                         now = time.perf_counter()
-                        record = StepRecord(step=state.global_step, epoch=state.epoch + 1,
-                                            loss=sum(losses) / len(losses), lr=_current_lr(optimizer),
-                                            timestep_mean=sum(group_timesteps) / len(group_timesteps),
-                                            seconds=now - started)
+                        record = StepRecord(
+                            step=state.global_step,
+                            epoch=state.epoch + 1,
+                            loss=sum(losses) / len(losses),
+                            lr=_current_lr(optimizer),
+                            timestep_mean=sum(group_timesteps) / len(group_timesteps),
+                            seconds=now - started,
+                        )
                         started = now
                         state.history.append(record)
                         micro_in_group = 0

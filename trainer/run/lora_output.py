@@ -3,23 +3,24 @@
 Builds kohya's ss_* / modelspec metadata from the run's settings, picks a name that is unique per
 run (LoraLoader caches by path, so a rewritten path would serve stale weights) and writes atomically.
 """
+
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from ..network.metadata import build_metadata, kohya_bucket_info, tag_frequency
-from ..network.file_names import safe_relative_name, unique_lora_path
-from ..network.safetensors_file import save_lora
-from ..network.lora import LoRANetwork
-from ..network.config import NetworkConfig
-from .optimizers import optimizer_metadata_name
 from ..data.dataset import TrainingDataset
+from ..network.config import NetworkConfig
+from ..network.file_names import safe_relative_name, unique_lora_path
+from ..network.lora import LoRANetwork
+from ..network.metadata import build_metadata, kohya_bucket_info, tag_frequency
+from ..network.safetensors_file import save_lora
+from .optimizers import optimizer_metadata_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -27,6 +28,7 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 @dataclass(frozen=True)
 class OutputSettings:
     """Where the LoRA goes. Checked when built, so a bad name fails before training, not after it."""
+
     name: str = "sdxl_lora"
     subfolder: str = "sdxl_lora_trainer"
     save_precision: str = "fp16"
@@ -111,8 +113,9 @@ def network_metadata(config: NetworkConfig) -> dict[str, Any]:
     return meta
 
 
-def training_metadata(run: Any, optimizer: Any, steps_per_epoch: int, total_steps: int, started_at: float,
-                      output_name: str) -> dict[str, Any]:
+def training_metadata(
+    run: Any, optimizer: Any, steps_per_epoch: int, total_steps: int, started_at: float, output_name: str
+) -> dict[str, Any]:
     """``run`` is the TrainConfig."""
     return {
         "training_started_at": started_at,
@@ -149,13 +152,32 @@ def training_metadata(run: Any, optimizer: Any, steps_per_epoch: int, total_step
     }
 
 
-def save_run_lora(network: LoRANetwork, loras_root: str, out: OutputSettings, *, run_tag: str,
-                  training: dict, dataset: dict, network_meta: dict, step: int, epoch: int,
-                  prompt: Optional[dict] = None, extra_pnginfo: Optional[dict] = None,
-                  v_parameterization: bool = False) -> SavedLora:
+def save_run_lora(
+    network: LoRANetwork,
+    loras_root: str,
+    out: OutputSettings,
+    *,
+    run_tag: str,
+    training: dict,
+    dataset: dict,
+    network_meta: dict,
+    step: int,
+    epoch: int,
+    prompt: dict | None = None,
+    extra_pnginfo: dict | None = None,
+    v_parameterization: bool = False,
+) -> SavedLora:
     path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
-    meta = build_metadata(training, dataset, network_meta, step=step, epoch=epoch, prompt=prompt,
-                          extra_pnginfo=extra_pnginfo, title=out.name)
+    meta = build_metadata(
+        training,
+        dataset,
+        network_meta,
+        step=step,
+        epoch=epoch,
+        prompt=prompt,
+        extra_pnginfo=extra_pnginfo,
+        title=out.name,
+    )
     if v_parameterization:
         meta["ss_v_parameterization"] = "True"
     save_lora(network.state_dict_kohya(), path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)

@@ -18,6 +18,7 @@ optimizers this pack offers, re-implemented here (no sd-scripts code):
   optimizer_args for their built-in warmup), and so do we.
 * 8-bit optimizers come from bitsandbytes and need CUDA.
 """
+
 from __future__ import annotations
 
 import ast
@@ -26,8 +27,9 @@ import logging
 import math
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -131,7 +133,9 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
     if text is None:
         return {}
     if not isinstance(text, str):
-        raise OptimizerConfigError(f"optimizer_args must be a string like 'weight_decay=0.01 betas=0.9,0.999', got {text!r}")
+        raise OptimizerConfigError(
+            f"optimizer_args must be a string like 'weight_decay=0.01 betas=0.9,0.999', got {text!r}"
+        )
     stripped = text.strip(_SEPARATORS)
     if not stripped:
         return {}
@@ -151,7 +155,7 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
         match = _KEY_AT.match(token)
         assert match is not None  # guaranteed by _find_pair_starts
         key = match.group(1)
-        raw = token[match.end():].strip(_SEPARATORS)
+        raw = token[match.end() :].strip(_SEPARATORS)
         if not raw:
             raise OptimizerConfigError(f"optimizer_args: {token!r} has no value after '='")
         if _unbalanced(raw):
@@ -257,7 +261,7 @@ def _import_optional(module: str, pip_name: str, optimizer_type: str) -> Any:
         raise OptimizerUnavailableError(
             f"{optimizer_type} needs the '{pip_name}' package, which is not installed in this Python "
             f"({sys.executable}). pip install {pip_name} into ComfyUI's Python: "
-            f"\"{sys.executable}\" -m pip install {pip_name}"
+            f'"{sys.executable}" -m pip install {pip_name}'
         ) from exc
 
 
@@ -274,7 +278,7 @@ def _bitsandbytes_class(optimizer_type: str) -> type:
         raise OptimizerUnavailableError(
             f"{optimizer_type} needs the 'bitsandbytes' package, which could not be imported in this Python "
             f"({sys.executable}): {exc}. pip install bitsandbytes into ComfyUI's Python: "
-            f"\"{sys.executable}\" -m pip install bitsandbytes (or choose {_NON_CUDA_CHOICES})."
+            f'"{sys.executable}" -m pip install bitsandbytes (or choose {_NON_CUDA_CHOICES}).'
         ) from exc
     cls = getattr(getattr(bnb, "optim", None), _EIGHT_BIT[optimizer_type], None)
     if cls is None:
@@ -298,7 +302,9 @@ def _optimizer_class(optimizer_type: str) -> type:
         return _import_optional("transformers.optimization", "transformers", optimizer_type).Adafactor
     if optimizer_type == "AdamWScheduleFree":
         return _import_optional("schedulefree", "schedulefree", optimizer_type).AdamWScheduleFree
-    raise OptimizerConfigError(f"unknown optimizer_type {optimizer_type!r}; choose one of: {', '.join(OPTIMIZER_TYPES)}")
+    raise OptimizerConfigError(
+        f"unknown optimizer_type {optimizer_type!r}; choose one of: {', '.join(OPTIMIZER_TYPES)}"
+    )
 
 
 def _materialize_params(param_groups: Iterable[Any]) -> list[Any]:

@@ -4,6 +4,7 @@ Rendered from inside the training context (the LoRA hooks are attached, so the M
 the LoRA as it is at that step), with dropout off and the global RNG restored afterwards, so taking
 previews never changes what is trained.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from typing import Any
 
 import torch
 
-from ..comfyui import encoders as comfy_encoders, training as comfy_training, sampling as comfy_sampling
+from ..comfyui import encoders as comfy_encoders
+from ..comfyui import sampling as comfy_sampling
+from ..comfyui import training as comfy_training
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,22 @@ class PreviewRenderer:
                     negative = comfy_encoders.encode_conditioning(training_clip, s.negative)
                 else:
                     positive, negative = self.positive, self.negative
-                out = [comfy_sampling.sample_image(model, self.vae, pos, negative, width=s.width, height=s.height,
-                                         seed=s.seed + i, steps=s.steps, cfg=s.cfg, sampler_name=s.sampler_name,
-                                         scheduler=s.scheduler) for i, pos in enumerate(positive)]
+                out = [
+                    comfy_sampling.sample_image(
+                        model,
+                        self.vae,
+                        pos,
+                        negative,
+                        width=s.width,
+                        height=s.height,
+                        seed=s.seed + i,
+                        steps=s.steps,
+                        cfg=s.cfg,
+                        sampler_name=s.sampler_name,
+                        scheduler=s.scheduler,
+                    )
+                    for i, pos in enumerate(positive)
+                ]
         finally:
             network.train(was_training)
             comfy_training.load_for_training(model)  # decoding may have evicted the U-Net on a small GPU

@@ -6,6 +6,7 @@ state, the loop's Python RNG state and loss history, and a fingerprint of the ru
 must not change on resume). Both are written atomically, tensors first, so a folder is either the
 old state or the new one.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -80,8 +81,16 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": _from_json(meta["param_groups"])}
 
 
-def save_state(folder: str | os.PathLike, *, network: dict[str, torch.Tensor], optimizer: dict,
-               scheduler: Optional[dict], scaler: Optional[dict], loop: LoopState, fingerprint: dict) -> Path:
+def save_state(
+    folder: str | os.PathLike,
+    *,
+    network: dict[str, torch.Tensor],
+    optimizer: dict,
+    scheduler: dict | None,
+    scaler: dict | None,
+    loop: LoopState,
+    fingerprint: dict,
+) -> Path:
     """Write the state folder atomically (each file via temp + rename; tensors first)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,15 +100,20 @@ def save_state(folder: str | os.PathLike, *, network: dict[str, torch.Tensor], o
     for name, t in loop.tensors().items():
         if t is not None:
             tensors[f"rng.{name}"] = t
-    meta = {"format": STATE_FORMAT, "fingerprint": fingerprint, "optimizer": opt_meta,
-            "scheduler": _json_value(_scheduler_state(scheduler)), "scaler": _json_value(scaler),
-            "loop": loop.to_json()}
+    meta = {
+        "format": STATE_FORMAT,
+        "fingerprint": fingerprint,
+        "optimizer": opt_meta,
+        "scheduler": _json_value(_scheduler_state(scheduler)),
+        "scaler": _json_value(scaler),
+        "loop": loop.to_json(),
+    }
     _atomic(out / TENSORS, lambda p: save_file(tensors, p))
     _atomic(out / META, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return out
 
 
-def _scheduler_state(state: Optional[dict]) -> Optional[dict]:
+def _scheduler_state(state: dict | None) -> dict | None:
     """LambdaLR keeps plain functions as None in its state dict; anything else callable is dropped."""
     if state is None:
         return None
@@ -120,13 +134,15 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def load_state(folder: str | os.PathLike, fingerprint: Optional[dict] = None) -> dict:
+def load_state(folder: str | os.PathLike, fingerprint: dict | None = None) -> dict:
     """Read a state folder; with ``fingerprint`` refuse a state written for other run settings."""
     root = Path(folder)
     meta_path, tensor_path = root / META, root / TENSORS
     if not meta_path.is_file() or not tensor_path.is_file():
-        raise StateError(f"{root} is not a training state folder (it needs {META} and {TENSORS}); pick the "
-                         "folder a previous run saved its state to.")
+        raise StateError(
+            f"{root} is not a training state folder (it needs {META} and {TENSORS}); pick the "
+            "folder a previous run saved its state to."
+        )
     try:
         meta = json.loads(meta_path.read_text())
         tensors = load_file(str(tensor_path))
@@ -135,12 +151,22 @@ def load_state(folder: str | os.PathLike, fingerprint: Optional[dict] = None) ->
     if meta.get("format") != STATE_FORMAT:
         raise StateError(f"{root}: unknown state format {meta.get('format')!r}")
     if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-        diff = sorted(k for k in set(fingerprint) | set(meta.get("fingerprint", {}))
-                      if fingerprint.get(k) != meta.get("fingerprint", {}).get(k))
-        raise StateError(f"{root} was saved by a run with different settings ({', '.join(diff)}); resuming "
-                         "needs the same dataset, network and training settings (only max steps may grow).")
-    network = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
-    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+        diff = sorted(
+            k
+            for k in set(fingerprint) | set(meta.get("fingerprint", {}))
+            if fingerprint.get(k) != meta.get("fingerprint", {}).get(k)
+        )
+        raise StateError(
+            f"{root} was saved by a run with different settings ({', '.join(diff)}); resuming "
+            "needs the same dataset, network and training settings (only max steps may grow)."
+        )
+    network = {k[len("network.") :]: v for k, v in tensors.items() if k.startswith("network.")}
+    rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
     loop = LoopState.from_saved(meta["loop"], rng)
-    return {"network": network, "optimizer": join_optimizer_state(tensors, meta["optimizer"]),
-            "scheduler": _from_json(meta["scheduler"]), "scaler": _from_json(meta["scaler"]), "loop": loop}
+    return {
+        "network": network,
+        "optimizer": join_optimizer_state(tensors, meta["optimizer"]),
+        "scheduler": _from_json(meta["scheduler"]),
+        "scaler": _from_json(meta["scaler"]),
+        "loop": loop,
+    }

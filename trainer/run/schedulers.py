@@ -11,12 +11,14 @@ process, so the equivalent is: step the scheduler exactly once per optimizer ste
 ``max_train_steps`` optimizer steps in total. A fractional warmup (``0 < w < 1``) is ``int(w * max_train_steps)``
 (truncated, as kohya does: 0.29 of 100 gives 28).
 """
+
 from __future__ import annotations
 
 import math
 from typing import Any, Protocol
 
 import torch
+
 from .optimizers import OptimizerConfigError, is_schedule_free, logger
 
 # lr_scheduler names (kohya/transformers spelling); "adafactor" is only valid with a relative_step Adafactor.
@@ -126,9 +128,7 @@ def build_scheduler(
 
     if _is_relative_step_adafactor(optimizer) or name == "adafactor":
         if not _is_relative_step_adafactor(optimizer):
-            raise OptimizerConfigError(
-                "lr_scheduler 'adafactor' needs the Adafactor optimizer with relative_step=True"
-            )
+            raise OptimizerConfigError("lr_scheduler 'adafactor' needs the Adafactor optimizer with relative_step=True")
         if name != "adafactor":
             logger.info("Adafactor relative_step: using AdafactorSchedule instead of %r", name)
         if num_warmup != 0:

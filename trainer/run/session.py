@@ -6,25 +6,31 @@ the math lives in objective/loop/noise/loss modules. The run happens inside
 frozen weights made trainable-through, LoRA hooks attached and gradient checkpointing on, all of
 which are undone on exit, also on error or cancel.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
-from ..comfyui import kernels as comfy_kernels, models as comfy_models, encoders as comfy_encoders, training as comfy_training, services as comfy_services
-from .batch_loader import CachedBatchSource, LatentSource, TextSource
-from ..network.lora import LoRANetwork
+from ..comfyui import encoders as comfy_encoders
+from ..comfyui import kernels as comfy_kernels
+from ..comfyui import models as comfy_models
+from ..comfyui import services as comfy_services
+from ..comfyui import training as comfy_training
+from ..data.dataset import TrainingDataset
 from ..network.config import NetworkConfig
-from .loop import LoopHooks, LoopSettings, LoopState, StepRecord, run
+from ..network.lora import LoRANetwork
+from ..objective.ddpm_schedule import DDPMSchedule
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
-from ..objective.ddpm_schedule import DDPMSchedule
+from .batch_loader import CachedBatchSource, LatentSource, TextSource
+from .loop import LoopHooks, LoopSettings, LoopState, StepRecord, run
 from .optimizers import OptimizerSettings, build_optimizer, optimizer_eval_mode
 from .schedulers import build_scheduler
-from ..data.dataset import TrainingDataset
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_DTYPES = ("auto", *DTYPES)  # auto: what the training device computes well (comfyui/training.resolve_train_dtype)
@@ -37,9 +43,9 @@ class TrainConfig:
     max_train_steps: int = 1600
     max_train_epochs: int = 0  # > 0 overrides max_train_steps, as in kohya
     learning_rate: float = 1e-4
-    unet_lr: Optional[float] = None
-    text_encoder_lr1: Optional[float] = None  # CLIP-L (lora_te1)
-    text_encoder_lr2: Optional[float] = None  # CLIP-G (lora_te2)
+    unet_lr: float | None = None
+    text_encoder_lr1: float | None = None  # CLIP-L (lora_te1)
+    text_encoder_lr2: float | None = None  # CLIP-G (lora_te2)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     lr_scheduler: str = "constant"
     lr_warmup_steps: float = 0
@@ -47,14 +53,14 @@ class TrainConfig:
     lr_scheduler_power: float = 1.0
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    scale_weight_norms: Optional[float] = None
+    scale_weight_norms: float | None = None
     seed: int = 42
     train_dtype: str = "fp32"  # or "auto"
     full_bf16: bool = False
     gradient_checkpointing: bool = True
-    loraplus_lr_ratio: Optional[float] = None
-    loraplus_unet_lr_ratio: Optional[float] = None
-    loraplus_text_encoder_lr_ratio: Optional[float] = None
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
     loss: LossSettings = field(default_factory=LossSettings)
     noise: NoiseSettings = field(default_factory=NoiseSettings)
 
@@ -101,8 +107,9 @@ class ComfyDenoiser:
         self.latent_scale = comfy_models.latent_scale_factor(model)
         self.device = model.load_device
 
-    def __call__(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                 y: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         comfy_training.load_for_training(self.model)
         return comfy_models.unet_forward(self.model, noisy_latents, timesteps, context, y, self.dtype)
 
@@ -132,8 +139,9 @@ def _normal_tensors(obj: Any) -> Any:
     return obj
 
 
-def build_network(model: Any, clip: Any, config: NetworkConfig, seed: int,
-                  initial_weights: Optional[dict[str, torch.Tensor]] = None) -> Any:
+def build_network(
+    model: Any, clip: Any, config: NetworkConfig, seed: int, initial_weights: dict[str, torch.Tensor] | None = None
+) -> Any:
     """kohya's LoRANetwork for algo "lora", LyCORIS's LoHa/LoKr (trainer/network/lycoris.py) otherwise; both have
     the same interface (attach, param_groups, state_dict_kohya, load_kohya, apply_max_norm)."""
     unet = comfy_models.diffusion_model(model)
@@ -141,27 +149,38 @@ def build_network(model: Any, clip: Any, config: NetworkConfig, seed: int,
     if config.train_te1 or config.train_te2:
         if clip is None:
             raise ValueError("Training the text encoders needs the CLIP input connected.")
-        l, g = comfy_models.text_encoders(clip)
-        te1 = l if config.train_te1 else None
-        te2 = g if config.train_te2 else None
+        clip_l, clip_g = comfy_models.text_encoders(clip)
+        te1 = clip_l if config.train_te1 else None
+        te2 = clip_g if config.train_te2 else None
     if config.algo == "lora":
         network_cls = LoRANetwork
     else:
         from ..network.lycoris import LycorisNetwork
 
         network_cls = LycorisNetwork
-    network = network_cls.build(unet if config.train_unet else None, te1, te2, config,
-                                generator=torch.Generator().manual_seed(seed))
+    network = network_cls.build(
+        unet if config.train_unet else None, te1, te2, config, generator=torch.Generator().manual_seed(seed)
+    )
     if initial_weights is not None:
         network.load_kohya(initial_weights)
     return network
 
 
-def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource, text: Optional[TextSource],
-          network_config: NetworkConfig, config: TrainConfig, *, initial_weights: Optional[dict] = None,
-          resume: Optional[dict] = None, should_stop: Callable[[], bool] = lambda: False,
-          on_step: Callable[[StepRecord, int, "TrainResult"], None] = lambda r, t, res: None,
-          on_finish: Optional[Callable[["TrainResult"], Any]] = None) -> TrainResult:
+def train(
+    model: Any,
+    clip: Any,
+    dataset: TrainingDataset,
+    latents: LatentSource,
+    text: TextSource | None,
+    network_config: NetworkConfig,
+    config: TrainConfig,
+    *,
+    initial_weights: dict | None = None,
+    resume: dict | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_step: Callable[[StepRecord, int, TrainResult], None] = lambda r, t, res: None,
+    on_finish: Callable[[TrainResult], Any] | None = None,
+) -> TrainResult:
     """Train a LoRA on ``model`` (and ``clip``). ``resume`` = trainer/run/resume_state.load_state output.
 
     ``on_step(record, total, result)`` runs after every optimizer step inside the training context
@@ -187,8 +206,10 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
             torch.cuda.reset_peak_memory_stats(device)  # the report gives this run's peak
         train_dtype = comfy_training.resolve_train_dtype(config.train_dtype, device)
         if config.full_bf16 and train_dtype != "bf16":
-            raise ValueError(f"full_bf16 needs bf16; train_dtype auto chose {train_dtype} for {device}. Set "
-                             "train_dtype to bf16 explicitly, or turn full_bf16 off.")
+            raise ValueError(
+                f"full_bf16 needs bf16; train_dtype auto chose {train_dtype} for {device}. Set "
+                "train_dtype to bf16 explicitly, or turn full_bf16 off."
+            )
         dtype = DTYPES[train_dtype]
         network = build_network(models.model, models.clip, network_config, config.seed, initial_weights)
         network.to(device, torch.bfloat16 if config.full_bf16 else torch.float32)
@@ -198,12 +219,20 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
             unet_lr=config.unet_lr if config.unet_lr is not None else lr,
             te1_lr=config.text_encoder_lr1 if config.text_encoder_lr1 is not None else lr,
             te2_lr=config.text_encoder_lr2 if config.text_encoder_lr2 is not None else lr,
-            loraplus_lr_ratio=config.loraplus_lr_ratio, loraplus_unet_lr_ratio=config.loraplus_unet_lr_ratio,
-            loraplus_text_encoder_lr_ratio=config.loraplus_text_encoder_lr_ratio)
+            loraplus_lr_ratio=config.loraplus_lr_ratio,
+            loraplus_unet_lr_ratio=config.loraplus_unet_lr_ratio,
+            loraplus_text_encoder_lr_ratio=config.loraplus_text_encoder_lr_ratio,
+        )
         optimizer = build_optimizer(groups, replace(config.optimizer, learning_rate=lr))
-        scheduler = build_scheduler(optimizer, config.lr_scheduler, max_train_steps=total,
-                                    warmup_steps=config.lr_warmup_steps, num_cycles=config.lr_scheduler_num_cycles,
-                                    power=config.lr_scheduler_power, initial_lr=lr)
+        scheduler = build_scheduler(
+            optimizer,
+            config.lr_scheduler,
+            max_train_steps=total,
+            warmup_steps=config.lr_warmup_steps,
+            num_cycles=config.lr_scheduler_num_cycles,
+            power=config.lr_scheduler_power,
+            initial_lr=lr,
+        )
         scaler = torch.amp.GradScaler(device.type) if train_dtype == "fp16" else None
         state = None
         if resume is not None:
@@ -218,18 +247,28 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
 
         needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
         encoder = live_text_encoder(models.clip, with_grad=train_te) if clip is not None else None
-        source = CachedBatchSource(dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te,
-                                   device=device)
+        source = CachedBatchSource(
+            dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te, device=device
+        )
         if not needs_clip:
             comfy_training.free_other_models()
         comfy_training.load_for_training(models.model)
         unet = comfy_models.diffusion_model(models.model)
         text_encoders = list(comfy_models.text_encoders(models.clip)) if train_te else []
         params = [p for g in groups for p in g["params"]]
-        result = TrainResult(network=network, state=state if state is not None else LoopState(), models=models,
-                             total_steps=total, steps_per_epoch=steps_per_epoch,
-                             prediction_type=comfy_models.prediction_type(model), optimizer=optimizer, scheduler=scheduler,
-                             scaler=scaler, group_names=group_names, train_dtype=train_dtype)
+        result = TrainResult(
+            network=network,
+            state=state if state is not None else LoopState(),
+            models=models,
+            total_steps=total,
+            steps_per_epoch=steps_per_epoch,
+            prediction_type=comfy_models.prediction_type(model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            group_names=group_names,
+            train_dtype=train_dtype,
+        )
         with contextlib.ExitStack() as stack:
             stack.enter_context(comfy_training.training_flag())
             kernel = stack.enter_context(comfy_kernels.differentiable_attention())
@@ -244,22 +283,40 @@ def train(model: Any, clip: Any, dataset: TrainingDataset, latents: LatentSource
             result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
             try:
                 result.state = run(
-                    ComfyDenoiser(models.model, dtype), source, params, optimizer, scheduler,
-                    LoopSettings(max_train_steps=total, gradient_accumulation_steps=config.gradient_accumulation_steps,
-                                 max_grad_norm=config.max_grad_norm, scale_weight_norms=config.scale_weight_norms,
-                                 seed=config.seed),
-                    schedule, config.noise, loss_settings, state=result.state,
-                    hooks=LoopHooks(should_stop=should_stop, on_step=lambda rec, tot, st: on_step(rec, tot, result),
-                                    is_cancel=comfy_services.is_interrupt),
-                    max_norm=network.apply_max_norm, scaler=scaler)
+                    ComfyDenoiser(models.model, dtype),
+                    source,
+                    params,
+                    optimizer,
+                    scheduler,
+                    LoopSettings(
+                        max_train_steps=total,
+                        gradient_accumulation_steps=config.gradient_accumulation_steps,
+                        max_grad_norm=config.max_grad_norm,
+                        scale_weight_norms=config.scale_weight_norms,
+                        seed=config.seed,
+                    ),
+                    schedule,
+                    config.noise,
+                    loss_settings,
+                    state=result.state,
+                    hooks=LoopHooks(
+                        should_stop=should_stop,
+                        on_step=lambda rec, tot, st: on_step(rec, tot, result),
+                        is_cancel=comfy_services.is_interrupt,
+                    ),
+                    max_norm=network.apply_max_norm,
+                    scaler=scaler,
+                )
                 if on_finish is not None and not result.state.interrupted:
                     on_finish(result)
             finally:
                 optimizer_eval_mode(optimizer)
         network.eval()
         if device.type == "cuda":
-            result.notes.append(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
-                                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
+            result.notes.append(
+                f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved"
+            )
         finite = torch.stack([p.detach().float().abs().max() for p in params]).isfinite().all()
         if not bool(finite.cpu()):
             raise RuntimeError("The LoRA weights are not finite after training; nothing was saved.")

@@ -3,6 +3,7 @@
 Every invalidation case counts real VAE calls (ENCODER_CALLS) with batch size 1, so "re-encodes
 exactly the changed items" is checked as an equality, never as "at least".
 """
+
 from __future__ import annotations
 
 import shutil
@@ -12,14 +13,14 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from sdxl_lora_trainer.trainer.cache import stores, fingerprints
+from sdxl_lora_trainer.trainer.cache import fingerprints, stores
 from sdxl_lora_trainer.trainer.cache import latents as lc
-from sdxl_lora_trainer.trainer.data.buckets import BucketSettings, resize_and_crop
-from sdxl_lora_trainer.trainer.cache.stores import ENCODER_CALLS, MemoryStore
-from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
-from sdxl_lora_trainer.trainer.data.sources import items_from_images, scan_folder
 from sdxl_lora_trainer.trainer.cache.latents import LatentCache, LatentCacheError, NonFiniteLatentError, check_cacheable
+from sdxl_lora_trainer.trainer.cache.stores import ENCODER_CALLS, MemoryStore
+from sdxl_lora_trainer.trainer.data.buckets import BucketSettings, resize_and_crop
+from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
 from sdxl_lora_trainer.trainer.data.dataset import bucket_images, training_dataset
+from sdxl_lora_trainer.trainer.data.sources import items_from_images, scan_folder
 
 # (file name, (W, H), seed, caption); two buckets at resolution 128 / step 64
 IMAGES = [
@@ -88,6 +89,7 @@ def folder(tmp_path):
 
 # -- correctness ---------------------------------------------------------------------------------
 
+
 def test_cached_latents_equal_direct_vae_encode(vae, store, folder):
     ds = _dataset(folder, flip=True)
     with Calls() as calls:
@@ -112,8 +114,12 @@ def test_batched_encode_matches_direct_batch_encode(vae, store, tmp_path):
     with Calls() as calls:
         cache = LatentCache.build(ds, vae, batch_size=3, store=store)
     assert calls.n == 1 and cache.stats.encoded == 3
-    px = torch.stack([torch.from_numpy(np.array(resize_and_crop(img.item.load_rgb(), img.selection))
-                                       .astype(np.float32) / 255.0) for img in ds.images])
+    px = torch.stack(
+        [
+            torch.from_numpy(np.array(resize_and_crop(img.item.load_rgb(), img.selection)).astype(np.float32) / 255.0)
+            for img in ds.images
+        ]
+    )
     with torch.inference_mode():
         ref = vae.encode(px)
     for i in range(3):
@@ -134,7 +140,9 @@ def test_batches_never_mix_buckets_and_respect_batch_size(vae, store, folder, mo
 
     monkeypatch.setattr(lc.comfy_encoders, "encode_pixels", spy)
     LatentCache.build(ds, vae, batch_size=3, store=store)
-    expected = sorted((b[1], b[0], k) for (b, n) in buckets.items() for k in [3] * (n // 3) + ([n % 3] if n % 3 else []))
+    expected = sorted(
+        (b[1], b[0], k) for (b, n) in buckets.items() for k in [3] * (n // 3) + ([n % 3] if n % 3 else [])
+    )
     assert sorted((s[1], s[2], s[0]) for s in seen) == expected
 
 
@@ -144,8 +152,9 @@ def test_in_graph_images_are_keyed_by_pixels(vae, store):
 
     def ds_of(a):
         scan = items_from_images([Image.fromarray(a)], "cap")
-        part = bucket_images(scan, BucketSettings(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256),
-                             1, CaptionOptions())
+        part = bucket_images(
+            scan, BucketSettings(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256), 1, CaptionOptions()
+        )
         return training_dataset([part], [scan])
 
     first = LatentCache.build(ds_of(arr), vae, store=store)
@@ -161,6 +170,7 @@ def test_in_graph_images_are_keyed_by_pixels(vae, store):
 
 
 # -- re-use and invalidation ---------------------------------------------------------------------
+
 
 def test_second_build_does_no_vae_work(vae, store, folder):
     ds = _dataset(folder, flip=True)
@@ -221,9 +231,12 @@ def test_changed_bucket_settings_reencode_exactly_the_changed_images(vae, store,
     before = _dataset(folder, step=64)
     LatentCache.build(before, vae, store=store)
     after = _dataset(folder, step=32)
-    changed = [a.key for a, b in zip(before.images, after.images)
-               if (a.selection.bucket, a.selection.resized_size, a.selection.crop_offset)
-               != (b.selection.bucket, b.selection.resized_size, b.selection.crop_offset)]
+    changed = [
+        a.key
+        for a, b in zip(before.images, after.images)
+        if (a.selection.bucket, a.selection.resized_size, a.selection.crop_offset)
+        != (b.selection.bucket, b.selection.resized_size, b.selection.crop_offset)
+    ]
     assert 0 < len(changed) < len(before.images)  # a partial change, so the count below means something
     with Calls() as calls:
         cache = LatentCache.build(after, vae, store=store)
@@ -273,6 +286,7 @@ def test_vae_fingerprint_is_memoised_per_model_object(vae):
 
 # -- disk ----------------------------------------------------------------------------------------
 
+
 def test_disk_cache_survives_a_restart(vae, folder, tmp_path):
     disk = tmp_path / "latent_cache"
     ds = _dataset(folder, flip=True)
@@ -284,7 +298,9 @@ def test_disk_cache_survives_a_restart(vae, folder, tmp_path):
         again = LatentCache.build(_dataset(folder, flip=True), vae, disk_dir=str(disk), store=MemoryStore(256))
     assert calls.n == 0 and again.stats.from_disk == 2 * len(IMAGES) and again.warnings == []
     for i in range(len(IMAGES)):
-        assert torch.equal(again.latent(i), first.latent(i)) and torch.equal(again.latent(i, True), first.latent(i, True))
+        assert torch.equal(again.latent(i), first.latent(i)) and torch.equal(
+            again.latent(i, True), first.latent(i, True)
+        )
 
 
 def test_corrupted_and_truncated_disk_files_are_rebuilt_with_a_warning(vae, folder, tmp_path):
@@ -324,13 +340,18 @@ def test_unwritable_disk_folder_falls_back_to_memory(vae, store, folder, tmp_pat
 
 # -- precision and refusals ----------------------------------------------------------------------
 
+
 def _bf16_vae():
     import comfy.sd
     import tiny_sdxl
 
     ref = tiny_sdxl.make_vae(seed=2)
-    return comfy.sd.VAE(sd=ref.first_stage_model.state_dict(), config=tiny_sdxl.VAE_CONFIG,
-                        device=torch.device("cpu"), dtype=torch.bfloat16)
+    return comfy.sd.VAE(
+        sd=ref.first_stage_model.state_dict(),
+        config=tiny_sdxl.VAE_CONFIG,
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+    )
 
 
 def test_nan_latent_names_the_image_and_suggests_float32(store, folder, monkeypatch):
@@ -358,8 +379,9 @@ def test_inf_latent_is_refused_too(store, folder, monkeypatch, tiny):
     import tiny_sdxl
 
     vae = tiny_sdxl.make_vae(seed=2)
-    monkeypatch.setattr(vae, "encode", lambda px: torch.full((px.shape[0], 4, px.shape[1] // 8, px.shape[2] // 8),
-                                                            float("inf")))
+    monkeypatch.setattr(
+        vae, "encode", lambda px: torch.full((px.shape[0], 4, px.shape[1] // 8, px.shape[2] // 8), float("inf"))
+    )
     with pytest.raises(NonFiniteLatentError, match="already ran in float32"):
         LatentCache.build(_dataset(folder), vae, store=store)
 
@@ -372,7 +394,8 @@ def test_float32_vae_option(store, folder):
     params = {n: (p.dtype, p.data_ptr()) for n, p in vae.first_stage_model.named_parameters()}
     seen_dtypes = set()
     spy = vae.first_stage_model.encoder.conv_in.register_forward_pre_hook(
-        lambda m, args: seen_dtypes.add((m.weight.dtype, args[0].dtype)))
+        lambda m, args: seen_dtypes.add((m.weight.dtype, args[0].dtype))
+    )
     try:
         cache = LatentCache.build(ds, vae, float32_vae=True, store=store)
     finally:
@@ -413,6 +436,7 @@ def test_invalid_batch_size(vae, store, folder, bad):
 
 
 # -- access and report ---------------------------------------------------------------------------
+
 
 def test_latent_lookup_by_index_key_and_image(vae, store, folder):
     ds = _dataset(folder)

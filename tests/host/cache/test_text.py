@@ -4,6 +4,7 @@ The reference for every cached encoding is what CLIPTextEncode computes for the 
 ``clip.encode_from_tokens(clip.tokenize(escaped), return_pooled=True)``. Encoder work is counted
 with ENCODER_CALLS['clip'] (one call per caption), so invalidation is checked as an exact count.
 """
+
 from __future__ import annotations
 
 import random
@@ -14,14 +15,14 @@ import torch
 from PIL import Image
 
 from sdxl_lora_trainer.trainer.cache import fingerprints
-from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders
 from sdxl_lora_trainer.trainer.cache import text as tc
-from sdxl_lora_trainer.trainer.data.buckets import BucketSettings
 from sdxl_lora_trainer.trainer.cache.stores import ENCODER_CALLS, MemoryStore
-from sdxl_lora_trainer.trainer.data.captions import CaptionOptions, escape_for_comfy_tokenizer, process_caption
-from sdxl_lora_trainer.trainer.data.sources import items_from_images, scan_folder
 from sdxl_lora_trainer.trainer.cache.text import LiveCaptionError, TextCache, encode_caption_live
+from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders
+from sdxl_lora_trainer.trainer.data.buckets import BucketSettings
+from sdxl_lora_trainer.trainer.data.captions import CaptionOptions, escape_for_comfy_tokenizer, process_caption
 from sdxl_lora_trainer.trainer.data.dataset import bucket_images, training_dataset
+from sdxl_lora_trainer.trainer.data.sources import items_from_images, scan_folder
 
 LONG = ", ".join(f"tag{i} word{i}" for i in range(60))  # well over 75 tokens: two or more chunks
 CAPTIONS = {
@@ -97,9 +98,11 @@ def folder(tmp_path):
 def _tiny_lora(strength_seed=0):
     g = torch.Generator().manual_seed(strength_seed)
     name = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
-    return {f"{name}.lora_up.weight": torch.randn(64, 4, generator=g),
-            f"{name}.lora_down.weight": torch.randn(4, 32, generator=g),
-            f"{name}.alpha": torch.tensor(4.0)}
+    return {
+        f"{name}.lora_up.weight": torch.randn(64, 4, generator=g),
+        f"{name}.lora_down.weight": torch.randn(4, 32, generator=g),
+        f"{name}.alpha": torch.tensor(4.0),
+    }
 
 
 def _with_lora(clip, strength=1.0, seed=0):
@@ -111,6 +114,7 @@ def _with_lora(clip, strength=1.0, seed=0):
 
 
 # -- correctness ---------------------------------------------------------------------------------
+
 
 def test_cached_encodings_equal_comfyui_clip_text_encode(clip, store, folder):
     ds = _dataset(folder)
@@ -163,6 +167,7 @@ def test_deterministic_captions_make_no_random_draw():
 
 # -- live captions -------------------------------------------------------------------------------
 
+
 def test_random_caption_options_make_images_live(clip, store, tmp_path):
     root = tmp_path / "kohya"
     _make_folder(root / "1_fixed", {"f1.png": "fixed one", "f2.png": "fixed two"})
@@ -195,6 +200,7 @@ def test_encode_caption_live_matches_clip_text_encode(clip):
 
 
 # -- re-use and invalidation ---------------------------------------------------------------------
+
 
 def test_second_build_does_no_clip_work(clip, store, folder):
     first = TextCache.build(_dataset(folder), clip, store=store)
@@ -297,6 +303,7 @@ def test_clip_fingerprint_is_memoised_per_model_object(clip):
 
 # -- disk ----------------------------------------------------------------------------------------
 
+
 def test_disk_cache_survives_a_restart(clip, folder, tmp_path):
     disk = tmp_path / "text_cache"
     first = TextCache.build(_dataset(folder), clip, disk_dir=str(disk), store=MemoryStore(64))
@@ -332,8 +339,9 @@ def test_nan_text_encoding_is_an_error(store, folder, monkeypatch):
     import tiny_sdxl
 
     clip = tiny_sdxl.make_clip(seed=1)
-    monkeypatch.setattr(comfy_encoders, "encode_text",
-                        lambda c, t: (torch.full((1, 77, 64), float("nan")), torch.zeros(1, 32)))
+    monkeypatch.setattr(
+        comfy_encoders, "encode_text", lambda c, t: (torch.full((1, 77, 64), float("nan")), torch.zeros(1, 32))
+    )
     with pytest.raises(tc.TextEncodingError, match="NaN"):
         TextCache.build(_dataset(folder), clip, store=store)
 

@@ -3,10 +3,10 @@
 kohya feeds captions to CLIP verbatim; ComfyUI parses A1111 weights first. After escaping, ComfyUI must see one
 segment of weight 1.0 whose text is the original caption, and produce the same token ids as the plain tokenizer.
 """
+
 from __future__ import annotations
 
 import pytest
-
 from comfy_host import import_comfy
 
 from sdxl_lora_trainer.trainer.data.captions import escape_for_comfy_tokenizer
@@ -36,7 +36,9 @@ def sd1_clip():
 
 def _parse(sd1_clip, text: str) -> list[tuple[str, float]]:
     """ComfyUI's weighting parse as tokenize_with_weights does it: escape, token_weights, unescape each segment."""
-    return [(sd1_clip.unescape_important(seg), w) for seg, w in sd1_clip.token_weights(sd1_clip.escape_important(text), 1.0)]
+    return [
+        (sd1_clip.unescape_important(seg), w) for seg, w in sd1_clip.token_weights(sd1_clip.escape_important(text), 1.0)
+    ]
 
 
 @pytest.mark.parametrize("caption", CAPTIONS)
@@ -74,4 +76,4 @@ def test_sdxl_tokens_equal_plain_tokenizer(sdxl_tokenizer, caption):
         ids = [t for t, _ in pairs]
         plain = tok.tokenizer(caption)["input_ids"]  # <start> ... <end>, what kohya's CLIP tokenizer yields
         assert ids[: len(plain)] == plain
-        assert all(t == tok.pad_token for t in ids[len(plain):])
+        assert all(t == tok.pad_token for t in ids[len(plain) :])

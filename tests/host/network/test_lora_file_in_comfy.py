@@ -1,4 +1,6 @@
-"""A LoRA written by trainer/network (file_names, safetensors_file, metadata) is listed by ComfyUI at once, under the returned name, and LoraLoader loads it."""
+"""A LoRA written by trainer/network (file_names, safetensors_file, metadata) is listed by ComfyUI at once, under
+the returned name, and LoraLoader loads it."""
+
 from __future__ import annotations
 
 import logging
@@ -7,14 +9,14 @@ import os
 import comfy.lora
 import comfy.utils
 import folder_paths
+import nodes
 import pytest
 import torch
+
 from sdxl_lora_trainer.trainer.network import safetensors_file
+from sdxl_lora_trainer.trainer.network.file_names import unique_lora_path
 from sdxl_lora_trainer.trainer.network.metadata import build_metadata
 from sdxl_lora_trainer.trainer.network.safetensors_file import read_lora, save_lora
-from sdxl_lora_trainer.trainer.network.file_names import unique_lora_path
-
-import nodes
 
 UNET_MODULES = ("lora_unet_input_blocks_4_1_proj_in", "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q")
 TE_MODULES = ("lora_te1_text_model_encoder_layers_0_self_attn_k_proj", "lora_te2_text_model_encoder_layers_0_mlp_fc1")
@@ -54,10 +56,21 @@ def _kohya_lora(model, clip, seed: int = 0) -> tuple[dict[str, torch.Tensor], di
 
 def _metadata(prompt=None, workflow=None) -> dict[str, str]:
     return build_metadata(
-        {"learning_rate": 1e-4, "max_train_steps": 10, "num_epochs": 1, "num_batches_per_epoch": 10,
-         "optimizer": "torch.optim.adamw.AdamW", "seed": 0, "output_name": "tiny"},
-        {"num_train_images": 10, "resolution": 1024, "dataset_dirs": {"10_x": {"n_repeats": 10, "img_count": 1}},
-         "tag_frequency": {"10_x": {"x": 1}}},
+        {
+            "learning_rate": 1e-4,
+            "max_train_steps": 10,
+            "num_epochs": 1,
+            "num_batches_per_epoch": 10,
+            "optimizer": "torch.optim.adamw.AdamW",
+            "seed": 0,
+            "output_name": "tiny",
+        },
+        {
+            "num_train_images": 10,
+            "resolution": 1024,
+            "dataset_dirs": {"10_x": {"n_repeats": 10, "img_count": 1}},
+            "tag_frequency": {"10_x": {"x": 1}},
+        },
         {"dim": RANK, "alpha": ALPHA},
         step=10,
         epoch=1,

@@ -3,18 +3,18 @@ the same outputs as our network attached with hooks: key names AND the alpha/ran
 
 Runs on the tiny SDXL (ComfyUI's ModelPatcher / comfy.sd.CLIP); the shared fixture is restored bit-exactly.
 """
+
 from __future__ import annotations
 
 import logging
 
+import comfy.model_management
+import comfy.sd
 import pytest
 import torch
 
-import comfy.model_management
-import comfy.sd
-
-from sdxl_lora_trainer.trainer.network.lora import LoRANetwork
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.network.lora import LoRANetwork
 
 PROMPT = "a photo of a cat"
 
@@ -29,8 +29,9 @@ def unet_inputs(model, clip):
     g = torch.Generator().manual_seed(123)
     x = torch.randn(2, 4, 8, 12, generator=g)
     t = torch.tensor([3.0, 0.5])
-    y = model.model.encode_adm(pooled_output=pooled, width=96, height=64, crop_w=0, crop_h=0,
-                               target_width=96, target_height=64)
+    y = model.model.encode_adm(
+        pooled_output=pooled, width=96, height=64, crop_w=0, crop_h=0, target_width=96, target_height=64
+    )
     return x, t, cond.repeat(2, 1, 1), y.repeat(2, 1)
 
 
@@ -97,9 +98,9 @@ def test_kohya_file_loads_in_comfyui_and_matches_hooks(tiny, caplog):
     roots = parts(model, clip)
     snap = snapshot(*roots)
     net = make_network(model, clip)
-    kinds = {l.kind for l in net.loras}
+    kinds = {lora.kind for lora in net.loras}
     assert kinds == {"linear", "conv1x1", "conv3x3"} and net.te1_loras and net.te2_loras
-    assert {l.alpha.dtype for l in net.loras} == {torch.float32, torch.int64}
+    assert {lora.alpha.dtype for lora in net.loras} == {torch.float32, torch.int64}
 
     inputs = unet_inputs(model, clip)
     base_unet, (base_cond, base_pooled) = run_unet(model, inputs), run_clip(clip)
@@ -111,17 +112,24 @@ def test_kohya_file_loads_in_comfyui_and_matches_hooks(tiny, caplog):
     try:
         with caplog.at_level(logging.WARNING):
             new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
-        problems = [r.getMessage() for r in caplog.records
-                    if "not loaded" in r.getMessage().lower() or r.levelno >= logging.ERROR]
+        problems = [
+            r.getMessage()
+            for r in caplog.records
+            if "not loaded" in r.getMessage().lower() or r.levelno >= logging.ERROR
+        ]
         assert problems == []
         # every module became a patch on exactly the weight it was built on
         assert all(k.startswith("diffusion_model.") and k.endswith(".weight") for k in new_model.patches)
-        got_unet = {"lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_") for k in new_model.patches}
-        assert got_unet == {l.lora_name for l in net.unet_loras}
+        got_unet = {
+            "lora_unet_" + k[len("diffusion_model.") : -len(".weight")].replace(".", "_") for k in new_model.patches
+        }
+        assert got_unet == {lora.lora_name for lora in net.unet_loras}
         clip_paths = {"clip_l": "lora_te1", "clip_g": "lora_te2"}
-        got_clip = {clip_paths[k.split(".")[0]] + "_" + k[:-len(".weight")].split(".transformer.", 1)[1].replace(".", "_")
-                    for k in new_clip.patcher.patches}
-        assert got_clip == {l.lora_name for l in net.te1_loras + net.te2_loras}
+        got_clip = {
+            clip_paths[k.split(".")[0]] + "_" + k[: -len(".weight")].split(".transformer.", 1)[1].replace(".", "_")
+            for k in new_clip.patcher.patches
+        }
+        assert got_clip == {lora.lora_name for lora in net.te1_loras + net.te2_loras}
 
         comfy.model_management.load_models_gpu([new_model])
         got_unet_out = run_unet(new_model, inputs)
@@ -150,8 +158,9 @@ def test_training_through_hooks(tiny):
     unet = model.model.diffusion_model
 
     def network(**dropouts) -> LoRANetwork:
-        cfg = NetworkConfig(network_dim=4, network_alpha=2.0, conv_dim=3, conv_alpha=1.0, train_te1=False,
-                            train_te2=False, **dropouts)
+        cfg = NetworkConfig(
+            network_dim=4, network_alpha=2.0, conv_dim=3, conv_alpha=1.0, train_te1=False, train_te2=False, **dropouts
+        )
         net = LoRANetwork.build(unet, None, None, cfg, torch.Generator().manual_seed(0))
         with torch.no_grad():
             for lora in net.loras:
@@ -166,7 +175,7 @@ def test_training_through_hooks(tiny):
 
     net = network(dropout=0.1, rank_dropout=0.2)
     out = forward(net, 7)
-    params = [p for l in net.loras for p in (l.lora_down.weight, l.lora_up.weight)]
+    params = [p for lora in net.loras for p in (lora.lora_down.weight, lora.lora_up.weight)]
     grads = torch.autograd.grad(out.square().mean(), params)
     assert all(g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in unet.parameters())

@@ -3,23 +3,22 @@ key used and give the same outputs as our hooks, hooks leave the model bit-ident
 
 Same pattern as test_lora_loads_in_comfy.py; the shared fixture is restored bit-exactly.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 
-import pytest
-import torch
-
 import comfy.model_management
 import comfy.sd
-
+import pytest
+import torch
 import training_fixtures as tf
+from test_lora_loads_in_comfy import all_forward_hooks, parts, run_clip, run_unet, same_weights, snapshot, unet_inputs
+
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.network.lycoris import LycorisNetwork, is_lycoris_state_dict
 from sdxl_lora_trainer.trainer.run.session import TrainConfig
-
-from test_lora_loads_in_comfy import all_forward_hooks, parts, run_clip, run_unet, same_weights, snapshot, unet_inputs
 
 ALGOS = ["loha", "lokr"]
 WEIGHT_PREFIX = {"loha": "hada_", "lokr": "lokr_"}
@@ -83,22 +82,29 @@ def test_file_loads_in_comfyui_and_matches_hooks(tiny, caplog, algo):
 
     sd = net.state_dict_kohya()
     assert is_lycoris_state_dict(sd)
-    names = {l.lora_name for l in net.loras}
+    names = {lora.lora_name for lora in net.loras}
     for k in sd:
         name, weight = k.rsplit(".", 1)
         assert name in names and (weight == "alpha" or weight.startswith(WEIGHT_PREFIX[algo])), k
     try:
         with caplog.at_level(logging.WARNING):
             new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
-        problems = [r.getMessage() for r in caplog.records
-                    if "not loaded" in r.getMessage().lower() or r.levelno >= logging.ERROR]
+        problems = [
+            r.getMessage()
+            for r in caplog.records
+            if "not loaded" in r.getMessage().lower() or r.levelno >= logging.ERROR
+        ]
         assert problems == []
-        got_unet = {"lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_") for k in new_model.patches}
-        assert got_unet == {l.lora_name for l in net.unet_loras}
+        got_unet = {
+            "lora_unet_" + k[len("diffusion_model.") : -len(".weight")].replace(".", "_") for k in new_model.patches
+        }
+        assert got_unet == {lora.lora_name for lora in net.unet_loras}
         clip_paths = {"clip_l": "lora_te1", "clip_g": "lora_te2"}
-        got_clip = {clip_paths[k.split(".")[0]] + "_" + k[:-len(".weight")].split(".transformer.", 1)[1].replace(".", "_")
-                    for k in new_clip.patcher.patches}
-        assert got_clip == {l.lora_name for l in net.te1_loras + net.te2_loras}
+        got_clip = {
+            clip_paths[k.split(".")[0]] + "_" + k[: -len(".weight")].split(".transformer.", 1)[1].replace(".", "_")
+            for k in new_clip.patcher.patches
+        }
+        assert got_clip == {lora.lora_name for lora in net.te1_loras + net.te2_loras}
 
         comfy.model_management.load_models_gpu([new_model])
         got_unet_out = run_unet(new_model, inputs)
@@ -182,15 +188,18 @@ def test_lokr_factor_changes_the_factorisation(tiny):
 
 def test_loha_training_run_changes_weights():
     ds, lat, txt = tf.default_data()
-    net_cfg = NetworkConfig(network_dim=4, network_alpha=1.0, conv_dim=2, conv_alpha=1.0, train_te1=False,
-                            train_te2=False, algo="loha")
+    net_cfg = NetworkConfig(
+        network_dim=4, network_alpha=1.0, conv_dim=2, conv_alpha=1.0, train_te1=False, train_te2=False, algo="loha"
+    )
     result = tf.run_train(ds, lat, txt, net_cfg, TrainConfig(max_train_steps=2, learning_rate=1e-2, seed=3))
     assert isinstance(result.network, LycorisNetwork)
-    initial = LycorisNetwork.build(tf.inference_models()[0].model.diffusion_model, None, None, net_cfg,
-                                   torch.Generator().manual_seed(3)).state_dict_kohya()
+    initial = LycorisNetwork.build(
+        tf.inference_models()[0].model.diffusion_model, None, None, net_cfg, torch.Generator().manual_seed(3)
+    ).state_dict_kohya()
     trained = result.network.state_dict_kohya()
-    assert trained.keys() == initial.keys() and all(k.rsplit(".", 1)[1] in ("alpha", "hada_w1_a", "hada_w1_b",
-                                                                           "hada_w2_a", "hada_w2_b") for k in trained)
+    assert trained.keys() == initial.keys() and all(
+        k.rsplit(".", 1)[1] in ("alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") for k in trained
+    )
     assert all(math.isfinite(float(v.float().abs().max())) for v in trained.values())
     changed = [k for k in trained if not torch.equal(trained[k], initial[k])]
     assert any(k.endswith("hada_w2_a") for k in changed)  # zero at init, so the diff is now non-zero
@@ -200,9 +209,23 @@ def test_loha_training_run_changes_weights():
 def test_network_node_algo_and_start_from():
     from sdxl_lora_trainer.nodes.network_node import NetworkSettings
 
-    kw = dict(network_dim=4, network_alpha=2.0, conv_dim=0, conv_alpha=1.0, train_unet=True, train_clip_l=False,
-              train_clip_g=False, dropout=0.0, rank_dropout=0.0, module_dropout=0.0, block_dims="", block_alphas="",
-              conv_block_dims="", conv_block_alphas="", block_lr_weight="")
+    kw = {
+        "network_dim": 4,
+        "network_alpha": 2.0,
+        "conv_dim": 0,
+        "conv_alpha": 1.0,
+        "train_unet": True,
+        "train_clip_l": False,
+        "train_clip_g": False,
+        "dropout": 0.0,
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "block_dims": "",
+        "block_alphas": "",
+        "conv_block_dims": "",
+        "conv_block_alphas": "",
+        "block_lr_weight": "",
+    }
     out = NetworkSettings.execute(**kw, start_from="none", algo="lokr", lokr_factor=8)
     config = out.result[0]["config"]
     assert (config.algo, config.factor) == ("lokr", 8)
@@ -214,5 +237,10 @@ def test_metadata_names_lycoris():
     from sdxl_lora_trainer.trainer.run.lora_output import network_metadata
 
     assert network_metadata(NetworkConfig(algo="lokr", factor=4)) == {
-        "dim": 4, "alpha": 1.0, "dropout": None, "module": "lycoris.kohya", "args": {"algo": "lokr", "factor": 4}}
+        "dim": 4,
+        "alpha": 1.0,
+        "dropout": None,
+        "module": "lycoris.kohya",
+        "args": {"algo": "lokr", "factor": 4},
+    }
     assert "module" not in network_metadata(NetworkConfig())

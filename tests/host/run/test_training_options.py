@@ -6,6 +6,7 @@ it, so an engine that dropped the option could not pass. Optimizer-side options 
 they must do to the update (AdamW's first step moves each lora_up entry by ~lr, clipping bounds the
 gradient norm, max-norm bounds each module's weight norm, ...).
 """
+
 from __future__ import annotations
 
 import random
@@ -13,8 +14,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 import training_fixtures as tf
+
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
@@ -47,11 +48,11 @@ def nonzero_init():
 
 
 def ups(network) -> dict[str, torch.Tensor]:
-    return {l.lora_name: l.lora_up.weight.detach().clone() for l in network.loras}
+    return {lora.lora_name: lora.lora_up.weight.detach().clone() for lora in network.loras}
 
 
 def max_abs_up(network) -> float:
-    return max(l.lora_up.weight.detach().abs().max().item() for l in network.loras)
+    return max(lora.lora_up.weight.detach().abs().max().item() for lora in network.loras)
 
 
 def flat(grads: dict[str, torch.Tensor], suffix: str = "") -> torch.Tensor:
@@ -64,13 +65,21 @@ def flat(grads: dict[str, torch.Tensor], suffix: str = "") -> torch.Tensor:
 OPTION_CASES = {
     "loss_l1": (LossSettings(loss_type="l1"), LossSettings(), False),
     "loss_huber_snr": (LossSettings(loss_type="huber", huber_schedule="snr", huber_c=0.1), LossSettings(), False),
-    "loss_huber_exponential": (LossSettings(loss_type="huber", huber_schedule="exponential", huber_c=0.2,
-                                            huber_scale=1.5),
-                               LossSettings(loss_type="huber", huber_schedule="snr", huber_c=0.2), False),
-    "loss_huber_constant": (LossSettings(loss_type="huber", huber_schedule="constant", huber_c=0.3, huber_scale=2.0),
-                            LossSettings(loss_type="huber", huber_schedule="snr", huber_c=0.3), False),
-    "loss_smooth_l1": (LossSettings(loss_type="smooth_l1", huber_c=0.1), LossSettings(loss_type="huber", huber_c=0.1),
-                       False),
+    "loss_huber_exponential": (
+        LossSettings(loss_type="huber", huber_schedule="exponential", huber_c=0.2, huber_scale=1.5),
+        LossSettings(loss_type="huber", huber_schedule="snr", huber_c=0.2),
+        False,
+    ),
+    "loss_huber_constant": (
+        LossSettings(loss_type="huber", huber_schedule="constant", huber_c=0.3, huber_scale=2.0),
+        LossSettings(loss_type="huber", huber_schedule="snr", huber_c=0.3),
+        False,
+    ),
+    "loss_smooth_l1": (
+        LossSettings(loss_type="smooth_l1", huber_c=0.1),
+        LossSettings(loss_type="huber", huber_c=0.1),
+        False,
+    ),
     "min_snr_gamma_eps": (LossSettings(min_snr_gamma=1.0), LossSettings(), False),
     "min_snr_gamma_v": (LossSettings(min_snr_gamma=1.0), LossSettings(), True),
     "debiased_estimation_eps": (LossSettings(debiased_estimation_loss=True), LossSettings(), False),
@@ -78,14 +87,23 @@ OPTION_CASES = {
     "scale_v_pred_loss_like_noise_pred": (LossSettings(scale_v_pred_loss_like_noise_pred=True), LossSettings(), True),
     "v_pred_like_loss": (LossSettings(v_pred_like_loss=0.3), LossSettings(), False),
     "noise_offset": (NoiseSettings(noise_offset=0.1), NoiseSettings(), False),
-    "noise_offset_random_strength": (NoiseSettings(noise_offset=0.1, noise_offset_random_strength=True),
-                                     NoiseSettings(noise_offset=0.1), False),
-    "adaptive_noise_scale": (NoiseSettings(noise_offset=0.05, adaptive_noise_scale=2.0),
-                             NoiseSettings(noise_offset=0.05), False),
+    "noise_offset_random_strength": (
+        NoiseSettings(noise_offset=0.1, noise_offset_random_strength=True),
+        NoiseSettings(noise_offset=0.1),
+        False,
+    ),
+    "adaptive_noise_scale": (
+        NoiseSettings(noise_offset=0.05, adaptive_noise_scale=2.0),
+        NoiseSettings(noise_offset=0.05),
+        False,
+    ),
     "multires_noise": (NoiseSettings(multires_noise_iterations=6, multires_noise_discount=0.3), NoiseSettings(), False),
     "ip_noise_gamma": (NoiseSettings(ip_noise_gamma=0.5), NoiseSettings(), False),
-    "ip_noise_gamma_random_strength": (NoiseSettings(ip_noise_gamma=0.5, ip_noise_gamma_random_strength=True),
-                                       NoiseSettings(ip_noise_gamma=0.5), False),
+    "ip_noise_gamma_random_strength": (
+        NoiseSettings(ip_noise_gamma=0.5, ip_noise_gamma_random_strength=True),
+        NoiseSettings(ip_noise_gamma=0.5),
+        False,
+    ),
     # not [200, 300): CPU randint is low + r % range, so [0, 1000) and [200, 300) can draw the same t
     "min_max_timestep": (NoiseSettings(min_timestep=500, max_timestep=700), NoiseSettings(), False),
 }
@@ -104,14 +122,22 @@ def test_option_reaches_the_loss(case, pair, monkeypatch):
     noise_on, loss_on = _split(on)
     noise_off, loss_off = _split(off)
     cap = tf.Capture(monkeypatch)
-    result = tf.run_train(ds, lat, txt, NET, TrainConfig(max_train_steps=1, seed=3, noise=noise_on, loss=loss_on),
-                          model=tf.inference_models(v_prediction=v)[0])
+    result = tf.run_train(
+        ds,
+        lat,
+        txt,
+        NET,
+        TrainConfig(max_train_steps=1, seed=3, noise=noise_on, loss=loss_on),
+        model=tf.inference_models(v_prediction=v)[0],
+    )
     items = tf.batch_keys(cap.batches[0], lat)
-    kw = dict(seed=3, v_pred=v, grads=False)
-    ref_on, _, t_on = tf.reference_step(items, ds, lat, txt, cap.initial, noise_settings=noise_on,
-                                        loss_settings=loss_on, **kw)
-    ref_off, _, _ = tf.reference_step(items, ds, lat, txt, cap.initial, noise_settings=noise_off,
-                                      loss_settings=loss_off, **kw)
+    kw = {"seed": 3, "v_pred": v, "grads": False}
+    ref_on, _, t_on = tf.reference_step(
+        items, ds, lat, txt, cap.initial, noise_settings=noise_on, loss_settings=loss_on, **kw
+    )
+    ref_off, _, _ = tf.reference_step(
+        items, ds, lat, txt, cap.initial, noise_settings=noise_off, loss_settings=loss_off, **kw
+    )
     assert torch.equal(cap.results[0].timesteps.cpu(), t_on)
     assert result.state.history[0].loss == pytest.approx(ref_on.item(), rel=1e-5)
     # the option changes this batch's loss by far more than the tolerance above, so an engine ignoring it fails
@@ -121,21 +147,23 @@ def test_option_reaches_the_loss(case, pair, monkeypatch):
 def test_timesteps_stay_in_min_max_range(pair, monkeypatch):
     ds, lat, txt = pair
     cap = tf.Capture(monkeypatch)
-    result = tf.run_train(ds, lat, txt, NET, TrainConfig(max_train_steps=4, noise=NoiseSettings(min_timestep=200,
-                                                                                                  max_timestep=300)))
+    result = tf.run_train(
+        ds, lat, txt, NET, TrainConfig(max_train_steps=4, noise=NoiseSettings(min_timestep=200, max_timestep=300))
+    )
     ts = torch.cat([r.timesteps for r in cap.results])
     assert ts.numel() == 8 and ts.min() >= 200 and ts.max() < 300
     assert all(200 <= r.timestep_mean < 300 for r in result.state.history)
     # min == max: no draw, every timestep is max (kohya's get_timesteps)
-    result = tf.run_train(ds, lat, txt, NET, TrainConfig(max_train_steps=2, noise=NoiseSettings(min_timestep=500,
-                                                                                                  max_timestep=500)))
+    result = tf.run_train(
+        ds, lat, txt, NET, TrainConfig(max_train_steps=2, noise=NoiseSettings(min_timestep=500, max_timestep=500))
+    )
     assert [r.timestep_mean for r in result.state.history] == [500.0, 500.0]
 
 
 # -- learning rates and optimizers ----------------------------------------------------------------
 
-@pytest.mark.parametrize("learning_rate,unet_lr,expected", [(1e-3, None, 1e-3), (3e-3, None, 3e-3),
-                                                           (1e-3, 4e-4, 4e-4)])
+
+@pytest.mark.parametrize("learning_rate,unet_lr,expected", [(1e-3, None, 1e-3), (3e-3, None, 3e-3), (1e-3, 4e-4, 4e-4)])
 def test_learning_rate_and_unet_lr_set_the_step_size(learning_rate, unet_lr, expected, singles):
     # AdamW's first step moves each parameter by lr * g / (|g| + eps): lora_up starts at 0, so max |lora_up| = lr
     result = tf.run_train(*singles, NET, TrainConfig(max_train_steps=1, learning_rate=learning_rate, unet_lr=unet_lr))
@@ -146,7 +174,10 @@ def test_learning_rate_and_unet_lr_set_the_step_size(learning_rate, unet_lr, exp
 def test_optimizer_type_and_args_are_used(singles, monkeypatch):
     lr = 1e-3
     runs = {}
-    for opt in (OptimizerSettings("AdamW"), OptimizerSettings("Lion", optimizer_args="weight_decay=0.5 betas=(0.8,0.95)")):
+    for opt in (
+        OptimizerSettings("AdamW"),
+        OptimizerSettings("Lion", optimizer_args="weight_decay=0.5 betas=(0.8,0.95)"),
+    ):
         cap = tf.Capture(monkeypatch)
         result = tf.run_train(*singles, NET, TrainConfig(max_train_steps=1, learning_rate=lr, optimizer=opt))
         runs[opt.optimizer_type] = (cap, result)
@@ -172,8 +203,13 @@ def test_optimizer_type_and_args_are_used(singles, monkeypatch):
 def test_other_cpu_optimizers_train(optimizer, singles):
     lr = 1.0 if optimizer == "Prodigy" else 1e-3
     scheduler = "adafactor" if optimizer == "Adafactor" else "constant"
-    result = tf.run_train(*singles, NET, TrainConfig(max_train_steps=2, learning_rate=lr, lr_scheduler=scheduler,
-                                                     optimizer=OptimizerSettings(optimizer)))
+    result = tf.run_train(
+        *singles,
+        NET,
+        TrainConfig(
+            max_train_steps=2, learning_rate=lr, lr_scheduler=scheduler, optimizer=OptimizerSettings(optimizer)
+        ),
+    )
     assert type(result.optimizer).__name__ == optimizer
     assert max_abs_up(result.network) > 0
     assert all(torch.isfinite(p).all() for p in result.network.parameters())
@@ -183,9 +219,12 @@ def test_lr_scheduler_and_warmup_drive_the_optimizer(singles, monkeypatch):
     lr = 1e-3
     cap = tf.Capture(monkeypatch)
     after_step = []
-    result = tf.run_train(*singles, NET, TrainConfig(max_train_steps=4, learning_rate=lr, lr_scheduler="linear",
-                                                     lr_warmup_steps=2),
-                          on_step=lambda record, total, res: after_step.append(max_abs_up(cap.network)))
+    result = tf.run_train(
+        *singles,
+        NET,
+        TrainConfig(max_train_steps=4, learning_rate=lr, lr_scheduler="linear", lr_warmup_steps=2),
+        on_step=lambda record, total, res: after_step.append(max_abs_up(cap.network)),
+    )
     # transformers' linear schedule with 2 warmup steps of 4: factors 0 (first step), 1/2, 1, 1/2, then 0
     assert [r.lr for r in result.state.history] == pytest.approx([lr / 2, lr, lr / 2, 0.0])
     assert after_step[0] == 0.0  # the first step ran at lr 0: nothing moved
@@ -196,9 +235,14 @@ def test_lr_scheduler_and_warmup_drive_the_optimizer(singles, monkeypatch):
 def test_gradient_accumulation_averages_micro_batch_gradients(singles, nonzero_init, monkeypatch):
     ds, lat, txt = singles
     cap = tf.Capture(monkeypatch)
-    result = tf.run_train(ds, lat, txt, NET, TrainConfig(max_train_steps=1, seed=5, gradient_accumulation_steps=2,
-                                                         max_grad_norm=0.0),
-                          initial_weights=nonzero_init)
+    result = tf.run_train(
+        ds,
+        lat,
+        txt,
+        NET,
+        TrainConfig(max_train_steps=1, seed=5, gradient_accumulation_steps=2, max_grad_norm=0.0),
+        initial_weights=nonzero_init,
+    )
     assert result.steps_per_epoch == 1 and len(cap.batches) == 2 and len(cap.step_grads) == 1
     gen, py = torch.Generator().manual_seed(5), random.Random(5)
     losses, grads = [], []
@@ -230,18 +274,19 @@ def test_max_grad_norm_clips(singles, nonzero_init, monkeypatch):
 
 def _module_norms(network) -> list[float]:
     out = []
-    for l in network.loras:
-        up, down = l.lora_up.weight.detach(), l.lora_down.weight.detach()
-        out.append(((up @ down) * (l.alpha_value / down.shape[0])).norm().item())
+    for lora in network.loras:
+        up, down = lora.lora_up.weight.detach(), lora.lora_down.weight.detach()
+        out.append(((up @ down) * (lora.alpha_value / down.shape[0])).norm().item())
     return out
 
 
 def test_scale_weight_norms_bounds_every_module(singles, nonzero_init):
-    cfg = dict(max_train_steps=3, learning_rate=1e-2)
+    cfg = {"max_train_steps": 3, "learning_rate": 1e-2}
     free = _module_norms(tf.run_train(*singles, NET, TrainConfig(**cfg), initial_weights=nonzero_init).network)
     limit = max(free) / 2
-    bounded = _module_norms(tf.run_train(*singles, NET, TrainConfig(**cfg, scale_weight_norms=limit),
-                                         initial_weights=nonzero_init).network)
+    bounded = _module_norms(
+        tf.run_train(*singles, NET, TrainConfig(**cfg, scale_weight_norms=limit), initial_weights=nonzero_init).network
+    )
     assert max(bounded) <= limit * (1 + 1e-4)
     assert sum(n > limit for n in free) >= 1
 
@@ -256,13 +301,13 @@ def test_loraplus_lr_ratio_scales_lora_up(singles):
 
 # -- network dropouts ------------------------------------------------------------------------------
 
+
 def test_module_dropout_skips_whole_modules(singles):
     def zero_modules(result):
         return sum(torch.count_nonzero(u) == 0 for u in ups(result.network).values())
 
     base = tf.run_train(*singles, NET, TrainConfig(max_train_steps=1))
-    dropped = tf.run_train(*singles, replace(NET, module_dropout=0.5),
-                           TrainConfig(max_train_steps=1))
+    dropped = tf.run_train(*singles, replace(NET, module_dropout=0.5), TrainConfig(max_train_steps=1))
     assert zero_modules(base) == 0
     assert 0 < zero_modules(dropped) < len(dropped.network.loras)
 
@@ -272,8 +317,7 @@ def test_rank_dropout_drops_whole_ranks(singles):
         return sum(int((u.abs().sum(dim=0) == 0).sum()) for u in ups(result.network).values())
 
     base = tf.run_train(*singles, NET, TrainConfig(max_train_steps=1))
-    dropped = tf.run_train(*singles, replace(NET, rank_dropout=0.5),
-                           TrainConfig(max_train_steps=1))
+    dropped = tf.run_train(*singles, replace(NET, rank_dropout=0.5), TrainConfig(max_train_steps=1))
     assert zero_columns(base) == 0
     assert zero_columns(dropped) > 0
 
@@ -289,12 +333,17 @@ def test_neuron_dropout_changes_the_gradients(singles, monkeypatch):
 
 # -- precision, checkpointing, epochs --------------------------------------------------------------
 
+
 def test_bf16_runs_close_to_fp32(singles, nonzero_init, monkeypatch):
     runs = {}
     for dtype in ("fp32", "bf16"):
         cap = tf.Capture(monkeypatch)
-        result = tf.run_train(*singles, NET, TrainConfig(max_train_steps=2, train_dtype=dtype, max_grad_norm=0.0),
-                              initial_weights=nonzero_init)
+        result = tf.run_train(
+            *singles,
+            NET,
+            TrainConfig(max_train_steps=2, train_dtype=dtype, max_grad_norm=0.0),
+            initial_weights=nonzero_init,
+        )
         runs[dtype] = (cap, result)
     (c32, r32), (c16, r16) = runs["fp32"], runs["bf16"]
     l32, l16 = r32.state.history[0].loss, r16.state.history[0].loss
@@ -306,8 +355,9 @@ def test_bf16_runs_close_to_fp32(singles, nonzero_init, monkeypatch):
 
 
 def test_full_bf16_keeps_the_lora_in_bf16(singles):
-    result = tf.run_train(*singles, NET, TrainConfig(max_train_steps=2, train_dtype="bf16", full_bf16=True,
-                                                     learning_rate=1e-3))
+    result = tf.run_train(
+        *singles, NET, TrainConfig(max_train_steps=2, train_dtype="bf16", full_bf16=True, learning_rate=1e-3)
+    )
     params = list(result.network.parameters())
     assert params and all(p.dtype == torch.bfloat16 and torch.isfinite(p.float()).all() for p in params)
     assert any(p.abs().sum() > 0 for n, p in result.network.named_parameters() if "lora_up" in n)
@@ -325,13 +375,18 @@ def test_fp16_trains_with_a_grad_scaler(singles, monkeypatch):
         return out
 
     monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
-    runs = {dtype: tf.run_train(*singles, NET, TrainConfig(max_train_steps=2, train_dtype=dtype, learning_rate=1e-3,
-                                                           seed=3))
-            for dtype in ("fp32", "fp16")}
+    runs = {
+        dtype: tf.run_train(
+            *singles, NET, TrainConfig(max_train_steps=2, train_dtype=dtype, learning_rate=1e-3, seed=3)
+        )
+        for dtype in ("fp32", "fp16")
+    }
     assert scaled and all(big > small * 100 for small, big in scaled)  # the default scale is 65536
     assert runs["fp16"].scaler is not None and runs["fp32"].scaler is None
-    up = {d: torch.cat([p.detach().flatten().float() for n, p in r.network.named_parameters() if "lora_up" in n])
-          for d, r in runs.items()}
+    up = {
+        d: torch.cat([p.detach().flatten().float() for n, p in r.network.named_parameters() if "lora_up" in n])
+        for d, r in runs.items()
+    }
     assert up["fp16"].abs().sum() > 0
     assert torch.nn.functional.cosine_similarity(up["fp32"], up["fp16"], dim=0) > 0.9
 
@@ -348,9 +403,12 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_result(singles, no
     try:
         for gc in (False, True):
             calls[0] = 0
-            result = tf.run_train(*singles, net, TrainConfig(max_train_steps=3, learning_rate=1e-2,
-                                                             gradient_checkpointing=gc),
-                                  initial_weights=nonzero_init)
+            result = tf.run_train(
+                *singles,
+                net,
+                TrainConfig(max_train_steps=3, learning_rate=1e-2, gradient_checkpointing=gc),
+                initial_weights=nonzero_init,
+            )
             runs[gc] = (calls[0], result)
     finally:
         handle.remove()
@@ -368,8 +426,9 @@ def test_token_warmup_follows_the_optimizer_step(monkeypatch):
     from sdxl_lora_trainer.trainer.run import session as ts
 
     tags = ", ".join(f"tag{i}" for i in range(9))
-    ds = tf.make_dataset(2, captions=[tags, tags],
-                         caption_options=CaptionOptions(token_warmup_min=1, token_warmup_step=4))
+    ds = tf.make_dataset(
+        2, captions=[tags, tags], caption_options=CaptionOptions(token_warmup_min=1, token_warmup_step=4)
+    )
     lat, txt = tf.sources(tf.inference_models(), ds)
     seen = []
     live = ts.live_text_encoder
@@ -380,6 +439,7 @@ def test_token_warmup_follows_the_optimizer_step(monkeypatch):
         def wrapped(captions):
             seen.extend(captions)
             return encode(captions)
+
         return wrapped
 
     monkeypatch.setattr(ts, "live_text_encoder", recording)
@@ -391,7 +451,8 @@ def test_token_warmup_follows_the_optimizer_step(monkeypatch):
 
 @pytest.mark.parametrize("ga,steps", [(1, 4), (2, 2)])
 def test_max_train_epochs_overrides_max_train_steps(ga, steps, singles):
-    result = tf.run_train(*singles, NET, TrainConfig(max_train_steps=1, max_train_epochs=2,
-                                                     gradient_accumulation_steps=ga))
+    result = tf.run_train(
+        *singles, NET, TrainConfig(max_train_steps=1, max_train_epochs=2, gradient_accumulation_steps=ga)
+    )
     assert result.total_steps == steps
     assert [r.epoch for r in result.state.history] == [1] * (steps // 2) + [2] * (steps // 2)

@@ -7,17 +7,21 @@ diffusers' scaled_linear alphas_cumprod, sqrt(abar)*x0 + sqrt(1-abar)*noise, y =
 size embedding, eps or v target, MSE mean over CHW, per-timestep weights, mean. Noise and timesteps
 are drawn in kohya's order from a generator seeded like the engine's private one.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 import training_fixtures as tf
-from sdxl_lora_trainer.trainer.comfyui import kernels as comfy_kernels, encoders as comfy_encoders, models as comfy_models, training as comfy_training
+
+from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders
+from sdxl_lora_trainer.trainer.comfyui import kernels as comfy_kernels
+from sdxl_lora_trainer.trainer.comfyui import models as comfy_models
+from sdxl_lora_trainer.trainer.comfyui import training as comfy_training
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.objective.ddpm_schedule import DDPMSchedule
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
-from sdxl_lora_trainer.trainer.objective.ddpm_schedule import DDPMSchedule
 from sdxl_lora_trainer.trainer.run.session import ComfyDenoiser, TrainConfig, build_network
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,6 +51,7 @@ def unet_inputs(batch: int = 2):
 
 # -- 1. the freshly built network is an exact no-op ----------------------------------------------
 
+
 def test_initial_network_leaves_the_unet_output_bit_identical():
     model, clip, _ = tf.inference_models()
     unet = model.model.diffusion_model
@@ -54,8 +59,8 @@ def test_initial_network_leaves_the_unet_output_bit_identical():
     config = NetworkConfig(network_dim=4, network_alpha=2.0, conv_dim=4, conv_alpha=1.0)  # linear + conv, both TEs
     net = build_network(model, clip, config, seed=3)
     assert net.unet_loras and net.te1_loras and net.te2_loras
-    assert all(torch.count_nonzero(l.lora_up.weight) == 0 for l in net.loras)
-    assert all(torch.count_nonzero(l.lora_down.weight) > 0 for l in net.loras)
+    assert all(torch.count_nonzero(lora.lora_up.weight) == 0 for lora in net.loras)
+    assert all(torch.count_nonzero(lora.lora_down.weight) > 0 for lora in net.loras)
 
     with torch.inference_mode():  # how every other node runs the MODEL
         plain = unet(x, t.float(), context=ctx, y=y)
@@ -64,8 +69,13 @@ def test_initial_network_leaves_the_unet_output_bit_identical():
     assert torch.equal(plain, attached)
 
     # the same inside train()'s context: trainable weights, SDPA, checkpointing, network in train mode
-    with torch.inference_mode(False), comfy_training.training_flag(), comfy_kernels.differentiable_attention(), \
-            comfy_training.training_models(model, None, False) as models, comfy_kernels.gradient_checkpointing(unet, True):
+    with (
+        torch.inference_mode(False),
+        comfy_training.training_flag(),
+        comfy_kernels.differentiable_attention(),
+        comfy_training.training_models(model, None, False) as models,
+        comfy_kernels.gradient_checkpointing(unet, True),
+    ):
         denoiser = ComfyDenoiser(models.model, torch.float32)
         net.train()
         without = denoiser(x, t, ctx, y)
@@ -79,12 +89,12 @@ def test_initial_network_leaves_the_unet_output_bit_identical():
 # -- 2. loss and LoRA gradients of one batch = the first-principles reference ---------------------
 
 CASES = {
-    "eps": dict(),
-    "eps_zero_init": dict(zero_init=True),
-    "eps_min_snr5": dict(loss=LossSettings(min_snr_gamma=5)),
-    "v": dict(v=True),
-    "v_min_snr5": dict(v=True, loss=LossSettings(min_snr_gamma=5)),
-    "eps_noise_offset": dict(noise=NoiseSettings(noise_offset=0.05)),
+    "eps": {},
+    "eps_zero_init": {"zero_init": True},
+    "eps_min_snr5": {"loss": LossSettings(min_snr_gamma=5)},
+    "v": {"v": True},
+    "v_min_snr5": {"v": True, "loss": LossSettings(min_snr_gamma=5)},
+    "eps_noise_offset": {"noise": NoiseSettings(noise_offset=0.05)},
 }
 
 
@@ -97,10 +107,15 @@ def test_loss_and_gradients_equal_the_reference(case, pair, monkeypatch):
     initial = None if spec.get("zero_init") else tf.random_lora_weights(UNET_ONLY, seed=11)
     model = tf.inference_models(v_prediction=spec.get("v", False))[0]
     cap = tf.Capture(monkeypatch)
-    result = tf.run_train(ds, lat, txt, UNET_ONLY,
-                          TrainConfig(max_train_steps=1, seed=7, max_grad_norm=0.0, loss=loss_settings,
-                                      noise=noise_settings),
-                          model=model, initial_weights=initial)
+    result = tf.run_train(
+        ds,
+        lat,
+        txt,
+        UNET_ONLY,
+        TrainConfig(max_train_steps=1, seed=7, max_grad_norm=0.0, loss=loss_settings, noise=noise_settings),
+        model=model,
+        initial_weights=initial,
+    )
     assert result.prediction_type == ("v_prediction" if spec.get("v") else "epsilon")
     if initial is not None:
         assert all(torch.equal(cap.initial[k], v) for k, v in initial.items())
@@ -109,9 +124,17 @@ def test_loss_and_gradients_equal_the_reference(case, pair, monkeypatch):
     # 64x64 images in the 64x64 bucket: original size, no crop, target size (what the reference embeds)
     assert all(img.time_ids(False) == (64, 64, 0, 0, 64, 64) for img in ds.images)
 
-    ref_loss, ref_grads, ref_t = tf.reference_step(items, ds, lat, txt, cap.initial, seed=7,
-                                                   noise_settings=noise_settings, loss_settings=loss_settings,
-                                                   v_pred=spec.get("v", False))
+    ref_loss, ref_grads, ref_t = tf.reference_step(
+        items,
+        ds,
+        lat,
+        txt,
+        cap.initial,
+        seed=7,
+        noise_settings=noise_settings,
+        loss_settings=loss_settings,
+        v_pred=spec.get("v", False),
+    )
     assert torch.equal(cap.results[0].timesteps.cpu(), ref_t)
     assert result.state.history[0].loss == pytest.approx(ref_loss.item(), rel=1e-5)
 
@@ -131,6 +154,7 @@ def test_loss_and_gradients_equal_the_reference(case, pair, monkeypatch):
 
 
 # -- 3. the noisy latents: ComfyUI's model_sampling route and DDPMSchedule vs kohya's golden -------
+
 
 def test_model_input_and_add_noise_match_kohyas_golden(golden):
     g = golden("schedule")
@@ -157,5 +181,6 @@ def test_model_input_and_add_noise_match_kohyas_golden(golden):
     assert torch.equal(ac[torch.tensor(g["timesteps"])], torch.tensor(g["alphas_cumprod"], dtype=torch.float32))
     emb = golden("time_ids")["size_embedding"]
     ref = tf.ref_size_embedding(torch.tensor([emb["time_ids"]]))
-    torch.testing.assert_close(ref, torch.tensor(emb["values"], dtype=torch.float32).reshape(emb["shape"]),
-                               rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(
+        ref, torch.tensor(emb["values"], dtype=torch.float32).reshape(emb["shape"]), rtol=1e-5, atol=2e-6
+    )

@@ -2,26 +2,27 @@
 divergence, text-encoder training and exact resume. Models are built and ``train`` is called under
 ``torch.inference_mode()``, as ComfyUI's loader nodes and executor do.
 """
+
 from __future__ import annotations
 
 import copy
 import random
 from dataclasses import replace
 
-import pytest
-import torch
-from safetensors.torch import save as safetensors_bytes
-
 import comfy.ldm.modules.attention as attention
 import comfy.model_management as mm
 import comfy.sample
-
+import pytest
+import torch
 import training_fixtures as tf
-from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders, models as comfy_models
+from safetensors.torch import save as safetensors_bytes
+
+from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders
+from sdxl_lora_trainer.trainer.comfyui import models as comfy_models
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
-from sdxl_lora_trainer.trainer.run.loop import TrainingDiverged
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
+from sdxl_lora_trainer.trainer.run.loop import TrainingDiverged
 from sdxl_lora_trainer.trainer.run.session import TrainConfig, build_network
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,24 +39,39 @@ def lora_bytes(result) -> bytes:
 @pytest.fixture(scope="module")
 def random_data():
     """Three images with flips and shuffled captions (live CLIP encoding): every RNG of the run is used."""
-    ds = tf.make_dataset(3, captions=TAGS, flip_aug=True,
-                         caption_options=CaptionOptions(shuffle_caption=True, keep_tokens=1, caption_tag_dropout_rate=0.2,
-                                                        token_warmup_min=1, token_warmup_step=4))
+    ds = tf.make_dataset(
+        3,
+        captions=TAGS,
+        flip_aug=True,
+        caption_options=CaptionOptions(
+            shuffle_caption=True, keep_tokens=1, caption_tag_dropout_rate=0.2, token_warmup_min=1, token_warmup_step=4
+        ),
+    )
     return (ds, *tf.sources(tf.inference_models(), ds))
 
 
 RANDOM_NET = replace(NET, dropout=0.1, rank_dropout=0.2, module_dropout=0.1)
-RANDOM_NOISE = NoiseSettings(noise_offset=0.05, noise_offset_random_strength=True, multires_noise_iterations=3,
-                             ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True)
+RANDOM_NOISE = NoiseSettings(
+    noise_offset=0.05,
+    noise_offset_random_strength=True,
+    multires_noise_iterations=3,
+    ip_noise_gamma=0.1,
+    ip_noise_gamma_random_strength=True,
+)
 
 
 # -- 5. same seed, same bytes ---------------------------------------------------------------------
 
+
 def test_same_seed_gives_identical_lora_bytes_and_another_seed_does_not(random_data, monkeypatch):
     def run(seed, on_step=lambda r, t, res: None, initial_weights=None):
-        return tf.run_train(*random_data, RANDOM_NET, TrainConfig(max_train_steps=3, seed=seed, learning_rate=1e-3,
-                                                                  noise=RANDOM_NOISE),
-                            on_step=on_step, initial_weights=initial_weights)
+        return tf.run_train(
+            *random_data,
+            RANDOM_NET,
+            TrainConfig(max_train_steps=3, seed=seed, learning_rate=1e-3, noise=RANDOM_NOISE),
+            on_step=on_step,
+            initial_weights=initial_weights,
+        )
 
     def reseed(record, total, result):
         # what a sampler node running in between (a preview) does to the global RNGs
@@ -74,8 +90,10 @@ def test_same_seed_gives_identical_lora_bytes_and_another_seed_does_not(random_d
     assert lora_bytes(a) != lora_bytes(c)
     # ... also where batch order and augmentation cannot differ (one image): the noise stream follows the seed
     one = tf.default_data(1)
-    losses = [tf.run_train(*one, NET, TrainConfig(max_train_steps=1, seed=seed), initial_weights=init_a
-                           ).state.history[0].loss for seed in (42, 43)]
+    losses = [
+        tf.run_train(*one, NET, TrainConfig(max_train_steps=1, seed=seed), initial_weights=init_a).state.history[0].loss
+        for seed in (42, 43)
+    ]
     assert losses[0] != losses[1]
 
 
@@ -99,6 +117,7 @@ def test_frozen_weights_never_train_and_their_flags_are_restored():
 
 
 # -- 6. it learns ------------------------------------------------------------------------------------
+
 
 def _eval_set(latent: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, time_ids, n: int = 16):
     g = torch.Generator().manual_seed(1234)
@@ -130,8 +149,9 @@ def test_overfitting_one_image_lowers_the_eps_loss_on_a_fixed_eval_set(capsys):
     net = NetworkConfig(network_dim=8, network_alpha=8.0, train_te1=False, train_te2=False)
     model, clip, _ = tf.inference_models()
     before = _eps_loss(build_network(model, clip, net, seed=42), eval_set)
-    result = tf.run_train(ds, lat, txt, net, TrainConfig(max_train_steps=200, learning_rate=1e-3,
-                                                         gradient_checkpointing=False))
+    result = tf.run_train(
+        ds, lat, txt, net, TrainConfig(max_train_steps=200, learning_rate=1e-3, gradient_checkpointing=False)
+    )
     after = _eps_loss(result.network, eval_set)
     with capsys.disabled():
         print(f"\noverfit: eval eps-MSE {before:.4f} -> {after:.4f} ({100 * (1 - after / before):.1f} % lower)")
@@ -139,6 +159,7 @@ def test_overfitting_one_image_lowers_the_eps_loss_on_a_fixed_eval_set(capsys):
 
 
 # -- 7. the MODEL and CLIP are unchanged for every other node ----------------------------------------
+
 
 def _sample(model, clip, seed: int = 5) -> torch.Tensor:
     """KSampler's path (nodes.common_ksampler): euler / normal, cfg 2, 3 steps on an empty 64x64 latent."""
@@ -150,23 +171,34 @@ def _sample(model, clip, seed: int = 5) -> torch.Tensor:
         latent = torch.zeros(1, 4, 8, 8)
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, seed)
-        return comfy.sample.sample(model, noise, 3, 2.0, "euler", "normal", positive, negative, latent,
-                                   disable_pbar=True, seed=seed)
+        return comfy.sample.sample(
+            model, noise, 3, 2.0, "euler", "normal", positive, negative, latent, disable_pbar=True, seed=seed
+        )
 
 
 def _fingerprint(*roots: torch.nn.Module) -> dict:
     """Everything train() touches on the shared modules."""
-    out = {"attention": (attention.optimized_attention, attention.optimized_attention_masked),
-           "in_training": mm.in_training, "modules": []}
+    out = {
+        "attention": (attention.optimized_attention, attention.optimized_attention_masked),
+        "in_training": mm.in_training,
+        "modules": [],
+    }
     for root in roots:
         for name, m in root.named_modules():
-            out["modules"].append((
-                name, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
-                "forward" in m.__dict__,
-                tuple(getattr(m, "weight_function", ()) or ()), tuple(getattr(m, "bias_function", ()) or ()),
-            ))
-        out["modules"].append(tuple((n, p.requires_grad, p.is_inference(), p.dtype, p.device)
-                                    for n, p in root.named_parameters()))
+            out["modules"].append(
+                (
+                    name,
+                    len(m._forward_hooks),
+                    len(m._forward_pre_hooks),
+                    len(m._backward_hooks),
+                    "forward" in m.__dict__,
+                    tuple(getattr(m, "weight_function", ()) or ()),
+                    tuple(getattr(m, "bias_function", ()) or ()),
+                )
+            )
+        out["modules"].append(
+            tuple((n, p.requires_grad, p.is_inference(), p.dtype, p.device) for n, p in root.named_parameters())
+        )
     return out
 
 
@@ -191,15 +223,19 @@ def test_model_is_unchanged_for_other_nodes(random_data):
     roots = _roots(model, clip)
     fp, w = _fingerprint(*roots), _weights(*roots)
     before = _sample(model, clip)
-    result = tf.run_train(*random_data, replace(RANDOM_NET, train_te1=True, train_te2=True, conv_dim=4),
-                          TrainConfig(max_train_steps=2, learning_rate=1e-2, noise=RANDOM_NOISE))
-    assert any(torch.count_nonzero(l.lora_up.weight) for l in result.network.loras)  # it did train
+    result = tf.run_train(
+        *random_data,
+        replace(RANDOM_NET, train_te1=True, train_te2=True, conv_dim=4),
+        TrainConfig(max_train_steps=2, learning_rate=1e-2, noise=RANDOM_NOISE),
+    )
+    assert any(torch.count_nonzero(lora.lora_up.weight) for lora in result.network.loras)  # it did train
     assert_unchanged(roots, fp, w)
     after = _sample(model, clip)
     assert torch.equal(before, after)
 
 
 # -- 8. divergence ------------------------------------------------------------------------------------
+
 
 def test_nan_loss_raises_and_the_bad_step_changes_nothing(monkeypatch):
     ds, lat, txt = tf.default_data(2)
@@ -231,6 +267,7 @@ def test_nan_loss_raises_and_the_bad_step_changes_nothing(monkeypatch):
 
 # -- 9. text-encoder training ----------------------------------------------------------------------------
 
+
 def test_text_encoder_training_gets_gradients_and_leaves_clip_unchanged(monkeypatch):
     ds, lat, txt = tf.default_data(2)
     model, clip, _ = tf.inference_models()
@@ -239,19 +276,28 @@ def test_text_encoder_training_gets_gradients_and_leaves_clip_unchanged(monkeypa
     with torch.inference_mode():
         before = comfy_encoders.encode_text(clip, "a red cube")
     cap = tf.Capture(monkeypatch)
-    lrs = dict(learning_rate=1e-3, unet_lr=1e-3, text_encoder_lr1=2e-4, text_encoder_lr2=3e-4)
-    result = tf.run_train(ds, lat, txt, replace(NET, train_te1=True, train_te2=True),
-                          TrainConfig(max_train_steps=1, max_grad_norm=0.0, **lrs))
+    lrs = {"learning_rate": 1e-3, "unet_lr": 1e-3, "text_encoder_lr1": 2e-4, "text_encoder_lr2": 3e-4}
+    result = tf.run_train(
+        ds,
+        lat,
+        txt,
+        replace(NET, train_te1=True, train_te2=True),
+        TrainConfig(max_train_steps=1, max_grad_norm=0.0, **lrs),
+    )
     net = result.network
     assert net.te1_loras and net.te2_loras and net.unet_loras
     grads = cap.step_grads[0]
     for loras, lr in ((net.te1_loras, 2e-4), (net.te2_loras, 3e-4)):
         # (CLIP-L's last layer gets none: SDXL uses its penultimate hidden state, in kohya too)
-        with_grad = [l for l in loras if l.lora_name + ".lora_up.weight" in grads
-                     and torch.count_nonzero(grads[l.lora_name + ".lora_up.weight"])]
+        with_grad = [
+            lora
+            for lora in loras
+            if lora.lora_name + ".lora_up.weight" in grads
+            and torch.count_nonzero(grads[lora.lora_name + ".lora_up.weight"])
+        ]
         assert len(with_grad) >= len(loras) // 2
         # AdamW's first step moves lora_up (from 0) by ~lr per entry: the TE learning rates are used
-        step = max(l.lora_up.weight.detach().abs().max().item() for l in with_grad)
+        step = max(lora.lora_up.weight.detach().abs().max().item() for lora in with_grad)
         assert step == pytest.approx(lr, rel=1e-4)
     assert result.group_names == ["textencoder 1", "textencoder 2", "unet"]
     with torch.inference_mode():
@@ -262,16 +308,29 @@ def test_text_encoder_training_gets_gradients_and_leaves_clip_unchanged(monkeypa
 
 # -- 10. exact resume ----------------------------------------------------------------------------------
 
+
 def test_resume_continues_bit_identically(random_data):
     total, stop_after = 5, 3
-    config = TrainConfig(max_train_steps=total, seed=9, learning_rate=2e-3, lr_scheduler="cosine",
-                         lr_warmup_steps=1, gradient_accumulation_steps=2, noise=RANDOM_NOISE)
+    config = TrainConfig(
+        max_train_steps=total,
+        seed=9,
+        learning_rate=2e-3,
+        lr_scheduler="cosine",
+        lr_warmup_steps=1,
+        gradient_accumulation_steps=2,
+        noise=RANDOM_NOISE,
+    )
     full = tf.run_train(*random_data, RANDOM_NET, config)
     assert full.steps_per_epoch == 2  # 3 batches at accumulation 2: the cut below falls inside epoch 2
 
     done = []
-    part = tf.run_train(*random_data, RANDOM_NET, config, should_stop=lambda: len(done) >= stop_after,
-                        on_step=lambda record, t, res: done.append(record.step))
+    part = tf.run_train(
+        *random_data,
+        RANDOM_NET,
+        config,
+        should_stop=lambda: len(done) >= stop_after,
+        on_step=lambda record, t, res: done.append(record.step),
+    )
     assert part.state.interrupted and part.state.global_step == stop_after
     resume = {
         "network": part.network.state_dict_kohya(),
@@ -281,12 +340,14 @@ def test_resume_continues_bit_identically(random_data):
     }
     resumed = tf.run_train(*random_data, RANDOM_NET, config, resume=resume)
     assert resumed.state.global_step == total and not resumed.state.interrupted
-    assert [(r.step, r.epoch, r.loss, r.lr, r.timestep_mean) for r in resumed.state.history] == \
-        [(r.step, r.epoch, r.loss, r.lr, r.timestep_mean) for r in full.state.history]
+    assert [(r.step, r.epoch, r.loss, r.lr, r.timestep_mean) for r in resumed.state.history] == [
+        (r.step, r.epoch, r.loss, r.lr, r.timestep_mean) for r in full.state.history
+    ]
     assert lora_bytes(resumed) == lora_bytes(full)
 
 
 # -- fp8 weights ------------------------------------------------------------------------------------
+
 
 def test_fp8_weights_train_through_comfy_casting(random_data):
     """A U-Net stored in fp8 (ComfyUI's --fp8 loading) trains: the frozen weights are cast per forward by
@@ -301,8 +362,9 @@ def test_fp8_weights_train_through_comfy_casting(random_data):
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     fixed = tf.make_dataset(2)
     latents, text = tf.sources(tf.inference_models(), fixed)
-    result = tf.run_train(fixed, latents, text, NET, TrainConfig(max_train_steps=2, learning_rate=1e-3, seed=1),
-                          model=model)
+    result = tf.run_train(
+        fixed, latents, text, NET, TrainConfig(max_train_steps=2, learning_rate=1e-3, seed=1), model=model
+    )
     ups = [v for k, v in result.network.state_dict_kohya().items() if k.endswith("lora_up.weight")]
     assert all(torch.isfinite(u).all() for u in ups)
     assert any(u.abs().sum() > 0 for u in ups), "the LoRA did not learn on the fp8 model"

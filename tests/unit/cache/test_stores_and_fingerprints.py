@@ -1,4 +1,5 @@
 """trainer/cache/: content hashing, fingerprint memo, the LRU memory store and the verified disk store."""
+
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,7 @@ import time
 import pytest
 import torch
 
-from sdxl_lora_trainer.trainer.cache import stores, fingerprints
+from sdxl_lora_trainer.trainer.cache import fingerprints, stores
 from sdxl_lora_trainer.trainer.cache.stores import DiskStore, MemoryStore
 
 MB = 1024 * 1024
@@ -20,6 +21,7 @@ def _mb_tensor(mb: float, fill: float = 0.0) -> torch.Tensor:
 
 
 # -- hashing -------------------------------------------------------------------------------------
+
 
 def test_hash_file_is_content_not_path_or_mtime(tmp_path):
     a, b = tmp_path / "a.bin", tmp_path / "sub" / "b.bin"
@@ -67,10 +69,13 @@ def test_tensor_fingerprint_covers_dtype_shape_names_and_bytes():
     assert fingerprints.tensors_fingerprint([("w", t2)]) != base
     # order of the input does not matter, names do
     a, b = torch.ones(2), torch.zeros(2)
-    assert fingerprints.tensors_fingerprint([("a", a), ("b", b)]) == fingerprints.tensors_fingerprint([("b", b), ("a", a)])
+    assert fingerprints.tensors_fingerprint([("a", a), ("b", b)]) == fingerprints.tensors_fingerprint(
+        [("b", b), ("a", a)]
+    )
     # dtypes numpy lacks and non-contiguous tensors hash fine
-    assert fingerprints.tensors_fingerprint([("w", torch.ones(4, dtype=torch.bfloat16))]) != fingerprints.tensors_fingerprint(
-        [("w", torch.ones(4, dtype=torch.float16))])
+    assert fingerprints.tensors_fingerprint(
+        [("w", torch.ones(4, dtype=torch.bfloat16))]
+    ) != fingerprints.tensors_fingerprint([("w", torch.ones(4, dtype=torch.float16))])
     nc = torch.arange(16.0).view(4, 4).t()
     assert fingerprints.tensors_fingerprint([("w", nc)]) == fingerprints.tensors_fingerprint([("w", nc.contiguous())])
 
@@ -124,6 +129,7 @@ def test_sha256_fallback(monkeypatch):
 
 # -- fingerprint memo ----------------------------------------------------------------------------
 
+
 def test_module_fingerprint_is_computed_once_per_module_object():
     fingerprints.clear_fingerprint_memo()
     m1 = torch.nn.Linear(8, 8)
@@ -163,6 +169,7 @@ def test_token_fingerprint_memo():
 
 
 # -- memory store --------------------------------------------------------------------------------
+
 
 def test_memory_store_is_bounded_lru():
     store = MemoryStore(capacity_mb=1.0)
@@ -226,7 +233,7 @@ def test_disk_roundtrip_with_checksum_metadata(tmp_path):
     for k in tensors:
         assert torch.equal(read.tensors[k], tensors[k]) and read.tensors[k].dtype == tensors[k].dtype
     raw = path.read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     meta = header["__metadata__"]
     assert meta["key"] == KEY and meta["format"] == stores.DISK_FORMAT
     assert meta["checksum"] == stores.tensors_checksum(tensors)
@@ -263,7 +270,7 @@ def test_disk_write_is_atomic(tmp_path, monkeypatch):
         disk.write(KEY, {"latent": torch.ones(2)})
     monkeypatch.setattr(stores.os, "replace", real_replace)
     # the temp file was in the same folder (os.replace is only atomic there) and was cleaned up
-    (src, dst), = seen
+    ((src, dst),) = seen
     assert os.path.dirname(src) == os.path.dirname(dst) == str(tmp_path)
     assert not os.path.exists(src)
     assert [p.name for p in tmp_path.iterdir()] == [disk.path(KEY).name]

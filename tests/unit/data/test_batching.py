@@ -1,17 +1,24 @@
 """Registration, per-bucket batches, step counts and seeded composition against kohya (golden steps.json)."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
-
-from sdxl_lora_trainer.trainer.data.bucket_batches import BucketBatcher, TrainItem, batches_per_bucket, batches_per_epoch, bucket_counts, max_train_steps_for_epochs, num_train_epochs_for_steps, steps_per_epoch
-from sdxl_lora_trainer.trainer.data.registration import Subset, register_dreambooth, register_finetuning
-from sdxl_lora_trainer.trainer.data.buckets import BucketSelector, BucketSettings
-
-
 from golden_data import load_golden as _load_for_params  # noqa: E402  (collection-time parameters)
 
+from sdxl_lora_trainer.trainer.data.bucket_batches import (
+    BucketBatcher,
+    TrainItem,
+    batches_per_bucket,
+    batches_per_epoch,
+    bucket_counts,
+    max_train_steps_for_epochs,
+    num_train_epochs_for_steps,
+    steps_per_epoch,
+)
+from sdxl_lora_trainer.trainer.data.buckets import BucketSelector, BucketSettings
+from sdxl_lora_trainer.trainer.data.registration import Subset, register_dreambooth, register_finetuning
 
 _DATA = _load_for_params("steps")
 SCENARIOS = [s["id"] for s in _DATA.get("scenarios", [])]
@@ -83,8 +90,13 @@ def test_registration(golden, scenario_id):
         assert reg.num_reg_images == expected["num_reg_images"]
         assert [subsets[i].source for i in reg.subsets_used] == expected["subsets_used"]
         got = [
-            {"image": r.image[0], "image_size": list(r.image[1]), "num_repeats": r.num_repeats, "is_reg": r.is_reg,
-             "bucket": list(item.bucket)}
+            {
+                "image": r.image[0],
+                "image_size": list(r.image[1]),
+                "num_repeats": r.num_repeats,
+                "is_reg": r.is_reg,
+                "bucket": list(item.bucket),
+            }
             for r, item in zip(reg.images, items)
         ]
         assert got == expected["images"]
@@ -170,7 +182,9 @@ def test_reg_images_beyond_need_are_not_registered():
     reg = register_dreambooth([_db("train", 3), _db("reg", 5, is_reg=True)])
     assert reg.num_train_images == 3 and reg.num_reg_images == 5
     assert [(r.image, r.num_repeats, r.is_reg) for r in reg.images if r.is_reg] == [
-        ("reg/0", 1, True), ("reg/1", 1, True), ("reg/2", 1, True)
+        ("reg/0", 1, True),
+        ("reg/1", 1, True),
+        ("reg/2", 1, True),
     ]
 
 

@@ -1,22 +1,31 @@
 """Bucket lists and per-image bucket selection against kohya's own numbers (golden buckets.json)."""
+
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
+from golden_data import load_golden as _load_for_params  # noqa: E402  (collection-time parameters)
 from PIL import Image
 
-from sdxl_lora_trainer.trainer.data.buckets import BucketSelection, BucketSelector, BucketSettings, EmptyBucketError, adjust_min_max_bucket_reso, get_crop_ltrb, make_bucket_resolutions, predefined_buckets, resize_and_crop, resize_filter
-
-from golden_data import load_golden as _load_for_params  # noqa: E402  (collection-time parameters)
-
+from sdxl_lora_trainer.trainer.data.buckets import (
+    BucketSelection,
+    BucketSelector,
+    BucketSettings,
+    EmptyBucketError,
+    adjust_min_max_bucket_reso,
+    get_crop_ltrb,
+    make_bucket_resolutions,
+    predefined_buckets,
+    resize_and_crop,
+    resize_filter,
+)
 
 _DATA = _load_for_params("buckets")
 SETTING_IDS = [s["id"] for s in _DATA.get("settings", [])]
-SELECTION_IDS = [
-    (s["id"], i) for s in _DATA.get("settings", []) for i, _ in enumerate(s["selections"])
-]
+SELECTION_IDS = [(s["id"], i) for s in _DATA.get("settings", []) for i, _ in enumerate(s["selections"])]
 
 
 def _setting(golden, setting_id: str) -> dict:
@@ -191,7 +200,7 @@ def test_disabled_bucketing_requires_exact_size():
 def test_selection_is_frozen():
     sel = BucketSelector(BucketSettings(resolution=(1024, 1024), max_bucket_reso=2048)).select((1920, 1080))
     assert isinstance(sel, BucketSelection)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         sel.bucket = (1, 1)  # type: ignore[misc]
 
 
@@ -275,7 +284,9 @@ def test_resize_and_crop_without_resize_is_a_centre_crop():
     assert out.tobytes() == img.crop((16, 12, 784, 588)).tobytes()
 
 
-@pytest.mark.parametrize("size,resample", [((1920, 1080), Image.Resampling.BOX), ((257, 1000), Image.Resampling.LANCZOS)])
+@pytest.mark.parametrize(
+    "size,resample", [((1920, 1080), Image.Resampling.BOX), ((257, 1000), Image.Resampling.LANCZOS)]
+)
 def test_resize_and_crop_with_resize(size, resample):
     s = BucketSettings(resolution=(1024, 1024), max_bucket_reso=2048)
     sel = BucketSelector(s).select(size)

@@ -1,4 +1,5 @@
 """Caption processing (kohya's process_caption semantics) and the ComfyUI escape, without ComfyUI."""
+
 from __future__ import annotations
 
 import random

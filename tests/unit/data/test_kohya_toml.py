@@ -1,4 +1,6 @@
-"""trainer/data/kohya_toml.py: kohya's general -> dataset -> subset precedence, defaults, warnings for what kohya drops."""
+"""trainer/data/kohya_toml.py: kohya's general -> dataset -> subset precedence, defaults, warnings for what kohya
+drops."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdxl_lora_trainer.trainer.data.kohya_toml import BUCKET_KEYS, DatasetTomlConfig, load_dataset_toml, parse_dataset_config, scan_dataset_toml
 from sdxl_lora_trainer.trainer.data.images import DatasetError
+from sdxl_lora_trainer.trainer.data.kohya_toml import (
+    BUCKET_KEYS,
+    DatasetTomlConfig,
+    load_dataset_toml,
+    parse_dataset_config,
+    scan_dataset_toml,
+)
 
 
 def img(path: Path, size=(64, 48)) -> Path:
@@ -67,7 +75,11 @@ def test_precedence_general_dataset_subset(tmp_path):
     # keep_tokens: subset (3) > dataset (2) > general (1)
     assert (a.params["keep_tokens"], b.params["keep_tokens"], c.params["keep_tokens"]) == (3, 2, 1)
     # shuffle_caption: general true, overridden to false only by the subset that says so
-    assert (a.params["shuffle_caption"], b.params["shuffle_caption"], c.params["shuffle_caption"]) == (True, True, False)
+    assert (a.params["shuffle_caption"], b.params["shuffle_caption"], c.params["shuffle_caption"]) == (
+        True,
+        True,
+        False,
+    )
     # caption_extension: general ".txt", dataset 2 "caption" (kohya adds the dot)
     assert (a.caption_extension, b.caption_extension, c.caption_extension) == (".txt", ".txt", ".caption")
     assert a.num_repeats == 10 and b.num_repeats == 1 and b.is_reg and not a.is_reg
@@ -84,7 +96,9 @@ def test_precedence_general_dataset_subset(tmp_path):
         "bucket_reso_steps": 64,
         "bucket_no_upscale": False,
     }
-    assert d1.bucket["resolution"] == (768, 512) and d1.bucket["batch_size"] == 1 and d1.bucket["min_bucket_reso"] == 256
+    assert (
+        d1.bucket["resolution"] == (768, 512) and d1.bucket["batch_size"] == 1 and d1.bucket["min_bucket_reso"] == 256
+    )
     assert set(d0.bucket) == set(BUCKET_KEYS)
     assert d0.params["network_multiplier"] == 1.0
     # relative image_dir is anchored at the TOML's folder
@@ -148,7 +162,9 @@ def test_unknown_and_misplaced_keys_are_reported_by_section(tmp_path):
 
 def test_wrong_types_are_errors_naming_key_and_section(tmp_path):
     with pytest.raises(DatasetError) as e:
-        load_dataset_toml(write(tmp_path / "ds.toml", '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = "10"\n'))
+        load_dataset_toml(
+            write(tmp_path / "ds.toml", '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = "10"\n')
+        )
     msg = str(e.value)
     assert "ds.toml" in msg and "[[datasets.subsets]] #1 of [[datasets]] #1" in msg
     assert "'num_repeats' must be a whole number" in msg and "num_repeats = 10" in msg
@@ -189,13 +205,22 @@ def test_scan_items_carry_config(tmp_path):
     img(tmp_path / "b" / "2.png")
     img(tmp_path / "c" / "3.png")
     write(tmp_path / "c" / "3.caption", "c three")
-    write(tmp_path / "input" / "ds.toml", PRECEDENCE_TOML.replace('"a"', '"../a"').replace('"b"', '"../b"').replace('"c"', '"../c"'))
+    write(
+        tmp_path / "input" / "ds.toml",
+        PRECEDENCE_TOML.replace('"a"', '"../a"').replace('"b"', '"../b"').replace('"c"', '"../c"'),
+    )
     cfg, r = scan_dataset_toml("ds.toml", input_dir=tmp_path / "input")
     assert isinstance(cfg, DatasetTomlConfig)
     assert [Path(i.image_path).name for i in r.items] == ["1.png", "2.png", "3.png"]
     one, two, three = r.items
     assert (one.caption, one.num_repeats, one.is_reg, one.dataset_index, one.subset_index) == ("a one", 10, False, 0, 0)
-    assert (two.caption, two.caption_source, two.is_reg, two.dataset_index, two.subset_index) == ("dog", "class_tokens", True, 0, 1)
+    assert (two.caption, two.caption_source, two.is_reg, two.dataset_index, two.subset_index) == (
+        "dog",
+        "class_tokens",
+        True,
+        0,
+        1,
+    )
     assert (three.caption, three.dataset_index, three.subset_index) == ("c three", 1, 0)
     assert one.image_size == (32, 16)
 
@@ -222,7 +247,10 @@ def test_duplicate_image_dir_is_dropped_with_warning(tmp_path):
 
 def test_same_image_dir_in_different_datasets_is_kept(tmp_path):
     img(tmp_path / "imgs" / "x.png")
-    toml = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\n'
+    toml = (
+        '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\n'
+        '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\n'
+    )
     _, r = scan_dataset_toml(write(tmp_path / "ds.toml", toml))
     assert [i.dataset_index for i in r.items] == [0, 1]
     assert not any("same image_dir" in w for w in r.warnings)
@@ -239,7 +267,9 @@ def test_same_folder_written_differently_is_kept_but_reported(tmp_path):
 def test_num_repeats_below_one_is_dropped_with_warning(tmp_path):
     img(tmp_path / "a" / "x.png")
     img(tmp_path / "b" / "y.png")
-    toml = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = 0\n[[datasets.subsets]]\nimage_dir = "b"\n'
+    toml = (
+        '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = 0\n[[datasets.subsets]]\nimage_dir = "b"\n'
+    )
     cfg, r = scan_dataset_toml(write(tmp_path / "ds.toml", toml))
     assert [Path(i.image_path).name for i in r.items] == ["y.png"]
     assert any("num_repeats = 0 is less than 1" in w and "#1" in w for w in r.warnings)

@@ -1,23 +1,27 @@
 """SDXL time_ids and size embedding against kohya's dataset path (golden time_ids.json)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
-
-from sdxl_lora_trainer.trainer.data.buckets import BucketSelector, BucketSettings
-from sdxl_lora_trainer.trainer.data.size_conditioning import SizeConditioning, size_conditioning, size_embedding, time_ids_tensor
-
-
 from golden_data import load_golden as _load_for_params  # noqa: E402  (collection-time parameters)
 
+from sdxl_lora_trainer.trainer.data.buckets import BucketSelector, BucketSettings
+from sdxl_lora_trainer.trainer.data.size_conditioning import (
+    SizeConditioning,
+    size_conditioning,
+    size_embedding,
+    time_ids_tensor,
+)
 
 _DATA = _load_for_params("time_ids")
 CASE_IDS = [
     f"{i}-{c['setting'].split('_')[0]}-{c['image_size'][0]}x{c['image_size'][1]}-{'flip' if c['flipped'] else 'noflip'}"
     for i, c in enumerate(_DATA.get("cases", []))
 ]
-NON_BUCKET_IDS = [f"{i}-{'flip' if c['flipped'] else 'noflip'}" for i, c in enumerate(_DATA.get("non_bucket_cases", []))]
+NON_BUCKET_IDS = [
+    f"{i}-{'flip' if c['flipped'] else 'noflip'}" for i, c in enumerate(_DATA.get("non_bucket_cases", []))
+]
 
 
 def _settings(golden, setting_id: str) -> BucketSettings:

@@ -1,4 +1,5 @@
 """trainer/data/sources.py: kohya folder layout, captions, metadata.jsonl, in-graph images, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_lora_trainer.trainer.data.sources import DatasetError, DatasetItem, ScanResult, items_from_images, parse_repeats_folder_name, read_caption_file, resolve_dataset_path, scan_folder, scan_image_dir, scan_metadata_jsonl
+from sdxl_lora_trainer.trainer.data.sources import (
+    DatasetError,
+    DatasetItem,
+    ScanResult,
+    items_from_images,
+    parse_repeats_folder_name,
+    read_caption_file,
+    resolve_dataset_path,
+    scan_folder,
+    scan_image_dir,
+    scan_metadata_jsonl,
+)
 
 
 def img(path: Path, size=(64, 48), color=(200, 10, 10), mode="RGB") -> Path:

@@ -1,4 +1,5 @@
 """The LoRA file: safe names, one name per run, atomic writes, kohya's metadata and addnet hashes, save dtypes."""
+
 from __future__ import annotations
 
 import datetime
@@ -11,10 +12,16 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+
 from sdxl_lora_trainer.trainer.network import safetensors_file
-from sdxl_lora_trainer.trainer.network.safetensors_file import atomic_write_safetensors, read_lora, save_lora, sshs_hashes
-from sdxl_lora_trainer.trainer.network.metadata import build_metadata, kohya_bucket_info, tag_frequency
 from sdxl_lora_trainer.trainer.network.file_names import safe_relative_name, unique_lora_path
+from sdxl_lora_trainer.trainer.network.metadata import build_metadata, kohya_bucket_info, tag_frequency
+from sdxl_lora_trainer.trainer.network.safetensors_file import (
+    atomic_write_safetensors,
+    read_lora,
+    save_lora,
+    sshs_hashes,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures
@@ -78,8 +85,13 @@ WORKFLOW = {"last_node_id": 1, "nodes": [{"id": 1, "type": "CheckpointLoaderSimp
 
 
 def _metadata(**kw):
-    args = {"step": 100, "epoch": 5, "prompt": PROMPT, "extra_pnginfo": {"workflow": WORKFLOW},
-            "finished_at": 1_700_000_100.25}
+    args = {
+        "step": 100,
+        "epoch": 5,
+        "prompt": PROMPT,
+        "extra_pnginfo": {"workflow": WORKFLOW},
+        "finished_at": 1_700_000_100.25,
+    }
     args.update(kw)
     return build_metadata(_training(), _dataset(), _network(), **args)
 
@@ -120,8 +132,22 @@ ESCAPING_SUBFOLDERS = [
     "a?b",
 ]
 
-BAD_STEMS = ["../x", "/abs", "C:\\x", "..\\x", "a/b", "a/../../b", "", "   ", ".hidden", "..", "x\x00", "nul", "x:y",
-             ".safetensors"]
+BAD_STEMS = [
+    "../x",
+    "/abs",
+    "C:\\x",
+    "..\\x",
+    "a/b",
+    "a/../../b",
+    "",
+    "   ",
+    ".hidden",
+    "..",
+    "x\x00",
+    "nul",
+    "x:y",
+    ".safetensors",
+]
 
 
 @pytest.mark.parametrize("subfolder", ESCAPING_SUBFOLDERS)
@@ -304,7 +330,7 @@ def test_failed_serialization_leaves_no_temp_and_no_partial_file(tmp_path, monke
 
     def partial_then_fail(tensors, filename, metadata=None):
         seen.append(Path(filename))
-        Path(filename).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"partial")  # half a file, then the crash
+        Path(filename).write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"partial')  # half a file, then the crash
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", partial_then_fail)
@@ -541,38 +567,105 @@ def test_stale_hashes_in_the_given_metadata_are_replaced(tmp_path):
 
 # every ss_* key kohya's train_network.py writes for a single dataset without --dataset_config (plus the per-save ones)
 KOHYA_SS_KEYS = {
-    "ss_session_id", "ss_training_started_at", "ss_output_name", "ss_learning_rate", "ss_text_encoder_lr",
-    "ss_unet_lr", "ss_num_train_images", "ss_num_validation_images", "ss_num_reg_images", "ss_num_batches_per_epoch",
-    "ss_num_epochs", "ss_gradient_checkpointing", "ss_gradient_accumulation_steps", "ss_max_train_steps",
-    "ss_lr_warmup_steps", "ss_lr_scheduler", "ss_network_module", "ss_network_dim", "ss_network_alpha",
-    "ss_network_dropout", "ss_mixed_precision", "ss_full_fp16", "ss_v2", "ss_base_model_version", "ss_clip_skip",
-    "ss_max_token_length", "ss_cache_latents", "ss_seed", "ss_lowram", "ss_noise_offset",
-    "ss_multires_noise_iterations", "ss_multires_noise_discount", "ss_adaptive_noise_scale", "ss_zero_terminal_snr",
-    "ss_training_comment", "ss_sd_scripts_commit_hash", "ss_optimizer", "ss_max_grad_norm", "ss_caption_dropout_rate",
-    "ss_caption_dropout_every_n_epochs", "ss_caption_tag_dropout_rate", "ss_face_crop_aug_range",
-    "ss_prior_loss_weight", "ss_min_snr_gamma", "ss_scale_weight_norms", "ss_ip_noise_gamma",
-    "ss_debiased_estimation", "ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength",
-    "ss_loss_type", "ss_huber_schedule", "ss_huber_scale", "ss_huber_c", "ss_fp8_base", "ss_fp8_base_unet",
-    "ss_validation_seed", "ss_validation_split", "ss_max_validation_steps", "ss_validate_every_n_epochs",
-    "ss_validate_every_n_steps", "ss_resize_interpolation",
-    "ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_color_aug", "ss_flip_aug",
-    "ss_random_crop", "ss_shuffle_caption", "ss_enable_bucket", "ss_bucket_no_upscale", "ss_min_bucket_reso",
-    "ss_max_bucket_reso", "ss_keep_tokens", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_tag_frequency",
+    "ss_session_id",
+    "ss_training_started_at",
+    "ss_output_name",
+    "ss_learning_rate",
+    "ss_text_encoder_lr",
+    "ss_unet_lr",
+    "ss_num_train_images",
+    "ss_num_validation_images",
+    "ss_num_reg_images",
+    "ss_num_batches_per_epoch",
+    "ss_num_epochs",
+    "ss_gradient_checkpointing",
+    "ss_gradient_accumulation_steps",
+    "ss_max_train_steps",
+    "ss_lr_warmup_steps",
+    "ss_lr_scheduler",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_dropout",
+    "ss_mixed_precision",
+    "ss_full_fp16",
+    "ss_v2",
+    "ss_base_model_version",
+    "ss_clip_skip",
+    "ss_max_token_length",
+    "ss_cache_latents",
+    "ss_seed",
+    "ss_lowram",
+    "ss_noise_offset",
+    "ss_multires_noise_iterations",
+    "ss_multires_noise_discount",
+    "ss_adaptive_noise_scale",
+    "ss_zero_terminal_snr",
+    "ss_training_comment",
+    "ss_sd_scripts_commit_hash",
+    "ss_optimizer",
+    "ss_max_grad_norm",
+    "ss_caption_dropout_rate",
+    "ss_caption_dropout_every_n_epochs",
+    "ss_caption_tag_dropout_rate",
+    "ss_face_crop_aug_range",
+    "ss_prior_loss_weight",
+    "ss_min_snr_gamma",
+    "ss_scale_weight_norms",
+    "ss_ip_noise_gamma",
+    "ss_debiased_estimation",
+    "ss_noise_offset_random_strength",
+    "ss_ip_noise_gamma_random_strength",
+    "ss_loss_type",
+    "ss_huber_schedule",
+    "ss_huber_scale",
+    "ss_huber_c",
+    "ss_fp8_base",
+    "ss_fp8_base_unet",
+    "ss_validation_seed",
+    "ss_validation_split",
+    "ss_max_validation_steps",
+    "ss_validate_every_n_epochs",
+    "ss_validate_every_n_steps",
+    "ss_resize_interpolation",
+    "ss_batch_size_per_device",
+    "ss_total_batch_size",
+    "ss_resolution",
+    "ss_color_aug",
+    "ss_flip_aug",
+    "ss_random_crop",
+    "ss_shuffle_caption",
+    "ss_enable_bucket",
+    "ss_bucket_no_upscale",
+    "ss_min_bucket_reso",
+    "ss_max_bucket_reso",
+    "ss_keep_tokens",
+    "ss_dataset_dirs",
+    "ss_reg_dataset_dirs",
+    "ss_tag_frequency",
     "ss_bucket_info",
     "ss_network_args",
-    "ss_training_finished_at", "ss_steps", "ss_epoch",
+    "ss_training_finished_at",
+    "ss_steps",
+    "ss_epoch",
 }
 
 MODELSPEC_KEYS = {
-    "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation", "modelspec.title",
-    "modelspec.resolution", "modelspec.date", "modelspec.prediction_type", "modelspec.implementation_version",
+    "modelspec.sai_model_spec",
+    "modelspec.architecture",
+    "modelspec.implementation",
+    "modelspec.title",
+    "modelspec.resolution",
+    "modelspec.date",
+    "modelspec.prediction_type",
+    "modelspec.implementation_version",
 }
 
 
 def test_all_kohya_keys_present_and_all_values_strings():
     meta = _metadata()
-    assert KOHYA_SS_KEYS <= set(meta), sorted(KOHYA_SS_KEYS - set(meta))
-    assert MODELSPEC_KEYS <= set(meta), sorted(MODELSPEC_KEYS - set(meta))
+    assert set(meta) >= KOHYA_SS_KEYS, sorted(KOHYA_SS_KEYS - set(meta))
+    assert set(meta) >= MODELSPEC_KEYS, sorted(MODELSPEC_KEYS - set(meta))
     assert {"comfyui.prompt", "comfyui.workflow"} <= set(meta)
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     assert not {k for k in meta if k.startswith("sshs_")}  # added at save time
@@ -673,15 +766,24 @@ def test_model_names_written_only_when_given():
     assert "ss_sd_model_name" not in meta and "ss_vae_name" not in meta
     meta = build_metadata(
         _training(sd_model_name="sd_xl_base_1.0.safetensors", new_sd_model_hash="ab" * 32),
-        _dataset(), _network(), step=1, epoch=1,
+        _dataset(),
+        _network(),
+        step=1,
+        epoch=1,
     )
     assert meta["ss_sd_model_name"] == "sd_xl_base_1.0.safetensors" and meta["ss_new_sd_model_hash"] == "ab" * 32
     assert "ss_sd_model_hash" not in meta
 
 
 @pytest.mark.parametrize(
-    "part, key", [("training", "learning_rate"), ("training", "seed"), ("dataset", "tag_frequency"),
-                  ("network", "dim"), ("network", "alpha")]
+    "part, key",
+    [
+        ("training", "learning_rate"),
+        ("training", "seed"),
+        ("dataset", "tag_frequency"),
+        ("network", "dim"),
+        ("network", "alpha"),
+    ],
 )
 def test_missing_required_key_is_an_error(part, key):
     parts = {"training": _training(), "dataset": _dataset(), "network": _network()}
@@ -698,9 +800,15 @@ def test_unknown_key_is_an_error():
 def test_minimal_metadata_like_kohyas_no_metadata():
     meta = _metadata(minimal=True)
     ss = {k for k in meta if k.startswith("ss_")}
-    assert ss == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
-                  "ss_network_args"}
-    assert MODELSPEC_KEYS <= set(meta)
+    assert ss == {
+        "ss_v2",
+        "ss_base_model_version",
+        "ss_network_module",
+        "ss_network_dim",
+        "ss_network_alpha",
+        "ss_network_args",
+    }
+    assert set(meta) >= MODELSPEC_KEYS
     assert not any(k.startswith("comfyui.") for k in meta)
 
 

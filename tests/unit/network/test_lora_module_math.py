@@ -1,5 +1,6 @@
 """LoRA module math against network_math.json (kohya's LoRAModule / LoRAInfModule / max-norm on CPU), plus the
 parts of trainer/network/ that need no model: init draws, dropouts, config parsing, param groups."""
+
 from __future__ import annotations
 
 import math
@@ -8,12 +9,12 @@ import re
 import pytest
 import torch
 
-from sdxl_lora_trainer.trainer.network.lora import LoRAModule, LoRANetwork
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig, block_lr_weight_from_kohya, parse_block_list
+from sdxl_lora_trainer.trainer.network.lora import LoRAModule, LoRANetwork
 from sdxl_lora_trainer.trainer.network.targets import sdxl_block_index
 
 # network_math.json holds float32 results written as doubles: compare at float32 resolution (README: ~1e-6 rel).
-F32 = dict(rtol=2e-6, atol=1e-6)
+F32 = {"rtol": 2e-6, "atol": 1e-6}
 
 
 def T(values, shape) -> torch.Tensor:
@@ -31,8 +32,10 @@ def make_base(case: dict) -> torch.nn.Module:
         out_f, in_f = case["W_shape"]
         base = torch.nn.Linear(in_f, out_f, bias=case["bias"] is not None)
     else:
-        m = re.match(r"Conv2d\((\d+), (\d+), kernel_size=\((\d+), (\d+)\), stride=\((\d+), (\d+)\), padding=\((\d+), (\d+)\)",
-                     repr_)
+        m = re.match(
+            r"Conv2d\((\d+), (\d+), kernel_size=\((\d+), (\d+)\), stride=\((\d+), (\d+)\), padding=\((\d+), (\d+)\)",
+            repr_,
+        )
         i, o, kh, kw, sh, sw, ph, pw = map(int, m.groups())
         base = torch.nn.Conv2d(i, o, (kh, kw), (sh, sw), (ph, pw), bias=case["bias"] is not None)
     assert repr(base) == repr_
@@ -147,13 +150,13 @@ def test_max_norm_regularization(golden):
             loras.append(lora)
         net = LoRANetwork.from_modules(loras)
         assert list(net.state_dict()) == entry["state_dict_key_order"]
-        params_before = [p for p in net.parameters()]
+        params_before = list(net.parameters())
         keys_scaled, mean_norm, max_norm = net.apply_max_norm(entry["max_norm_value"]).read()
         assert keys_scaled == entry["returned_keys_scaled"]
         assert mean_norm == pytest.approx(entry["returned_mean_norm"], rel=2e-6)
         assert max_norm == pytest.approx(entry["returned_max_norm"], rel=2e-6)
         # in place: the very same Parameter objects now hold kohya's scaled values
-        assert [p for p in net.parameters()] == params_before
+        assert list(net.parameters()) == params_before
         after = {m["name"]: m for m in entry[after_key]}
         for lora, m in zip(loras, entry["modules_in"]):
             a = after[lora.lora_name]
@@ -268,12 +271,10 @@ def test_attach_is_exclusive_and_always_detaches():
     base = torch.nn.Linear(4, 4)
     lora = LoRAModule("lora_unet_x", base, 2, 1.0, generator=gen())
     net = LoRANetwork.from_modules([lora])
-    with pytest.raises(ValueError, match="boom"):
-        with net.attach():
-            with pytest.raises(RuntimeError, match="already attached"):
-                with net.attach():
-                    pass
-            raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"), net.attach():
+        with pytest.raises(RuntimeError, match="already attached"), net.attach():
+            pass
+        raise ValueError("boom")
     assert len(base._forward_hooks) == 0 and not net.attached
     # the original module is not a submodule of the network
     assert all(m is not base for m in net.modules())
@@ -310,16 +311,30 @@ def test_config_rules():
         NetworkConfig(block_alphas=[1.0] * 23)
     with pytest.raises(ValueError, match="rank_dropout"):
         NetworkConfig(rank_dropout=1.0)
-    cfg = NetworkConfig(network_dim=8, network_alpha=4.0, conv_dim=2, block_dims=[0] + [8] * 21 + [0],
-                        block_lr_weight=[1.0] * 5 + [0.0] + [1.0] * 17)
+    cfg = NetworkConfig(
+        network_dim=8,
+        network_alpha=4.0,
+        conv_dim=2,
+        block_dims=[0] + [8] * 21 + [0],
+        block_lr_weight=[1.0] * 5 + [0.0] + [1.0] * 17,
+    )
     dims, alphas, conv_dims, conv_alphas = cfg.resolved_block_dims()
     assert dims[5] == 0 and conv_dims[5] == 0 and dims[4] == 8 and conv_dims[4] == 2
     assert alphas == [4.0] * 23 and conv_alphas == [1.0] * 23  # conv_alpha None -> 1.0 (kohya)
 
 
 def test_from_kohya_kwargs_and_block_lr_presets():
-    cfg = NetworkConfig.from_kohya_kwargs(16, 8, 0.1, conv_dim="4", conv_alpha="1", rank_dropout="0.2",
-                                          down_lr_weight="1,1,1,1,1,1,1,1,0", mid_lr_weight="2", up_lr_weight="zeros+0.5")
+    cfg = NetworkConfig.from_kohya_kwargs(
+        16,
+        8,
+        0.1,
+        conv_dim="4",
+        conv_alpha="1",
+        rank_dropout="0.2",
+        down_lr_weight="1,1,1,1,1,1,1,1,0",
+        mid_lr_weight="2",
+        up_lr_weight="zeros+0.5",
+    )
     assert (cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha) == (16, 8.0, 4, 1.0)
     assert cfg.dropout == 0.1 and cfg.rank_dropout == 0.2 and cfg.block_mode
     assert cfg.block_lr_weight == tuple([1.0] + [1.0] * 8 + [0.0] + [2.0, 1.0, 1.0] + [0.5] * 9 + [1.0])
@@ -337,8 +352,11 @@ def test_from_kohya_kwargs_and_block_lr_presets():
 
 def _toy_network(block_names=("lora_unet_input_blocks_4_1_proj_in", "lora_unet_output_blocks_2_2_conv")):
     loras = []
-    for name in ("lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te2_text_model_encoder_layers_0_mlp_fc1",
-                 *block_names):
+    for name in (
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+        *block_names,
+    ):
         loras.append(LoRAModule(name, torch.nn.Linear(4, 4), 2, 1.0, generator=gen()))
     return LoRANetwork.from_modules(loras)
 
@@ -353,7 +371,7 @@ def test_param_groups_like_kohya():
     groups, descs = net.param_groups(1e-4, 5e-5, 5e-5)
     assert descs == ["textencoder", "unet"]
     assert [g["lr"] for g in groups] == [5e-5, 1e-4]
-    assert _ids(groups[0]) == [id(p) for l in (te1, te2) for p in (l.lora_down.weight, l.lora_up.weight)]
+    assert _ids(groups[0]) == [id(p) for lora in (te1, te2) for p in (lora.lora_down.weight, lora.lora_up.weight)]
 
     groups, descs = net.param_groups(1e-4, 5e-5, 5e-5, loraplus_lr_ratio=16, loraplus_text_encoder_lr_ratio=4)
     assert descs == ["textencoder", "textencoder plus", "unet", "unet plus"]

@@ -4,6 +4,7 @@ The schedule tables are built only from IEEE-exact float32 ops (linspace, x*x, 1
 so they are compared bit-exactly. The sigma-bridge formulas are checked in float64 (algebraic identity, ~1e-12)
 and in float32 (bounded by float32 rounding).
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,18 @@ import math
 import pytest
 import torch
 
-from sdxl_lora_trainer.trainer.objective.ddpm_schedule import DDPMSchedule, comfy_noisy_latents, comfy_to_kohya_noisy, eps_to_v, eps_to_x0, kohya_to_comfy_noisy, sigma_for_timesteps, timesteps_for_sigmas, x0_to_eps, x0_to_v
+from sdxl_lora_trainer.trainer.objective.ddpm_schedule import (
+    DDPMSchedule,
+    comfy_noisy_latents,
+    comfy_to_kohya_noisy,
+    eps_to_v,
+    eps_to_x0,
+    kohya_to_comfy_noisy,
+    sigma_for_timesteps,
+    timesteps_for_sigmas,
+    x0_to_eps,
+    x0_to_v,
+)
 
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -172,7 +184,9 @@ def test_comfy_input_equals_kohya_add_noise_float32(schedule):
     x = comfy_noisy_latents(latents, noise, sigma)
     via_comfy = comfy_to_kohya_noisy(x, sigma)
     # a handful of float32 roundings of values of size |x| scaled back by 1/sqrt(sigma**2+1)
-    bound = 4 * F32_EPS * x.abs().amax(dim=(1, 2, 3)) / torch.sqrt(sigma**2 + 1) + 4 * F32_EPS * kohya.abs().amax(dim=(1, 2, 3))
+    bound = 4 * F32_EPS * x.abs().amax(dim=(1, 2, 3)) / torch.sqrt(sigma**2 + 1) + 4 * F32_EPS * kohya.abs().amax(
+        dim=(1, 2, 3)
+    )
     err = (via_comfy - kohya).abs().amax(dim=(1, 2, 3))
     assert torch.all(err <= bound), (err, bound)
     back = kohya_to_comfy_noisy(kohya, sigma)

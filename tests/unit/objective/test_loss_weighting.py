@@ -1,11 +1,26 @@
 """Loss weights, huber thresholds, element-wise losses and the reduction order vs kohya golden data (schedule.json)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings, add_v_prediction_like_loss, apply_debiased_estimation, apply_snr_weight, compute_loss, conditional_loss, debiased_estimation_weight, huber_c_for_timesteps, huber_c_if_needed, min_snr_weight, post_process_loss, scale_v_prediction_loss_like_noise_prediction, snr_scale
 from sdxl_lora_trainer.trainer.objective.ddpm_schedule import DDPMSchedule
+from sdxl_lora_trainer.trainer.objective.loss_weighting import (
+    LossSettings,
+    add_v_prediction_like_loss,
+    apply_debiased_estimation,
+    apply_snr_weight,
+    compute_loss,
+    conditional_loss,
+    debiased_estimation_weight,
+    huber_c_for_timesteps,
+    huber_c_if_needed,
+    min_snr_weight,
+    post_process_loss,
+    scale_v_prediction_loss_like_noise_prediction,
+    snr_scale,
+)
 
 
 def f32(values) -> torch.Tensor:
@@ -41,7 +56,12 @@ def timesteps(golden) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "key,gamma,v_pred",
-    [("gamma5_epsilon", 5, False), ("gamma5_v_pred", 5, True), ("gamma1_epsilon", 1, False), ("gamma1_v_pred", 1, True)],
+    [
+        ("gamma5_epsilon", 5, False),
+        ("gamma5_v_pred", 5, True),
+        ("gamma1_epsilon", 1, False),
+        ("gamma1_v_pred", 1, True),
+    ],
 )
 def test_min_snr_weight(golden, schedule, timesteps, key, gamma, v_pred):
     expected = f32(golden("schedule")["min_snr_weight"][key])
@@ -172,7 +192,9 @@ def test_conditional_loss_reductions(loss_example, loss_type, reduction):
     huber_c = f32(c["huber_c_snr_schedule"])
     elementwise = f32(c[loss_type])
     expected = elementwise.mean() if reduction == "mean" else elementwise.sum()
-    torch.testing.assert_close(conditional_loss(pred, target, loss_type, huber_c, reduction), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        conditional_loss(pred, target, loss_type, huber_c, reduction), expected, rtol=1e-6, atol=0
+    )
 
 
 def test_huber_needs_c(loss_example):

@@ -5,6 +5,7 @@ noise.json was made after ``torch.manual_seed(S)`` / ``random.seed(R)``; on CPU 
 The draw order is checked by replaying the golden ``random_calls_in_order`` on fresh RNGs and comparing the final
 RNG states with the ones our code leaves behind.
 """
+
 from __future__ import annotations
 
 import random
@@ -13,8 +14,15 @@ import re
 import pytest
 import torch
 
-from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings, apply_noise_offset, pyramid_noise_like, sample_noise_and_timesteps, sample_timesteps, timestep_range
 from sdxl_lora_trainer.trainer.objective.ddpm_schedule import DDPMSchedule
+from sdxl_lora_trainer.trainer.objective.noise import (
+    NoiseSettings,
+    apply_noise_offset,
+    pyramid_noise_like,
+    sample_noise_and_timesteps,
+    sample_timesteps,
+    timestep_range,
+)
 
 
 def f32(values, shape=None) -> torch.Tensor:
@@ -145,8 +153,11 @@ def test_pyramid_noise_modifies_input_in_place(golden, inputs):
     _, _, noise_in = inputs
     noise = noise_in.clone()
     out = pyramid_noise_like(
-        noise, torch.Generator().manual_seed(d["torch_manual_seed"]), random.Random(d["python_random_seed"]),
-        d["iterations"], d["discount"],
+        noise,
+        torch.Generator().manual_seed(d["torch_manual_seed"]),
+        random.Random(d["python_random_seed"]),
+        d["iterations"],
+        d["discount"],
     )
     assert not torch.equal(noise, noise_in)
     # the in-place sum, divided by its own unbiased std over the WHOLE tensor, is the output
@@ -223,7 +234,9 @@ def test_pipeline_ip_noise_not_in_target(inputs, schedule):
     base = NoiseSettings()
     with_ip = NoiseSettings(ip_noise_gamma=0.1)
     a = sample_noise_and_timesteps(latents, base, torch.Generator().manual_seed(9), random.Random(0), schedule=schedule)
-    b = sample_noise_and_timesteps(latents, with_ip, torch.Generator().manual_seed(9), random.Random(0), schedule=schedule)
+    b = sample_noise_and_timesteps(
+        latents, with_ip, torch.Generator().manual_seed(9), random.Random(0), schedule=schedule
+    )
     assert torch.equal(a.noise, b.noise)
     assert torch.equal(a.timesteps, b.timesteps)
     assert not torch.equal(a.noisy_latents, b.noisy_latents)

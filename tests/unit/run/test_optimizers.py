@@ -3,8 +3,10 @@
 Scheduler expectations are re-derived here from the documented closed forms (transformers' schedule docs, which
 kohya uses), not by calling the library's lambdas.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -12,8 +14,27 @@ import sys
 import pytest
 import torch
 
-from sdxl_lora_trainer.trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerConfigError, OptimizerSettings, OptimizerUnavailableError, build_optimizer, canonical_optimizer_type, clip_gradients, is_schedule_free, optimizer_eval_mode, optimizer_metadata_name, optimizer_train_mode, parse_optimizer_args, resolve_optimizer_kwargs
-from sdxl_lora_trainer.trainer.run.schedulers import SCHEDULER_TYPES, ScheduleFreeDummyScheduler, build_scheduler, resolve_warmup_steps
+from sdxl_lora_trainer.trainer.run.optimizers import (
+    OPTIMIZER_TYPES,
+    OptimizerConfigError,
+    OptimizerSettings,
+    OptimizerUnavailableError,
+    build_optimizer,
+    canonical_optimizer_type,
+    clip_gradients,
+    is_schedule_free,
+    optimizer_eval_mode,
+    optimizer_metadata_name,
+    optimizer_train_mode,
+    parse_optimizer_args,
+    resolve_optimizer_kwargs,
+)
+from sdxl_lora_trainer.trainer.run.schedulers import (
+    SCHEDULER_TYPES,
+    ScheduleFreeDummyScheduler,
+    build_scheduler,
+    resolve_warmup_steps,
+)
 
 EIGHT_BIT = ("AdamW8bit", "Lion8bit", "PagedAdamW8bit")
 HAS_CUDA_BNB = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
@@ -116,7 +137,7 @@ def test_settings_validate_eagerly():
     settings = OptimizerSettings("adamw8BIT", 1e-4, "weight_decay=0.1")
     assert settings.canonical_type == "AdamW8bit"
     assert settings.kwargs == {"weight_decay": 0.1}
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         settings.learning_rate = 1.0  # frozen
 
 
@@ -127,9 +148,18 @@ def test_unknown_optimizer_lists_choices():
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("given,expected", [("adamw", "AdamW"), ("LION", "Lion"), ("prodigy", "Prodigy"),
-                                            ("adamwschedulefree", "AdamWScheduleFree"), ("ADAFACTOR", "Adafactor"),
-                                            ("pagedadamw8bit", "PagedAdamW8bit"), ("lion8BIT", "Lion8bit")])
+@pytest.mark.parametrize(
+    "given,expected",
+    [
+        ("adamw", "AdamW"),
+        ("LION", "Lion"),
+        ("prodigy", "Prodigy"),
+        ("adamwschedulefree", "AdamWScheduleFree"),
+        ("ADAFACTOR", "Adafactor"),
+        ("pagedadamw8bit", "PagedAdamW8bit"),
+        ("lion8BIT", "Lion8bit"),
+    ],
+)
 def test_names_are_case_insensitive(given, expected):
     assert canonical_optimizer_type(given) == expected
 
@@ -189,8 +219,12 @@ def test_lion_weight_decay_reaches_optimizer():
 def test_prodigy_args_and_step():
     prodigyopt = pytest.importorskip("prodigyopt", reason="pip install prodigyopt")
     p = tiny_param()
-    opt = build_optimizer([p], OptimizerSettings("Prodigy", 1.0, "d_coef=2.0 weight_decay=0.01 decouple=False "
-                                                               "use_bias_correction=True safeguard_warmup=True"))
+    opt = build_optimizer(
+        [p],
+        OptimizerSettings(
+            "Prodigy", 1.0, "d_coef=2.0 weight_decay=0.01 decouple=False use_bias_correction=True safeguard_warmup=True"
+        ),
+    )
     assert type(opt) is prodigyopt.Prodigy
     group = opt.param_groups[0]
     assert group["lr"] == 1.0
@@ -309,8 +343,11 @@ def test_metadata_name_like_kohya():
 
 @pytest.mark.parametrize(
     "optimizer_type,module,pip_name",
-    [("Lion", "lion_pytorch", "lion-pytorch"), ("AdamWScheduleFree", "schedulefree", "schedulefree"),
-     ("Prodigy", "prodigyopt", "prodigyopt")],
+    [
+        ("Lion", "lion_pytorch", "lion-pytorch"),
+        ("AdamWScheduleFree", "schedulefree", "schedulefree"),
+        ("Prodigy", "prodigyopt", "prodigyopt"),
+    ],
 )
 def test_missing_package_says_what_to_install(monkeypatch, optimizer_type, module, pip_name):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError

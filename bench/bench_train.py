@@ -252,6 +252,7 @@ def worker_ours(args, result: dict) -> None:
     from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
     from sdxl_lora_trainer.trainer.data.sources import items_from_images
     from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+    from sdxl_lora_trainer.trainer.run.events import RunEvents
     from sdxl_lora_trainer.trainer.run.session import DTYPES, TrainConfig, train
 
     t0 = time.perf_counter()
@@ -300,11 +301,20 @@ def worker_ours(args, result: dict) -> None:
         trainable weights, attention): what a step costs without the trainer around it."""
         params = [p for p in res.network.parameters() if p.requires_grad]
         start = time.perf_counter()
-        out = comfy_models.unet_forward(model, *bare_inputs, dtype)
+        out = comfy_models.unet_forward(res.models.model, *bare_inputs, dtype)
         out.square().mean().backward()
         for p in params:
             p.grad = None  # the loop zeroed them before on_step; leave them as they were
         return time.perf_counter() - start
+
+    class StepTimer(RunEvents):
+        """Times each step from the outside and runs the bare pass between steps."""
+
+        def training_started(self, run) -> None:
+            self.run = run
+
+        def step_finished(self, record) -> None:
+            on_step(record, self.run.total_steps, self.run)
 
     def on_step(record, total, res):
         entered = time.perf_counter()
@@ -328,7 +338,7 @@ def worker_ours(args, result: dict) -> None:
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():  # ComfyUI runs every node under inference mode
-            res = train(model, None, dataset, Latents(), Text(), network, config, on_step=on_step)
+            res = train(model, None, dataset, Latents(), Text(), network, config, events=StepTimer())
     finally:
         result["train_peak_rss_gib"] = sampler.stop() / GIB
         result["train_wall_s"] = time.perf_counter() - t0

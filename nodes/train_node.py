@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..trainer.comfyui import sampling as comfy_sampling
 from ..trainer.report_images import loss_graph_image
-from ..trainer.run.job import run_job
+from ..trainer.run.job import TrainJob
 from ..trainer.run.lora_output import OutputSettings, output_name_error
 from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings
 from ..trainer.run.schedulers import SCHEDULER_TYPES
@@ -289,12 +289,8 @@ class TrainLora(io.ComfyNode):
         out = OutputSettings(
             name=output_name, subfolder=output_subfolder, save_precision=save_precision, overwrite=overwrite
         )
-        result = run_job(
-            model=model,
-            clip=clip,
+        job = TrainJob(
             dataset=dataset,
-            latents=latents,
-            text=text,
             network=network,
             config=config,
             out=out,
@@ -304,6 +300,7 @@ class TrainLora(io.ComfyNode):
             prompt=cls.hidden.prompt,
             extra_pnginfo=cls.hidden.extra_pnginfo,
         )
+        result = job.execute(model, clip, latents, text)
         model_out, clip_out = comfy_sampling.apply_lora(model, clip, result.weights)
         history = result.state.history
         graph = pil_to_image(

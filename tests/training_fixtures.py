@@ -31,6 +31,7 @@ from sdxl_lora_trainer.trainer.data.captions import CaptionOptions, escape_for_c
 from sdxl_lora_trainer.trainer.data.dataset import TrainingDataset
 from sdxl_lora_trainer.trainer.data.sources import items_from_images
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.run.events import RunEvents
 from sdxl_lora_trainer.trainer.run.session import TrainConfig, train
 
 DEFAULT_CAPTIONS = ("a red cube", "a blue ball", "a green tree", "a yellow house")
@@ -177,6 +178,24 @@ def run_train(
 
 
 # -- capturing what the engine does inside train() ------------------------------------------------
+
+
+class StepWatcher(RunEvents):
+    """A RunEvents for tests: ``on_step(record, run)`` after every step, ``stop_when()`` asked before each."""
+
+    def __init__(self, on_step=None, stop_when=None) -> None:
+        self.on_step = on_step or (lambda record, run: None)
+        self.stop_when = stop_when or (lambda: False)
+        self.run = None
+
+    def training_started(self, run) -> None:
+        self.run = run
+
+    def cancel_requested(self) -> bool:
+        return self.stop_when()
+
+    def step_finished(self, record) -> None:
+        self.on_step(record, self.run)
 
 
 class Capture:

@@ -137,10 +137,10 @@ def test_previews_between_steps_leave_training_exact(comfy_gpu, monkeypatch, wan
             vae,
         )
 
-    def preview(record, total, result):
-        renderer.render(result.models.model, result.network)
+    def preview(record, run):
+        renderer.render(run.models.model, run.network)
 
-    got = train((model, clip, vae), *data(), on_step=preview)
+    got = train((model, clip, vae), *data(), events=tf.StepWatcher(on_step=preview))
     assert len(renderer.images) == CONFIG.max_train_steps and spy.evictions > 0
     assert_same_lora(lora_bytes(got), want["unet"])
 

@@ -47,27 +47,27 @@ def test_dropouts_on_the_device_are_seeded_saved_and_resumed(comfy_gpu, tmp_path
     straight = lora_bytes(train(net))
     assert_same_lora(lora_bytes(train(net)), straight)  # the same seed, the same LoRA
 
-    def reseed(record, total, result):
+    def reseed(record, run):
         torch.manual_seed(1000 + record.step)
         torch.get_device_module(DEVICE).manual_seed(2000 + record.step)
 
-    assert_same_lora(lora_bytes(train(net, on_step=reseed)), straight)
+    assert_same_lora(lora_bytes(train(net, events=tf.StepWatcher(on_step=reseed))), straight)
 
-    def save_at_2(record, total, result):
+    def save_at_2(record, run):
         if record.step == 2:
             save_state(
                 tmp_path,
-                network=result.network.state_dict_kohya(),
-                optimizer=result.optimizer.state_dict(),
-                scheduler=result.scheduler.state_dict() if result.scheduler else None,
+                network=run.network.state_dict_kohya(),
+                optimizer=run.optimizer.state_dict(),
+                scheduler=run.scheduler.state_dict() if run.scheduler else None,
                 scaler=None,
-                loop=result.state,
+                loop=run.state,
                 fingerprint={},
             )
             raise KeyboardInterrupt  # stop the run here, as a crash would
 
     with pytest.raises(KeyboardInterrupt):
-        train(net, on_step=save_at_2)
+        train(net, events=tf.StepWatcher(on_step=save_at_2))
     resumed = train(net, resume=load_state(tmp_path))
     assert resumed.state.global_step == 4
     assert_same_lora(lora_bytes(resumed), straight)
@@ -79,7 +79,7 @@ def test_dropouts_on_the_device_are_seeded_saved_and_resumed(comfy_gpu, tmp_path
 def per_step_transfers(standin, net, config):
     """Host<->device traffic of each optimizer step after the first (which loads the model)."""
     marks = []
-    train(net, config, on_step=lambda record, total, result: marks.append(standin.transfers.copy()))
+    train(net, config, events=tf.StepWatcher(on_step=lambda record, run: marks.append(standin.transfers.copy())))
     return [after.since(before) for before, after in zip(marks, marks[1:])]
 
 

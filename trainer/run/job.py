@@ -1,7 +1,7 @@
 """One train-node run, start to finish: train, report progress, save intermediate files and states,
 render previews, save the final LoRA and its logs, and on Cancel save and stop.
 
-The train node builds the settings from its widgets and calls ``run_job``; everything that happens
+The train node builds the settings from its widgets and runs a ``TrainJob``; everything that happens
 during the run lives here so the node stays a schema.
 """
 
@@ -20,6 +20,7 @@ import torch
 from ..comfyui import services as comfy_services
 from ..data.dataset import TrainingDataset
 from .checkpoints import CheckpointSettings, RunArtifacts
+from .events import RunEvents
 from .logs import write_logs, write_tensorboard
 from .loop import LoopState, StepRecord
 from .lora_output import (
@@ -33,7 +34,7 @@ from .lora_output import (
 )
 from .previews import PreviewRenderer
 from .resume_state import load_state
-from .session import TrainConfig, train
+from .session import TrainConfig, TrainResult, train
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
 
@@ -53,93 +54,112 @@ def _finite(v: float) -> float | None:
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def run_job(
-    *,
-    model: Any,
-    clip: Any,
-    dataset: TrainingDataset,
-    latents: Any,
-    text: Any,
-    network: dict,
-    config: TrainConfig,
-    out: OutputSettings,
-    checkpointing: CheckpointSettings | None,
-    previews: dict | None,
-    node_id: str | None,
-    prompt: Any = None,
-    extra_pnginfo: Any = None,
-) -> JobResult:
-    """Train and save. ``network`` is the Network node's value; ``previews`` the Sample Previews node's.
-    Raises ComfyUI's interrupt after saving when the user cancelled."""
-    seed = config.seed
-    output_name = out.name
-    ckpt = checkpointing or CheckpointSettings()
-    steps_per_epoch = dataset.steps_per_epoch(config.gradient_accumulation_steps)
-    total_steps = config.total_steps(steps_per_epoch)
-    progress = comfy_services.Progress(total_steps, node_id)
-    started = time.time()
-    tag = run_tag(seed)
-    lora_tag = out.lora_tag(tag)  # empty with overwrite: the exact name is reused
-    loras_root = comfy_services.loras_directory()
-    net_config = network["config"]
-    fingerprint = run_fingerprint(dataset, net_config, config)
-    resume = load_state(ckpt.resume_from, fingerprint) if ckpt.resume_from else None
-    renderer = PreviewRenderer(previews["settings"], previews["clip"], previews["vae"]) if previews else None
-    train_te = net_config.train_te1 or net_config.train_te2
-    live = {"result": None}
+class TrainJob(RunEvents):
+    """One train-node run: trains, and while it does, observes the run (it is the run's RunEvents): progress bar and
+    websocket events, intermediate LoRAs and states, previews, cancel. Then the final save, logs and the report."""
 
-    def save(suffix: str, step: int, epoch: int):
-        result = live["result"]
-        return save_run_lora(
-            result.network,
-            loras_root,
-            out,
-            run_tag=lora_tag + suffix if lora_tag else suffix.lstrip("-"),
-            training=training_metadata(
-                replace(config, train_dtype=result.train_dtype),
-                result.optimizer,
-                result.steps_per_epoch,
-                result.total_steps,
-                started,
-                output_name,
-            ),
-            dataset=dataset_metadata(dataset),
-            network_meta=network_metadata(net_config),
-            step=step,
-            epoch=epoch,
-            prompt=prompt,
-            extra_pnginfo=extra_pnginfo,
-            v_parameterization=result.prediction_type == "v_prediction",
+    def __init__(
+        self,
+        *,
+        dataset: TrainingDataset,
+        network: dict,
+        config: TrainConfig,
+        out: OutputSettings,
+        checkpointing: CheckpointSettings | None,
+        previews: dict | None,
+        node_id: str | None,
+        prompt: Any = None,
+        extra_pnginfo: Any = None,
+    ) -> None:
+        """``network`` is the Network node's value; ``previews`` the Sample Previews node's."""
+        self.dataset = dataset
+        self.network = network
+        self.config = config
+        self.out = out
+        self.checkpointing = checkpointing or CheckpointSettings()
+        self.node_id = node_id
+        self.prompt = prompt
+        self.extra_pnginfo = extra_pnginfo
+        self.total_steps = config.total_steps(dataset.steps_per_epoch(config.gradient_accumulation_steps))
+        self.progress = comfy_services.Progress(self.total_steps, node_id)
+        self.started = time.time()
+        tag = run_tag(config.seed)
+        self.lora_tag = out.lora_tag(tag)  # empty with overwrite: the exact name is reused
+        self.loras_root = comfy_services.loras_directory()
+        self.fingerprint = run_fingerprint(dataset, network["config"], config)
+        self.renderer = PreviewRenderer(previews["settings"], previews["clip"], previews["vae"]) if previews else None
+        self.train_te = network["config"].train_te1 or network["config"].train_te2
+        self.artifacts = RunArtifacts(
+            self.checkpointing,
+            lambda suffix, step, epoch: self._save(f"-{suffix}", step, epoch),
+            Path(comfy_services.output_directory()) / "sdxl_lora_trainer" / "state" / f"{out.name}_{tag}",
+            self.fingerprint,
+        )
+        self.run: TrainResult | None = None  # set when training starts
+
+    def execute(self, model: Any, clip: Any, latents: Any, text: Any) -> JobResult:
+        """Train and save. Raises ComfyUI's interrupt after saving when the user cancelled."""
+        ckpt = self.checkpointing
+        resume = load_state(ckpt.resume_from, self.fingerprint) if ckpt.resume_from else None
+        comfy_services.reset_interrupt_note()
+        result = train(
+            model,
+            clip,
+            self.dataset,
+            latents,
+            text,
+            self.network["config"],
+            self.config,
+            initial_weights=self.network.get("initial_weights"),
+            resume=resume,
+            events=self,
+        )
+        self.run = result
+        state = result.state
+        saved = self._save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0))
+        write_logs(saved.path, state.history)
+        write_tensorboard(saved.path.parent / f"{saved.path.stem}.tensorboard", state.history)
+        if state.interrupted:
+            self._stop_cancelled(saved)
+        return JobResult(
+            weights=result.network.state_dict_kohya(),
+            saved=saved,
+            state=state,
+            steps_per_epoch=result.steps_per_epoch,
+            report=self._report(saved),
+            previews=torch.cat(self.renderer.images) if self.renderer is not None and self.renderer.images else None,
         )
 
-    artifacts = RunArtifacts(
-        ckpt,
-        lambda t, st, ep: save(f"-{t}", st, ep),
-        Path(comfy_services.output_directory()) / "sdxl_lora_trainer" / "state" / f"{output_name}_{tag}",
-        fingerprint,
-    )
+    # -- what the run tells us (RunEvents) ------------------------------------------------------------------
+    def training_started(self, run: TrainResult) -> None:
+        self.run = run
 
-    def on_step(record: StepRecord, total: int, result) -> None:
-        live["result"] = result
-        elapsed = time.time() - started
+    def cancel_requested(self) -> bool:
+        return comfy_services.interrupted()
+
+    def is_cancel(self, error: BaseException) -> bool:
+        return comfy_services.is_interrupt(error)
+
+    def step_finished(self, record: StepRecord) -> None:
+        total = self.total_steps
+        elapsed = time.time() - self.started
         rate = record.step / elapsed if elapsed > 0 else 0.0
         eta = (total - record.step) / rate if rate > 0 else 0.0
+        self.artifacts.on_step(record, self.run)
         preview = None
-        artifacts.on_step(record, result)
-        if renderer is not None and renderer.due(record.step) and record.step < total:
-            images = render_previews(renderer, result, train_te)
-            preview = preview_frame(images)
-        progress.update(
+        if self.renderer is not None and self.renderer.due(record.step) and record.step < total:
+            preview = preview_frame(self._render_previews())
+        self.progress.update(
             record.step,
             total,
             text=f"step {record.step}/{total}  loss {record.loss:.4f}  "
             f"lr {record.lr:.2e}  {rate:.2f} it/s  ETA {eta:.0f}s",
             preview=preview,
         )
-        progress.event(
+        self.progress.event(
             PROGRESS_EVENT,
             {
-                "node": node_id,
+                "node": self.node_id,
                 "step": record.step,
                 "total": total,
                 "loss": _finite(record.loss),
@@ -150,72 +170,77 @@ def run_job(
             },
         )
 
-    comfy_services.reset_interrupt_note()
-    result = train(
-        model,
-        clip,
-        dataset,
-        latents,
-        text,
-        net_config,
-        config,
-        initial_weights=network.get("initial_weights"),
-        resume=resume,
-        should_stop=comfy_services.interrupted,
-        on_step=on_step,
-        on_finish=(lambda res: render_previews(renderer, res, train_te)) if renderer is not None else None,
-    )
-    live["result"] = result
-    state = result.state
-    saved = save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0))
-    write_logs(saved.path, state.history)
-    write_tensorboard(saved.path.parent / f"{saved.path.stem}.tensorboard", state.history)
-    if state.interrupted:
+    def training_finished(self) -> None:
+        if self.renderer is not None:
+            self._render_previews()
+
+    # -- saving and reporting ----------------------------------------------------------------------------------
+    def _save(self, suffix: str, step: int, epoch: int) -> SavedLora:
+        run = self.run
+        return save_run_lora(
+            run.network,
+            self.loras_root,
+            self.out,
+            run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
+            training=training_metadata(
+                replace(self.config, train_dtype=run.train_dtype),
+                run.optimizer,
+                run.steps_per_epoch,
+                run.total_steps,
+                self.started,
+                self.out.name,
+            ),
+            dataset=dataset_metadata(self.dataset),
+            network_meta=network_metadata(self.network["config"]),
+            step=step,
+            epoch=epoch,
+            prompt=self.prompt,
+            extra_pnginfo=self.extra_pnginfo,
+            v_parameterization=run.prediction_type == "v_prediction",
+        )
+
+    def _render_previews(self) -> list[torch.Tensor]:
+        """Previews inside the run, with the MODEL/CLIP it trains through; a Cancel pressed meanwhile is remembered so
+        the loop stops and saves."""
+        run = self.run
+        try:
+            return self.renderer.render(
+                run.models.model, run.network, training_clip=run.models.clip if self.train_te else None
+            )
+        except BaseException as e:  # noqa: BLE001 - only ComfyUI's interrupt is swallowed
+            if comfy_services.is_interrupt(e):
+                comfy_services.note_interrupt()
+                return []
+            raise
+
+    def _stop_cancelled(self, saved: SavedLora) -> None:
+        """Cancel: the LoRA is saved, the resumable state too (when asked); then ComfyUI's interrupt is raised."""
+        state = self.run.state
         where = f"LoRA saved as {saved.lora_name}"
-        if ckpt.save_state_on_cancel:
-            where += f"; resumable state in {artifacts.save_state(result)}"
-        progress.update(state.global_step, result.total_steps, text=f"cancelled at step {state.global_step}; {where}")
+        if self.checkpointing.save_state_on_cancel:
+            where += f"; resumable state in {self.artifacts.save_state(self.run)}"
+        self.progress.update(
+            state.global_step, self.run.total_steps, text=f"cancelled at step {state.global_step}; {where}"
+        )
         comfy_services.note_interrupt()
-        progress.event(
-            PROGRESS_EVENT, {"node": node_id, "cancelled": True, "step": state.global_step, "message": where}
+        self.progress.event(
+            PROGRESS_EVENT, {"node": self.node_id, "cancelled": True, "step": state.global_step, "message": where}
         )
         comfy_services.raise_interrupt()
 
-    history = state.history
-    final = history[-1].loss if history else float("nan")
-    report = (
-        f"trained {state.global_step} steps ({result.steps_per_epoch} per epoch) in "
-        f"{time.time() - started:.1f}s; final loss {final:.4f}\nsaved {saved.path}\n"
-        f"lora_name: {saved.lora_name}"
-    )
-    if artifacts.intermediates:
-        report += "\nintermediate: " + ", ".join(s.lora_name for s in artifacts.intermediates)
-    if artifacts.states:
-        report += f"\nstate: {artifacts.states[-1]}"
-    report += "".join(f"\n{note}" for note in result.notes)
-    images = torch.cat(renderer.images) if renderer is not None and renderer.images else None
-    return JobResult(
-        weights=result.network.state_dict_kohya(),
-        saved=saved,
-        state=state,
-        steps_per_epoch=result.steps_per_epoch,
-        report=report,
-        previews=images,
-    )
-
-
-def render_previews(renderer: PreviewRenderer, result, train_te: bool) -> list[torch.Tensor]:
-    """Previews inside the run, with the MODEL/CLIP it trains through; a Cancel pressed meanwhile is remembered so
-    the loop stops and saves."""
-    try:
-        return renderer.render(
-            result.models.model, result.network, training_clip=result.models.clip if train_te else None
+    def _report(self, saved: SavedLora) -> str:
+        run, state = self.run, self.run.state
+        final = state.history[-1].loss if state.history else float("nan")
+        report = (
+            f"trained {state.global_step} steps ({run.steps_per_epoch} per epoch) in "
+            f"{time.time() - self.started:.1f}s; final loss {final:.4f}\nsaved {saved.path}\n"
+            f"lora_name: {saved.lora_name}"
         )
-    except BaseException as e:  # noqa: BLE001 - only ComfyUI's interrupt is swallowed
-        if comfy_services.is_interrupt(e):
-            comfy_services.note_interrupt()
-            return []
-        raise
+        if self.artifacts.intermediates:
+            report += "\nintermediate: " + ", ".join(s.lora_name for s in self.artifacts.intermediates)
+        if self.artifacts.states:
+            report += f"\nstate: {self.artifacts.states[-1]}"
+        return report + "".join(f"\n{note}" for note in run.notes)
 
 
 def preview_frame(images: list[torch.Tensor]):

@@ -33,6 +33,7 @@ from ..objective.batch_loss import Batch, Denoiser, batch_loss
 from ..objective.ddpm_schedule import DDPMSchedule
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
+from .events import RunEvents
 
 
 class TrainingDiverged(RuntimeError):
@@ -137,18 +138,6 @@ def _py_state_from_json(data: Any) -> Any:
     return (version, tuple(internal), gauss)
 
 
-@dataclass
-class LoopHooks:
-    """What the host provides: cancel checks and per-step reporting (all optional)."""
-
-    should_stop: Callable[[], bool] = lambda: False
-    # True for the host's cancel exception raised from inside a forward/backward (ComfyUI checks its
-    # interrupt flag in every op): the partial group is dropped and the run ends at the last step
-    is_cancel: Callable[[BaseException], bool] = lambda exc: False
-    # after each optimizer step, with the (then complete, resumable) loop state
-    on_step: Callable[[StepRecord, int, LoopState], None] = lambda record, total, state: None
-
-
 class GlobalRngs:
     """The global RNGs of the host and of the training device, which the loop owns while it runs.
 
@@ -210,7 +199,7 @@ def run(
     noise_settings: NoiseSettings,
     loss_settings: LossSettings,
     state: LoopState | None = None,
-    hooks: LoopHooks | None = None,
+    events: RunEvents | None = None,
     max_norm: Callable[[float], Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> LoopState:
@@ -221,7 +210,7 @@ def run(
     scaled for backward, gradients are unscaled before clipping, and the scheduler only steps when
     the optimizer really stepped (what accelerate does).
     """
-    hooks = hooks or LoopHooks()
+    events = events or RunEvents()
     state = state or LoopState()
     state.interrupted = False  # a state saved by a cancelled run resumes as a running one
     num_batches = len(data)
@@ -259,7 +248,7 @@ def run(
                 while state.epoch == epoch and state.global_step < settings.max_train_steps:
                     if micro_in_group == 0:
                         group_start = (state.epoch, state.batch_in_epoch)
-                        if hooks.should_stop():
+                        if events.cancel_requested():
                             state.interrupted = True
                             break
                     index = order[state.batch_in_epoch]
@@ -320,12 +309,12 @@ def run(
                         snapshot()
                         # the host may sample previews here, which reseeds the global RNG that the
                         # dropout masks are drawn from: the stream continues as if it had not run
-                        hooks.on_step(record, settings.max_train_steps, state)
+                        events.step_finished(record)
                         rngs.restore(state)
                 if state.interrupted:
                     break
         except BaseException as exc:
-            if not hooks.is_cancel(exc):
+            if not events.is_cancel(exc):
                 raise
             # cancelled inside a forward/backward: forget the unfinished group, keep the last step's state
             optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,6 @@ import torch
 from ..comfyui import encoders as comfy_encoders
 from ..comfyui import kernels as comfy_kernels
 from ..comfyui import models as comfy_models
-from ..comfyui import services as comfy_services
 from ..comfyui import training as comfy_training
 from ..data.dataset import TrainingDataset
 from ..network.config import NetworkConfig
@@ -28,7 +27,8 @@ from ..objective.ddpm_schedule import DDPMSchedule
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from .batch_loader import CachedBatchSource, LatentSource, TextSource
-from .loop import LoopHooks, LoopSettings, LoopState, StepRecord, run
+from .events import RunEvents
+from .loop import LoopSettings, LoopState, run
 from .optimizers import OptimizerSettings, build_optimizer, optimizer_eval_mode
 from .schedulers import build_scheduler
 
@@ -177,16 +177,15 @@ def train(
     *,
     initial_weights: dict | None = None,
     resume: dict | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_step: Callable[[StepRecord, int, TrainResult], None] = lambda r, t, res: None,
-    on_finish: Callable[[TrainResult], Any] | None = None,
+    events: RunEvents | None = None,
 ) -> TrainResult:
     """Train a LoRA on ``model`` (and ``clip``). ``resume`` = trainer/run/resume_state.load_state output.
 
-    ``on_step(record, total, result)`` runs after every optimizer step inside the training context
-    (LoRA attached): ``result.state`` is then complete, so it can save the LoRA or a resumable state.
-    ``on_finish(result)`` runs once after the last step, still inside the context (final previews).
+    ``events`` hears about the run (see trainer/run/events.py): it gets the TrainResult when training starts,
+    inside the training context (LoRA attached), is told after every optimizer step (the state is then complete,
+    so it can save the LoRA or a resumable state) and once after the last step.
     """
+    events = events or RunEvents()
     comfy_models.require_sdxl(model)
     train_te = network_config.train_te1 or network_config.train_te2
     loss_settings = replace(config.loss, v_parameterization=comfy_models.prediction_type(model) == "v_prediction")
@@ -281,6 +280,7 @@ def train(
             stack.enter_context(comfy_kernels.gradient_checkpointing(unet, config.gradient_checkpointing))
             stack.enter_context(network.attach())
             result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
+            events.training_started(result)
             try:
                 result.state = run(
                     ComfyDenoiser(models.model, dtype),
@@ -299,16 +299,12 @@ def train(
                     config.noise,
                     loss_settings,
                     state=result.state,
-                    hooks=LoopHooks(
-                        should_stop=should_stop,
-                        on_step=lambda rec, tot, st: on_step(rec, tot, result),
-                        is_cancel=comfy_services.is_interrupt,
-                    ),
+                    events=events,
                     max_norm=network.apply_max_norm,
                     scaler=scaler,
                 )
-                if on_finish is not None and not result.state.interrupted:
-                    on_finish(result)
+                if not result.state.interrupted:
+                    events.training_finished()
             finally:
                 optimizer_eval_mode(optimizer)
         network.eval()

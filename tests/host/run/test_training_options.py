@@ -223,7 +223,7 @@ def test_lr_scheduler_and_warmup_drive_the_optimizer(singles, monkeypatch):
         *singles,
         NET,
         TrainConfig(max_train_steps=4, learning_rate=lr, lr_scheduler="linear", lr_warmup_steps=2),
-        on_step=lambda record, total, res: after_step.append(max_abs_up(cap.network)),
+        events=tf.StepWatcher(on_step=lambda record, run: after_step.append(max_abs_up(cap.network))),
     )
     # transformers' linear schedule with 2 warmup steps of 4: factors 0 (first step), 1/2, 1, 1/2, then 0
     assert [r.lr for r in result.state.history] == pytest.approx([lr / 2, lr, lr / 2, 0.0])

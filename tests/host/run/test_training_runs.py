@@ -64,16 +64,16 @@ RANDOM_NOISE = NoiseSettings(
 
 
 def test_same_seed_gives_identical_lora_bytes_and_another_seed_does_not(random_data, monkeypatch):
-    def run(seed, on_step=lambda r, t, res: None, initial_weights=None):
+    def run(seed, on_step=None, initial_weights=None):
         return tf.run_train(
             *random_data,
             RANDOM_NET,
             TrainConfig(max_train_steps=3, seed=seed, learning_rate=1e-3, noise=RANDOM_NOISE),
-            on_step=on_step,
+            events=tf.StepWatcher(on_step=on_step),
             initial_weights=initial_weights,
         )
 
-    def reseed(record, total, result):
+    def reseed(record, run):
         # what a sampler node running in between (a preview) does to the global RNGs
         torch.manual_seed(record.step * 7919)
         random.seed(record.step)
@@ -246,8 +246,8 @@ def test_nan_loss_raises_and_the_bad_step_changes_nothing(monkeypatch):
     cap = tf.Capture(monkeypatch)
     snapshots = []
 
-    def on_step(record, total, result):
-        snapshots.append(result.network.state_dict_kohya())
+    def on_step(record, run):
+        snapshots.append(run.network.state_dict_kohya())
         if record.step == 1:  # from now on every latent holds a NaN
             for k, v in poisoned.table.items():
                 bad = v.clone()
@@ -255,7 +255,14 @@ def test_nan_loss_raises_and_the_bad_step_changes_nothing(monkeypatch):
                 poisoned.table[k] = bad
 
     with pytest.raises(TrainingDiverged, match=r"The loss became nan at step 2 \(epoch 1\)") as info:
-        tf.run_train(ds, poisoned, txt, NET, TrainConfig(max_train_steps=4, learning_rate=1e-2), on_step=on_step)
+        tf.run_train(
+            ds,
+            poisoned,
+            txt,
+            NET,
+            TrainConfig(max_train_steps=4, learning_rate=1e-2),
+            events=tf.StepWatcher(on_step=on_step),
+        )
     assert "lower learning rate" in str(info.value)
     assert len(snapshots) == 1
     after = cap.network.state_dict_kohya()
@@ -328,8 +335,9 @@ def test_resume_continues_bit_identically(random_data):
         *random_data,
         RANDOM_NET,
         config,
-        should_stop=lambda: len(done) >= stop_after,
-        on_step=lambda record, t, res: done.append(record.step),
+        events=tf.StepWatcher(
+            on_step=lambda record, run: done.append(record.step), stop_when=lambda: len(done) >= stop_after
+        ),
     )
     assert part.state.interrupted and part.state.global_step == stop_after
     resume = {

@@ -65,7 +65,10 @@ class CachedItems(Generic[Work]):
         self._disk_failed = False
 
     def lookup(self, key: str, inputs: Mapping[str, Any], work: Work) -> None:
-        """Find the item in memory or on disk, or queue ``work`` to encode it; a repeated key is a no-op."""
+        """Find the item in memory or on disk, or queue ``work`` to encode it; a repeated key is a no-op.
+
+        A memory hit the disk cache lacks is written through to it.
+        """
         if key in self.tensors or key in self.pending:
             return
         self.stats.items += 1
@@ -74,6 +77,10 @@ class CachedItems(Generic[Work]):
             if hit is not None and self.validate(hit) is None:
                 self.tensors[key] = hit
                 self.stats.from_memory += 1
+                # disk caching may have been turned on since this was encoded: without the file a
+                # restart would encode it again
+                if self.disk is not None and key not in self.disk:
+                    self._write(key, hit, inputs)
                 return
         if self.disk is not None:
             read = self.disk.read(key, self.validate)

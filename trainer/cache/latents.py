@@ -27,8 +27,7 @@ Anything else is not an input, so it does not invalidate: moving the dataset fol
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +40,14 @@ from ..comfyui import encoders as comfy_encoders
 from ..data.buckets import resize_and_crop
 from ..data.dataset import BucketedImage, TrainingDataset
 from .fingerprints import content_key, hash_file, hash_pil_image, module_fingerprint, structure_hash, token_fingerprint
+from .lookup import CachedItems, CacheStats
 from .stores import (
     ENCODER_CALLS,
-    CacheStats,
     DiskStore,
     ImageIndex,
     ImageRef,
     MemoryStore,
+    Tensors,
     megabytes,
     memory_store,
     tensors_nbytes,
@@ -146,13 +146,12 @@ def _latent_key(
 
 
 @dataclass
-class _Pending:
-    key: str
+class _Unit:
+    """A latent to encode: one image of the dataset, flipped or not."""
+
     image: BucketedImage
     index: int
     flipped: bool
-    fields: dict
-    rebuilt: bool = False
 
 
 def _label(img: BucketedImage, flipped: bool) -> str:
@@ -225,112 +224,32 @@ class LatentCache:
         encode_dtype = torch.float32 if float32_vae else comfy_encoders.vae_dtype(vae)
         vae_fp = vae_fingerprint(vae)
 
-        stats = CacheStats()
-        warnings: list[str] = []
-        latents: dict[str, torch.Tensor] = {}
+        items: CachedItems[_Unit] = CachedItems(store, disk, _validate_latent, "latent")
         unit_keys: dict[tuple[int, bool], str] = {}
-        pending: OrderedDict[str, _Pending] = OrderedDict()
         hash_memo: dict[Any, str] = {}
-
         for index, img in enumerate(dataset.images):
             image_hash = _image_source_hash(img, hash_memo)
             for flipped in (False, True) if img.flip_aug else (False,):
                 key, fields = _latent_key(img, flipped, image_hash, vae_fp, encode_dtype)
                 unit_keys[(index, flipped)] = key
-                if key in latents or key in pending:
-                    continue
-                hit = store.get(key)
-                if hit is not None and _validate_latent(hit) is None:
-                    latents[key] = hit["latent"]
-                    stats.from_memory += 1
-                    continue
-                rebuilt = False
-                if disk is not None:
-                    read = disk.read(key, _validate_latent)
-                    if read.tensors is not None:
-                        latents[key] = read.tensors["latent"]
-                        store.put(key, read.tensors)
-                        stats.from_disk += 1
-                        continue
-                    if read.warning:
-                        warnings.append(read.warning)
-                        rebuilt = True
-                pending[key] = _Pending(key, img, index, flipped, fields, rebuilt)
-        stats.items = len(latents) + len(pending)
+                items.lookup(key, fields, _Unit(img, index, flipped))
 
-        if pending:
-            cls._encode_pending(
-                vae,
-                list(pending.values()),
-                batch_size,
-                float32_vae,
-                encode_dtype,
-                store,
-                disk,
-                latents,
-                stats,
-                warnings,
-                progress,
-                check_interrupt,
-            )
-        return cls(dataset, unit_keys, latents, stats, warnings, encode_dtype, float32_vae, disk_dir, batch_size)
+        if items.pending:
+            with comfy_encoders.vae_in_float32(vae, float32_vae) as encoder:
 
-    @staticmethod
-    def _encode_pending(
-        vae: Any,
-        pending: list[_Pending],
-        batch_size: int,
-        float32_vae: bool,
-        encode_dtype: torch.dtype,
-        store: MemoryStore,
-        disk: DiskStore | None,
-        latents: dict[str, torch.Tensor],
-        stats: CacheStats,
-        warnings: list[str],
-        progress: Callable[[int, int], None] | None,
-        check_interrupt: Callable[[], None] | None,
-    ) -> None:
-        by_bucket: dict[tuple[int, int], list[_Pending]] = {}
-        for p in pending:
-            by_bucket.setdefault(tuple(p.image.selection.bucket), []).append(p)
-        batches = [
-            units[i : i + batch_size]
-            for _, units in sorted(by_bucket.items())
-            for i in range(0, len(units), batch_size)
-        ]
-        done = 0
-        disk_failed = False
-        with comfy_encoders.vae_in_float32(vae, float32_vae) as encoder:
-            for batch in batches:
-                if check_interrupt is not None:
-                    check_interrupt()
-                pixels = _batch_pixels(batch)
-                with torch.inference_mode():
+                def encode_batch(batch: list[_Unit]) -> list[Tensors]:
                     ENCODER_CALLS["vae"] += 1
-                    stats.encoder_calls += 1
-                    out = comfy_encoders.encode_pixels(encoder, pixels)
-                    out = out.to("cpu", torch.float32)
-                    bad = [p for j, p in enumerate(batch) if not torch.isfinite(out[j]).all()]
+                    out = comfy_encoders.encode_pixels(encoder, _batch_pixels(batch)).to("cpu", torch.float32)
+                    bad = [u for j, u in enumerate(batch) if not torch.isfinite(out[j]).all()]
                     if bad:
                         raise NonFiniteLatentError(_non_finite_message(bad, encode_dtype, float32_vae))
-                    for j, p in enumerate(batch):
-                        lat = out[j].clone()
-                        latents[p.key] = lat
-                        store.put(p.key, {"latent": lat})
-                        stats.encoded += 1
-                        stats.rebuilt += int(p.rebuilt)
-                        if disk is not None and not disk_failed:
-                            try:
-                                disk.write(p.key, {"latent": lat}, inputs=p.fields)
-                            except OSError as e:
-                                disk_failed = True
-                                warnings.append(
-                                    f"could not write the latent cache to {disk.folder} ({e}); "
-                                    "continuing with the in-memory cache only"
-                                )
-                done += len(batch)
-                if progress is not None:
-                    progress(done, len(pending))
+                    return [{"latent": out[j].clone()} for j in range(len(batch))]
+
+                items.encode(_bucket_batches(items.pending, batch_size), encode_batch, progress, check_interrupt)
+        latents = {key: tensors["latent"] for key, tensors in items.tensors.items()}
+        return cls(
+            dataset, unit_keys, latents, items.stats, items.warnings, encode_dtype, float32_vae, disk_dir, batch_size
+        )
 
     # -- access ------------------------------------------------------------------------------
     def latent(self, image: ImageRef, flipped: bool = False) -> torch.Tensor:
@@ -403,21 +322,29 @@ class LatentCache:
         return "\n".join(lines)
 
 
-def _batch_pixels(batch: list[_Pending]) -> torch.Tensor:
+def _bucket_batches(pending: Mapping[str, _Unit], batch_size: int) -> list[list[str]]:
+    """Keys in batches of at most ``batch_size`` latents of one bucket (a VAE call takes one image size)."""
+    by_bucket: dict[tuple[int, int], list[str]] = {}
+    for key, unit in pending.items():
+        by_bucket.setdefault(tuple(unit.image.selection.bucket), []).append(key)
+    return [keys[i : i + batch_size] for _, keys in sorted(by_bucket.items()) for i in range(0, len(keys), batch_size)]
+
+
+def _batch_pixels(batch: list[_Unit]) -> torch.Tensor:
     """IMAGE pixels [B,H,W,3] for a batch of one bucket; an image needed twice (flips) is decoded once."""
     decoded: dict[int, torch.Tensor] = {}
     rows = []
-    for p in batch:
-        if p.index not in decoded:
-            pil = resize_and_crop(p.image.item.load_rgb(), p.image.selection)
-            decoded[p.index] = image_pixels(pil)
-        px = decoded[p.index]
-        rows.append(torch.flip(px, dims=[1]) if p.flipped else px)
+    for unit in batch:
+        if unit.index not in decoded:
+            pil = resize_and_crop(unit.image.item.load_rgb(), unit.image.selection)
+            decoded[unit.index] = image_pixels(pil)
+        px = decoded[unit.index]
+        rows.append(torch.flip(px, dims=[1]) if unit.flipped else px)
     return torch.stack(rows)
 
 
-def _non_finite_message(bad: list[_Pending], dtype: torch.dtype, float32_vae: bool) -> str:
-    names = "; ".join(_label(p.image, p.flipped) for p in bad[:5]) + (
+def _non_finite_message(bad: list[_Unit], dtype: torch.dtype, float32_vae: bool) -> str:
+    names = "; ".join(_label(u.image, u.flipped) for u in bad[:5]) + (
         f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
     )
     if float32_vae or dtype == torch.float32:

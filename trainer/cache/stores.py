@@ -327,21 +327,6 @@ def _parse_item(data: bytes, key: str) -> tuple[str | None, Tensors | None]:
 # -- what the latent and text caches share ----------------------------------------------------
 
 
-@dataclass
-class CacheStats:
-    """Where each unique item of a cache build came from."""
-
-    items: int = 0  # unique cache items (image x flip), after de-duplicating identical ones
-    encoded: int = 0  # encoded now (includes rebuilt)
-    from_memory: int = 0
-    from_disk: int = 0
-    rebuilt: int = 0  # disk files found corrupted, deleted and encoded again
-    encoder_calls: int = 0  # real encoder calls of this build (batches)
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
 class ImageIndex:
     """Maps an image reference (flat index, image key, or the BucketedImage itself) to a flat index."""
 

@@ -26,7 +26,6 @@ tensors.
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,13 +36,14 @@ from ..comfyui import encoders as comfy_encoders
 from ..data.captions import CaptionOptions, escape_for_comfy_tokenizer, process_caption
 from ..data.dataset import BucketedImage, TrainingDataset
 from .fingerprints import content_key, module_fingerprint, structure_hash, token_fingerprint
+from .lookup import CachedItems, CacheStats
 from .stores import (
     ENCODER_CALLS,
-    CacheStats,
     DiskStore,
     ImageIndex,
     ImageRef,
     MemoryStore,
+    Tensors,
     megabytes,
     memory_store,
     tensors_nbytes,
@@ -143,12 +143,22 @@ def _validate_text(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 @dataclass
-class _Pending:
-    key: str
+class _Caption:
+    """A caption to encode: its escaped text and the first image that has it (named in errors)."""
+
     escaped: str
-    fields: dict
     first_image: BucketedImage
-    rebuilt: bool = False
+
+
+def _encode_checked(clip: Any, caption: _Caption) -> Tensors:
+    context, pooled = _encode(clip, caption.escaped)
+    if not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
+        where = caption.first_image.item.image_path or caption.first_image.key
+        raise TextEncodingError(
+            f"the text encoders produced NaN/inf for the caption of {where} "
+            f"({caption.escaped[:80]!r}); check the CLIP model (and any LoRA applied to it)"
+        )
+    return {"context": context.clone(), "pooled": pooled.clone()}
 
 
 class TextCache:
@@ -190,20 +200,18 @@ class TextCache:
         store = memory_store() if store is None else store
         disk = DiskStore(disk_dir) if disk_dir else None
         fingerprint = clip_fingerprint(clip)
-        warnings: list[str] = []
-        if fingerprint is None:
-            disk = None
-            warnings.append(
+        items: CachedItems[_Caption]
+        if fingerprint is None:  # no key that is safe to reuse: neither memory nor disk is read or written
+            items = CachedItems(None, None, _validate_text, "text-encoder")
+            items.warnings.append(
                 "the CLIP has hooks (CLIP hook nodes), which cannot be fingerprinted: captions are "
                 "encoded now and not reused across runs"
             )
-        stats = CacheStats()
-        encodings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        else:
+            items = CachedItems(store, disk, _validate_text, "text-encoder")
         image_keys: dict[int, str] = {}
         captions: dict[int, str] = {}
         live: list[int] = []
-        pending: OrderedDict[str, _Pending] = OrderedDict()
-
         for i, img in enumerate(dataset.images):
             if img.caption_options.is_random:
                 live.append(i)
@@ -214,60 +222,16 @@ class TextCache:
             key = content_key("txt", fields)
             image_keys[i] = key
             captions[i] = text
-            if key in encodings or key in pending:
-                continue
-            if fingerprint is not None:
-                hit = store.get(key)
-                if hit is not None and _validate_text(hit) is None:
-                    encodings[key] = (hit["context"], hit["pooled"])
-                    stats.from_memory += 1
-                    continue
-            rebuilt = False
-            if disk is not None:
-                read = disk.read(key, _validate_text)
-                if read.tensors is not None:
-                    encodings[key] = (read.tensors["context"], read.tensors["pooled"])
-                    store.put(key, read.tensors)
-                    stats.from_disk += 1
-                    continue
-                if read.warning:
-                    warnings.append(read.warning)
-                    rebuilt = True
-            pending[key] = _Pending(key, escaped, fields, img, rebuilt)
-        stats.items = len(encodings) + len(pending)
+            items.lookup(key, fields, _Caption(escaped, img))
 
-        disk_failed = False
-        with torch.inference_mode():
-            for done, p in enumerate(pending.values(), start=1):
-                if check_interrupt is not None:
-                    check_interrupt()
-                stats.encoder_calls += 1
-                context, pooled = _encode(clip, p.escaped)
-                if not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
-                    where = p.first_image.item.image_path or p.first_image.key
-                    raise TextEncodingError(
-                        f"the text encoders produced NaN/inf for the caption of {where} "
-                        f"({p.escaped[:80]!r}); check the CLIP model (and any LoRA applied to it)"
-                    )
-                context, pooled = context.clone(), pooled.clone()
-                encodings[p.key] = (context, pooled)
-                stats.encoded += 1
-                stats.rebuilt += int(p.rebuilt)
-                item = {"context": context, "pooled": pooled}
-                if fingerprint is not None:
-                    store.put(p.key, item)
-                if disk is not None and not disk_failed:
-                    try:
-                        disk.write(p.key, item, inputs=p.fields)
-                    except OSError as e:
-                        disk_failed = True
-                        warnings.append(
-                            f"could not write the text-encoder cache to {disk.folder} ({e}); "
-                            "continuing with the in-memory cache only"
-                        )
-                if progress is not None:
-                    progress(done, len(pending))
-        return cls(dataset, image_keys, captions, encodings, live, stats, warnings, disk_dir)
+        items.encode(
+            [[key] for key in items.pending],
+            lambda batch: [_encode_checked(clip, caption) for caption in batch],
+            progress,
+            check_interrupt,
+        )
+        encodings = {key: (t["context"], t["pooled"]) for key, t in items.tensors.items()}
+        return cls(dataset, image_keys, captions, encodings, live, items.stats, items.warnings, disk_dir)
 
     # -- access ------------------------------------------------------------------------------
     def is_live(self, image: ImageRef) -> bool:

@@ -303,6 +303,26 @@ def test_disk_cache_survives_a_restart(vae, folder, tmp_path):
         )
 
 
+def test_turning_disk_caching_on_writes_memory_hits_through_to_disk(vae, store, folder, tmp_path, monkeypatch):
+    disk = tmp_path / "latent_cache"
+    first = LatentCache.build(_dataset(folder, flip=True), vae, store=store)  # memory only
+    with Calls() as calls:  # the same process, now with the disk cache on
+        on = LatentCache.build(_dataset(folder, flip=True), vae, disk_dir=str(disk), store=store)
+    assert calls.n == 0 and on.stats.from_memory == 2 * len(IMAGES) and on.warnings == []
+    assert len(list(disk.glob("*.safetensors"))) == 2 * len(IMAGES)
+    with Calls() as calls:  # a restart: empty memory store, same folder
+        again = LatentCache.build(_dataset(folder, flip=True), vae, disk_dir=str(disk), store=MemoryStore(256))
+    assert calls.n == 0 and again.stats.from_disk == 2 * len(IMAGES) and again.warnings == []
+    for i in range(len(IMAGES)):
+        assert torch.equal(again.latent(i), first.latent(i)) and torch.equal(
+            again.latent(i, True), first.latent(i, True)
+        )
+    writes = []
+    monkeypatch.setattr(stores.DiskStore, "write", lambda self, key, *a, **k: writes.append(key))
+    LatentCache.build(_dataset(folder, flip=True), vae, disk_dir=str(disk), store=store)
+    assert writes == []  # a memory hit the disk already holds is not written again
+
+
 def test_corrupted_and_truncated_disk_files_are_rebuilt_with_a_warning(vae, folder, tmp_path):
     disk = tmp_path / "latent_cache"
     ds = _dataset(folder)

@@ -316,6 +316,27 @@ def test_disk_cache_survives_a_restart(clip, folder, tmp_path):
         assert torch.equal(again.encoding(i)[1], first.encoding(i)[1])
 
 
+def test_turning_disk_caching_on_writes_memory_hits_through_to_disk(clip, store, folder, tmp_path, monkeypatch):
+    from sdxl_lora_trainer.trainer.cache import stores
+
+    disk = tmp_path / "text_cache"
+    first = TextCache.build(_dataset(folder), clip, store=store)  # memory only
+    with Calls() as calls:  # the same process, now with the disk cache on
+        on = TextCache.build(_dataset(folder), clip, disk_dir=str(disk), store=store)
+    assert calls.n == 0 and on.stats.from_memory == 3 and on.warnings == []
+    assert len(list(disk.glob("*.safetensors"))) == 3
+    with Calls() as calls:  # a restart: empty memory store, same folder
+        again = TextCache.build(_dataset(folder), clip, disk_dir=str(disk), store=MemoryStore(64))
+    assert calls.n == 0 and again.stats.from_disk == 3 and again.warnings == []
+    for i in range(len(CAPTIONS)):
+        assert torch.equal(again.encoding(i)[0], first.encoding(i)[0])
+        assert torch.equal(again.encoding(i)[1], first.encoding(i)[1])
+    writes = []
+    monkeypatch.setattr(stores.DiskStore, "write", lambda self, key, *a, **k: writes.append(key))
+    TextCache.build(_dataset(folder), clip, disk_dir=str(disk), store=store)
+    assert writes == []  # a memory hit the disk already holds is not written again
+
+
 def test_corrupted_disk_file_is_rebuilt_with_a_warning(clip, folder, tmp_path):
     disk = tmp_path / "text_cache"
     first = TextCache.build(_dataset(folder), clip, disk_dir=str(disk), store=MemoryStore(64))

@@ -97,6 +97,19 @@ def test_parse_unquoted_strings_lowercase_bools_inf():
     assert args["flag"] is True and args["other"] is False
 
 
+def test_parse_quotes_hide_separators_keys_and_brackets():
+    # inside quotes (escapes included) a comma, "key=" or bracket neither splits pairs nor counts as unbalanced
+    args = parse_optimizer_args(r"name='x=1, (' note='it\'s b=2' c=[1, (2, 3)]")
+    assert args == {"name": "x=1, (", "note": "it's b=2", "c": [1, (2, 3)]}
+
+
+@pytest.mark.parametrize("text", ["betas=0.9)", "betas=)(", "name='abc", "name='abc\\"])
+def test_parse_rejects_close_before_open_and_open_quotes(text):
+    with pytest.raises(OptimizerConfigError, match="unbalanced brackets or quotes") as info:
+        parse_optimizer_args(text)
+    assert repr(text) in str(info.value)
+
+
 @pytest.mark.parametrize(
     "text,bad",
     [

@@ -383,14 +383,3 @@ def optimizer_eval_mode(optimizer: Any) -> None:
     """Switch a schedule-free optimizer to eval mode (before sampling/validation/saving); no-op otherwise."""
     if is_schedule_free(optimizer) and callable(getattr(optimizer, "eval", None)):
         optimizer.eval()
-
-
-def clip_gradients(parameters: Iterable[torch.Tensor], max_grad_norm: float) -> torch.Tensor | None:
-    """kohya's clip before optimizer.step(): global L2 norm clip, skipped when max_grad_norm is 0.
-
-    Gradients must already be unscaled (GradScaler.unscale_) when fp16 loss scaling is used.
-    Returns the total norm before clipping, or None when disabled.
-    """
-    if max_grad_norm == 0.0:
-        return None
-    return torch.nn.utils.clip_grad_norm_(list(parameters), max_grad_norm)

@@ -21,7 +21,6 @@ from sdxl_lora_trainer.trainer.run.optimizers import (
     OptimizerUnavailableError,
     build_optimizer,
     canonical_optimizer_type,
-    clip_gradients,
     is_schedule_free,
     optimizer_eval_mode,
     optimizer_metadata_name,
@@ -404,19 +403,6 @@ def test_8bit_constructs_and_steps_on_cuda(optimizer_type):
     (p**2).sum().backward()
     opt.step()
     assert not torch.equal(before, p.detach())
-
-
-# --- clip -----------------------------------------------------------------------------------------------------------
-
-
-def test_clip_gradients_zero_disables():
-    p = tiny_param()
-    p.grad = torch.full_like(p, 3.0)  # norm 6
-    assert clip_gradients([p], 0.0) is None
-    assert torch.equal(p.grad, torch.full_like(p, 3.0))
-    norm = clip_gradients([p], 1.0)
-    assert float(norm) == pytest.approx(6.0)
-    assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-5)
 
 
 # --- warmup ---------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 SEED_NAMES = frozenset({"seed", "noise_seed"})
 # Frontend-only nodes: they never reach the server.
 VIRTUAL_NODES = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Reroute"})
-MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
+MODE_NEVER, MODE_BYPASS = 2, 4  # LiteGraph node modes (0, the default, runs the node)
 
 
 class ConversionError(ValueError):

@@ -50,10 +50,6 @@ def gradient_checkpointing(unet: torch.nn.Module, enabled: bool = True) -> conte
     return _attributes_overridden(checkpoint_targets(unet) if enabled else [], "forward", _checkpointed_forward)
 
 
-#: attention kernels of comfy.ldm.modules.attention that have a backward: kept while training
-TRAINABLE_ATTENTION = ("attention_pytorch", "attention_xformers")
-
-
 @contextlib.contextmanager
 def differentiable_attention() -> Iterator[str]:
     """Train with an attention kernel that has a backward; restore ComfyUI's choice on exit.

@@ -69,23 +69,7 @@ def text_encoders(clip: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     return inner.clip_l.transformer, inner.clip_g.transformer
 
 
-# -- the diffusion objective through ComfyUI's own model_sampling ------------------------------
-
-
-def model_input_for_timesteps(
-    model: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """The U-Net input for integer DDPM timesteps, built with the MODEL's own ``model_sampling``.
-
-    ComfyUI's sampler forms ``x = x0 + sigma*noise`` and feeds ``x / sqrt(sigma^2 + 1)``, which is
-    ``sqrt(abar)*x0 + sqrt(1-abar)*noise``: kohya's ``DDPMScheduler.add_noise``. Using the MODEL's
-    sigmas means a model ComfyUI samples with zero-terminal-SNR is also trained with it.
-    """
-    ms = model.model.model_sampling
-    sigma = ms.sigma(timesteps.to(ms.sigmas.device).float()).to(latents.device, torch.float32)
-    sigma = sigma.view(-1, *([1] * (latents.ndim - 1)))
-    x = latents.float() + sigma * noise.float()
-    return x / (sigma * sigma + 1.0).sqrt()
+# -- the raw U-Net call ------------------------------------------------------------------------
 
 
 def unet_forward(

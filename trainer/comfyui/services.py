@@ -90,12 +90,6 @@ def loras_directory() -> str:
     return folder_paths.get_folder_paths("loras")[0]
 
 
-def temp_directory() -> str:
-    import folder_paths
-
-    return folder_paths.get_temp_directory()
-
-
 def lora_file_names() -> list[str]:
     import folder_paths
 

@@ -1,4 +1,4 @@
-"""kohya's DDPM noise schedule for SDXL, and its bridge to ComfyUI's sigma parameterisation.
+"""kohya's DDPM noise schedule for SDXL, and why it is the U-Net input ComfyUI's sigma route would give.
 
 kohya (train_network.NetworkTrainer.get_noise_scheduler) builds diffusers'
 ``DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)``,
@@ -7,34 +7,19 @@ AFTERWARDS. We rebuild the same float32 tables in plain torch so diffusers is no
 
 Relation to ComfyUI
 -------------------
-kohya trains on ``x_t = sqrt(ac_t) * x0 + sqrt(1 - ac_t) * eps`` with the integer timestep ``t`` as U-Net input.
-ComfyUI's discrete (SDXL, EPS) models are driven with a sigma instead. With
-
-    sigma_t = sqrt((1 - ac_t) / ac_t)          (``sigma_for_timesteps``)
-
-and ``x = x0 + sigma_t * eps`` (``comfy_noisy_latents``), ``BaseModel.apply_model(x, sigma)`` feeds the U-Net
+The engine feeds the U-Net kohya's ``x_t = sqrt(ac_t) * x0 + sqrt(1 - ac_t) * eps`` (``add_noise``) and the integer
+timestep ``t`` directly (trainer/comfyui/models.unet_forward). ComfyUI's discrete (SDXL, EPS) models are driven with a
+sigma instead: with ``sigma_t = sqrt((1 - ac_t) / ac_t)`` and ``x = x0 + sigma_t * eps`` (EPS.noise_scaling),
+``BaseModel.apply_model(x, sigma)`` feeds the U-Net
 
     x / sqrt(sigma_t**2 + 1) = sqrt(ac_t) * x0 + sqrt(1 - ac_t) * eps        (EPS.calculate_input)
 
-because 1 / sqrt(sigma**2 + 1) = sqrt(ac) and sigma / sqrt(sigma**2 + 1) = sqrt(1 - ac). That is exactly kohya's
-``add_noise``. The U-Net's timestep is ``model_sampling.timestep(sigma)``: the index of the nearest log-sigma in
-ComfyUI's table, which maps our sigma back to the same integer t for every t in 0..999.
+because 1 / sqrt(sigma**2 + 1) = sqrt(ac) and sigma / sqrt(sigma**2 + 1) = sqrt(1 - ac): exactly kohya's ``add_noise``.
+The U-Net's timestep is ``model_sampling.timestep(sigma)``, the nearest log-sigma in ComfyUI's table, which is ``t``
+again for every t in 0..999. tests/host/run/test_training_reference.py checks both against ComfyUI's model_sampling.
 
-apply_model returns the denoised estimate ``x0_hat = x - eps_hat * sigma`` (EPS.calculate_denoised), so the model's
-noise prediction is recovered as ``eps_hat = (x - x0_hat) / sigma`` (``x0_to_eps``) and the v-prediction as
-``v_hat = sqrt(ac) * eps_hat - sqrt(1 - ac) * x0_hat = (eps_hat - sigma * x0_hat) / sqrt(sigma**2 + 1)``
-(``eps_to_v`` / ``x0_to_v``). The x0/eps pair is consistent for any model parameterisation, so this also holds for a
-V_PREDICTION model, whose calculate_denoised differs.
-
-Numerics to keep in mind:
-* Pass OUR sigma (from kohya's float32 alphas_cumprod), not ComfyUI's ``model_sampling.sigmas``: ComfyUI derives its
-  table in float64 and the two differ by up to ~1.3e-5 relative (at t=0), which would change the U-Net input.
-* Going through sigma costs a few float32 roundings (multiply by sqrt(sigma**2+1), divide again; subtract and divide
-  by sigma to get eps back). At small sigma (t=0: sigma ~ 0.029) that amplifies to ~1e-6 relative in eps. If
-  bit-exactness with kohya's U-Net input matters, feed kohya's noisy latents multiplied by sqrt(sigma**2+1)
-  (``kohya_to_comfy_noisy``) and accept that residual rounding.
-* ComfyUI casts the U-Net input to the model dtype inside apply_model and returns x0 in float32.
-* With zero-terminal SNR, ac_999 = 0, so sigma_999 = inf: the sigma route cannot represent that timestep.
+WHY not through sigma: ComfyUI derives its table in float64 and it differs from kohya's float32 one by up to ~1.3e-5
+relative (at t=0); the detour costs float32 roundings; and with zero-terminal SNR ac_999 = 0, so sigma_999 = inf.
 """
 
 from __future__ import annotations
@@ -52,14 +37,6 @@ def _expand_to(values: torch.Tensor, ndim: int) -> torch.Tensor:
     while values.ndim < ndim:
         values = values.unsqueeze(-1)
     return values
-
-
-def _as_sigma(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample sigma [B] (or a scalar) broadcastable against ``like`` [B, ...]."""
-    sigma = torch.as_tensor(sigma, device=like.device)
-    if sigma.numel() == 1:
-        return sigma.reshape(())
-    return _expand_to(sigma, like.ndim)
 
 
 def _enforce_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -136,61 +113,3 @@ class DDPMSchedule:
         """The v-prediction target ``sqrt(ac_t) * noise - sqrt(1 - ac_t) * latents`` (DDPMScheduler.get_velocity)."""
         sqrt_ac, sqrt_one_minus_ac = self._sqrt_terms(latents, timesteps)
         return sqrt_ac * noise - sqrt_one_minus_ac * latents
-
-
-# --- kohya timestep <-> ComfyUI sigma -------------------------------------------------------------------------
-
-
-def sigma_for_timesteps(
-    schedule: DDPMSchedule, timesteps: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """ComfyUI-style sigma ``sqrt((1 - ac_t) / ac_t)`` for kohya timesteps, from kohya's float32 alphas_cumprod
-    (evaluated in ``dtype``). Returned on the device of ``timesteps``, shape of ``timesteps``."""
-    ac = schedule.alphas_cumprod[timesteps.long().cpu()].to(dtype)
-    return (((1 - ac) / ac) ** 0.5).to(timesteps.device)
-
-
-def timesteps_for_sigmas(schedule: DDPMSchedule, sigmas: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``sigma_for_timesteps``: nearest entry in log-sigma, as ComfyUI's ModelSamplingDiscrete.timestep."""
-    ac = schedule.alphas_cumprod
-    log_table = (((1 - ac) / ac) ** 0.5).log()
-    dists = sigmas.float().cpu().log().reshape(1, -1) - log_table[:, None]
-    return dists.abs().argmin(dim=0).reshape(sigmas.shape).to(sigmas.device)
-
-
-def comfy_noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """The ``x`` ComfyUI's apply_model expects: ``latents + sigma * noise`` (EPS.noise_scaling)."""
-    return latents + _as_sigma(sigma, latents) * noise
-
-
-def kohya_to_comfy_noisy(noisy_kohya: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """Turn kohya's ``add_noise`` output into the ``x`` whose apply_model input is that same tensor."""
-    s = _as_sigma(sigma, noisy_kohya)
-    return noisy_kohya * (s**2 + 1) ** 0.5
-
-
-def comfy_to_kohya_noisy(x_noisy_comfy: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """What apply_model actually feeds the U-Net for ``x``: ``x / sqrt(sigma**2 + 1)`` (EPS.calculate_input)."""
-    s = _as_sigma(sigma, x_noisy_comfy)
-    return x_noisy_comfy / (s**2 + 1) ** 0.5
-
-
-def x0_to_eps(x_noisy_comfy: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """Noise prediction from apply_model's denoised output: ``(x - x0) / sigma`` (inverts EPS.calculate_denoised)."""
-    return (x_noisy_comfy - x0) / _as_sigma(sigma, x_noisy_comfy)
-
-
-def eps_to_v(eps: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """v = sqrt(ac) * eps - sqrt(1 - ac) * x0, written with sigma: ``(eps - sigma * x0) / sqrt(sigma**2 + 1)``."""
-    s = _as_sigma(sigma, eps)
-    return (eps - s * x0) / (s**2 + 1) ** 0.5
-
-
-def x0_to_v(x_noisy_comfy: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """v-prediction from apply_model's denoised output (``eps_to_v(x0_to_eps(x, x0, sigma), x0, sigma)``)."""
-    return eps_to_v(x0_to_eps(x_noisy_comfy, x0, sigma), x0, sigma)
-
-
-def eps_to_x0(x_noisy_comfy: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """Denoised estimate from a noise prediction, as ComfyUI's EPS.calculate_denoised: ``x - eps * sigma``."""
-    return x_noisy_comfy - eps * _as_sigma(sigma, x_noisy_comfy)

@@ -8,7 +8,6 @@ run wrote are ever deleted by keep-last-N.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ class CheckpointSettings:
     save_state_every_n_steps: int = 0
     save_state_on_cancel: bool = True
     resume_from: str = ""  # a state folder written by an earlier run
-    write_log: bool = True
 
 
 @dataclass
@@ -89,7 +87,3 @@ class RunArtifacts:
         os.replace(tmp, latest)
         self.states.append(folder)
         return folder
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

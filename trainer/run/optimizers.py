@@ -27,7 +27,7 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +69,11 @@ _SEPARATORS = " \t\r\n,;"
 _OPEN, _CLOSE = "([{", ")]}"
 
 
-def _find_pair_starts(text: str) -> list[int]:
-    """Indices where a ``key=`` starts at bracket depth 0 outside quotes, right after a separator.
+def _nesting(text: str) -> Iterator[tuple[int, int, bool]]:
+    """``(index, bracket depth, inside quotes)`` after each character; characters escaped inside quotes are skipped.
 
-    WHY a scanner: commas separate pairs ("a=1,b=2") but also live inside values ("betas=0.9,0.999",
-    "betas=(0.9, 0.999)"), so a comma/space only ends a value when a new ``key=`` follows it.
+    WHY one scanner: splitting the pairs and checking a value's balance must agree on what is quoted or bracketed.
     """
-    starts: list[int] = []
     depth = 0
     quote: str | None = None
     i = 0
@@ -93,10 +91,28 @@ def _find_pair_starts(text: str) -> list[int]:
             depth += 1
         elif ch in _CLOSE:
             depth -= 1
-        elif depth == 0 and (i == 0 or text[i - 1] in _SEPARATORS) and _KEY_AT.match(text, i):
-            starts.append(i)
+        yield i, depth, quote is not None
         i += 1
-    return starts
+
+
+def _find_pair_starts(text: str) -> list[int]:
+    """Indices where a ``key=`` starts at bracket depth 0 outside quotes, right after a separator.
+
+    WHY a scanner: commas separate pairs ("a=1,b=2") but also live inside values ("betas=0.9,0.999",
+    "betas=(0.9, 0.999)"), so a comma/space only ends a value when a new ``key=`` follows it.
+    """
+    return [
+        i
+        for i, depth, quoted in _nesting(text)
+        if not quoted and depth == 0 and (i == 0 or text[i - 1] in _SEPARATORS) and _KEY_AT.match(text, i)
+    ]
+
+
+def _unbalanced(raw: str) -> bool:
+    """True when a bracket closes before it opens, or a bracket or quote is still open at the end."""
+    states = list(_nesting(raw))
+    _, final_depth, still_quoted = states[-1] if states else (0, 0, False)
+    return final_depth != 0 or still_quoted or any(depth < 0 for _, depth, _ in states)
 
 
 def _convert_value(key: str, raw: str) -> Any:
@@ -169,30 +185,6 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
             )
         result[key] = _convert_value(key, raw)
     return result
-
-
-def _unbalanced(raw: str) -> bool:
-    depth = 0
-    quote: str | None = None
-    i = 0
-    while i < len(raw):
-        ch = raw[i]
-        if quote is not None:
-            if ch == "\\":
-                i += 2
-                continue
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch in _OPEN:
-            depth += 1
-        elif ch in _CLOSE:
-            depth -= 1
-            if depth < 0:
-                return True
-        i += 1
-    return depth != 0 or quote is not None
 
 
 # --- settings -----------------------------------------------------------------------------------------------------
@@ -391,14 +383,3 @@ def optimizer_eval_mode(optimizer: Any) -> None:
     """Switch a schedule-free optimizer to eval mode (before sampling/validation/saving); no-op otherwise."""
     if is_schedule_free(optimizer) and callable(getattr(optimizer, "eval", None)):
         optimizer.eval()
-
-
-def clip_gradients(parameters: Iterable[torch.Tensor], max_grad_norm: float) -> torch.Tensor | None:
-    """kohya's clip before optimizer.step(): global L2 norm clip, skipped when max_grad_norm is 0.
-
-    Gradients must already be unscaled (GradScaler.unscale_) when fp16 loss scaling is used.
-    Returns the total norm before clipping, or None when disabled.
-    """
-    if max_grad_norm == 0.0:
-        return None
-    return torch.nn.utils.clip_grad_norm_(list(parameters), max_grad_norm)

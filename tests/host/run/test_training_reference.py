@@ -16,7 +16,6 @@ import training_fixtures as tf
 
 from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders
 from sdxl_lora_trainer.trainer.comfyui import kernels as comfy_kernels
-from sdxl_lora_trainer.trainer.comfyui import models as comfy_models
 from sdxl_lora_trainer.trainer.comfyui import training as comfy_training
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.objective.ddpm_schedule import DDPMSchedule
@@ -170,11 +169,16 @@ def test_model_input_and_add_noise_match_kohyas_golden(golden):
     assert torch.equal(schedule.add_noise(latents, noise, timesteps), want)
     assert torch.equal(schedule.get_velocity(latents, noise, timesteps), tensor("v_target_get_velocity"))
 
+    # The engine feeds add_noise's output and the integer t straight to the U-Net. ComfyUI's sampler forms
+    # x = x0 + sigma*noise, which apply_model scales into the U-Net input, and maps sigma back to a timestep.
     # ComfyUI derives its sigmas in float64 from the same betas; kohya's table is float32, so the two routes
     # agree to float32 rounding of the schedule (~1e-5 relative at t=0), not bit for bit.
-    model = tf.inference_models()[0]
-    got = comfy_models.model_input_for_timesteps(model, latents, noise, timesteps)
-    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+    sampling = tf.inference_models()[0].model.model_sampling
+    sigma = sampling.sigma(timesteps)
+    comfy_input = sampling.calculate_input(sigma, sampling.noise_scaling(sigma, noise, latents))
+    torch.testing.assert_close(comfy_input, schedule.add_noise(latents, noise, timesteps), rtol=2e-5, atol=2e-6)
+    every_t = torch.arange(schedule.num_train_timesteps)
+    assert torch.equal(sampling.timestep(sampling.sigma(every_t)), every_t)
 
     # the reference's own tables are kohya's (so the reference above is trustworthy)
     ac = tf.ref_alphas_cumprod()

@@ -21,7 +21,6 @@ from sdxl_lora_trainer.trainer.run.optimizers import (
     OptimizerUnavailableError,
     build_optimizer,
     canonical_optimizer_type,
-    clip_gradients,
     is_schedule_free,
     optimizer_eval_mode,
     optimizer_metadata_name,
@@ -95,6 +94,19 @@ def test_parse_unquoted_strings_lowercase_bools_inf():
         "name": "a b",
     }
     assert args["flag"] is True and args["other"] is False
+
+
+def test_parse_quotes_hide_separators_keys_and_brackets():
+    # inside quotes (escapes included) a comma, "key=" or bracket neither splits pairs nor counts as unbalanced
+    args = parse_optimizer_args(r"name='x=1, (' note='it\'s b=2' c=[1, (2, 3)]")
+    assert args == {"name": "x=1, (", "note": "it's b=2", "c": [1, (2, 3)]}
+
+
+@pytest.mark.parametrize("text", ["betas=0.9)", "betas=)(", "name='abc", "name='abc\\"])
+def test_parse_rejects_close_before_open_and_open_quotes(text):
+    with pytest.raises(OptimizerConfigError, match="unbalanced brackets or quotes") as info:
+        parse_optimizer_args(text)
+    assert repr(text) in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -391,19 +403,6 @@ def test_8bit_constructs_and_steps_on_cuda(optimizer_type):
     (p**2).sum().backward()
     opt.step()
     assert not torch.equal(before, p.detach())
-
-
-# --- clip -----------------------------------------------------------------------------------------------------------
-
-
-def test_clip_gradients_zero_disables():
-    p = tiny_param()
-    p.grad = torch.full_like(p, 3.0)  # norm 6
-    assert clip_gradients([p], 0.0) is None
-    assert torch.equal(p.grad, torch.full_like(p, 3.0))
-    norm = clip_gradients([p], 1.0)
-    assert float(norm) == pytest.approx(6.0)
-    assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-5)
 
 
 # --- warmup ---------------------------------------------------------------------------------------------------------

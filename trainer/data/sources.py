@@ -132,12 +132,12 @@ class DatasetItem:
             return self.image_path
         return f"{self.subset or 'images'}#{self.subset_index}"
 
-    def load_rgb(self, max_pixels: int = DEFAULT_MAX_PIXELS, warnings_out: list[str] | None = None) -> Image.Image:
+    def load_rgb(self) -> Image.Image:
         """The 8-bit RGB pixels, decoded with the same orientation rule the size was measured with."""
         if self.image is not None:
             return self.image
         assert self.image_path is not None
-        return load_image_rgb(self.image_path, self.exif_transpose, max_pixels=max_pixels, warnings_out=warnings_out)
+        return load_image_rgb(self.image_path, self.exif_transpose)
 
 
 @dataclass
@@ -958,7 +958,7 @@ def items_from_images(
     return result
 
 
-def folder_fingerprint(path: PathLike, input_dir: PathLike | None = None, extra_files: Sequence[PathLike] = ()) -> str:
+def folder_fingerprint(path: PathLike, input_dir: PathLike | None = None) -> str:
     """A cheap signature of a dataset folder (names, sizes, mtimes of every file below it).
 
     ComfyUI re-runs a node only when its inputs change; a folder path does not change when a caption
@@ -972,19 +972,17 @@ def folder_fingerprint(path: PathLike, input_dir: PathLike | None = None, extra_
         root, _ = resolve_dataset_path(path, input_dir)
     except DatasetError:
         return "unresolvable"
-    targets = [root, *[Path(p) for p in extra_files]]
-    for target in targets:
-        if target.is_file():
-            st = target.stat()
-            h.update(f"{target}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            continue
-        for dirpath, dirnames, filenames in os.walk(target):
-            dirnames.sort()
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(full)
-                except OSError:
-                    continue
-                h.update(f"{full}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    if root.is_file():
+        st = root.stat()
+        h.update(f"{root}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            h.update(f"{full}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()

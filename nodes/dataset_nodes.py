@@ -12,6 +12,7 @@ from ..trainer.data.assemble import dataset_from_scan, dataset_from_toml
 from ..trainer.data.buckets import BucketSettings
 from ..trainer.data.captions import CaptionOptions
 from ..trainer.data.sources import (
+    ScanOptions,
     ScanResult,
     folder_fingerprint,
     items_from_images,
@@ -124,24 +125,16 @@ class ImagesFromFolder(io.ComfyNode):
         use_jsonl = layout == "metadata.jsonl" or (
             layout == "auto" and os.path.isfile(os.path.join(root, "metadata.jsonl"))
         )
+        options = ScanOptions(
+            caption_extension=caption_extension,
+            recursive=recursive,
+            strict_captions=strict_captions,
+            exif_transpose=exif_transpose,
+        )
         if use_jsonl:
-            scan = scan_metadata_jsonl(
-                folder,
-                input_dir,
-                default_repeats=default_repeats,
-                strict_captions=strict_captions,
-                exif_transpose=exif_transpose,
-            )
+            scan = scan_metadata_jsonl(folder, input_dir, options, default_repeats=default_repeats)
         else:
-            scan = scan_folder(
-                folder,
-                caption_extension,
-                default_repeats,
-                recursive,
-                strict_captions,
-                input_dir,
-                exif_transpose=exif_transpose,
-            )
+            scan = scan_folder(folder, input_dir, options, default_repeats=default_repeats)
         report = scan_report(scan)
         return io.NodeOutput(scan, report, ui={"text": [report]})
 

@@ -14,7 +14,7 @@ from typing import Any
 from .buckets import BucketSettings
 from .captions import CaptionOptions
 from .dataset import DatasetPart, TrainingDataset, bucket_images, training_dataset
-from .kohya_toml import DatasetTomlConfig, scan_dataset_toml
+from .kohya_toml import KOHYA_SUBSET_SCAN, DatasetTomlConfig, scan_dataset_toml
 from .registration import Subset, register_dreambooth, register_finetuning
 from .sources import DatasetItem, ScanResult
 
@@ -95,9 +95,8 @@ def dataset_from_toml(
     fallbacks: dict[str, Any] | None = None,
 ) -> tuple[TrainingDataset, DatasetTomlConfig]:
     """A kohya dataset TOML, loaded as kohya would (precedence, defaults), bucketed per [[datasets]]."""
-    config, scan = scan_dataset_toml(
-        path, input_dir, fallbacks=fallbacks, strict_captions=strict_captions, exif_transpose=exif_transpose
-    )
+    options = dataclasses.replace(KOHYA_SUBSET_SCAN, strict_captions=strict_captions, exif_transpose=exif_transpose)
+    config, scan = scan_dataset_toml(path, input_dir, options, fallbacks=fallbacks)
     parts: list[DatasetPart] = []
     scans: list[ScanResult] = []
     for ds in config.datasets:

@@ -10,7 +10,6 @@ becomes one ``DatasetPart``. Batches never mix parts or buckets (kohya's Dataset
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -251,7 +250,3 @@ def caption_for_step(img: BucketedImage, rng: random.Random, epoch: int, step: i
     return process_caption(
         img.item.caption, img.caption_options, rng, epoch=epoch, step=step, max_train_steps=max_train_steps
     )
-
-
-def dumps_report(ds: TrainingDataset) -> str:
-    return json.dumps(ds.report_json(), indent=1)

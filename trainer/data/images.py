@@ -230,11 +230,6 @@ def probe_image_info(path: PathLike, exif_transpose: bool = True, max_pixels: in
         im.close()
 
 
-def probe_image(path: PathLike, exif_transpose: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) as the trainer will see the image (after EXIF orientation), header-only."""
-    return probe_image_info(path, exif_transpose, max_pixels).size
-
-
 def verify_image(path: PathLike, exif_transpose: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageProbe:
     """Decode the (first frame's) pixel data to catch truncated/corrupt files at scan time.
 

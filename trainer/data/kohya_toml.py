@@ -24,14 +24,14 @@ import difflib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
 import tomllib
 
-from .images import ACCEPTED_EXTENSIONS, DEFAULT_MAX_PIXELS, DatasetError, probe_image_info, verify_image
-from .sources import DatasetItem, ScanResult, normalize_caption_extension, resolve_dataset_path, scan_image_dir
+from .images import ACCEPTED_EXTENSIONS, DatasetError
+from .sources import ScanOptions, ScanResult, normalize_caption_extension, resolve_dataset_path, scan_image_dir
 
 __all__ = [
     "BUCKET_KEYS",
@@ -39,6 +39,7 @@ __all__ = [
     "SUBSET_DEFAULTS",
     "DatasetConfig",
     "DatasetTomlConfig",
+    "KOHYA_SUBSET_SCAN",
     "SubsetConfig",
     "load_dataset_toml",
     "parse_dataset_config",
@@ -161,6 +162,10 @@ BUCKET_KEYS: tuple[str, ...] = (
 
 # Only subset-only keys that must not inherit from [general]/[[datasets]] (kohya's "distinct" keys).
 _NOT_INHERITED = {"image_dir", "metadata_file", "is_reg", "alpha_mask"}
+
+#: How subsets are scanned by default: kohya reads only the files directly in a subset's image_dir.
+#: caption_extension and enable_wildcard always come from the subset itself.
+KOHYA_SUBSET_SCAN = ScanOptions(recursive=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,15 +618,7 @@ def _load_kohya_metadata(meta: Path) -> dict[str, dict[str, Any]]:
     return data
 
 
-def _scan_metadata_subset(
-    dataset: DatasetConfig,
-    sub: SubsetConfig,
-    *,
-    strict_images: bool,
-    verify: bool,
-    exif_transpose: bool,
-    max_pixels: int,
-) -> ScanResult:
+def _scan_metadata_subset(dataset: DatasetConfig, sub: SubsetConfig, options: ScanOptions) -> ScanResult:
     result = ScanResult()
     assert sub.resolved_metadata_file is not None
     meta = Path(sub.resolved_metadata_file)
@@ -632,7 +629,6 @@ def _scan_metadata_subset(
         )
     metadata = _load_kohya_metadata(meta)
     separator = sub.params.get("caption_separator") or ","
-    check = verify_image if verify else probe_image_info
     # kohya registers the keys longest first (it matches cache files by prefix); keep its order.
     for key in sorted(metadata.keys(), key=len, reverse=True):
         entry = metadata[key]
@@ -652,12 +648,8 @@ def _scan_metadata_subset(
                 if cand.is_file():
                     path = cand
                     break
-        try:
-            info = check(path, exif_transpose=exif_transpose, max_pixels=max_pixels)
-        except DatasetError as e:
-            if strict_images:
-                raise
-            result.skipped.append((str(path), f"{e} (listed in {meta.name} as '{key}')"))
+        info = result.probe_image_file(path, options, listed_in=f" (listed in {meta.name} as '{key}')")
+        if info is None:
             continue
         caption = entry.get("caption") or ""
         tags = entry.get("tags")
@@ -669,27 +661,20 @@ def _scan_metadata_subset(
                 caption = "\n".join(f"{line}{separator}{tags}" for line in caption.split("\n") if line.strip())
         elif tags:
             caption = caption + separator + tags if caption else tags
-        notes = []
-        if info.is_animated:
-            notes.append(f"{path}: animated image with {info.n_frames} frames; only the first frame is used.")
-            result.warnings.extend(notes)
-        result.items.append(
-            DatasetItem(
-                image_path=str(path),
-                caption=caption,
-                num_repeats=sub.num_repeats,
-                subset=sub.name,
-                source_dir=str(meta.parent),
-                is_reg=False,
-                image_size=info.size,
-                warnings=notes,
-                caption_path=str(meta),
-                caption_source="metadata",
-                image_key=key,  # kohya's image_key for fine-tuning data is the metadata key as written
-                dataset_index=dataset.index,
-                subset_index=sub.index,
-                exif_transpose=exif_transpose,
-            )
+        result.add_image_file(
+            path,
+            info,
+            options,
+            caption=caption,
+            num_repeats=sub.num_repeats,
+            subset=sub.name,
+            source_dir=str(meta.parent),
+            is_reg=False,
+            caption_path=str(meta),
+            caption_source="metadata",
+            image_key=key,  # kohya's image_key for fine-tuning data is the metadata key as written
+            dataset_index=dataset.index,
+            subset_index=sub.index,
         )
     return result
 
@@ -697,20 +682,15 @@ def _scan_metadata_subset(
 def scan_dataset_toml(
     config: DatasetTomlConfig | PathLike,
     input_dir: PathLike | None = None,
+    options: ScanOptions = KOHYA_SUBSET_SCAN,
     *,
     fallbacks: dict[str, Any] | None = None,
-    strict_captions: bool = False,
-    strict_images: bool = False,
-    verify: bool = True,
-    exif_transpose: bool = True,
-    recursive: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[DatasetTomlConfig, ScanResult]:
     """Load (if given a path) and scan every subset; returns (config, items of all datasets).
 
     Items carry ``dataset_index``/``subset_index`` so later stages can look up the dataset's bucket
-    settings and the subset's caption settings in the config. ``recursive`` defaults to False here
-    because kohya reads only the files directly in a subset's image_dir.
+    settings and the subset's caption settings in the config. Each subset is scanned with
+    ``options`` (non-recursive by default, as kohya) and its own caption_extension and enable_wildcard.
     """
     cfg = config if isinstance(config, DatasetTomlConfig) else load_dataset_toml(config, input_dir, fallbacks)
     result = ScanResult(warnings=list(cfg.warnings))
@@ -743,32 +723,23 @@ def scan_dataset_toml(
                         f"{'does not exist' if not d.exists() else 'is not a folder'} "
                         f"('{sub.image_dir}' resolved against the dataset config's folder); fix image_dir."
                     )
+                subset_options = replace(
+                    options,
+                    caption_extension=sub.caption_extension,
+                    enable_wildcard=bool(sub.params.get("enable_wildcard")),
+                )
                 sub_result = scan_image_dir(
                     d,
+                    subset_options,
                     num_repeats=sub.num_repeats,
-                    caption_extension=sub.caption_extension,
                     class_tokens=sub.class_tokens,
-                    recursive=recursive,
-                    strict_captions=strict_captions,
-                    strict_images=strict_images,
                     is_reg=sub.is_reg,
                     subset=sub.name,
                     dataset_index=dataset.index,
                     subset_index=sub.index,
-                    verify=verify,
-                    exif_transpose=exif_transpose,
-                    enable_wildcard=bool(sub.params.get("enable_wildcard")),
-                    max_pixels=max_pixels,
                 )
             else:
-                sub_result = _scan_metadata_subset(
-                    dataset,
-                    sub,
-                    strict_images=strict_images,
-                    verify=verify,
-                    exif_transpose=exif_transpose,
-                    max_pixels=max_pixels,
-                )
+                sub_result = _scan_metadata_subset(dataset, sub, options)
             result.extend(sub_result)
             if not sub_result.items:
                 sub.dropped = "no usable images"

@@ -75,11 +75,6 @@ def size_conditioning(
 TimeIds = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
-def time_ids_tensor(conditionings: Sequence[SizeConditioning]) -> torch.Tensor:
-    """[B, 6] int64 tensor (kohya hands LongTensors to get_size_embeddings)."""
-    return torch.tensor([c.time_ids for c in conditionings], dtype=torch.long)
-
-
 def size_embedding(time_ids: TimeIds, device: torch.device | str | None = None) -> torch.Tensor:
     """[B, 1536] float32 SDXL size embedding of [B, 6] (or a single [6]) time_ids, as kohya computes it.
 

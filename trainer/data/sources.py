@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -47,6 +47,7 @@ from .images import (
 __all__ = [
     "DatasetError",
     "DatasetItem",
+    "ScanOptions",
     "ScanResult",
     "UNSUPPORTED_IMAGE_EXTENSIONS",
     "items_from_images",
@@ -93,6 +94,20 @@ _COMMON_CAPTION_EXTENSIONS = (".txt", ".caption", ".tags", ".cap")
 _MAX_LISTED = 5  # file names listed in an aggregated warning before "... and N more"
 
 
+@dataclass(frozen=True)
+class ScanOptions:
+    """How the scanners read image and caption files, in one bundle so every source treats a file alike."""
+
+    caption_extension: str = ".txt"  # sidecar caption files of a folder scan (a TOML subset's own value wins)
+    recursive: bool = True  # also scan nested folders; kohya reads only the folder itself (False)
+    strict_captions: bool = False  # a missing, empty or unreadable caption raises instead of warning
+    strict_images: bool = False  # an unusable image raises instead of being skipped with its reason
+    verify: bool = True  # decode the pixels now to catch truncated files; False reads headers only
+    exif_transpose: bool = True  # apply EXIF orientation, as photo viewers do; kohya does not (False)
+    enable_wildcard: bool = False  # kohya's enable_wildcard for caption files (a TOML subset's own value wins)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as possible decompression bombs
+
+
 @dataclass
 class DatasetItem:
     """One training image (before repeats) with everything downstream needs to know about it.
@@ -132,17 +147,21 @@ class DatasetItem:
             return self.image_path
         return f"{self.subset or 'images'}#{self.subset_index}"
 
-    def load_rgb(self, max_pixels: int = DEFAULT_MAX_PIXELS, warnings_out: list[str] | None = None) -> Image.Image:
+    def load_rgb(self) -> Image.Image:
         """The 8-bit RGB pixels, decoded with the same orientation rule the size was measured with."""
         if self.image is not None:
             return self.image
         assert self.image_path is not None
-        return load_image_rgb(self.image_path, self.exif_transpose, max_pixels=max_pixels, warnings_out=warnings_out)
+        return load_image_rgb(self.image_path, self.exif_transpose)
 
 
 @dataclass
 class ScanResult:
-    """Items found, plus what was left out and why, plus things the user should know."""
+    """Items found, plus what was left out and why, plus things the user should know.
+
+    Every scanner records an image file through ``probe_image_file`` then ``add_image_file``, so a
+    bad, huge or animated file is skipped, raised or reported the same way whatever listed it.
+    """
 
     items: list[DatasetItem] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -160,6 +179,51 @@ class ScanResult:
     @property
     def num_images_with_repeats(self) -> int:
         return sum(item.num_repeats for item in self.items)
+
+    def probe_image_file(self, path: Path, options: ScanOptions, listed_in: str = "") -> ImageProbe | None:
+        """The check every scanner runs on an image file: its size as trained, frames, too big, unreadable.
+
+        An unusable file raises with ``strict_images``; otherwise its reason (plus ``listed_in``: where a
+        metadata file names it) goes into ``skipped`` and the result is None.
+        """
+        check = verify_image if options.verify else probe_image_info
+        try:
+            return check(path, exif_transpose=options.exif_transpose, max_pixels=options.max_pixels)
+        except DatasetError as e:
+            if options.strict_images:
+                raise
+            self.skipped.append((str(path), f"{e}{listed_in}"))
+            return None
+
+    def add_image_file(
+        self,
+        path: Path,
+        probe: ImageProbe,
+        options: ScanOptions,
+        *,
+        notes: Sequence[str] = (),
+        summarized_note: str | None = None,
+        **item_fields: Any,
+    ) -> None:
+        """Keep a probed file as an item. Its notes (an animated file's first) also go into ``warnings``;
+        ``summarized_note`` only onto the item, because the scanner reports those in one summary line."""
+        reported = []
+        if probe.is_animated:
+            reported.append(
+                f"{path}: animated image with {probe.n_frames} frames; only the first frame is used. "
+                "Export the frame you want as PNG to silence this."
+            )
+        reported.extend(notes)
+        self.items.append(
+            DatasetItem(
+                image_path=str(path),
+                image_size=probe.size,
+                exif_transpose=options.exif_transpose,
+                warnings=reported + ([summarized_note] if summarized_note else []),
+                **item_fields,
+            )
+        )
+        self.warnings.extend(reported)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,38 +408,30 @@ def _summarize(paths: Sequence[str]) -> str:
 
 def scan_image_dir(
     directory: PathLike,
+    options: ScanOptions,
     *,
     num_repeats: int = 1,
-    caption_extension: str = ".txt",
     class_tokens: str | None = None,
-    recursive: bool = False,
-    strict_captions: bool = False,
-    strict_images: bool = False,
     is_reg: bool = False,
     subset: str | None = None,
     dataset_index: int = 0,
     subset_index: int = 0,
-    verify: bool = True,
-    exif_transpose: bool = True,
-    enable_wildcard: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ScanResult:
     """Scan one kohya subset folder (no ``N_name`` interpretation): images + sidecar captions.
 
     Order is kohya's: full path strings sorted. Caption of an image without a caption file is
-    ``class_tokens`` when given (kohya), else "". ``strict_captions`` turns a missing, empty or
-    undecodable caption file into a DatasetError; otherwise the image is kept with a warning
-    (undecodable: skipped, because its caption is unknown). ``verify`` decodes the pixels to catch
-    truncated files now rather than mid-training; bad images are skipped (or raised with
-    ``strict_images``).
+    ``class_tokens`` when given (kohya), else "". ``options.strict_captions`` turns a missing, empty
+    or undecodable caption file into a DatasetError; otherwise the image is kept with a warning
+    (undecodable: skipped, because its caption is unknown). Bad images are skipped (or raised with
+    ``options.strict_images``), see ScanResult.probe_image_file.
     """
     d = Path(directory)
     _require_dir(d, None, "image folder")
-    caption_extension = normalize_caption_extension(caption_extension)
+    caption_extension = normalize_caption_extension(options.caption_extension)
     subset_name = subset if subset is not None else d.name
     result = ScanResult()
 
-    files, hidden = _list_files(d, recursive)
+    files, hidden = _list_files(d, options.recursive)
     images: list[Path] = []
     for f in files:
         ext = f.suffix.lower()
@@ -425,22 +481,12 @@ def scan_image_dir(
 
     missing: list[str] = []
     missing_hints: set[str] = set()
-    check = verify_image if verify else probe_image_info
     for img in images:
-        try:
-            info: ImageProbe = check(img, exif_transpose=exif_transpose, max_pixels=max_pixels)
-        except DatasetError as e:
-            if strict_images:
-                raise
-            result.skipped.append((str(img), str(e)))
+        info = result.probe_image_file(img, options)
+        if info is None:
             continue
-        item_warnings: list[str] = []  # also reported in result.warnings
+        notes: list[str] = []
         missing_note: str | None = None  # per-item only; result.warnings gets one summary
-        if info.is_animated:
-            item_warnings.append(
-                f"{img}: animated image with {info.n_frames} frames; only the first frame is used. "
-                "Export the frame you want as PNG to silence this."
-            )
 
         caption: str | None = None
         caption_path: Path | None = None
@@ -450,9 +496,9 @@ def scan_image_dir(
                 break
         if caption_path is not None:
             try:
-                caption, notes = read_caption_file(caption_path, enable_wildcard)
+                caption, notes = read_caption_file(caption_path, options.enable_wildcard)
             except DatasetError as e:
-                if strict_captions:
+                if options.strict_captions:
                     raise
                 result.skipped.append((str(img), f"{img}: skipped because its caption cannot be read: {e}"))
                 continue
@@ -461,12 +507,11 @@ def scan_image_dir(
                     f"{img}: no {img.stem}{caption_extension}; using {caption_path.name} (kohya's rule for "
                     "face-crop names 'name_x_y_w_h')."
                 )
-            if not caption and strict_captions:
+            if not caption and options.strict_captions:
                 raise DatasetError(
                     f"{caption_path}: caption file for {img.name} is empty; write the caption into it, or turn "
                     "strict captions off to train this image with an empty caption."
                 )
-            item_warnings.extend(notes)
             source = "file"
         else:
             expected = img.with_name(img.stem + caption_extension)
@@ -483,7 +528,7 @@ def scan_image_dir(
                         hint = f" (found '{img.stem}{ext}': set caption_extension to '{ext}')"
                         missing_hints.add(ext)
                         break
-            if strict_captions:
+            if options.strict_captions:
                 raise DatasetError(
                     f"{img}: no caption file {expected.name}{hint}; create it with the caption text, or turn "
                     "strict captions off to train without one."
@@ -501,25 +546,23 @@ def scan_image_dir(
                 source = "missing"
                 missing_note = f"{img}: no caption file {expected.name}{hint}; training with an empty caption."
 
-        result.items.append(
-            DatasetItem(
-                image_path=str(img),
-                caption=caption or "",
-                num_repeats=num_repeats,
-                subset=subset_name,
-                source_dir=str(d),
-                is_reg=is_reg,
-                image_size=info.size,
-                warnings=item_warnings + ([missing_note] if missing_note else []),
-                caption_path=str(caption_path) if caption_path is not None else None,
-                caption_source=source,
-                class_tokens=class_tokens,
-                dataset_index=dataset_index,
-                subset_index=subset_index,
-                exif_transpose=exif_transpose,
-            )
+        result.add_image_file(
+            img,
+            info,
+            options,
+            notes=notes,
+            summarized_note=missing_note,
+            caption=caption or "",
+            num_repeats=num_repeats,
+            subset=subset_name,
+            source_dir=str(d),
+            is_reg=is_reg,
+            caption_path=str(caption_path) if caption_path is not None else None,
+            caption_source=source,
+            class_tokens=class_tokens,
+            dataset_index=dataset_index,
+            subset_index=subset_index,
         )
-        result.warnings.extend(item_warnings)
 
     if missing:
         fallback = (
@@ -558,23 +601,17 @@ def _no_images_error(root: Path, how: str, result: ScanResult, extra: str = "") 
 
 def scan_folder(
     path: PathLike,
-    caption_extension: str = ".txt",
-    default_repeats: int = 1,
-    recursive: bool = True,
-    strict_captions: bool = False,
     input_dir: PathLike | None = None,
+    options: ScanOptions = ScanOptions(),
     *,
+    default_repeats: int = 1,
     is_reg: bool = False,
-    strict_images: bool = False,
-    verify: bool = True,
-    exif_transpose: bool = True,
-    enable_wildcard: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ScanResult:
     """Scan a dataset folder laid out like kohya's ``train_data_dir`` (or a plain image folder).
 
-    See the module docstring for the layout rules. Raises DatasetError when the folder does not
-    exist or yields no usable image; everything else is reported in the result.
+    See the module docstring for the layout rules; ``options`` says how every file is read. Raises
+    DatasetError when the folder does not exist or yields no usable image; everything else is
+    reported in the result.
     """
     if not isinstance(default_repeats, int) or isinstance(default_repeats, bool) or default_repeats < 1:
         raise DatasetError(f"default_repeats must be a whole number >= 1, got {default_repeats!r}.")
@@ -586,18 +623,8 @@ def scan_folder(
             f"{'metadata.jsonl' if kind.startswith('a metadata') else 'dataset TOML'} source for this file."
         )
     _require_dir(root, how)
-    caption_extension = normalize_caption_extension(caption_extension)
-    common = {
-        "caption_extension": caption_extension,
-        "recursive": recursive,
-        "strict_captions": strict_captions,
-        "strict_images": strict_images,
-        "is_reg": is_reg,
-        "verify": verify,
-        "exif_transpose": exif_transpose,
-        "enable_wildcard": enable_wildcard,
-        "max_pixels": max_pixels,
-    }
+    caption_extension = normalize_caption_extension(options.caption_extension)
+    options = replace(options, caption_extension=caption_extension)
     result = ScanResult()
 
     try:
@@ -661,7 +688,13 @@ def scan_folder(
                 )
                 continue
             sub = scan_image_dir(
-                d, num_repeats=repeats, class_tokens=class_tokens, subset=d.name, subset_index=subset_index, **common
+                d,
+                options,
+                num_repeats=repeats,
+                class_tokens=class_tokens,
+                is_reg=is_reg,
+                subset=d.name,
+                subset_index=subset_index,
             )
             if not sub.items:
                 result.warnings.append(f"subfolder '{d.name}' of {root} contains no usable images; it is ignored.")
@@ -676,12 +709,12 @@ def scan_folder(
                 f"subfolders of the folder you choose; using {default_repeats} repeat(s). Choose its parent folder "
                 f"to train it with {rule[0]} repeats."
             )
-        result.extend(scan_image_dir(root, num_repeats=default_repeats, subset=root.name, **common))
+        result.extend(scan_image_dir(root, options, num_repeats=default_repeats, is_reg=is_reg, subset=root.name))
 
     result.warnings = _dedupe(result.warnings)
     if not result.items:
         extra = ""
-        if not recursive and not kohya_layout and subdirs:
+        if not options.recursive and not kohya_layout and subdirs:
             extra = " Images in subfolders are only found with recursive scanning on."
         raise _no_images_error(root, how, result, extra)
     return result
@@ -694,21 +727,19 @@ def scan_folder(
 def scan_metadata_jsonl(
     folder: PathLike,
     input_dir: PathLike | None = None,
+    options: ScanOptions = ScanOptions(),
     *,
     caption_column: str = "text",
     default_repeats: int = 1,
     is_reg: bool = False,
-    strict_captions: bool = False,
-    strict_images: bool = False,
-    verify: bool = True,
-    exif_transpose: bool = True,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ScanResult:
     """Read the Hugging Face imagefolder convention: ``metadata.jsonl`` with one JSON object per
     line, ``{"file_name": "a.png", "text": "caption"}``, file names relative to the metadata file.
 
     ``folder`` may be the folder or the .jsonl file itself. Rows keep file order; a file listed
     twice is used once (the first row), images in the folder that no row lists are reported.
+    Captions come from the rows, so ``options.caption_extension``, ``recursive`` and
+    ``enable_wildcard`` do not apply.
     """
     target, how = resolve_dataset_path(folder, input_dir)
     if target.is_file():
@@ -734,7 +765,6 @@ def scan_metadata_jsonl(
 
     seen: dict[str, int] = {}
     missing_caption: list[str] = []
-    check = verify_image if verify else probe_image_info
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -773,41 +803,32 @@ def scan_metadata_jsonl(
                 f'{meta}:{line_no}: "{caption_column}" must be a string, got {type(caption).__name__}; '
                 "write the caption as text."
             )
-        try:
-            info = check(img, exif_transpose=exif_transpose, max_pixels=max_pixels)
-        except DatasetError as e:
-            if strict_images:
-                raise
-            result.skipped.append((str(img), f"{e} (listed in {meta.name} line {line_no})"))
+        info = result.probe_image_file(img, options, listed_in=f" (listed in {meta.name} line {line_no})")
+        if info is None:
             continue
-        item_warnings: list[str] = []
-        if info.is_animated:
-            item_warnings.append(f"{img}: animated image with {info.n_frames} frames; only the first frame is used.")
-            result.warnings.append(item_warnings[-1])
+        missing_note: str | None = None
         if caption is None or not caption.strip():
-            if strict_captions:
+            if options.strict_captions:
                 raise DatasetError(
                     f'{meta}:{line_no}: no "{caption_column}" caption for {name}; add it, or turn strict captions '
                     "off to train with an empty caption."
                 )
             missing_caption.append(name)
-            item_warnings.append(
+            missing_note = (
                 f'{img}: no "{caption_column}" in {meta.name} line {line_no}; training with an empty caption.'
             )
-        result.items.append(
-            DatasetItem(
-                image_path=str(img),
-                caption=(caption or "").strip(),
-                num_repeats=default_repeats,
-                subset=base.name,
-                source_dir=str(base),
-                is_reg=is_reg,
-                image_size=info.size,
-                warnings=item_warnings,
-                caption_path=str(meta),
-                caption_source="metadata" if caption and caption.strip() else "missing",
-                exif_transpose=exif_transpose,
-            )
+        result.add_image_file(
+            img,
+            info,
+            options,
+            summarized_note=missing_note,
+            caption=(caption or "").strip(),
+            num_repeats=default_repeats,
+            subset=base.name,
+            source_dir=str(base),
+            is_reg=is_reg,
+            caption_path=str(meta),
+            caption_source="metadata" if caption and caption.strip() else "missing",
         )
 
     if missing_caption:
@@ -958,7 +979,7 @@ def items_from_images(
     return result
 
 
-def folder_fingerprint(path: PathLike, input_dir: PathLike | None = None, extra_files: Sequence[PathLike] = ()) -> str:
+def folder_fingerprint(path: PathLike, input_dir: PathLike | None = None) -> str:
     """A cheap signature of a dataset folder (names, sizes, mtimes of every file below it).
 
     ComfyUI re-runs a node only when its inputs change; a folder path does not change when a caption
@@ -972,19 +993,17 @@ def folder_fingerprint(path: PathLike, input_dir: PathLike | None = None, extra_
         root, _ = resolve_dataset_path(path, input_dir)
     except DatasetError:
         return "unresolvable"
-    targets = [root, *[Path(p) for p in extra_files]]
-    for target in targets:
-        if target.is_file():
-            st = target.stat()
-            h.update(f"{target}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            continue
-        for dirpath, dirnames, filenames in os.walk(target):
-            dirnames.sort()
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(full)
-                except OSError:
-                    continue
-                h.update(f"{full}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    if root.is_file():
+        st = root.stat()
+        h.update(f"{root}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            h.update(f"{full}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()

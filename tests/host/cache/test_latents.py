@@ -20,7 +20,7 @@ from sdxl_lora_trainer.trainer.cache.stores import ENCODER_CALLS, MemoryStore
 from sdxl_lora_trainer.trainer.data.buckets import BucketSettings, resize_and_crop
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
 from sdxl_lora_trainer.trainer.data.dataset import bucket_images, training_dataset
-from sdxl_lora_trainer.trainer.data.sources import items_from_images, scan_folder
+from sdxl_lora_trainer.trainer.data.sources import ScanOptions, items_from_images, scan_folder
 
 # (file name, (W, H), seed, caption); two buckets at resolution 128 / step 64
 IMAGES = [
@@ -45,7 +45,7 @@ def _make_folder(root, images=IMAGES):
 
 
 def _dataset(root, *, flip=False, resolution=(128, 128), step=64, exif=True, batch_size=1):
-    scan = scan_folder(root, exif_transpose=exif)
+    scan = scan_folder(root, options=ScanOptions(exif_transpose=exif))
     settings = BucketSettings(resolution=resolution, min_bucket_reso=64, max_bucket_reso=256, bucket_reso_steps=step)
     part = bucket_images(scan, settings, batch_size, CaptionOptions(), flip_aug=flip)
     return training_dataset([part], [scan])

@@ -14,7 +14,6 @@ from sdxl_lora_trainer.trainer.data.images import (
     DEFAULT_MAX_PIXELS,
     DatasetError,
     load_image_rgb,
-    probe_image,
     probe_image_info,
     to_rgb,
     verify_image,
@@ -81,7 +80,7 @@ def test_exif_orientation_6_is_applied_by_default(tmp_path, ext):
     bottom = out.getpixel((10, 36))
     assert top[0] > 200 and top[2] < 60, top
     assert bottom[2] > 200 and bottom[0] < 60, bottom
-    assert probe_image(path) == (20, 40)
+    assert probe_image_info(path).size == (20, 40)
 
 
 def test_exif_orientation_off_keeps_stored_pixels(tmp_path):
@@ -90,7 +89,7 @@ def test_exif_orientation_off_keeps_stored_pixels(tmp_path):
     assert out.size == (40, 20)
     assert out.getpixel((2, 10)) == RED
     assert out.getpixel((37, 10)) == BLUE
-    assert probe_image(path, exif_transpose=False) == (40, 20)
+    assert probe_image_info(path, exif_transpose=False).size == (40, 20)
 
 
 def test_exif_orientation_3_rotates_180(tmp_path):
@@ -192,7 +191,7 @@ def test_animated_image_uses_first_frame_and_warns(tmp_path, ext):
 
 def test_wide_strip_12000x300_is_allowed(tmp_path):
     Image.new("L", (12000, 300), 10).save(tmp_path / "wide.png")
-    assert probe_image(tmp_path / "wide.png") == (12000, 300)
+    assert probe_image_info(tmp_path / "wide.png").size == (12000, 300)
     assert load_image_rgb(tmp_path / "wide.png").size == (12000, 300)
 
 
@@ -207,7 +206,7 @@ def test_to_rgb_returns_rgb_for_every_common_mode():
 def test_zero_byte_file_error_names_file_and_fix(tmp_path):
     path = tmp_path / "empty.png"
     path.write_bytes(b"")
-    for fn in (load_image_rgb, probe_image, verify_image):
+    for fn in (load_image_rgb, probe_image_info, verify_image):
         with pytest.raises(DatasetError) as e:
             fn(path)
         assert "empty.png" in str(e.value) and "0 bytes" in str(e.value) and "re-copy" in str(e.value)
@@ -218,7 +217,7 @@ def test_truncated_image_is_detected_on_load(tmp_path, ext):
     path = tmp_path / f"cut{ext}"
     _noise().save(path)
     _truncate(path)
-    assert probe_image(path) == (128, 128)  # the header is intact: only a full decode finds it
+    assert probe_image_info(path).size == (128, 128)  # the header is intact: only a full decode finds it
     for fn in (load_image_rgb, verify_image):
         with pytest.raises(DatasetError) as e:
             fn(path)
@@ -260,7 +259,7 @@ def test_non_image_with_image_extension(tmp_path):
 def test_decompression_bomb_guard_uses_header_only(tmp_path):
     path = _png_header_only(tmp_path / "huge.png", 12000, 12000)  # 144 MP: over our guard, under Pillow's
     assert DEFAULT_MAX_PIXELS < 12000 * 12000
-    for fn in (probe_image, load_image_rgb):
+    for fn in (probe_image_info, load_image_rgb):
         with pytest.raises(DatasetError) as e:
             fn(path)
         msg = str(e.value)

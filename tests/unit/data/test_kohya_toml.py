@@ -17,6 +17,7 @@ from sdxl_lora_trainer.trainer.data.kohya_toml import (
     parse_dataset_config,
     scan_dataset_toml,
 )
+from sdxl_lora_trainer.trainer.data.sources import ScanOptions
 
 
 def img(path: Path, size=(64, 48)) -> Path:
@@ -288,7 +289,7 @@ def test_subset_dirs_are_not_recursive_by_default(tmp_path):
     img(tmp_path / "a" / "nested" / "y.png")
     path = write(tmp_path / "ds.toml", '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n')
     assert len(scan_dataset_toml(path)[1].items) == 1
-    assert len(scan_dataset_toml(path, recursive=True)[1].items) == 2
+    assert len(scan_dataset_toml(path, options=ScanOptions(recursive=True))[1].items) == 2
 
 
 def test_fine_tuning_metadata_subset(tmp_path):
@@ -306,3 +307,19 @@ def test_fine_tuning_metadata_subset(tmp_path):
     assert [i.caption for i in r.items] == ["long", "short,tag1, tag2"]
     assert r.items[1].image_path == str(tmp_path / "imgs" / "s.jpg")
     assert all(i.num_repeats == 2 and i.caption_source == "metadata" for i in r.items)
+
+
+def test_fine_tuning_subset_skips_a_bad_image_or_raises_with_strict_images(tmp_path):
+    img(tmp_path / "imgs" / "good.png")
+    (tmp_path / "imgs" / "empty.png").write_bytes(b"")
+    write(tmp_path / "meta.json", json.dumps({"good.png": {"caption": "x"}, "empty.png": {"caption": "y"}}))
+    path = write(
+        tmp_path / "ds.toml", '[[datasets]]\n[[datasets.subsets]]\nmetadata_file = "meta.json"\nimage_dir = "imgs"\n'
+    )
+    _, r = scan_dataset_toml(path)
+    assert [i.key for i in r.items] == ["good.png"]
+    ((skipped_path, reason),) = r.skipped
+    assert skipped_path == str(tmp_path / "imgs" / "empty.png")
+    assert "0 bytes" in reason and reason.endswith("(listed in meta.json as 'empty.png')")
+    with pytest.raises(DatasetError, match="0 bytes"):
+        scan_dataset_toml(path, options=ScanOptions(strict_images=True))

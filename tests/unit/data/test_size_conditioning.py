@@ -11,7 +11,6 @@ from sdxl_lora_trainer.trainer.data.size_conditioning import (
     SizeConditioning,
     size_conditioning,
     size_embedding,
-    time_ids_tensor,
 )
 
 _DATA = _load_for_params("time_ids")
@@ -130,8 +129,7 @@ def test_size_embedding_from_conditioning_and_batch(golden):
         target_size_hw=tuple(ref["time_ids"][4:6]),
     )
     other = SizeConditioning((1024, 1024), (0, 0), (1024, 1024))
-    ids = time_ids_tensor([cond, other])
-    assert ids.dtype == torch.long and ids.shape == (2, 6)
+    ids = torch.tensor([cond.time_ids, other.time_ids], dtype=torch.long)  # as the batch loader builds it
     batch = size_embedding(ids)
     assert batch.shape == (2, 1536)
     torch.testing.assert_close(batch[0], size_embedding(list(cond.time_ids))[0], rtol=0, atol=0)

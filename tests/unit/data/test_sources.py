@@ -12,6 +12,7 @@ from PIL import Image
 from sdxl_lora_trainer.trainer.data.sources import (
     DatasetError,
     DatasetItem,
+    ScanOptions,
     ScanResult,
     items_from_images,
     parse_repeats_folder_name,
@@ -89,8 +90,10 @@ def test_caption_extension_option(tmp_path):
     cap(tmp_path / "a.txt", "from txt")
     cap(tmp_path / "a.caption", "from caption")
     assert scan_folder(tmp_path).items[0].caption == "from txt"
-    assert scan_folder(tmp_path, caption_extension=".caption").items[0].caption == "from caption"
-    assert scan_folder(tmp_path, caption_extension="caption").items[0].caption == "from caption"  # dot added
+    dotted = scan_folder(tmp_path, options=ScanOptions(caption_extension=".caption"))
+    undotted = scan_folder(tmp_path, options=ScanOptions(caption_extension="caption"))
+    assert dotted.items[0].caption == "from caption"
+    assert undotted.items[0].caption == "from caption"  # dot added
 
 
 def test_recursive_scan_of_plain_folder(tmp_path):
@@ -99,7 +102,7 @@ def test_recursive_scan_of_plain_folder(tmp_path):
     img(tmp_path / "z" / "deep" / "a.png")
     # full path strings sorted, as kohya sorts its globbed paths (not by file name)
     assert names(scan_folder(tmp_path)) == ["z.png", "m.png", "a.png"]
-    assert names(scan_folder(tmp_path, recursive=False)) == ["m.png"]
+    assert names(scan_folder(tmp_path, options=ScanOptions(recursive=False))) == ["m.png"]
 
 
 def test_first_caption_line_only_and_wildcard(tmp_path):
@@ -108,7 +111,7 @@ def test_first_caption_line_only_and_wildcard(tmp_path):
     r = scan_folder(tmp_path)
     assert r.items[0].caption == "line one"
     assert any("a.txt" in w and "first line" in w for w in r.warnings)
-    r2 = scan_folder(tmp_path, enable_wildcard=True)
+    r2 = scan_folder(tmp_path, options=ScanOptions(enable_wildcard=True))
     assert r2.items[0].caption == "line one\nline two\nline three"
 
 
@@ -161,7 +164,7 @@ def test_image_size_accounts_for_exif_orientation(tmp_path):
     exif[0x0112] = 6
     im.save(tmp_path / "rot.jpg", exif=exif)
     assert scan_folder(tmp_path).items[0].image_size == (20, 40)
-    item = scan_folder(tmp_path, exif_transpose=False).items[0]
+    item = scan_folder(tmp_path, options=ScanOptions(exif_transpose=False)).items[0]
     assert item.image_size == (40, 20) and item.exif_transpose is False
     assert item.load_rgb().size == (40, 20)
 
@@ -238,7 +241,7 @@ def test_recursive_inside_kohya_subset(tmp_path):
     img(tmp_path / "3_char" / "a.png")
     img(tmp_path / "3_char" / "nested" / "n.png")
     assert [i.num_repeats for i in scan_folder(tmp_path).items] == [3, 3]
-    assert names(scan_folder(tmp_path, recursive=False)) == ["a.png"]  # kohya's behaviour
+    assert names(scan_folder(tmp_path, options=ScanOptions(recursive=False))) == ["a.png"]  # kohya's behaviour
 
 
 def test_kohya_subfolders_are_sorted_by_name(tmp_path):
@@ -278,7 +281,7 @@ def test_empty_folder_lists_accepted_extensions(tmp_path):
 def test_empty_folder_non_recursive_hint(tmp_path):
     img(tmp_path / "sub" / "a.png")
     with pytest.raises(DatasetError, match="recursive"):
-        scan_folder(tmp_path, recursive=False)
+        scan_folder(tmp_path, options=ScanOptions(recursive=False))
 
 
 def test_zero_byte_image_is_skipped_with_reason(tmp_path):
@@ -289,7 +292,7 @@ def test_zero_byte_image_is_skipped_with_reason(tmp_path):
     reason = skipped_reason(r, "empty.png")
     assert "empty.png" in reason and "0 bytes" in reason and "re-copy" in reason
     with pytest.raises(DatasetError, match="0 bytes"):
-        scan_folder(tmp_path, strict_images=True)
+        scan_folder(tmp_path, options=ScanOptions(strict_images=True))
 
 
 def test_truncated_image_is_skipped_with_reason(tmp_path):
@@ -303,7 +306,7 @@ def test_truncated_image_is_skipped_with_reason(tmp_path):
     reason = skipped_reason(r, "cut.jpg")
     assert "truncated" in reason and "Re-download" in reason
     # header-only scanning cannot see it (documented trade-off of verify=False)
-    assert names(scan_folder(tmp_path, verify=False)) == ["cut.jpg", "good.png"]
+    assert names(scan_folder(tmp_path, options=ScanOptions(verify=False))) == ["cut.jpg", "good.png"]
 
 
 def test_non_image_with_image_extension_is_skipped(tmp_path):
@@ -357,7 +360,7 @@ def test_missing_caption_gives_empty_caption_and_warning(tmp_path):
 def test_missing_caption_strict_is_an_error(tmp_path):
     img(tmp_path / "a.png")
     with pytest.raises(DatasetError) as e:
-        scan_folder(tmp_path, strict_captions=True)
+        scan_folder(tmp_path, options=ScanOptions(strict_captions=True))
     msg = str(e.value)
     assert "a.png" in msg and "a.txt" in msg and "create it" in msg
 
@@ -368,7 +371,7 @@ def test_missing_caption_suggests_the_extension_that_exists(tmp_path):
     r = scan_folder(tmp_path)
     assert any("caption_extension to '.caption'" in w for w in r.items[0].warnings)
     with pytest.raises(DatasetError, match=r"set caption_extension to '\.caption'"):
-        scan_folder(tmp_path, strict_captions=True)
+        scan_folder(tmp_path, options=ScanOptions(strict_captions=True))
 
 
 def test_invalid_utf8_caption_skips_image_with_reason(tmp_path):
@@ -381,7 +384,7 @@ def test_invalid_utf8_caption_skips_image_with_reason(tmp_path):
     reason = skipped_reason(r, "a.png")
     assert "a.txt" in reason and "not valid UTF-8" in reason and "0xe9" in reason and "re-save" in reason
     with pytest.raises(DatasetError) as e:
-        scan_folder(tmp_path, strict_captions=True)
+        scan_folder(tmp_path, options=ScanOptions(strict_captions=True))
     assert "a.txt" in str(e.value) and "UTF-8" in str(e.value)
 
 
@@ -398,7 +401,7 @@ def test_empty_caption_file(tmp_path):
     assert r.items[0].caption == "" and r.items[0].caption_source == "file"
     assert any("a.txt" in w and "empty" in w for w in r.warnings)
     with pytest.raises(DatasetError, match="a.txt"):
-        scan_folder(tmp_path, strict_captions=True)
+        scan_folder(tmp_path, options=ScanOptions(strict_captions=True))
 
 
 def test_bad_default_repeats(tmp_path):
@@ -410,12 +413,12 @@ def test_bad_default_repeats(tmp_path):
 def test_empty_caption_extension_is_rejected(tmp_path):
     img(tmp_path / "a.png")
     with pytest.raises(DatasetError, match="caption_extension"):
-        scan_folder(tmp_path, caption_extension="")
+        scan_folder(tmp_path, options=ScanOptions(caption_extension=""))
 
 
 def test_scan_image_dir_uses_class_tokens_and_given_repeats(tmp_path):
     img(tmp_path / "x.png")
-    r = scan_image_dir(tmp_path, num_repeats=7, class_tokens="ohwx", caption_extension=".caption")
+    r = scan_image_dir(tmp_path, ScanOptions(caption_extension=".caption"), num_repeats=7, class_tokens="ohwx")
     assert r.items[0].num_repeats == 7 and r.items[0].caption == "ohwx"
 
 
@@ -474,13 +477,30 @@ def test_metadata_jsonl_missing_text_and_duplicates(tmp_path):
     assert any("a.png" in w and '"text"' in w for w in r.warnings)
     assert "listed again" in skipped_reason(r, "b.png")
     with pytest.raises(DatasetError, match="a.png"):
-        scan_metadata_jsonl(tmp_path, strict_captions=True)
+        scan_metadata_jsonl(tmp_path, options=ScanOptions(strict_captions=True))
 
 
 def test_metadata_jsonl_absent(tmp_path):
     img(tmp_path / "a.png")
     with pytest.raises(DatasetError, match="metadata.jsonl does not exist"):
         scan_metadata_jsonl(tmp_path)
+
+
+def test_folder_and_metadata_jsonl_treat_a_bad_or_animated_image_alike(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
+    (tmp_path / "empty.png").write_bytes(b"")
+    rows = [{"file_name": "anim.webp", "text": "a"}, {"file_name": "empty.png", "text": "b"}]
+    cap(tmp_path / "metadata.jsonl", "\n".join(json.dumps(r) for r in rows))
+    folder, jsonl = scan_folder(tmp_path), scan_metadata_jsonl(tmp_path)
+    animated = [[w for w in r.warnings if "anim.webp" in w and "animated" in w] for r in (folder, jsonl)]
+    assert len(animated[0]) == 1 and animated[0] == animated[1]
+    assert [i.warnings for i in jsonl.items] == [animated[1]]
+    listed = skipped_reason(jsonl, "empty.png")
+    assert "0 bytes" in listed and listed == skipped_reason(folder, "empty.png") + " (listed in metadata.jsonl line 2)"
+    for scan in (scan_folder, scan_metadata_jsonl):
+        with pytest.raises(DatasetError, match="0 bytes"):
+            scan(tmp_path, options=ScanOptions(strict_images=True))
 
 
 # ------------------------------------------------------------------------------------ in-graph images

@@ -7,6 +7,7 @@ over these pre-made batches (its batch_size is 1). Hence:
 
 * batches per epoch = sum over buckets of ceil(count_with_repeats / batch_size)
 * update steps per epoch = ceil(batches / gradient_accumulation_steps)
+* max_train_steps for N epochs = N * ceil(batches / num_processes / gradient_accumulation_steps)
 
 The composition of the batches follows Python's ``random``: at each epoch kohya does ``random.seed(seed + epoch)``,
 shuffles the list of (bucket, batch index) pairs IN PLACE, then shuffles each bucket's image list IN PLACE, in bucket
@@ -89,6 +90,23 @@ def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int = 1) -> i
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
     return _ceil_div(num_batches, gradient_accumulation_steps)
+
+
+def max_train_steps_for_epochs(
+    max_train_epochs: int, num_batches: int, gradient_accumulation_steps: int = 1, num_processes: int = 1
+) -> int:
+    """train_network: epochs * ceil(len(train_dataloader) / num_processes / gradient_accumulation_steps).
+
+    kohya divides in floating point; exact integer ceil-division gives the same result for any realistic size.
+    """
+    if gradient_accumulation_steps < 1 or num_processes < 1:
+        raise ValueError("gradient_accumulation_steps and num_processes must be >= 1")
+    return max_train_epochs * _ceil_div(num_batches, num_processes * gradient_accumulation_steps)
+
+
+def num_train_epochs_for_steps(max_train_steps: int, num_update_steps_per_epoch: int) -> int:
+    """train_network: the epoch count shown and looped over, ceil(max_train_steps / steps_per_epoch)."""
+    return _ceil_div(max_train_steps, num_update_steps_per_epoch)
 
 
 @dataclass

@@ -80,7 +80,7 @@ class TrainJob(RunEvents):
         self.node_id = node_id
         self.prompt = prompt
         self.extra_pnginfo = extra_pnginfo
-        self.total_steps = config.total_steps(dataset.steps_per_epoch(config.gradient_accumulation_steps))
+        self.total_steps = config.total_steps(dataset)
         self.progress = comfy_services.Progress(self.total_steps, node_id)
         self.started = time.time()
         tag = run_tag(config.seed)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..data.bucket_batches import num_train_epochs_for_steps
 from ..data.dataset import TrainingDataset
 from ..network.config import NetworkConfig
 from ..network.file_names import safe_relative_name, unique_lora_path
@@ -124,7 +125,7 @@ def training_metadata(
         "unet_lr": run.unet_lr,
         "text_encoder_lr": run.text_encoder_lr1,
         "num_batches_per_epoch": steps_per_epoch * run.gradient_accumulation_steps,
-        "num_epochs": max(1, -(-total_steps // max(1, steps_per_epoch))),
+        "num_epochs": max(1, num_train_epochs_for_steps(total_steps, max(1, steps_per_epoch))),
         "gradient_checkpointing": run.gradient_checkpointing,
         "gradient_accumulation_steps": run.gradient_accumulation_steps,
         "max_train_steps": total_steps,

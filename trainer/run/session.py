@@ -20,6 +20,7 @@ from ..comfyui import encoders as comfy_encoders
 from ..comfyui import kernels as comfy_kernels
 from ..comfyui import models as comfy_models
 from ..comfyui import training as comfy_training
+from ..data.bucket_batches import max_train_steps_for_epochs
 from ..data.dataset import TrainingDataset
 from ..network.config import NetworkConfig
 from ..network.lora import LoRANetwork
@@ -70,10 +71,12 @@ class TrainConfig:
         if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
             raise ValueError("full_bf16 needs train_dtype bf16")
 
-    def total_steps(self, steps_per_epoch: int) -> int:
-        """kohya: max_train_epochs, when given, sets max_train_steps = epochs * ceil(batches / ga)."""
+    def total_steps(self, dataset: TrainingDataset) -> int:
+        """Optimizer steps of the run: max_train_steps, or kohya's count for max_train_epochs when it is set."""
         if self.max_train_epochs > 0:
-            return self.max_train_epochs * steps_per_epoch
+            return max_train_steps_for_epochs(
+                self.max_train_epochs, dataset.num_batches(), self.gradient_accumulation_steps
+            )
         return self.max_train_steps
 
 
@@ -193,7 +196,7 @@ def train(
     schedule = DDPMSchedule(zero_terminal_snr=comfy_models.zero_terminal_snr(model))
 
     steps_per_epoch = dataset.steps_per_epoch(config.gradient_accumulation_steps)
-    total = config.total_steps(steps_per_epoch)
+    total = config.total_steps(dataset)
     if total < 1:
         raise ValueError("Set max_train_steps or max_train_epochs to at least 1.")
     if train_te and clip is None:

@@ -13,6 +13,8 @@ from sdxl_lora_trainer.trainer.data.bucket_batches import (
     batches_per_bucket,
     batches_per_epoch,
     bucket_counts,
+    max_train_steps_for_epochs,
+    num_train_epochs_for_steps,
     steps_per_epoch,
 )
 from sdxl_lora_trainer.trainer.data.buckets import BucketSelector, BucketSettings
@@ -21,6 +23,9 @@ from sdxl_lora_trainer.trainer.data.registration import Subset, register_dreambo
 _DATA = _load_for_params("steps")
 SCENARIOS = [s["id"] for s in _DATA.get("scenarios", [])]
 STEP_ENTRIES = [(s["id"], i) for s in _DATA.get("scenarios", []) for i, _ in enumerate(s["steps_per_epoch"])]
+MAX_STEP_ENTRIES = [
+    (s["id"], i) for s in _DATA.get("scenarios", []) for i, _ in enumerate(s["max_train_steps_for_max_train_epochs"])
+]
 COMPOSITION_KEYS = [
     "composition_after_make_buckets (dataset.seed=0, epoch 0)",
     "composition_after_set_seed_1234_and_set_current_epoch_1",
@@ -128,6 +133,17 @@ def test_steps_per_epoch(golden, scenario_id, index):
     assert steps_per_epoch(n, entry["gradient_accumulation_steps"]) == entry["num_update_steps_per_epoch"]
 
 
+@pytest.mark.parametrize("scenario_id,index", MAX_STEP_ENTRIES, ids=[f"{s}-{i}" for s, i in MAX_STEP_ENTRIES])
+def test_max_train_steps(golden, scenario_id, index):
+    scenario = _scenario(golden, scenario_id)
+    entry = scenario["max_train_steps_for_max_train_epochs"][index]
+    n = sum(batches_per_epoch(_build(d)[2], d["dataset_params"]["batch_size"]) for d in scenario["input"])
+    got = max_train_steps_for_epochs(
+        entry["max_train_epochs"], n, entry["gradient_accumulation_steps"], entry["num_processes"]
+    )
+    assert got == entry["max_train_steps"]
+
+
 def _composition(batcher: BucketBatcher) -> list[dict]:
     return [{"bucket": list(b.bucket), "batch_index": b.batch_index, "images": list(b.keys)} for b in batcher.batches()]
 
@@ -212,6 +228,8 @@ def test_buckets_never_mix_and_last_batch_is_short():
 
 def test_step_formulas():
     assert steps_per_epoch(25, 2) == 13
+    assert max_train_steps_for_epochs(5, 25, 3, 2) == 25  # 5 * ceil(25 / 2 / 3)
+    assert num_train_epochs_for_steps(125, 25) == 5 and num_train_epochs_for_steps(126, 25) == 6
     with pytest.raises(ValueError):
         steps_per_epoch(10, 0)
     with pytest.raises(ValueError):

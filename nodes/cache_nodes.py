@@ -9,9 +9,8 @@ from comfy_api.latest import io
 from ..trainer.cache.latents import LatentCache
 from ..trainer.cache.text import TextCache
 from ..trainer.comfyui import services as comfy_services
-from .common import CATEGORY, Dataset
-from .common import LatentCache as LatentCacheType
-from .common import TextCache as TextCacheType
+from .common import CATEGORY
+from .sockets import DatasetSocket, LatentCacheSocket, TextCacheSocket
 
 CACHE_SUBDIR = os.path.join("sdxl_lora_trainer", "cache")
 
@@ -47,7 +46,7 @@ class CacheLatents(io.ComfyNode):
             "Cached by content hash: unchanged images are never encoded again, also after a restart "
             "with the disk cache.",
             inputs=[
-                Dataset.Input("dataset", tooltip="The bucketed dataset."),
+                DatasetSocket.Input("dataset", tooltip="The bucketed dataset."),
                 io.Vae.Input("vae", tooltip="The SDXL VAE (from Load Checkpoint)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per VAE call (same bucket)."),
                 io.Boolean.Input(
@@ -70,7 +69,7 @@ class CacheLatents(io.ComfyNode):
                 ),
             ],
             outputs=[
-                LatentCacheType.Output(display_name="latents", tooltip="Latents for the train node."),
+                LatentCacheSocket.Output(display_name="latents", tooltip="Latents for the train node."),
                 io.String.Output(display_name="report", tooltip="Encoded / reused counts and cache size."),
             ],
             hidden=[io.Hidden.unique_id],
@@ -104,7 +103,7 @@ class CacheText(io.ComfyNode):
             "as literal text. Captions with shuffle/dropout are marked live and encoded during "
             "training instead; an edited caption re-encodes only itself.",
             inputs=[
-                Dataset.Input("dataset", tooltip="The bucketed dataset."),
+                DatasetSocket.Input("dataset", tooltip="The bucketed dataset."),
                 io.Clip.Input("clip", tooltip="The SDXL CLIP (from Load Checkpoint)."),
                 io.Boolean.Input("cache_to_disk", default=False, tooltip="Also keep the encodings on disk."),
                 io.String.Input(
@@ -112,7 +111,7 @@ class CacheText(io.ComfyNode):
                 ),
             ],
             outputs=[
-                TextCacheType.Output(display_name="text", tooltip="Text encodings for the train node."),
+                TextCacheSocket.Output(display_name="text", tooltip="Text encodings for the train node."),
                 io.String.Output(display_name="report", tooltip="Encoded / reused / live counts."),
             ],
             hidden=[io.Hidden.unique_id],

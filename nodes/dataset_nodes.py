@@ -21,7 +21,8 @@ from ..trainer.data.sources import (
     scan_metadata_jsonl,
 )
 from ..trainer.report_images import bucket_histogram_image
-from .common import CATEGORY, Dataset, Images, pil_to_image
+from .common import CATEGORY, pil_to_image
+from .sockets import DatasetSocket, ImagesSocket
 
 LAYOUTS = ["auto", "captions beside images", "metadata.jsonl"]
 
@@ -99,7 +100,7 @@ class ImagesFromFolder(io.ComfyNode):
                 ),
             ],
             outputs=[
-                Images.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
+                ImagesSocket.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
                 io.String.Output(display_name="report", tooltip="Counts, repeats, skipped files, warnings."),
             ],
         )
@@ -167,7 +168,7 @@ class ImagesFromGraph(io.ComfyNode):
                 ),
             ],
             outputs=[
-                Images.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
+                ImagesSocket.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
                 io.String.Output(display_name="report", tooltip="Counts and warnings."),
             ],
         )
@@ -193,7 +194,7 @@ class Buckets(io.ComfyNode):
             description="kohya's aspect-ratio bucketing, SDXL size conditioning and caption options. The report "
             "shows per-bucket counts and steps per epoch, exactly as kohya would train.",
             inputs=[
-                Images.Input("images", tooltip="From 'Images from Folder' or 'Images from Graph'."),
+                ImagesSocket.Input("images", tooltip="From 'Images from Folder' or 'Images from Graph'."),
                 io.Int.Input(
                     "resolution_width",
                     default=1024,
@@ -271,7 +272,9 @@ class Buckets(io.ComfyNode):
                 io.String.Input("caption_suffix", default="", tooltip="Text put after every caption."),
             ],
             outputs=[
-                Dataset.Output(display_name="dataset", tooltip="The bucketed dataset for the cache and train nodes."),
+                DatasetSocket.Output(
+                    display_name="dataset", tooltip="The bucketed dataset for the cache and train nodes."
+                ),
                 io.String.Output(
                     display_name="report", tooltip="Images, repeats, buckets, steps per epoch, skipped files."
                 ),
@@ -353,7 +356,7 @@ class DatasetFromToml(io.ComfyNode):
                 ),
             ],
             outputs=[
-                Dataset.Output(display_name="dataset", tooltip="The bucketed dataset."),
+                DatasetSocket.Output(display_name="dataset", tooltip="The bucketed dataset."),
                 io.String.Output(display_name="report", tooltip="Images, repeats, buckets, steps per epoch, warnings."),
                 io.Image.Output(display_name="bucket_histogram", tooltip="Images per bucket as a chart."),
                 io.String.Output(display_name="details_json", tooltip="Per-image details as JSON."),

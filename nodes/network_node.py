@@ -5,8 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer.comfyui import services as comfy_services
-from ..trainer.network.config import NETWORK_ALGOS, NetworkConfig, parse_block_list
-from .common import CATEGORY, Network
+from ..trainer.network.config import NETWORK_ALGOS, NetworkConfig, NetworkSetup, parse_block_list
+from .common import CATEGORY
+from .sockets import NetworkSocket
 
 NONE = "none"
 
@@ -118,7 +119,7 @@ class NetworkSettings(io.ComfyNode):
                     "Kronecker factor (lycoris-lora 'factor'); -1 = LyCORIS's automatic factorization.",
                 ),
             ],
-            outputs=[Network.Output(display_name="network", tooltip="Network settings for the train node.")],
+            outputs=[NetworkSocket.Output(display_name="network", tooltip="Network settings for the train node.")],
         )
 
     @classmethod
@@ -196,7 +197,7 @@ class NetworkSettings(io.ComfyNode):
             )
         if not (config.train_unet or config.train_te1 or config.train_te2):
             raise ValueError("Nothing to train: enable train_unet, train_clip_l or train_clip_g.")
-        return io.NodeOutput({"config": config, "initial_weights": initial, "start_from": start_from})
+        return io.NodeOutput(NetworkSetup(config=config, start_from=start_from, initial_weights=initial))
 
 
 NODES = [NetworkSettings]

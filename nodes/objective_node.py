@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.objective.loss_weighting import HUBER_SCHEDULES, LOSS_TYPES, LossSettings
 from ..trainer.objective.noise import NoiseSettings
-from .common import CATEGORY, Objective
+from .common import CATEGORY
+from .sockets import ObjectiveSocket
 
 
 def _opt(v: float) -> float | None:
@@ -14,7 +16,7 @@ def _opt(v: float) -> float | None:
     return v if v else None
 
 
-class ObjectiveSettings(io.ComfyNode):
+class LossAndNoise(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -126,7 +128,7 @@ class ObjectiveSettings(io.ComfyNode):
                 ),
             ],
             outputs=[
-                Objective.Output(display_name="objective", tooltip="Connect to the train node's objective input.")
+                ObjectiveSocket.Output(display_name="objective", tooltip="Connect to the train node's objective input.")
             ],
         )
 
@@ -174,7 +176,7 @@ class ObjectiveSettings(io.ComfyNode):
         )
         if min_timestep >= max_timestep:
             raise ValueError(f"min_timestep ({min_timestep}) must be below max_timestep ({max_timestep}).")
-        return io.NodeOutput({"loss": loss, "noise": noise})
+        return io.NodeOutput(ObjectiveSettings(loss=loss, noise=noise))
 
 
-NODES = [ObjectiveSettings]
+NODES = [LossAndNoise]

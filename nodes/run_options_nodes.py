@@ -6,8 +6,9 @@ from comfy_api.latest import io
 
 from ..trainer.comfyui import sampling as comfy_sampling
 from ..trainer.run.checkpoints import CheckpointSettings
-from ..trainer.run.previews import PreviewSettings
-from .common import CATEGORY, Checkpointing, Previews
+from ..trainer.run.previews import PreviewRequest, PreviewSettings
+from .common import CATEGORY
+from .sockets import CheckpointingSocket, PreviewsSocket
 
 
 class CheckpointOptions(io.ComfyNode):
@@ -60,7 +61,7 @@ class CheckpointOptions(io.ComfyNode):
                     "(output/sdxl_lora_trainer/state/<run>/step-N or .../latest) to continue exactly.",
                 ),
             ],
-            outputs=[Checkpointing.Output(display_name="checkpointing", tooltip="Connect to the train node.")],
+            outputs=[CheckpointingSocket.Output(display_name="checkpointing", tooltip="Connect to the train node.")],
         )
 
     @classmethod
@@ -127,7 +128,7 @@ class PreviewOptions(io.ComfyNode):
                     tooltip="Seed of the first prompt (+1 per further prompt).",
                 ),
             ],
-            outputs=[Previews.Output(display_name="previews", tooltip="Connect to the train node.")],
+            outputs=[PreviewsSocket.Output(display_name="previews", tooltip="Connect to the train node.")],
         )
 
     @classmethod
@@ -161,7 +162,7 @@ class PreviewOptions(io.ComfyNode):
         )
         if not lines:
             raise ValueError("Sample Previews: write at least one prompt (one per line).")
-        return io.NodeOutput({"settings": settings, "clip": clip, "vae": vae})
+        return io.NodeOutput(PreviewRequest(settings=settings, clip=clip, vae=vae))
 
 
 NODES = [CheckpointOptions, PreviewOptions]

@@ -12,7 +12,16 @@ from ..trainer.run.lora_output import OutputSettings, output_name_error
 from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings
 from ..trainer.run.schedulers import SCHEDULER_TYPES
 from ..trainer.run.session import TRAIN_DTYPES, TrainConfig
-from .common import CATEGORY, Checkpointing, Dataset, LatentCache, Network, Objective, Previews, TextCache, pil_to_image
+from .common import CATEGORY, pil_to_image
+from .sockets import (
+    CheckpointingSocket,
+    DatasetSocket,
+    LatentCacheSocket,
+    NetworkSocket,
+    ObjectiveSocket,
+    PreviewsSocket,
+    TextCacheSocket,
+)
 
 
 def _lr_or_none(v: float) -> float | None:
@@ -32,9 +41,9 @@ class TrainLora(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The SDXL MODEL to train on (from Load Checkpoint)."),
-                Dataset.Input("dataset", tooltip="From 'Buckets & Captions' or 'Dataset from kohya TOML'."),
-                LatentCache.Input("latents", tooltip="From 'Cache Latents'."),
-                Network.Input("network", tooltip="From 'Network'."),
+                DatasetSocket.Input("dataset", tooltip="From 'Buckets & Captions' or 'Dataset from kohya TOML'."),
+                LatentCacheSocket.Input("latents", tooltip="From 'Cache Latents'."),
+                NetworkSocket.Input("network", tooltip="From 'Network'."),
                 io.Int.Input(
                     "max_train_steps",
                     default=400,
@@ -186,14 +195,14 @@ class TrainLora(io.ComfyNode):
                     tooltip="SDXL CLIP: needed to train the text encoders or to "
                     "encode randomised captions (shuffle/dropout) during training.",
                 ),
-                TextCache.Input("text", optional=True, tooltip="From 'Cache Text' (fixed captions)."),
-                Objective.Input(
+                TextCacheSocket.Input("text", optional=True, tooltip="From 'Cache Text' (fixed captions)."),
+                ObjectiveSocket.Input(
                     "objective",
                     optional=True,
                     tooltip="From 'Loss & Noise (advanced)'; kohya defaults when not connected.",
                 ),
-                Checkpointing.Input("checkpointing", optional=True, tooltip="From 'Save Every N & Resume'."),
-                Previews.Input("previews", optional=True, tooltip="From 'Sample Previews'."),
+                CheckpointingSocket.Input("checkpointing", optional=True, tooltip="From 'Save Every N & Resume'."),
+                PreviewsSocket.Input("previews", optional=True, tooltip="From 'Sample Previews'."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
@@ -264,7 +273,7 @@ class TrainLora(io.ComfyNode):
     ) -> io.NodeOutput:
         extra = {}
         if objective is not None:
-            extra = {"loss": objective["loss"], "noise": objective["noise"]}
+            extra = {"loss": objective.loss, "noise": objective.noise}
         config = TrainConfig(
             max_train_steps=max_train_steps,
             max_train_epochs=max_train_epochs,

@@ -348,3 +348,12 @@ class NetworkConfig:
         }
         kw.update(overrides)
         return cls(**kw)
+
+
+@dataclass(frozen=True)
+class NetworkSetup:
+    """The Network node's value: the network to train, and the LoRA file it continues from (read once), if any."""
+
+    config: NetworkConfig
+    start_from: str = "none"
+    initial_weights: Mapping[str, torch.Tensor] | None = None

@@ -13,7 +13,7 @@ ComfyUI; trainer/comfyui/ provides the real one.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -22,6 +22,14 @@ from ..data.size_conditioning import size_embedding
 from .ddpm_schedule import DDPMSchedule
 from .loss_weighting import LossSettings, compute_loss
 from .noise import NoiseSettings, sample_noise_and_timesteps
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """kohya's loss and noise options of a run, as one value (the Loss & Noise node's output)."""
+
+    loss: LossSettings = field(default_factory=LossSettings)
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
 
 
 class Denoiser(Protocol):

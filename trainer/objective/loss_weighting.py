@@ -33,7 +33,11 @@ _SNR_CLAMP = 1000.0  # kohya: "if timestep is 0, snr_t is inf, so limit it to 10
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The loss-related kohya arguments (same names and defaults as sd-scripts' argparse)."""
+    """The loss-related kohya arguments (same names and defaults as sd-scripts' argparse).
+
+    0 turns a weighting off, as in kohya (min_snr_gamma, v_pred_like_loss); it is stored as None, kohya's default,
+    so a widget left at 0 and an unset kohya argument are the same setting (and write the same metadata).
+    """
 
     loss_type: str = "l2"
     huber_schedule: str = "snr"
@@ -46,6 +50,9 @@ class LossSettings:
     debiased_estimation_loss: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("min_snr_gamma", "v_pred_like_loss"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, None)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.huber_schedule not in HUBER_SCHEDULES:

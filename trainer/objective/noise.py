@@ -37,7 +37,8 @@ class NoiseSettings:
     """kohya's noise arguments (same names and defaults as sd-scripts' argparse).
 
     A feature is on when its value is truthy, as in kohya: noise_offset=0.0, multires_noise_iterations=0 or
-    ip_noise_gamma=0.0 all mean off. Timesteps are drawn from [min_timestep, max_timestep) (defaults 0 and 1000).
+    ip_noise_gamma=0.0 all mean off, and are stored as None (kohya's default), so a widget left at 0 and an unset
+    kohya argument are the same setting. Timesteps are drawn from [min_timestep, max_timestep) (defaults 0 and 1000).
     """
 
     noise_offset: float | None = None
@@ -51,6 +52,9 @@ class NoiseSettings:
     ip_noise_gamma_random_strength: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "ip_noise_gamma"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, None)
         # kohya's verify_training_args rejects this combination.
         if self.adaptive_noise_scale is not None and self.noise_offset is None:
             raise ValueError("adaptive_noise_scale requires noise_offset")

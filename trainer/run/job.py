@@ -19,6 +19,7 @@ import torch
 
 from ..comfyui import services as comfy_services
 from ..data.dataset import TrainingDataset
+from ..network.config import NetworkSetup
 from .checkpoints import CheckpointSettings, RunArtifacts
 from .events import RunEvents
 from .logs import write_logs, write_tensorboard
@@ -32,7 +33,7 @@ from .lora_output import (
     save_run_lora,
     training_metadata,
 )
-from .previews import PreviewRenderer
+from .previews import PreviewRenderer, PreviewRequest
 from .resume_state import load_state
 from .session import TrainConfig, TrainResult, train
 
@@ -62,16 +63,15 @@ class TrainJob(RunEvents):
         self,
         *,
         dataset: TrainingDataset,
-        network: dict,
+        network: NetworkSetup,
         config: TrainConfig,
         out: OutputSettings,
         checkpointing: CheckpointSettings | None,
-        previews: dict | None,
+        previews: PreviewRequest | None,
         node_id: str | None,
         prompt: Any = None,
         extra_pnginfo: Any = None,
     ) -> None:
-        """``network`` is the Network node's value; ``previews`` the Sample Previews node's."""
         self.dataset = dataset
         self.network = network
         self.config = config
@@ -86,9 +86,9 @@ class TrainJob(RunEvents):
         tag = run_tag(config.seed)
         self.lora_tag = out.lora_tag(tag)  # empty with overwrite: the exact name is reused
         self.loras_root = comfy_services.loras_directory()
-        self.fingerprint = run_fingerprint(dataset, network["config"], config)
-        self.renderer = PreviewRenderer(previews["settings"], previews["clip"], previews["vae"]) if previews else None
-        self.train_te = network["config"].train_te1 or network["config"].train_te2
+        self.fingerprint = run_fingerprint(dataset, network.config, config)
+        self.renderer = PreviewRenderer(previews.settings, previews.clip, previews.vae) if previews else None
+        self.train_te = network.config.train_te1 or network.config.train_te2
         self.artifacts = RunArtifacts(
             self.checkpointing,
             lambda suffix, step, epoch: self._save(f"-{suffix}", step, epoch),
@@ -108,9 +108,9 @@ class TrainJob(RunEvents):
             self.dataset,
             latents,
             text,
-            self.network["config"],
+            self.network.config,
             self.config,
-            initial_weights=self.network.get("initial_weights"),
+            initial_weights=self.network.initial_weights,
             resume=resume,
             events=self,
         )
@@ -191,7 +191,7 @@ class TrainJob(RunEvents):
                 self.out.name,
             ),
             dataset=dataset_metadata(self.dataset),
-            network_meta=network_metadata(self.network["config"]),
+            network_meta=network_metadata(self.network.config),
             step=step,
             epoch=epoch,
             prompt=self.prompt,

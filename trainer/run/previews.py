@@ -31,6 +31,15 @@ class PreviewSettings:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class PreviewRequest:
+    """The Sample Previews node's value: what to render, and the CLIP/VAE to render it with."""
+
+    settings: PreviewSettings
+    clip: Any
+    vae: Any
+
+
 class PreviewRenderer:
     def __init__(self, settings: PreviewSettings, clip: Any, vae: Any) -> None:
         if not settings.prompts:

@@ -17,7 +17,7 @@ import training_fixtures as tf
 from test_lora_loads_in_comfy import all_forward_hooks, parts, run_clip, run_unet, same_weights, snapshot, unet_inputs
 
 from sdxl_lora_trainer.trainer.network import network_class
-from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.network.config import NETWORK_ALGOS, NetworkConfig
 from sdxl_lora_trainer.trainer.network.loha import LohaNetwork
 from sdxl_lora_trainer.trainer.network.lokr import LokrNetwork
 from sdxl_lora_trainer.trainer.network.lycoris import LycorisNetwork, is_lycoris_state_dict
@@ -37,6 +37,13 @@ def randomise(net: LycorisNetwork, seed: int) -> LycorisNetwork:
         for p in net.parameters():
             p.normal_(0.0, 0.3, generator=g)
     return net.eval()
+
+
+@pytest.mark.parametrize("algo", NETWORK_ALGOS)
+def test_each_algo_builds_its_own_network_class(tiny, algo):
+    model, clip, _ = tiny
+    net = network_class(algo).build(*parts(model, clip), config(algo), torch.Generator().manual_seed(0))
+    assert net.algo == algo and type(net).__name__.lower() == algo + "network"
 
 
 @pytest.mark.parametrize("algo", ALGOS)

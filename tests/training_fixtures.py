@@ -199,7 +199,7 @@ class StepWatcher(RunEvents):
 
 
 class Capture:
-    """Wraps run/session.build_network / build_optimizer and loop.batch_loss (via monkeypatch) to record:
+    """Wraps build_network / build_optimizer as run/session calls them and loop.batch_loss (via monkeypatch) to record:
 
     ``network`` and ``initial`` (its kohya state dict right after construction), ``step_grads`` (every
     parameter's .grad right before each optimizer.step, i.e. after clipping), ``batches`` / ``results``
@@ -462,7 +462,7 @@ def one_thread():
 def random_lora_weights(network_config: NetworkConfig, seed: int, up_std: float = 0.05) -> dict[str, torch.Tensor]:
     """A kohya state dict for ``network_config`` on the tiny U-Net with NON-zero lora_up (so the LoRA takes part
     in the forward and lora_down gets gradients), for ``train(..., initial_weights=...)``."""
-    from sdxl_lora_trainer.trainer.run.session import build_network
+    from sdxl_lora_trainer.trainer.network import build_network
 
     model, clip, _ = inference_models()
     sd = build_network(model, clip, network_config, seed).state_dict_kohya()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import NETWORK_CLASSES
 from .targets import PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, SDXL_NUM_BLOCKS, SDXL_NUM_IN_OUT_BLOCKS, SDXL_NUM_MID_BLOCKS
 
 #: the networks.lora network_args NetworkConfig.from_kohya_kwargs understands (loraplus_* go to param_groups)
@@ -34,8 +35,8 @@ KOHYA_NETWORK_ARGS = (
 
 _KEY_RE = re.compile(r"^(lora_(?:unet|te1|te2)_[A-Za-z0-9_]+)\.(alpha|lora_down\.weight|lora_up\.weight)$")
 
-#: network algorithms: kohya's LoRA, and LyCORIS's LoHa / LoKr (trainer/network/lycoris.py)
-NETWORK_ALGOS = ("lora", "loha", "lokr")
+#: network algorithms: kohya's LoRA, and LyCORIS's LoHa / LoKr (registered in trainer/network/__init__.py)
+NETWORK_ALGOS = tuple(NETWORK_CLASSES)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ class NetworkConfig:
     train_te2: bool = True
     multiplier: float = 1.0
     module_dims: tuple[tuple[str, int, float], ...] | None = None
-    algo: str = "lora"  # "lora" (this file) | "loha" | "lokr" (LyCORIS modules, trainer/network/lycoris.py)
+    algo: str = "lora"  # "lora" (kohya's LoRA, lora.py) | "loha" | "lokr" (LyCORIS modules, loha.py / lokr.py)
     factor: int = -1  # LoKr's Kronecker factor (LyCORIS ``factor``); -1 = LyCORIS's automatic factorization
 
     def __post_init__(self) -> None:

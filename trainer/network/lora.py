@@ -25,14 +25,13 @@ Randomness:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
-from .base import MaxNormStats, cpu_state_dict, output_hooks
-from .config import NetworkConfig, parse_block_list
-from .targets import PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, AlphaLike, iter_target_modules, sdxl_block_index
+from .base import AdapterNetwork, max_norm_ratio
+from .config import NetworkConfig
+from .targets import AlphaLike, TargetModule, sdxl_block_index
 
 # ----------------------------------------------------------------------------------------------------------------
 # one LoRA module
@@ -186,230 +185,66 @@ class LoRAModule(torch.nn.Module):
         return f"{self.lora_name}: {shape}, rank {self.lora_dim}, alpha {self.alpha_value}"
 
 
-class LoRANetwork(torch.nn.Module):
-    """The set of LoRA modules, registered under their kohya names so ``state_dict()`` is kohya's file layout."""
+class LoRANetwork(AdapterNetwork[LoRAModule]):
+    """kohya's LoRA modules (TE modules of an untrained TE are made and dropped, for kohya's init stream).
 
-    def __init__(self, loras: Sequence[LoRAModule], config: NetworkConfig | None = None) -> None:
-        super().__init__()
-        self.config = config
-        names = set()
-        for lora in loras:
-            if lora.lora_name in names:
-                raise ValueError(f"duplicated lora name: {lora.lora_name}")
-            names.add(lora.lora_name)
-            self.add_module(lora.lora_name, lora)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+    ``build`` always returns the module set for THIS config: kohya's create_network appends the conv containers to a
+    class attribute, so a later default network in the same process also wraps ResBlock Linear/1x1 convs (kohya
+    quirk K11); that process-global mutation is deliberately not reproduced.
+    """
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def build(
-        cls,
-        unet: torch.nn.Module | None,
-        te1: torch.nn.Module | None,
-        te2: torch.nn.Module | None,
-        config: NetworkConfig,
-        generator: torch.Generator,
-    ) -> LoRANetwork:
-        """Find kohya's targets in ComfyUI's U-Net (``diffusion_model``) and CLIP-L/CLIP-G ``.transformer``.
-
-        Always returns the module set for THIS config: kohya's create_network appends the conv containers to a
-        class attribute, so a later default network in the same process also wraps ResBlock Linear/1x1 convs
-        (kohya quirk K11); that process-global mutation is deliberately not reproduced.
-        """
-        common = {
-            "generator": generator,
-            "multiplier": config.multiplier,
-            "dropout": config.dropout,
-            "rank_dropout": config.rank_dropout,
-            "module_dropout": config.module_dropout,
-        }
-        loras: list[LoRAModule] = []
-        # TE modules are made (drawing from the generator) even when not trained, as kohya does: same init stream.
-        for t in iter_target_modules(unet, te1, te2, config, include_untrained=True):
-            lora = LoRAModule(t.name, t.module, t.dim, t.alpha, dim_source=t.dim_source, **common)
-            if t.trained:
-                loras.append(lora)
-        return cls(loras, config)
+    algo = "lora"
+    builds_untrained = True
 
     @classmethod
     def from_modules(cls, loras: Sequence[LoRAModule]) -> LoRANetwork:
         """A network over hand-made modules (tests, tools)."""
         return cls(loras, None)
 
-    # ------------------------------------------------------------------ views
-    @property
-    def loras(self) -> list[LoRAModule]:
-        return [m for m in self.children() if isinstance(m, LoRAModule)]
-
-    def _with_prefix(self, prefix: str) -> list[LoRAModule]:
-        return [lora for lora in self.loras if lora.lora_name.startswith(prefix + "_")]
-
-    @property
-    def unet_loras(self) -> list[LoRAModule]:
-        return self._with_prefix(PREFIX_UNET)
-
-    @property
-    def te1_loras(self) -> list[LoRAModule]:
-        return self._with_prefix(PREFIX_TE1)
-
-    @property
-    def te2_loras(self) -> list[LoRAModule]:
-        return self._with_prefix(PREFIX_TE2)
-
-    def set_multiplier(self, multiplier: float) -> None:
-        for lora in self.loras:
-            lora.multiplier = float(multiplier)
-
-    # ------------------------------------------------------------------ hooks
-    @contextmanager
-    def attach(self) -> Iterator[LoRANetwork]:
-        """Add the LoRA to the original modules' outputs with forward hooks; on exit the hooks are removed and the
-        modules are exactly as before (no attribute, forward or weight is changed at any time)."""
-        if self._handles:
-            raise RuntimeError("this LoRANetwork is already attached")
-
-        def hook_for(lora: LoRAModule):
-            def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-                if not args:
-                    raise RuntimeError(f"{lora.lora_name}: the module was called without a positional input")
-                return lora.apply(args[0], output)
-
-            return hook
-
-        with output_hooks(self._handles, [(lora.org_module, hook_for(lora)) for lora in self.loras]):
-            yield self
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    # ------------------------------------------------------------------ kohya files
-    def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """kohya's saved dict: ``<name>.alpha`` (0-d), ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` in
-        kohya's order, detached CPU copies, cast to ``dtype`` when given (alpha too, as kohya's save_weights)."""
-        return cpu_state_dict(self, dtype)
-
-    def load_kohya(self, sd: Mapping[str, torch.Tensor]) -> None:
-        """Copy a kohya state dict into this network's weights (strict: key sets, shapes and alphas must match).
-
-        kohya's load_weights is non-strict and copies alpha without updating the scale its forward uses; here an
-        unknown or missing key, a shape or an alpha mismatch raises instead (build the network with
-        ``NetworkConfig.from_kohya_state_dict(sd)`` to get the file's dims/alphas). A missing ``.alpha`` is accepted
-        when this module's alpha equals its rank (kohya's files without alpha).
-        """
-        own = self.state_dict()
-        unknown = [k for k in sd if k not in own]
-        missing = [
-            k
-            for k in own
-            if k not in sd and not (k.endswith(".alpha") and self.get_submodule(k[: -len(".alpha")]).scale == 1.0)
-        ]
-        if unknown or missing:
-            raise ValueError(
-                f"state dict does not match the network: {len(unknown)} unknown keys {unknown[:5]}, "
-                f"{len(missing)} missing keys {missing[:5]}"
-            )
-        for k, v in sd.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(f"{k}: shape {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the network")
-            if k.endswith(".alpha") and float(v.float().item()) != float(own[k].float().item()):
-                raise ValueError(f"{k}: alpha {v.item()} in the file, {own[k].item()} in the network")
-        with torch.no_grad():
-            for k, v in sd.items():
-                if not k.endswith(".alpha"):
-                    own[k].copy_(v)
-
-    # ------------------------------------------------------------------ optimizer
-    def param_groups(
-        self,
-        unet_lr: float,
-        te1_lr: float,
-        te2_lr: float,
-        loraplus_lr_ratio: float | None = None,
-        loraplus_unet_lr_ratio: float | None = None,
-        loraplus_text_encoder_lr_ratio: float | None = None,
-        block_lr_weight: Sequence[float] | None = None,
-    ) -> tuple[list[dict], list[str]]:
-        """kohya's LoRANetwork.prepare_optimizer_params: (param groups, lr descriptions).
-
-        TE groups come first, then U-Net. Per part a "lora" group and, with a LoRA+ ratio, a "plus" group holding
-        every lora_up at lr * ratio (the part's own ratio, else loraplus_lr_ratio, with kohya's ``or``: 0 falls
-        back). A group whose lr is 0 is dropped. kohya's SDXL LoRA has ONE text_encoder_lr: when te1_lr == te2_lr
-        the two TEs share one group ("textencoder") exactly as kohya; otherwise they get "textencoder 1" and
-        "textencoder 2" groups (as kohya's multi-TE networks do). With block lr weights (argument, else the
-        config's) the U-Net is grouped per block index in order of appearance, lr = unet_lr * weight[block],
-        described "unet_block{idx}".
-        """
-        self.requires_grad_(True)
-        groups: list[dict] = []
-        descs: list[str] = []
-
-        def assemble(loras: Sequence[LoRAModule], lr: float, ratio: float | None, label: str) -> None:
-            plain, plus = [], []
-            for lora in loras:
-                for name, p in lora.named_parameters():
-                    (plus if ratio is not None and "lora_up" in name else plain).append(p)
-            for kind, params in (("lora", plain), ("plus", plus)):
-                if not params:
-                    continue
-                group_lr = lr * ratio if kind == "plus" else lr
-                if group_lr == 0:
-                    continue
-                groups.append({"params": params, "lr": group_lr})
-                descs.append(label + (" plus" if kind == "plus" else ""))
-
-        te_ratio = loraplus_text_encoder_lr_ratio or loraplus_lr_ratio
-        te1, te2 = self.te1_loras, self.te2_loras
-        if te1 and te2 and te1_lr != te2_lr:
-            assemble(te1, te1_lr, te_ratio, "textencoder 1")
-            assemble(te2, te2_lr, te_ratio, "textencoder 2")
-        elif te1 or te2:
-            assemble(te1 + te2, te1_lr if te1 else te2_lr, te_ratio, "textencoder")
-
-        unet = self.unet_loras
-        unet_ratio = loraplus_unet_lr_ratio or loraplus_lr_ratio
-        weights = (
-            block_lr_weight if block_lr_weight is not None else (self.config.block_lr_weight if self.config else None)
+    @classmethod
+    def build_module(cls, target: TargetModule, config: NetworkConfig, generator: torch.Generator) -> LoRAModule:
+        return LoRAModule(
+            target.name,
+            target.module,
+            target.dim,
+            target.alpha,
+            generator=generator,
+            multiplier=config.multiplier,
+            dropout=config.dropout,
+            rank_dropout=config.rank_dropout,
+            module_dropout=config.module_dropout,
+            dim_source=target.dim_source,
         )
-        if unet and weights is not None:
-            weights = parse_block_list(weights, "block_lr_weight", as_int=False)
-            by_block: dict[int, list[LoRAModule]] = {}
-            for lora in unet:
-                by_block.setdefault(lora.block_index, []).append(lora)
-            for idx, block_loras in by_block.items():
-                assemble(block_loras, unet_lr * weights[idx], unet_ratio, f"unet_block{idx}")
-        elif unet:
-            assemble(unet, unet_lr, unet_ratio, "unet")
-        return groups, descs
 
-    # ------------------------------------------------------------------ max-norm
-    @torch.no_grad()
-    def apply_max_norm(self, max_norm: float) -> MaxNormStats:
-        """kohya's apply_max_norm_regularization (--scale_weight_norms), IN PLACE (kohya quirk K21).
+    def original_module(self, module: LoRAModule) -> torch.nn.Module:
+        return module.org_module
 
-        Per module: delta = (up . down) * alpha/rank (no multiplier); n = max(||delta||_F, max_norm/2);
-        ratio = min(n, max_norm)/n; up and down are multiplied by sqrt(ratio) (kohya only when ratio != 1; times
-        exactly 1.0 changes nothing, and not asking saves a device sync per module). The statistics stay on the
-        device until ``read()``.
-        """
-        norms: list[torch.Tensor] = []
-        ratios: list[torch.Tensor] = []
-        for lora in self.loras:
-            down, up = lora.lora_down.weight, lora.lora_up.weight
-            scale = lora.alpha / down.shape[0]
-            if lora.kind == "linear":
-                updown = up @ down
-            elif tuple(up.shape[2:]) == (1, 1) and tuple(down.shape[2:]) == (1, 1):
-                updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
-            else:
-                updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-            updown = updown * scale
-            norm = updown.norm().clamp(min=max_norm / 2)
-            desired = torch.clamp(norm, max=max_norm)
-            ratio = desired / norm
-            sqrt_ratio = ratio**0.5
-            up.mul_(sqrt_ratio)
-            down.mul_(sqrt_ratio)
-            ratios.append(ratio)
-            norms.append(updown.norm() * ratio)
-        return MaxNormStats.of(norms, ratios)
+    def adapted_output(self, module: LoRAModule, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return module.apply(x, output)
+
+    def scaled_by_loraplus(self, param_name: str) -> bool:
+        """kohya's LoRA+: every lora_up."""
+        return "lora_up" in param_name
+
+    def excused_missing(self, key: str) -> bool:
+        """A missing ``.alpha`` when the module's alpha equals its rank (kohya's files without alpha)."""
+        return key.endswith(".alpha") and self.get_submodule(key[: -len(".alpha")]).scale == 1.0
+
+    def scale_to_max_norm(self, module: LoRAModule, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """kohya's apply_max_norm_regularization for one module: delta = (up . down) * alpha/rank (no multiplier);
+        up and down are multiplied by sqrt(ratio) (kohya only when ratio != 1; times exactly 1.0 changes nothing,
+        and not asking saves a device sync per module)."""
+        down, up = module.lora_down.weight, module.lora_up.weight
+        scale = module.alpha / down.shape[0]
+        if module.kind == "linear":
+            updown = up @ down
+        elif tuple(up.shape[2:]) == (1, 1) and tuple(down.shape[2:]) == (1, 1):
+            updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        else:
+            updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+        norm = (updown * scale).norm()
+        ratio = max_norm_ratio(norm, max_norm)
+        sqrt_ratio = ratio**0.5
+        up.mul_(sqrt_ratio)
+        down.mul_(sqrt_ratio)
+        return norm * ratio, ratio

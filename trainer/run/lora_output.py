@@ -16,9 +16,9 @@ import torch
 
 from ..data.bucket_batches import num_train_epochs_for_steps
 from ..data.dataset import TrainingDataset
+from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
 from ..network.file_names import safe_relative_name, unique_lora_path
-from ..network.lora import LoRANetwork
 from ..network.metadata import build_metadata, kohya_bucket_info, tag_frequency
 from ..network.safetensors_file import save_lora
 from .optimizers import optimizer_metadata_name
@@ -154,7 +154,7 @@ def training_metadata(
 
 
 def save_run_lora(
-    network: LoRANetwork,
+    network: AdapterNetwork,
     loras_root: str,
     out: OutputSettings,
     *,

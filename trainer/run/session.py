@@ -22,8 +22,9 @@ from ..comfyui import models as comfy_models
 from ..comfyui import training as comfy_training
 from ..data.bucket_batches import max_train_steps_for_epochs
 from ..data.dataset import TrainingDataset
+from ..network import build_network
+from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
-from ..network.lora import LoRANetwork
 from ..objective.ddpm_schedule import DDPMSchedule
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
@@ -82,7 +83,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    network: Any  # LoRANetwork, or LycorisNetwork for algo loha/lokr (same interface)
+    network: AdapterNetwork
     state: LoopState
     models: Any  # comfyui.training.TrainingModels: the MODEL/CLIP the run trains through (previews sample with them)
     total_steps: int
@@ -140,33 +141,6 @@ def _normal_tensors(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_normal_tensors(v) for v in obj]
     return obj
-
-
-def build_network(
-    model: Any, clip: Any, config: NetworkConfig, seed: int, initial_weights: dict[str, torch.Tensor] | None = None
-) -> Any:
-    """kohya's LoRANetwork for algo "lora", LyCORIS's LoHa/LoKr (trainer/network/lycoris.py) otherwise; both have
-    the same interface (attach, param_groups, state_dict_kohya, load_kohya, apply_max_norm)."""
-    unet = comfy_models.diffusion_model(model)
-    te1 = te2 = None
-    if config.train_te1 or config.train_te2:
-        if clip is None:
-            raise ValueError("Training the text encoders needs the CLIP input connected.")
-        clip_l, clip_g = comfy_models.text_encoders(clip)
-        te1 = clip_l if config.train_te1 else None
-        te2 = clip_g if config.train_te2 else None
-    if config.algo == "lora":
-        network_cls = LoRANetwork
-    else:
-        from ..network.lycoris import LycorisNetwork
-
-        network_cls = LycorisNetwork
-    network = network_cls.build(
-        unet if config.train_unet else None, te1, te2, config, generator=torch.Generator().manual_seed(seed)
-    )
-    if initial_weights is not None:
-        network.load_kohya(initial_weights)
-    return network
 
 
 def train(

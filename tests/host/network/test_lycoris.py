@@ -16,7 +16,10 @@ import torch
 import training_fixtures as tf
 from test_lora_loads_in_comfy import all_forward_hooks, parts, run_clip, run_unet, same_weights, snapshot, unet_inputs
 
-from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.network import network_class
+from sdxl_lora_trainer.trainer.network.config import NETWORK_ALGOS, NetworkConfig
+from sdxl_lora_trainer.trainer.network.loha import LohaNetwork
+from sdxl_lora_trainer.trainer.network.lokr import LokrNetwork
 from sdxl_lora_trainer.trainer.network.lycoris import LycorisNetwork, is_lycoris_state_dict
 from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
@@ -36,6 +39,13 @@ def randomise(net: LycorisNetwork, seed: int) -> LycorisNetwork:
     return net.eval()
 
 
+@pytest.mark.parametrize("algo", NETWORK_ALGOS)
+def test_each_algo_builds_its_own_network_class(tiny, algo):
+    model, clip, _ = tiny
+    net = network_class(algo).build(*parts(model, clip), config(algo), torch.Generator().manual_seed(0))
+    assert net.algo == algo and type(net).__name__.lower() == algo + "network"
+
+
 @pytest.mark.parametrize("algo", ALGOS)
 def test_init_is_zero_diff_seeded_and_leaves_global_rng(tiny, algo):
     model, clip, _ = tiny
@@ -43,10 +53,10 @@ def test_init_is_zero_diff_seeded_and_leaves_global_rng(tiny, algo):
     inputs = unet_inputs(model, clip)
     base_unet, (base_cond, base_pooled) = run_unet(model, inputs), run_clip(clip)
     rng = torch.get_rng_state()
-    net = LycorisNetwork.build(*roots, config(algo), torch.Generator().manual_seed(5)).eval()
+    net = network_class(algo).build(*roots, config(algo), torch.Generator().manual_seed(5)).eval()
     assert torch.equal(torch.get_rng_state(), rng)
-    twin = LycorisNetwork.build(*roots, config(algo), torch.Generator().manual_seed(5))
-    other = LycorisNetwork.build(*roots, config(algo), torch.Generator().manual_seed(6))
+    twin = network_class(algo).build(*roots, config(algo), torch.Generator().manual_seed(5))
+    other = network_class(algo).build(*roots, config(algo), torch.Generator().manual_seed(6))
     sd, sd_twin, sd_other = net.state_dict_kohya(), twin.state_dict_kohya(), other.state_dict_kohya()
     assert sd.keys() == sd_twin.keys() and all(torch.equal(v, sd_twin[k]) for k, v in sd.items())
     assert any(not torch.equal(v, sd_other[k]) for k, v in sd.items())
@@ -67,7 +77,7 @@ def test_file_loads_in_comfyui_and_matches_hooks(tiny, caplog, algo):
     inputs = unet_inputs(model, clip)
     base_unet, (base_cond, base_pooled) = run_unet(model, inputs), run_clip(clip)
 
-    net = randomise(LycorisNetwork.build(*roots, config(algo), torch.Generator().manual_seed(0)), 1)
+    net = randomise(network_class(algo).build(*roots, config(algo), torch.Generator().manual_seed(0)), 1)
     assert all_forward_hooks(*roots) == 0
     with net.attach():
         assert all_forward_hooks(*roots) == len(net.loras)
@@ -124,7 +134,7 @@ def test_file_loads_in_comfyui_and_matches_hooks(tiny, caplog, algo):
     assert torch.equal(run_unet(model, inputs), base_unet)
 
     # the file round-trips into a fresh network (strict load)
-    fresh = LycorisNetwork.build(*roots, config(algo), torch.Generator().manual_seed(9))
+    fresh = network_class(algo).build(*roots, config(algo), torch.Generator().manual_seed(9))
     fresh.load_kohya(sd)
     back = fresh.state_dict_kohya()
     assert back.keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in back.items())
@@ -135,7 +145,7 @@ def test_file_loads_in_comfyui_and_matches_hooks(tiny, caplog, algo):
 @pytest.mark.parametrize("algo", ALGOS)
 def test_max_norm_and_param_groups(tiny, algo):
     model, clip, _ = tiny
-    net = randomise(LycorisNetwork.build(*parts(model, clip), config(algo), torch.Generator().manual_seed(0)), 2)
+    net = randomise(network_class(algo).build(*parts(model, clip), config(algo), torch.Generator().manual_seed(0)), 2)
     groups, names = net.param_groups(unet_lr=1e-3, te1_lr=1e-4, te2_lr=1e-4)
     assert names == ["textencoder", "unet"] and [g["lr"] for g in groups] == [1e-4, 1e-3]
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
@@ -153,8 +163,9 @@ def test_max_norm_is_lycoris_own_formula(tiny, algo):
     """apply_max_norm evaluates LyCORIS's per-module formula on the device (no read-back per module): the weights
     it leaves are LyCORIS's own apply_max_norm's, bit for bit, and so are the returned norms."""
     model, clip, _ = tiny
-    ours = randomise(LycorisNetwork.build(*parts(model, clip), config(algo), torch.Generator().manual_seed(0)), 2)
-    theirs = randomise(LycorisNetwork.build(*parts(model, clip), config(algo), torch.Generator().manual_seed(0)), 2)
+    roots = parts(model, clip)
+    ours = randomise(network_class(algo).build(*roots, config(algo), torch.Generator().manual_seed(0)), 2)
+    theirs = randomise(network_class(algo).build(*roots, config(algo), torch.Generator().manual_seed(0)), 2)
     with torch.no_grad():  # the median module norm: about half the modules get scaled
         max_norm = float(torch.stack([m.get_weight(m.shape).norm() for m in theirs.loras]).median())
     keys, mean, biggest = ours.apply_max_norm(max_norm).read()
@@ -181,8 +192,8 @@ def test_rank_dropout_is_refused_for_lycoris(algo):
 def test_lokr_factor_changes_the_factorisation(tiny):
     model, clip, _ = tiny
     roots = parts(model, clip)
-    auto = LycorisNetwork.build(*roots, config("lokr"), torch.Generator().manual_seed(0)).state_dict_kohya()
-    four = LycorisNetwork.build(*roots, config("lokr", factor=4), torch.Generator().manual_seed(0)).state_dict_kohya()
+    auto = LokrNetwork.build(*roots, config("lokr"), torch.Generator().manual_seed(0)).state_dict_kohya()
+    four = LokrNetwork.build(*roots, config("lokr", factor=4), torch.Generator().manual_seed(0)).state_dict_kohya()
     assert auto.keys() != four.keys() or any(auto[k].shape != four[k].shape for k in auto)
 
 
@@ -192,8 +203,8 @@ def test_loha_training_run_changes_weights():
         network_dim=4, network_alpha=1.0, conv_dim=2, conv_alpha=1.0, train_te1=False, train_te2=False, algo="loha"
     )
     result = tf.run_train(ds, lat, txt, net_cfg, TrainConfig(max_train_steps=2, learning_rate=1e-2, seed=3))
-    assert isinstance(result.network, LycorisNetwork)
-    initial = LycorisNetwork.build(
+    assert isinstance(result.network, LohaNetwork)
+    initial = LohaNetwork.build(
         tf.inference_models()[0].model.diffusion_model, None, None, net_cfg, torch.Generator().manual_seed(3)
     ).state_dict_kohya()
     trained = result.network.state_dict_kohya()

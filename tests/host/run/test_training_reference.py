@@ -17,11 +17,12 @@ import training_fixtures as tf
 from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders
 from sdxl_lora_trainer.trainer.comfyui import kernels as comfy_kernels
 from sdxl_lora_trainer.trainer.comfyui import training as comfy_training
+from sdxl_lora_trainer.trainer.network import build_network
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.objective.ddpm_schedule import DDPMSchedule
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
-from sdxl_lora_trainer.trainer.run.session import ComfyDenoiser, TrainConfig, build_network
+from sdxl_lora_trainer.trainer.run.session import ComfyDenoiser, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 one_thread = tf.one_thread

@@ -20,10 +20,11 @@ from safetensors.torch import save as safetensors_bytes
 from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders
 from sdxl_lora_trainer.trainer.comfyui import models as comfy_models
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
+from sdxl_lora_trainer.trainer.network import build_network
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
 from sdxl_lora_trainer.trainer.run.loop import TrainingDiverged
-from sdxl_lora_trainer.trainer.run.session import TrainConfig, build_network
+from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 one_thread = tf.one_thread

@@ -39,18 +39,16 @@ from PIL import Image
 from ..comfyui import encoders as comfy_encoders
 from ..data.buckets import resize_and_crop
 from ..data.dataset import BucketedImage, TrainingDataset
+from .dataset_cache import DatasetCache
 from .fingerprints import content_key, hash_file, hash_pil_image, module_fingerprint, structure_hash, token_fingerprint
 from .lookup import CachedItems, CacheStats
 from .stores import (
     ENCODER_CALLS,
     DiskStore,
-    ImageIndex,
     ImageRef,
     MemoryStore,
     Tensors,
-    megabytes,
     memory_store,
-    tensors_nbytes,
 )
 
 __all__ = [
@@ -168,7 +166,7 @@ def _validate_latent(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-class LatentCache:
+class LatentCache(DatasetCache):
     """Latents for every image (and flip) of a TrainingDataset; see the module docstring."""
 
     def __init__(
@@ -183,15 +181,11 @@ class LatentCache:
         disk_dir: str | None,
         batch_size: int,
     ) -> None:
-        self.dataset = dataset
-        self._index = ImageIndex(dataset.images)
+        super().__init__(dataset, latents, stats, warnings, disk_dir)
         self._unit_keys = unit_keys
         self._latents = latents
-        self.stats = stats
-        self.warnings = warnings
         self.encode_dtype = encode_dtype
         self.float32_vae = float32_vae
-        self.disk_dir = disk_dir
         self.batch_size = batch_size
 
     # -- build -------------------------------------------------------------------------------
@@ -273,19 +267,6 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self._unit_keys)
 
-    @property
-    def size_bytes(self) -> int:
-        return tensors_nbytes(self._latents)
-
-    @property
-    def size_mb(self) -> float:
-        return megabytes(self.size_bytes)
-
-    def disk_size_mb(self) -> float:
-        if not self.disk_dir:
-            return 0.0
-        return megabytes(DiskStore(self.disk_dir).size_bytes(self._latents.keys()))
-
     # -- report ------------------------------------------------------------------------------
     def report_json(self) -> dict[str, Any]:
         return {
@@ -311,14 +292,11 @@ class LatentCache:
             f"  encoded {s.encoded} in {s.encoder_calls} VAE calls (batch size {self.batch_size}), "
             f"from memory {s.from_memory}, from disk {s.from_disk}"
             + (f", rebuilt {s.rebuilt} corrupted disk files" if s.rebuilt else ""),
-            f"  size {self.size_mb:.1f} MB in memory (float32, unscaled)"
-            + (f"; disk cache {self.disk_dir} ({self.disk_size_mb():.1f} MB)" if self.disk_dir else ""),
+            self.size_line("float32, unscaled"),
             f"  VAE ran in {str(self.encode_dtype).replace('torch.', '')}"
             + (" (float32 VAE option, kohya's no_half_vae)" if self.float32_vae else ""),
+            *self.warning_lines(),
         ]
-        if self.warnings:
-            lines.append(f"  {len(self.warnings)} warnings:")
-            lines.extend(f"    {w}" for w in self.warnings)
         return "\n".join(lines)
 
 

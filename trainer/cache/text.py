@@ -35,18 +35,16 @@ import torch
 from ..comfyui import encoders as comfy_encoders
 from ..data.captions import CaptionOptions, escape_for_comfy_tokenizer, process_caption
 from ..data.dataset import BucketedImage, TrainingDataset
+from .dataset_cache import DatasetCache
 from .fingerprints import content_key, module_fingerprint, structure_hash, token_fingerprint
 from .lookup import CachedItems, CacheStats
 from .stores import (
     ENCODER_CALLS,
     DiskStore,
-    ImageIndex,
     ImageRef,
     MemoryStore,
     Tensors,
-    megabytes,
     memory_store,
-    tensors_nbytes,
 )
 
 __all__ = [
@@ -161,7 +159,7 @@ def _encode_checked(clip: Any, caption: _Caption) -> Tensors:
     return {"context": context.clone(), "pooled": pooled.clone()}
 
 
-class TextCache:
+class TextCache(DatasetCache):
     """Text encodings for every non-random caption of a TrainingDataset; see the module docstring."""
 
     def __init__(
@@ -175,15 +173,11 @@ class TextCache:
         warnings: list[str],
         disk_dir: str | None,
     ) -> None:
-        self.dataset = dataset
-        self._index = ImageIndex(dataset.images)
+        super().__init__(dataset, encodings, stats, warnings, disk_dir)
         self._image_keys = image_keys
         self._captions = captions
         self._encodings = encodings
         self._live = live
-        self.stats = stats
-        self.warnings = warnings
-        self.disk_dir = disk_dir
 
     @classmethod
     def build(
@@ -268,19 +262,6 @@ class TextCache:
     def cache_key(self, image: ImageRef) -> str:
         return self._image_keys[self._index.index(image)]
 
-    @property
-    def size_bytes(self) -> int:
-        return sum(tensors_nbytes({"c": c, "p": p}) for c, p in self._encodings.values())
-
-    @property
-    def size_mb(self) -> float:
-        return megabytes(self.size_bytes)
-
-    def disk_size_mb(self) -> float:
-        if not self.disk_dir:
-            return 0.0
-        return megabytes(DiskStore(self.disk_dir).size_bytes(self._encodings.keys()))
-
     # -- report ------------------------------------------------------------------------------
     def _live_reasons(self) -> list[str]:
         reasons: list[str] = []
@@ -312,15 +293,12 @@ class TextCache:
             f"text encodings: {len(self._image_keys)} of {n} images cached, {len(self._encodings)} unique captions",
             f"  encoded {s.encoded} (CLIP calls), from memory {s.from_memory}, from disk {s.from_disk}"
             + (f", rebuilt {s.rebuilt} corrupted disk files" if s.rebuilt else ""),
-            f"  size {self.size_mb:.1f} MB in memory (float32)"
-            + (f"; disk cache {self.disk_dir} ({self.disk_size_mb():.1f} MB)" if self.disk_dir else ""),
+            self.size_line("float32"),
         ]
         if self._live:
             lines.append(
                 f"  live: {len(self._live)} images have random caption options ({', '.join(self._live_reasons())}); "
                 "their captions are encoded at train time, each step"
             )
-        if self.warnings:
-            lines.append(f"  {len(self.warnings)} warnings:")
-            lines.extend(f"    {w}" for w in self.warnings)
+        lines.extend(self.warning_lines())
         return "\n".join(lines)

@@ -32,6 +32,7 @@ import tomllib
 
 from .images import ACCEPTED_EXTENSIONS, DatasetError
 from .sources import ScanOptions, ScanResult, normalize_caption_extension, resolve_dataset_path, scan_image_dir
+from .text_files import read_utf8
 
 __all__ = [
     "BUCKET_KEYS",
@@ -553,13 +554,7 @@ def load_dataset_toml(
         raise DatasetError(f"dataset config {p} does not exist ({how}); check the spelling, or give an absolute path.")
     if not p.is_file():
         raise DatasetError(f"dataset config {p} is a folder ({how}); give the .toml file itself.")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DatasetError(
-            f"{p}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start}); re-save it as UTF-8."
-        ) from None
+    text = read_utf8(p)
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -585,13 +580,7 @@ def load_dataset_toml(
 def _load_kohya_metadata(meta: Path) -> dict[str, dict[str, Any]]:
     """kohya fine-tuning metadata: JSON ``{image_key: {caption, tags, image_size}}`` or JSONL rows
     ``{"image_path", "caption", "tags", "image_size"}``."""
-    raw = meta.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DatasetError(
-            f"{meta}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start}); re-save it as UTF-8."
-        ) from None
+    text = read_utf8(meta)
     if meta.name.endswith(".jsonl"):
         out: dict[str, dict[str, Any]] = {}
         for n, line in enumerate(text.splitlines(), start=1):

@@ -43,6 +43,7 @@ from .images import (
     to_rgb,
     verify_image,
 )
+from .text_files import read_utf8
 
 __all__ = [
     "DatasetError",
@@ -315,19 +316,8 @@ def read_caption_file(caption_path: PathLike, enable_wildcard: bool = False) -> 
     first tag). Anything that is not UTF-8 raises DatasetError naming the file.
     """
     p = Path(caption_path)
-    data = p.read_bytes()
     notes: list[str] = []
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DatasetError(
-            f"{p}: caption is saved as UTF-16 (Notepad's 'Unicode'), not UTF-8; re-save it with encoding UTF-8."
-        )
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DatasetError(
-            f"{p}: caption is not valid UTF-8 (byte 0x{data[e.start]:02x} at position {e.start}); "
-            "re-save it with encoding UTF-8 (e.g. in a text editor: Save As, Encoding: UTF-8)."
-        ) from None
+    text = read_utf8(p, "caption ")
     # Python's text mode (kohya's readlines) treats \r\n and \r as line ends too.
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if enable_wildcard:
@@ -754,14 +744,7 @@ def scan_metadata_jsonl(
             )
     base = meta.parent
     result = ScanResult()
-    raw = meta.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line_no = raw[: e.start].count(b"\n") + 1
-        raise DatasetError(
-            f"{meta}:{line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file with encoding UTF-8."
-        ) from None
+    text = read_utf8(meta)
 
     seen: dict[str, int] = {}
     missing_caption: list[str] = []

@@ -13,6 +13,7 @@ import json
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
@@ -267,14 +268,7 @@ def build_metadata(
     epoch: int,
     prompt: Mapping[str, Any] | None = None,
     extra_pnginfo: Mapping[str, Any] | None = None,
-    title: str | None = None,
-    author: str | None = None,
-    description: str | None = None,
-    license: str | None = None,
-    tags: str | None = None,
-    trigger_phrase: str | None = None,
-    usage_hint: str | None = None,
-    implementation_version: str = DEFAULT_IMPLEMENTATION_VERSION,
+    card: ModelCard | None = None,
     finished_at: float | None = None,
     minimal: bool = False,
 ) -> dict[str, str]:
@@ -285,6 +279,7 @@ def build_metadata(
     ``str(value)`` ("True", "None", "(1024, 1024)", "0.0001"), and JSON for ss_dataset_dirs, ss_reg_dataset_dirs,
     ss_tag_frequency, ss_bucket_info and ss_network_args. ``step``/``epoch``: ss_steps / ss_epoch of this save;
     ``finished_at`` (default now) is ss_training_finished_at and the modelspec date.
+    ``card``: the modelspec.* text (title defaults to the output_name).
     ``prompt`` / ``extra_pnginfo``: ComfyUI's hidden PROMPT and EXTRA_PNGINFO inputs, stored as JSON in
     ``comfyui.prompt`` and ``comfyui.workflow`` (extra_pnginfo["workflow"]) when present.
     ``minimal``: like kohya's --no_metadata, keep only SS_METADATA_MINIMUM_KEYS and modelspec.* (no dataset
@@ -409,64 +404,70 @@ def build_metadata(
 
     metadata.update(
         modelspec_metadata(
-            title=title if title is not None else tr["output_name"],
+            with_title(card, tr["output_name"]),
             timestamp=now,
             resolution=resolution,
             v_parameterization=tr["v_parameterization"],
             min_timestep=tr["min_timestep"],
             max_timestep=tr["max_timestep"],
             clip_skip=tr["clip_skip"],
-            author=author,
-            description=description,
-            license=license,
-            tags=tags,
-            trigger_phrase=trigger_phrase,
-            usage_hint=usage_hint,
-            implementation_version=implementation_version,
         )
     )
     return metadata
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """The human-readable modelspec.* fields of a LoRA (kohya's --metadata_title, --metadata_author, ...); None
+    leaves a field out, as kohya does."""
+
+    title: str | None = None
+    author: str | None = None
+    description: str | None = None
+    license: str | None = None
+    tags: str | None = None
+    trigger_phrase: str | None = None
+    usage_hint: str | None = None
+    implementation_version: str = DEFAULT_IMPLEMENTATION_VERSION
+
+
+def with_title(card: ModelCard | None, default_title: str) -> ModelCard:
+    """``card`` (empty when None) with ``default_title`` where it has no title."""
+    card = card or ModelCard()
+    return card if card.title is not None else replace(card, title=default_title)
+
+
 def modelspec_metadata(
+    card: ModelCard,
     *,
-    title: str | None,
     timestamp: float,
     resolution: tuple[int, int],
     v_parameterization: bool = False,
     min_timestep: int | None = None,
     max_timestep: int | None = None,
     clip_skip: int | None = None,
-    author: str | None = None,
-    description: str | None = None,
-    license: str | None = None,
-    tags: str | None = None,
-    trigger_phrase: str | None = None,
-    usage_hint: str | None = None,
-    implementation_version: str = DEFAULT_IMPLEMENTATION_VERSION,
 ) -> dict[str, str]:
     """The modelspec.* keys kohya's sai_model_spec.build_metadata writes for an SDXL LoRA (ModelSpec 1.0.1).
 
     date: ISO-8601 local time of ``timestamp`` without microseconds; title defaults to "LoRA@<timestamp>";
     timestep_range only when a min or max timestep was set (missing end: 0 / 1000); encoder_layer = clip_skip.
     """
-    if title is None:
-        title = f"LoRA@{timestamp}"
+    title = card.title if card.title is not None else f"LoRA@{timestamp}"
     spec: dict[str, str | None] = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": MODELSPEC_ARCHITECTURE_SDXL_LORA,
         "modelspec.implementation": MODELSPEC_IMPLEMENTATION_SDXL_LORA,
         "modelspec.title": str(title),
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
-        "modelspec.description": description,
-        "modelspec.author": author,
+        "modelspec.description": card.description,
+        "modelspec.author": card.author,
         "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
-        "modelspec.license": license,
-        "modelspec.tags": tags,
-        "modelspec.trigger_phrase": trigger_phrase,
-        "modelspec.usage_hint": usage_hint,
+        "modelspec.license": card.license,
+        "modelspec.tags": card.tags,
+        "modelspec.trigger_phrase": card.trigger_phrase,
+        "modelspec.usage_hint": card.usage_hint,
         "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
-        "modelspec.implementation_version": implementation_version,
+        "modelspec.implementation_version": card.implementation_version,
     }
     if min_timestep is not None or max_timestep is not None:
         lo = 0 if min_timestep is None else min_timestep

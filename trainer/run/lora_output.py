@@ -19,7 +19,7 @@ from ..data.dataset import TrainingDataset
 from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
 from ..network.file_names import safe_relative_name, unique_lora_path
-from ..network.metadata import build_metadata, kohya_bucket_info, tag_frequency
+from ..network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag_frequency
 from ..network.safetensors_file import save_lora
 from .optimizers import optimizer_metadata_name
 
@@ -122,8 +122,8 @@ def training_metadata(
         "training_started_at": started_at,
         "output_name": output_name,
         "learning_rate": run.learning_rate,
-        "unet_lr": run.unet_lr,
-        "text_encoder_lr": run.text_encoder_lr1,
+        "unet_lr": run.unet.learning_rate,
+        "text_encoder_lr": run.clip_l.learning_rate,
         "num_batches_per_epoch": steps_per_epoch * run.gradient_accumulation_steps,
         "num_epochs": max(1, num_train_epochs_for_steps(total_steps, max(1, steps_per_epoch))),
         "gradient_checkpointing": run.gradient_checkpointing,
@@ -177,7 +177,7 @@ def save_run_lora(
         epoch=epoch,
         prompt=prompt,
         extra_pnginfo=extra_pnginfo,
-        title=out.name,
+        card=ModelCard(title=out.name),
     )
     if v_parameterization:
         meta["ss_v_parameterization"] = "True"

@@ -197,6 +197,21 @@ def test_missing_toml_resolved_against_input_dir(tmp_path):
     assert "resolved against ComfyUI's input directory" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "raw,fragment",
+    [
+        ("[general]\ncaption_extension = '.txt' # caf\u00e9\n".encode("latin-1"), ":2: is not valid UTF-8 (byte 0xe9"),
+        ("[general]\n".encode("utf-16"), "is saved as UTF-16"),
+    ],
+)
+def test_a_toml_that_is_not_utf8_names_the_file_line_and_fix(tmp_path, raw, fragment):
+    path = tmp_path / "config.toml"
+    path.write_bytes(raw)
+    with pytest.raises(DatasetError) as e:
+        load_dataset_toml(str(path))
+    assert str(path) in str(e.value) and fragment in str(e.value) and "re-save it with encoding UTF-8" in str(e.value)
+
+
 # --------------------------------------------------------------------------------------------- scanning
 
 

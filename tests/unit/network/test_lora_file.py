@@ -15,7 +15,7 @@ import torch
 
 from sdxl_lora_trainer.trainer.network import safetensors_file
 from sdxl_lora_trainer.trainer.network.file_names import safe_relative_name, unique_lora_path
-from sdxl_lora_trainer.trainer.network.metadata import build_metadata, kohya_bucket_info, tag_frequency
+from sdxl_lora_trainer.trainer.network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag_frequency
 from sdxl_lora_trainer.trainer.network.safetensors_file import (
     atomic_write_safetensors,
     read_lora,
@@ -730,9 +730,7 @@ def test_modelspec_optional_fields():
         _network(),
         step=1,
         epoch=1,
-        title="Nice LoRA",
-        author="me",
-        trigger_phrase="tabby cat",
+        card=ModelCard(title="Nice LoRA", author="me", trigger_phrase="tabby cat"),
     )
     assert meta["modelspec.timestep_range"] == "100,1000"
     assert meta["modelspec.encoder_layer"] == "2" and meta["ss_clip_skip"] == "2"

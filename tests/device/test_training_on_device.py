@@ -19,7 +19,7 @@ from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
-from sdxl_lora_trainer.trainer.run.session import TrainConfig
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
 
 NET = NetworkConfig(network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False)
 CONFIG = TrainConfig(max_train_steps=2, learning_rate=1e-2, seed=5)
@@ -101,8 +101,9 @@ def test_gpu_only_batches_mix_cached_and_live_encodings(comfy_gpu):
     """--gpu-only: ComfyUI returns CLIP encodings on the GPU while the text cache holds them on the host; one batch
     holds both (one image's caption is shuffled, the other's is cached)."""
     ds = tf.make_dataset(2, batch_size=2, captions=["red, cube, shiny", "blue, ball, matte"])
-    images = ds.parts[0].images
-    images[0] = replace(images[0], caption_options=CaptionOptions(shuffle_caption=True))
+    part = ds.parts[0]
+    shuffled = replace(part.images[0], caption_options=CaptionOptions(shuffle_caption=True))
+    ds = replace(ds, parts=(replace(part, images=(shuffled, *part.images[1:])),))
     lat, txt = tf.sources(tf.inference_models(), ds)  # the caches hold host tensors
     assert all(t.device == CPU for pair in txt.table.values() for t in pair)
     comfy_gpu(gpu_only=True, vram_state="HIGH_VRAM")

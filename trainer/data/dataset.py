@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .bucket_batches import Batch, BucketBatcher, TrainItem, batches_per_epoch
@@ -39,15 +39,15 @@ class BucketedImage:
         return (self.conditioning_flipped if flipped else self.conditioning).time_ids
 
 
-@dataclass
+@dataclass(frozen=True)
 class DatasetPart:
     """One kohya dataset: its bucket settings, batch size and images."""
 
     settings: BucketSettings
     batch_size: int
     true_crop: bool
-    images: list[BucketedImage]
-    used_buckets: list[tuple[int, int]]
+    images: tuple[BucketedImage, ...]
+    used_buckets: tuple[tuple[int, int], ...]
 
     def train_items(self) -> list[TrainItem]:
         return [
@@ -59,11 +59,14 @@ class DatasetPart:
         return batches_per_epoch(self.train_items(), self.batch_size)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingDataset:
-    parts: list[DatasetPart]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    """The dataset nodes' value, frozen: ComfyUI keeps a node's output cached and hands the same object to every
+    node downstream, so no consumer may change it."""
+
+    parts: tuple[DatasetPart, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+    warnings: tuple[str, ...] = ()
     seed: int = 0
 
     # -- counts ------------------------------------------------------------------------------
@@ -220,8 +223,8 @@ def bucket_images(
         settings=settings,
         batch_size=batch_size,
         true_crop=true_crop,
-        images=images,
-        used_buckets=list(selector.used_buckets()),
+        images=tuple(images),
+        used_buckets=tuple(selector.used_buckets()),
     )
 
 
@@ -232,7 +235,9 @@ def training_dataset(parts: Sequence[DatasetPart], scans: Sequence[ScanResult], 
     for part in parts:
         for img in part.images:
             warnings.extend(f"{img.item.image_path or img.key}: {w}" for w in img.item.warnings)
-    ds = TrainingDataset(parts=[p for p in parts if p.images], skipped=skipped, warnings=warnings, seed=seed)
+    ds = TrainingDataset(
+        parts=tuple(p for p in parts if p.images), skipped=tuple(skipped), warnings=tuple(warnings), seed=seed
+    )
     if not ds.parts:
         reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
         raise ValueError(

@@ -252,8 +252,9 @@ def worker_ours(args, result: dict) -> None:
     from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
     from sdxl_lora_trainer.trainer.data.sources import items_from_images
     from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+    from sdxl_lora_trainer.trainer.run.config import DTYPES, TrainConfig
     from sdxl_lora_trainer.trainer.run.events import RunEvents
-    from sdxl_lora_trainer.trainer.run.session import DTYPES, TrainConfig, train
+    from sdxl_lora_trainer.trainer.run.session import train
 
     t0 = time.perf_counter()
     model, ctx_dim, pooled_dim = build_model(args.model, args.dtype)

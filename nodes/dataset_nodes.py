@@ -319,8 +319,8 @@ class Buckets(io.ComfyNode):
             shuffle_caption=shuffle_caption,
             keep_tokens=keep_tokens,
             keep_tokens_separator=keep_tokens_separator,
-            caption_prefix=caption_prefix or None,
-            caption_suffix=caption_suffix or None,
+            caption_prefix=caption_prefix,
+            caption_suffix=caption_suffix,
             caption_dropout_rate=caption_dropout_rate,
             caption_tag_dropout_rate=caption_tag_dropout_rate,
         )

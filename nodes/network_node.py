@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer.comfyui import services as comfy_services
-from ..trainer.network.config import NETWORK_ALGOS, NetworkConfig, NetworkSetup, parse_block_list
+from ..trainer.network.config import NETWORK_ALGOS, NetworkConfig, NetworkSetup, rank_dropout_refusal
 from .common import CATEGORY
 from .sockets import NetworkSocket
 
@@ -127,11 +127,8 @@ class NetworkSettings(io.ComfyNode):
         """Naming start_from here makes ComfyUI skip its stale-list check: a LoRA saved by an earlier run of
         this server is accepted before the browser reloads the list; execute resolves it or says why not.
         No **kwargs: with them ComfyUI would skip its min/max and option checks of every other input too."""
-        if algo != "lora" and isinstance(rank_dropout, (int, float)) and rank_dropout > 0:
-            return (
-                f"rank_dropout is not supported with algo {algo}: LyCORIS draws the mask on the CPU for every "
-                "layer (LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use algo lora."
-            )
+        if isinstance(algo, str) and isinstance(rank_dropout, (int, float)):
+            return rank_dropout_refusal(algo, rank_dropout) or True
         return True
 
     @classmethod
@@ -157,16 +154,14 @@ class NetworkSettings(io.ComfyNode):
         lokr_factor: int = -1,
     ) -> io.NodeOutput:
         common = {
-            "dropout": dropout or None,
-            "rank_dropout": rank_dropout or None,
-            "module_dropout": module_dropout or None,
+            "dropout": dropout,
+            "rank_dropout": rank_dropout,
+            "module_dropout": module_dropout,
             "train_unet": train_unet,
             "train_te1": train_clip_l,
             "train_te2": train_clip_g,
-            "block_lr_weight": parse_block_list(block_lr_weight or None, "block_lr_weight", as_int=False),
+            "block_lr_weight": block_lr_weight,
         }
-        if lokr_factor == 0 or lokr_factor < -1:
-            raise ValueError(f"lokr_factor must be -1 (auto) or >= 1, got {lokr_factor}")
         initial = None
         if start_from != NONE:
             if algo != "lora":
@@ -185,12 +180,12 @@ class NetworkSettings(io.ComfyNode):
             config = NetworkConfig(
                 network_dim=network_dim,
                 network_alpha=network_alpha,
-                conv_dim=conv_dim or None,
-                conv_alpha=conv_alpha if conv_dim else None,
-                block_dims=parse_block_list(block_dims or None, "block_dims", as_int=True),
-                block_alphas=parse_block_list(block_alphas or None, "block_alphas", as_int=False),
-                conv_block_dims=parse_block_list(conv_block_dims or None, "conv_block_dims", as_int=True),
-                conv_block_alphas=parse_block_list(conv_block_alphas or None, "conv_block_alphas", as_int=False),
+                conv_dim=conv_dim,
+                conv_alpha=conv_alpha,
+                block_dims=block_dims,
+                block_alphas=block_alphas,
+                conv_block_dims=conv_block_dims,
+                conv_block_alphas=conv_block_alphas,
                 algo=algo,
                 factor=lokr_factor,
                 **common,

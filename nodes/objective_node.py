@@ -11,11 +11,6 @@ from .common import CATEGORY
 from .sockets import ObjectiveSocket
 
 
-def _opt(v: float) -> float | None:
-    """0 means off, as in kohya."""
-    return v if v else None
-
-
 class LossAndNoise(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -158,20 +153,20 @@ class LossAndNoise(io.ComfyNode):
             huber_schedule=huber_schedule,
             huber_c=huber_c,
             huber_scale=huber_scale,
-            min_snr_gamma=_opt(min_snr_gamma),
+            min_snr_gamma=min_snr_gamma,
             scale_v_pred_loss_like_noise_pred=scale_v_pred_loss_like_noise_pred,
-            v_pred_like_loss=_opt(v_pred_like_loss),
+            v_pred_like_loss=v_pred_like_loss,
             debiased_estimation_loss=debiased_estimation,
         )
         noise = NoiseSettings(
-            noise_offset=_opt(noise_offset),
+            noise_offset=noise_offset,
             noise_offset_random_strength=noise_offset_random_strength,
-            adaptive_noise_scale=_opt(adaptive_noise_scale),
-            multires_noise_iterations=multires_noise_iterations or None,
+            adaptive_noise_scale=adaptive_noise_scale,
+            multires_noise_iterations=multires_noise_iterations,
             multires_noise_discount=multires_noise_discount,
             min_timestep=min_timestep,
             max_timestep=max_timestep,
-            ip_noise_gamma=_opt(ip_noise_gamma),
+            ip_noise_gamma=ip_noise_gamma,
             ip_noise_gamma_random_strength=ip_noise_gamma_random_strength,
         )
         if min_timestep >= max_timestep:

@@ -81,7 +81,7 @@ class CheckpointOptions(io.ComfyNode):
                 keep_last_n,
                 save_state_every_n_steps,
                 save_state_on_cancel,
-                resume_from.strip(),
+                resume_from,
             )
         )
 
@@ -147,9 +147,8 @@ class PreviewOptions(io.ComfyNode):
         scheduler: str,
         seed: int,
     ) -> io.NodeOutput:
-        lines = tuple(p.strip() for p in prompts.split("\n") if p.strip())
         settings = PreviewSettings(
-            prompts=lines,
+            prompts=prompts,
             negative=negative,
             every_n_steps=every_n_steps,
             width=width,
@@ -160,8 +159,6 @@ class PreviewOptions(io.ComfyNode):
             scheduler=scheduler,
             seed=seed,
         )
-        if not lines:
-            raise ValueError("Sample Previews: write at least one prompt (one per line).")
         return io.NodeOutput(PreviewRequest(settings=settings, clip=clip, vae=vae))
 
 

@@ -6,12 +6,13 @@ import torch
 from comfy_api.latest import io
 
 from ..trainer.comfyui import sampling as comfy_sampling
+from ..trainer.network.config import PartSettings
 from ..trainer.report_images import loss_graph_image
+from ..trainer.run.config import TRAIN_DTYPES, TrainConfig
 from ..trainer.run.job import TrainJob
 from ..trainer.run.lora_output import OutputSettings, output_name_error
 from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings
 from ..trainer.run.schedulers import SCHEDULER_TYPES
-from ..trainer.run.session import TRAIN_DTYPES, TrainConfig
 from .common import CATEGORY, pil_to_image
 from .sockets import (
     CheckpointingSocket,
@@ -22,10 +23,6 @@ from .sockets import (
     PreviewsSocket,
     TextCacheSocket,
 )
-
-
-def _lr_or_none(v: float) -> float | None:
-    return v if v > 0 else None
 
 
 class TrainLora(io.ComfyNode):
@@ -278,17 +275,17 @@ class TrainLora(io.ComfyNode):
             max_train_steps=max_train_steps,
             max_train_epochs=max_train_epochs,
             learning_rate=learning_rate,
-            unet_lr=_lr_or_none(unet_lr),
-            text_encoder_lr1=_lr_or_none(clip_l_lr),
-            text_encoder_lr2=_lr_or_none(clip_g_lr),
-            optimizer=OptimizerSettings(optimizer, learning_rate, optimizer_args, max_grad_norm),
+            unet=PartSettings.from_widgets(learning_rate=unet_lr),
+            clip_l=PartSettings.from_widgets(learning_rate=clip_l_lr),
+            clip_g=PartSettings.from_widgets(learning_rate=clip_g_lr),
+            optimizer=OptimizerSettings(optimizer, optimizer_args),
             lr_scheduler=lr_scheduler,
             lr_warmup_steps=int(lr_warmup_steps) if lr_warmup_steps >= 1 else lr_warmup_steps,
             lr_scheduler_num_cycles=lr_scheduler_num_cycles,
             lr_scheduler_power=lr_scheduler_power,
             gradient_accumulation_steps=gradient_accumulation_steps,
             max_grad_norm=max_grad_norm,
-            scale_weight_norms=scale_weight_norms or None,
+            scale_weight_norms=scale_weight_norms,
             seed=seed,
             train_dtype=train_dtype,
             full_bf16=full_bf16,

@@ -31,8 +31,9 @@ from sdxl_lora_trainer.trainer.data.captions import CaptionOptions, escape_for_c
 from sdxl_lora_trainer.trainer.data.dataset import TrainingDataset
 from sdxl_lora_trainer.trainer.data.sources import items_from_images
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
 from sdxl_lora_trainer.trainer.run.events import RunEvents
-from sdxl_lora_trainer.trainer.run.session import TrainConfig, train
+from sdxl_lora_trainer.trainer.run.session import train
 
 DEFAULT_CAPTIONS = ("a red cube", "a blue ball", "a green tree", "a yellow house")
 
@@ -223,8 +224,8 @@ class Capture:
             self.initial = self.network.state_dict_kohya()
             return self.network
 
-        def wrapped_optimizer(groups, settings):
-            opt = build_optimizer(groups, settings)
+        def wrapped_optimizer(*args, **kwargs):
+            opt = build_optimizer(*args, **kwargs)
             names = {id(p): n for n, p in self.network.named_parameters()}
 
             def pre(optimizer, args, kwargs):

@@ -14,7 +14,7 @@ from device_helpers import assert_same_lora, data, lora_bytes, models_on
 from standin_device import DEVICE
 
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
-from sdxl_lora_trainer.trainer.run.session import TrainConfig
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
 
 NET = NetworkConfig(network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False)
 CONFIG = TrainConfig(max_train_steps=1, learning_rate=1e-2, seed=5)

@@ -21,8 +21,8 @@ from device_helpers import CPU, assert_same_lora, data, lora_bytes, math_attenti
 from standin_device import DEVICE
 
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
 from sdxl_lora_trainer.trainer.run.previews import PreviewRenderer, PreviewSettings
-from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
 NET = NetworkConfig(network_dim=4, network_alpha=2.0, conv_dim=2, conv_alpha=1.0, train_te1=False, train_te2=False)
 CONFIG = TrainConfig(max_train_steps=3, learning_rate=1e-2, seed=5)

@@ -11,8 +11,8 @@ from device_helpers import assert_same_lora, data, lora_bytes, models_on
 from standin_device import DEVICE
 
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
 from sdxl_lora_trainer.trainer.run.resume_state import load_state, save_state
-from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
 DROPOUTS = {
     "lora": NetworkConfig(

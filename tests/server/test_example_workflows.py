@@ -529,6 +529,20 @@ def test_path_escapes_are_rejected_before_training(server, object_info, folder_d
     assert set((server.base / "models").rglob("*")) == files
 
 
+def test_lycoris_rank_dropout_is_refused_at_queue_time(server, object_info, folder_dataset):
+    """LoHa with rank_dropout cannot run on a GPU (LyCORIS draws its masks on the CPU): POST /prompt says so."""
+    prompt, _ = training_only(object_info, folder_dataset, output_name="rank")
+    prompt = set_inputs(prompt, "SDXLLoraNetwork", algo="loha", rank_dropout=0.1)
+    network = only_node(prompt, "SDXLLoraNetwork")
+    with pytest.raises(ServerError) as err:
+        server.queue(prompt)
+    reply = str(err.value)
+    assert "-> 400" in reply, reply
+    errors = json.loads(reply.split(": ", 1)[1])["node_errors"][network]["errors"]
+    messages = " ".join(e["details"] for e in errors)
+    assert "rank_dropout is not supported with algo 'loha'" in messages and "Set rank_dropout to 0" in messages
+
+
 def test_an_existing_file_is_never_overwritten(server, object_info, folder_dataset):
     """Occupy every name the run could pick in the next minutes; the node must take the next free name."""
     folder = server.base / "models" / "loras" / SUBFOLDER

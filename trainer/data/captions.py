@@ -47,6 +47,9 @@ class CaptionOptions:
     token_warmup_step: float = 0
 
     def __post_init__(self) -> None:
+        for name in ("caption_prefix", "caption_suffix"):
+            if getattr(self, name) == "":  # an empty widget / TOML value: nothing to add (kohya tests truthiness)
+                object.__setattr__(self, name, None)
         if not self.caption_separator:
             raise ValueError("caption_separator must not be empty")
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):

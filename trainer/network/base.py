@@ -15,7 +15,7 @@ from typing import ClassVar, Generic, TypeVar
 
 import torch
 
-from .config import NetworkConfig, parse_block_list
+from .config import NetworkConfig, PartSettings, parse_block_list
 from .targets import PREFIX_TE1, PREFIX_TE2, PREFIX_UNET, TargetModule, iter_target_modules
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
@@ -215,24 +215,24 @@ class AdapterNetwork(torch.nn.Module, Generic[ModuleT]):
     # ------------------------------------------------------------------ optimizer
     def param_groups(
         self,
-        unet_lr: float,
-        te1_lr: float,
-        te2_lr: float,
-        loraplus_lr_ratio: float | None = None,
-        loraplus_unet_lr_ratio: float | None = None,
-        loraplus_text_encoder_lr_ratio: float | None = None,
+        unet: PartSettings,
+        clip_l: PartSettings,
+        clip_g: PartSettings,
         block_lr_weight: Sequence[float] | None = None,
     ) -> tuple[list[dict], list[str]]:
         """kohya's LoRANetwork.prepare_optimizer_params: (param groups, lr descriptions).
 
-        TE groups come first, then U-Net. Per part a "lora" group and, with a LoRA+ ratio, a "plus" group holding
-        the parameters ``scaled_by_loraplus`` at lr * ratio (the part's own ratio, else loraplus_lr_ratio, with
-        kohya's ``or``: 0 falls back). A group whose lr is 0 is dropped. kohya's SDXL LoRA has ONE text_encoder_lr:
-        when te1_lr == te2_lr the two TEs share one group ("textencoder") exactly as kohya; otherwise they get
-        "textencoder 1" and "textencoder 2" groups (as kohya's multi-TE networks do). With block lr weights
-        (argument, else the config's) the U-Net is grouped per block index in order of appearance,
-        lr = unet_lr * weight[block], described "unet_block{idx}".
+        Each part's settings come with the run's defaults filled in (``PartSettings.with_run_defaults``). TE groups
+        come first, then U-Net. Per part a "lora" group and, with a LoRA+ ratio, a "plus" group holding the
+        parameters ``scaled_by_loraplus`` at lr * ratio. A group whose lr is 0 is dropped. kohya's SDXL LoRA has ONE
+        text_encoder_lr: when CLIP-L and CLIP-G have the same settings the two TEs share one group ("textencoder")
+        exactly as kohya; otherwise they get "textencoder 1" and "textencoder 2" groups (as kohya's multi-TE
+        networks do). With block lr weights (argument, else the config's) the U-Net is grouped per block index in
+        order of appearance, lr = unet lr * weight[block], described "unet_block{idx}".
         """
+        for name, part in (("unet", unet), ("clip_l", clip_l), ("clip_g", clip_g)):
+            if part.learning_rate is None:
+                raise ValueError(f"param_groups: {name} has no learning_rate (fill in the run's: with_run_defaults)")
         self.requires_grad_(True)
         groups: list[dict] = []
         descs: list[str] = []
@@ -251,28 +251,27 @@ class AdapterNetwork(torch.nn.Module, Generic[ModuleT]):
                 groups.append({"params": params, "lr": group_lr})
                 descs.append(label + (" plus" if kind == "plus" else ""))
 
-        te_ratio = loraplus_text_encoder_lr_ratio or loraplus_lr_ratio
         te1, te2 = self.te1_loras, self.te2_loras
-        if te1 and te2 and te1_lr != te2_lr:
-            assemble(te1, te1_lr, te_ratio, "textencoder 1")
-            assemble(te2, te2_lr, te_ratio, "textencoder 2")
+        if te1 and te2 and clip_l != clip_g:
+            assemble(te1, clip_l.learning_rate, clip_l.loraplus_lr_ratio, "textencoder 1")
+            assemble(te2, clip_g.learning_rate, clip_g.loraplus_lr_ratio, "textencoder 2")
         elif te1 or te2:
-            assemble(te1 + te2, te1_lr if te1 else te2_lr, te_ratio, "textencoder")
+            te = clip_l if te1 else clip_g
+            assemble(te1 + te2, te.learning_rate, te.loraplus_lr_ratio, "textencoder")
 
-        unet = self.unet_loras
-        unet_ratio = loraplus_unet_lr_ratio or loraplus_lr_ratio
+        unet_loras = self.unet_loras
         weights = (
             block_lr_weight if block_lr_weight is not None else (self.config.block_lr_weight if self.config else None)
         )
-        if unet and weights is not None:
+        if unet_loras and weights is not None:
             weights = parse_block_list(weights, "block_lr_weight", as_int=False)
             by_block: dict[int, list[ModuleT]] = {}
-            for m in unet:
+            for m in unet_loras:
                 by_block.setdefault(m.block_index, []).append(m)
             for idx, block_modules in by_block.items():
-                assemble(block_modules, unet_lr * weights[idx], unet_ratio, f"unet_block{idx}")
-        elif unet:
-            assemble(unet, unet_lr, unet_ratio, "unet")
+                assemble(block_modules, unet.learning_rate * weights[idx], unet.loraplus_lr_ratio, f"unet_block{idx}")
+        elif unet_loras:
+            assemble(unet_loras, unet.learning_rate, unet.loraplus_lr_ratio, "unet")
         return groups, descs
 
     # ------------------------------------------------------------------ max-norm

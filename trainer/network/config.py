@@ -137,6 +137,16 @@ def _opt_float(v, name: str) -> float | None:
 # configuration
 
 
+def rank_dropout_refusal(algo: str, rank_dropout: float | None) -> str | None:
+    """Why ``rank_dropout`` cannot be used with ``algo``, or None. (The Network node asks at queue time too.)"""
+    if algo != "lora" and rank_dropout:
+        return (
+            f"rank_dropout is not supported with algo {algo!r}: LyCORIS draws the mask on the CPU for every layer "
+            "(LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use algo lora."
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """kohya's create_network arguments for SDXL (network_dim/alpha, neuron_dropout and network_args).
@@ -152,6 +162,8 @@ class NetworkConfig:
       here (kohya silently ignores them).
     * ``module_dims`` (from ``from_kohya_state_dict``): exact per-module (name, dim, alpha), like kohya's
       create_network_from_weights; then every other dim field is informational.
+    * block lists may be given as kohya's comma-separated strings; an empty string is None (the node's widgets).
+    * ``conv_alpha`` without a conv LoRA is dropped (None).
     * dropout values of 0 mean off (kohya would still draw a rank mask for rank_dropout=0.0; it has no effect).
     """
 
@@ -181,14 +193,13 @@ class NetworkConfig:
 
         if self.algo not in NETWORK_ALGOS:
             raise ValueError(f"algo must be one of {list(NETWORK_ALGOS)}, got {self.algo!r}")
-        if self.algo != "lora" and self.rank_dropout:
-            raise ValueError(
-                f"rank_dropout is not supported with algo {self.algo!r}: LyCORIS draws the mask on the "
-                "CPU for every layer (LoKr then mixes devices on a GPU). Set rank_dropout to 0, or use "
-                "algo lora."
-            )
+        refusal = rank_dropout_refusal(self.algo, self.rank_dropout)
+        if refusal:
+            raise ValueError(refusal)
         if not isinstance(self.factor, int) or (self.factor != -1 and self.factor < 1):
-            raise ValueError(f"factor must be -1 (auto) or an integer >= 1, got {self.factor!r}")
+            raise ValueError(
+                f"factor (the Network node's lokr_factor) must be -1 (auto) or an integer >= 1, got {self.factor!r}"
+            )
 
         if self.network_alpha is None:
             put("network_alpha", 1.0)
@@ -206,7 +217,10 @@ class NetworkConfig:
             ("conv_block_alphas", False),
             ("block_lr_weight", False),
         ):
-            put(name, parse_block_list(getattr(self, name), name, as_int))
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.strip():
+                value = None  # an empty widget: no per-block values
+            put(name, parse_block_list(value, name, as_int))
         for name in ("block_dims", "conv_block_dims"):
             v = getattr(self, name)
             if v is not None and any(d < 0 for d in v):
@@ -217,6 +231,8 @@ class NetworkConfig:
                 raise ValueError(f"{name} needs block_dims (or block lr weights); kohya would silently ignore it")
         if self.conv_block_alphas is not None and self.conv_block_dims is None:
             raise ValueError("conv_block_alphas needs conv_block_dims; kohya would silently ignore it")
+        if not self.conv_enabled:
+            put("conv_alpha", None)  # no conv LoRA: its alpha means nothing (the node's widget always has a value)
         for name in ("dropout", "rank_dropout", "module_dropout"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v < 1.0:
@@ -358,3 +374,48 @@ class NetworkSetup:
     config: NetworkConfig
     start_from: str = "none"
     initial_weights: Mapping[str, torch.Tensor] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the optimizer settings of one model part
+
+
+#: the model parts a network trains, in the order kohya builds their parameter groups' learning rates from
+MODEL_PARTS = ("unet", "clip_l", "clip_g")
+
+
+@dataclass(frozen=True)
+class PartSettings:
+    """How one model part (U-Net, CLIP-L = lora_te1, CLIP-G = lora_te2) is optimized: one object per part, so a
+    part's learning rate and LoRA+ ratio are never stored twice.
+
+    ``learning_rate``: the part's lr (kohya's unet_lr / text_encoder_lr). None: the run's learning_rate. 0: the
+    part's parameter groups are dropped (kohya), so nothing of it trains.
+    ``loraplus_lr_ratio``: lora_up of this part learns at lr * ratio (kohya's loraplus_unet_lr_ratio /
+    loraplus_text_encoder_lr_ratio). None (or 0, kohya's ``or``): the run's loraplus_lr_ratio.
+    """
+
+    learning_rate: float | None = None
+    loraplus_lr_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "loraplus_lr_ratio"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
+        if self.loraplus_lr_ratio == 0:
+            object.__setattr__(self, "loraplus_lr_ratio", None)
+
+    @classmethod
+    def from_widgets(cls, learning_rate: float = 0.0, loraplus_lr_ratio: float = 0.0) -> PartSettings:
+        """From the train node's widgets, where 0 means "the run's value" (a widget cannot be empty)."""
+        return cls(learning_rate or None, loraplus_lr_ratio or None)
+
+    def with_run_defaults(self, learning_rate: float, loraplus_lr_ratio: float | None) -> PartSettings:
+        """This part with the run's learning_rate / loraplus_lr_ratio filled in where it has none."""
+        return PartSettings(
+            self.learning_rate if self.learning_rate is not None else learning_rate,
+            self.loraplus_lr_ratio if self.loraplus_lr_ratio is not None else loraplus_lr_ratio,
+        )

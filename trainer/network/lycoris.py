@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import AdapterNetwork, MaxNormStats, ModuleT, NetworkT
-from .config import NetworkConfig
+from .config import NetworkConfig, PartSettings
 from .targets import TargetModule
 
 
@@ -119,16 +119,13 @@ class LycorisNetwork(AdapterNetwork[ModuleT]):
 
     def param_groups(
         self,
-        unet_lr: float,
-        te1_lr: float,
-        te2_lr: float,
-        loraplus_lr_ratio: float | None = None,
-        loraplus_unet_lr_ratio: float | None = None,
-        loraplus_text_encoder_lr_ratio: float | None = None,
+        unet: PartSettings,
+        clip_l: PartSettings,
+        clip_g: PartSettings,
         block_lr_weight: Sequence[float] | None = None,
     ) -> tuple[list[dict], list[str]]:
         """AdapterNetwork.param_groups without LoRA+, which raises: it scales lora_up, which LoHa/LoKr do not have
         (LyCORIS's kohya wrapper would silently apply no ratio)."""
-        if loraplus_lr_ratio or loraplus_unet_lr_ratio or loraplus_text_encoder_lr_ratio:
+        if any(part.loraplus_lr_ratio for part in (unet, clip_l, clip_g)):
             raise ValueError("LoRA+ (loraplus_*_lr_ratio) only applies to algo 'lora': LoHa/LoKr have no lora_up")
-        return super().param_groups(unet_lr, te1_lr, te2_lr, block_lr_weight=block_lr_weight)
+        return super().param_groups(unet, clip_l, clip_g, block_lr_weight=block_lr_weight)

@@ -20,12 +20,20 @@ from .resume_state import save_state
 
 @dataclass(frozen=True)
 class CheckpointSettings:
+    """The 'Save Every N & Resume' node's value; every 0 means off."""
+
     save_every_n_steps: int = 0
     save_every_n_epochs: int = 0
     keep_last_n: int = 0  # 0 keeps every intermediate file
     save_state_every_n_steps: int = 0
     save_state_on_cancel: bool = True
-    resume_from: str = ""  # a state folder written by an earlier run
+    resume_from: str = ""  # a state folder written by an earlier run; "" = start fresh
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resume_from", self.resume_from.strip())  # a pasted path often ends in a newline
+        for name in ("save_every_n_steps", "save_every_n_epochs", "keep_last_n", "save_state_every_n_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
 
 @dataclass

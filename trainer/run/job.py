@@ -21,6 +21,7 @@ from ..comfyui import services as comfy_services
 from ..data.dataset import TrainingDataset
 from ..network.config import NetworkSetup
 from .checkpoints import CheckpointSettings, RunArtifacts
+from .config import TrainConfig
 from .events import RunEvents
 from .logs import write_logs, write_tensorboard
 from .loop import LoopState, StepRecord
@@ -35,7 +36,7 @@ from .lora_output import (
 )
 from .previews import PreviewRenderer, PreviewRequest
 from .resume_state import load_state
-from .session import TrainConfig, TrainResult, train
+from .session import TrainResult, train
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
 

@@ -56,6 +56,8 @@ class BatchSource(Protocol):
 
 @dataclass(frozen=True)
 class LoopSettings:
+    """What the loop needs of the run's TrainConfig, resolved for this run (max_train_steps counts the epochs)."""
+
     max_train_steps: int
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping (kohya)

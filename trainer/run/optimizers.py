@@ -24,7 +24,6 @@ from __future__ import annotations
 import ast
 import importlib
 import logging
-import math
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -203,22 +202,14 @@ def canonical_optimizer_type(name: str) -> str:
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """What the user picks for the optimizer. Validated on construction so a bad node input fails before training.
-
-    ``max_grad_norm``: clip the global gradient norm to this before each optimizer step; 0 disables (kohya).
-    """
+    """Which optimizer, with which arguments (kohya's optimizer_type / optimizer_args). Validated on construction so a
+    bad node input fails before training. The learning rate and gradient clipping are the run's (TrainConfig)."""
 
     optimizer_type: str = "AdamW"
-    learning_rate: float = 1e-4
     optimizer_args: str = ""
-    max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
         canonical_optimizer_type(self.optimizer_type)
-        for field_name in ("learning_rate", "max_grad_norm"):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise OptimizerConfigError(f"{field_name} must be a finite number >= 0, got {value!r}")
         parse_optimizer_args(self.optimizer_args)
 
     @property
@@ -311,16 +302,19 @@ def _group_lrs(params: list[Any], default: float) -> set[float]:
     return {item.get("lr", default) for item in params if isinstance(item, dict)} or {default}
 
 
-def build_optimizer(param_groups: Iterable[Any], settings: OptimizerSettings) -> torch.optim.Optimizer:
-    """Build the optimizer kohya's get_optimizer would build for ``settings``.
+def build_optimizer(
+    param_groups: Iterable[Any], settings: OptimizerSettings, learning_rate: float, *, max_grad_norm: float = 0.0
+) -> torch.optim.Optimizer:
+    """Build the optimizer kohya's get_optimizer would build for ``settings`` and the run's ``learning_rate``.
 
     ``param_groups``: tensors, or dicts ``{"params": [...], "lr": ...}`` as kohya's network.prepare_optimizer_params
-    returns them (a group "lr" overrides learning_rate, except for relative-step Adafactor).
+    returns them (a group "lr" overrides learning_rate, except for relative-step Adafactor). ``max_grad_norm``: the
+    run's gradient clipping, only for kohya's Adafactor advice (the loop clips).
     """
     optimizer_type = settings.canonical_type
     kwargs = resolve_optimizer_kwargs(settings)
     params = _materialize_params(param_groups)
-    lr: float | None = settings.learning_rate
+    lr: float | None = learning_rate
     cls = _optimizer_class(optimizer_type)
 
     if optimizer_type == "Prodigy":
@@ -341,7 +335,7 @@ def build_optimizer(param_groups: Iterable[Any], settings: OptimizerSettings) ->
                 logger.warning("Adafactor relative_step: per-network learning rates are ignored")
             lr = None  # transformers refuses a manual lr together with relative_step=True
         else:
-            if settings.max_grad_norm != 0.0:
+            if max_grad_norm != 0.0:
                 logger.warning("Adafactor: max_grad_norm is set so gradients are clipped; consider max_grad_norm=0")
             if kwargs.get("clip_threshold", 1.0) != 1.0:
                 logger.warning("Adafactor: clip_threshold=1.0 is recommended")

@@ -19,7 +19,10 @@ from ..comfyui import training as comfy_training
 
 @dataclass(frozen=True)
 class PreviewSettings:
-    prompts: tuple[str, ...]
+    """What the Sample Previews node asks for. ``prompts``: one per line when given as the node's text (blank lines
+    dropped); checked here so a bad value fails when the node runs, before training."""
+
+    prompts: tuple[str, ...] | str
     negative: str = ""
     every_n_steps: int = 0  # 0: only at the end
     width: int = 1024
@@ -29,6 +32,14 @@ class PreviewSettings:
     sampler_name: str = "euler"
     scheduler: str = "normal"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, str):
+            object.__setattr__(self, "prompts", tuple(p.strip() for p in self.prompts.split("\n") if p.strip()))
+        if not self.prompts:
+            raise ValueError("Sample Previews: write at least one prompt (one per line).")
+        if self.width % 8 or self.height % 8:
+            raise ValueError("Sample Previews: width and height must be multiples of 8.")
 
 
 @dataclass(frozen=True)
@@ -42,10 +53,6 @@ class PreviewRequest:
 
 class PreviewRenderer:
     def __init__(self, settings: PreviewSettings, clip: Any, vae: Any) -> None:
-        if not settings.prompts:
-            raise ValueError("Sample previews need at least one prompt (one per line).")
-        if settings.width % 8 or settings.height % 8:
-            raise ValueError("Preview width and height must be multiples of 8.")
         self.settings = settings
         self.clip = clip
         self.vae = vae

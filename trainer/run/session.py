@@ -20,65 +20,17 @@ from ..comfyui import encoders as comfy_encoders
 from ..comfyui import kernels as comfy_kernels
 from ..comfyui import models as comfy_models
 from ..comfyui import training as comfy_training
-from ..data.bucket_batches import max_train_steps_for_epochs
 from ..data.dataset import TrainingDataset
 from ..network import build_network
 from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
 from ..objective.ddpm_schedule import DDPMSchedule
-from ..objective.loss_weighting import LossSettings
-from ..objective.noise import NoiseSettings
 from .batch_loader import CachedBatchSource, LatentSource, TextSource
+from .config import DTYPES, TrainConfig
 from .events import RunEvents
 from .loop import LoopSettings, LoopState, run
-from .optimizers import OptimizerSettings, build_optimizer, optimizer_eval_mode
+from .optimizers import build_optimizer, optimizer_eval_mode
 from .schedulers import build_scheduler
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRAIN_DTYPES = ("auto", *DTYPES)  # auto: what the training device computes well (comfyui/training.resolve_train_dtype)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The run's settings, with kohya's names and defaults where kohya has them."""
-
-    max_train_steps: int = 1600
-    max_train_epochs: int = 0  # > 0 overrides max_train_steps, as in kohya
-    learning_rate: float = 1e-4
-    unet_lr: float | None = None
-    text_encoder_lr1: float | None = None  # CLIP-L (lora_te1)
-    text_encoder_lr2: float | None = None  # CLIP-G (lora_te2)
-    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: float = 0
-    lr_scheduler_num_cycles: int = 1
-    lr_scheduler_power: float = 1.0
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    scale_weight_norms: float | None = None
-    seed: int = 42
-    train_dtype: str = "fp32"  # or "auto"
-    full_bf16: bool = False
-    gradient_checkpointing: bool = True
-    loraplus_lr_ratio: float | None = None
-    loraplus_unet_lr_ratio: float | None = None
-    loraplus_text_encoder_lr_ratio: float | None = None
-    loss: LossSettings = field(default_factory=LossSettings)
-    noise: NoiseSettings = field(default_factory=NoiseSettings)
-
-    def __post_init__(self) -> None:
-        if self.train_dtype not in TRAIN_DTYPES:
-            raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
-        if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
-            raise ValueError("full_bf16 needs train_dtype bf16")
-
-    def total_steps(self, dataset: TrainingDataset) -> int:
-        """Optimizer steps of the run: max_train_steps, or kohya's count for max_train_epochs when it is set."""
-        if self.max_train_epochs > 0:
-            return max_train_steps_for_epochs(
-                self.max_train_epochs, dataset.num_batches(), self.gradient_accumulation_steps
-            )
-        return self.max_train_steps
 
 
 @dataclass
@@ -190,16 +142,8 @@ def train(
         network = build_network(models.model, models.clip, network_config, config.seed, initial_weights)
         network.to(device, torch.bfloat16 if config.full_bf16 else torch.float32)
         network.train()
-        lr = config.learning_rate
-        groups, group_names = network.param_groups(
-            unet_lr=config.unet_lr if config.unet_lr is not None else lr,
-            te1_lr=config.text_encoder_lr1 if config.text_encoder_lr1 is not None else lr,
-            te2_lr=config.text_encoder_lr2 if config.text_encoder_lr2 is not None else lr,
-            loraplus_lr_ratio=config.loraplus_lr_ratio,
-            loraplus_unet_lr_ratio=config.loraplus_unet_lr_ratio,
-            loraplus_text_encoder_lr_ratio=config.loraplus_text_encoder_lr_ratio,
-        )
-        optimizer = build_optimizer(groups, replace(config.optimizer, learning_rate=lr))
+        groups, group_names = network.param_groups(**config.part_settings())
+        optimizer = build_optimizer(groups, config.optimizer, config.learning_rate, max_grad_norm=config.max_grad_norm)
         scheduler = build_scheduler(
             optimizer,
             config.lr_scheduler,
@@ -207,7 +151,7 @@ def train(
             warmup_steps=config.lr_warmup_steps,
             num_cycles=config.lr_scheduler_num_cycles,
             power=config.lr_scheduler_power,
-            initial_lr=lr,
+            initial_lr=config.learning_rate,
         )
         scaler = torch.amp.GradScaler(device.type) if train_dtype == "fp16" else None
         state = None

@@ -17,11 +17,11 @@ import training_fixtures as tf
 from test_lora_loads_in_comfy import all_forward_hooks, parts, run_clip, run_unet, same_weights, snapshot, unet_inputs
 
 from sdxl_lora_trainer.trainer.network import network_class
-from sdxl_lora_trainer.trainer.network.config import NETWORK_ALGOS, NetworkConfig
+from sdxl_lora_trainer.trainer.network.config import NETWORK_ALGOS, NetworkConfig, PartSettings
 from sdxl_lora_trainer.trainer.network.loha import LohaNetwork
 from sdxl_lora_trainer.trainer.network.lokr import LokrNetwork
 from sdxl_lora_trainer.trainer.network.lycoris import LycorisNetwork, is_lycoris_state_dict
-from sdxl_lora_trainer.trainer.run.session import TrainConfig
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
 
 ALGOS = ["loha", "lokr"]
 WEIGHT_PREFIX = {"loha": "hada_", "lokr": "lokr_"}
@@ -146,11 +146,11 @@ def test_file_loads_in_comfyui_and_matches_hooks(tiny, caplog, algo):
 def test_max_norm_and_param_groups(tiny, algo):
     model, clip, _ = tiny
     net = randomise(network_class(algo).build(*parts(model, clip), config(algo), torch.Generator().manual_seed(0)), 2)
-    groups, names = net.param_groups(unet_lr=1e-3, te1_lr=1e-4, te2_lr=1e-4)
+    groups, names = net.param_groups(PartSettings(1e-3), PartSettings(1e-4), PartSettings(1e-4))
     assert names == ["textencoder", "unet"] and [g["lr"] for g in groups] == [1e-4, 1e-3]
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
     with pytest.raises(ValueError, match="LoRA\\+"):
-        net.param_groups(1e-3, 1e-4, 1e-4, loraplus_lr_ratio=4.0)
+        net.param_groups(PartSettings(1e-3, 4.0), PartSettings(1e-4), PartSettings(1e-4))
     before = net.state_dict_kohya()
     keys, mean, biggest = net.apply_max_norm(1e-3).read()
     assert keys == len(net.loras) and 0 < mean <= biggest <= 1e-3 * (1 + 1e-4)

@@ -17,11 +17,11 @@ import torch
 import training_fixtures as tf
 
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
-from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.network.config import NetworkConfig, PartSettings
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
 from sdxl_lora_trainer.trainer.run.optimizers import OptimizerSettings
-from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 one_thread = tf.one_thread
@@ -166,7 +166,8 @@ def test_timesteps_stay_in_min_max_range(pair, monkeypatch):
 @pytest.mark.parametrize("learning_rate,unet_lr,expected", [(1e-3, None, 1e-3), (3e-3, None, 3e-3), (1e-3, 4e-4, 4e-4)])
 def test_learning_rate_and_unet_lr_set_the_step_size(learning_rate, unet_lr, expected, singles):
     # AdamW's first step moves each parameter by lr * g / (|g| + eps): lora_up starts at 0, so max |lora_up| = lr
-    result = tf.run_train(*singles, NET, TrainConfig(max_train_steps=1, learning_rate=learning_rate, unet_lr=unet_lr))
+    config = TrainConfig(max_train_steps=1, learning_rate=learning_rate, unet=PartSettings(learning_rate=unet_lr))
+    result = tf.run_train(*singles, NET, config)
     assert max_abs_up(result.network) == pytest.approx(expected, rel=1e-4)
     assert result.state.history[0].lr == pytest.approx(expected)
 

@@ -22,7 +22,8 @@ from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.objective.ddpm_schedule import DDPMSchedule
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
-from sdxl_lora_trainer.trainer.run.session import ComfyDenoiser, TrainConfig
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
+from sdxl_lora_trainer.trainer.run.session import ComfyDenoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 one_thread = tf.one_thread

@@ -21,10 +21,10 @@ from sdxl_lora_trainer.trainer.comfyui import encoders as comfy_encoders
 from sdxl_lora_trainer.trainer.comfyui import models as comfy_models
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
 from sdxl_lora_trainer.trainer.network import build_network
-from sdxl_lora_trainer.trainer.network.config import NetworkConfig
+from sdxl_lora_trainer.trainer.network.config import NetworkConfig, PartSettings
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
 from sdxl_lora_trainer.trainer.run.loop import TrainingDiverged
-from sdxl_lora_trainer.trainer.run.session import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 one_thread = tf.one_thread
@@ -284,7 +284,12 @@ def test_text_encoder_training_gets_gradients_and_leaves_clip_unchanged(monkeypa
     with torch.inference_mode():
         before = comfy_encoders.encode_text(clip, "a red cube")
     cap = tf.Capture(monkeypatch)
-    lrs = {"learning_rate": 1e-3, "unet_lr": 1e-3, "text_encoder_lr1": 2e-4, "text_encoder_lr2": 3e-4}
+    lrs = {
+        "learning_rate": 1e-3,
+        "unet": PartSettings(learning_rate=1e-3),
+        "clip_l": PartSettings(learning_rate=2e-4),
+        "clip_g": PartSettings(learning_rate=3e-4),
+    }
     result = tf.run_train(
         ds,
         lat,

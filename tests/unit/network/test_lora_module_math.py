@@ -9,7 +9,12 @@ import re
 import pytest
 import torch
 
-from sdxl_lora_trainer.trainer.network.config import NetworkConfig, block_lr_weight_from_kohya, parse_block_list
+from sdxl_lora_trainer.trainer.network.config import (
+    NetworkConfig,
+    PartSettings,
+    block_lr_weight_from_kohya,
+    parse_block_list,
+)
 from sdxl_lora_trainer.trainer.network.lora import LoRAModule, LoRANetwork
 from sdxl_lora_trainer.trainer.network.targets import sdxl_block_index
 
@@ -365,27 +370,38 @@ def _ids(group):
     return [id(p) for p in group["params"]]
 
 
+def lrs(learning_rate: float, loraplus_lr_ratio: float | None = None) -> PartSettings:
+    return PartSettings(learning_rate, loraplus_lr_ratio)
+
+
 def test_param_groups_like_kohya():
     net = _toy_network()
     te1, te2, u1, u2 = net.loras
-    groups, descs = net.param_groups(1e-4, 5e-5, 5e-5)
+    groups, descs = net.param_groups(lrs(1e-4), lrs(5e-5), lrs(5e-5))
     assert descs == ["textencoder", "unet"]
     assert [g["lr"] for g in groups] == [5e-5, 1e-4]
     assert _ids(groups[0]) == [id(p) for lora in (te1, te2) for p in (lora.lora_down.weight, lora.lora_up.weight)]
 
-    groups, descs = net.param_groups(1e-4, 5e-5, 5e-5, loraplus_lr_ratio=16, loraplus_text_encoder_lr_ratio=4)
+    groups, descs = net.param_groups(lrs(1e-4, 16), lrs(5e-5, 4), lrs(5e-5, 4))
     assert descs == ["textencoder", "textencoder plus", "unet", "unet plus"]
     assert [g["lr"] for g in groups] == [5e-5, 5e-5 * 4, 1e-4, 1e-4 * 16]
     assert _ids(groups[1]) == [id(te1.lora_up.weight), id(te2.lora_up.weight)]
     assert _ids(groups[2]) == [id(u1.lora_down.weight), id(u2.lora_down.weight)]
 
-    groups, descs = net.param_groups(1e-4, 5e-5, 0.0)  # different TE lrs: split; lr 0 drops the group
+    groups, descs = net.param_groups(lrs(1e-4), lrs(5e-5), lrs(0.0))  # different TE lrs: split; lr 0 drops the group
     assert descs == ["textencoder 1", "unet"]
+
+    groups, descs = net.param_groups(lrs(1e-4), lrs(5e-5), lrs(5e-5, 4))  # different TE LoRA+ ratios: split too
+    assert descs == ["textencoder 1", "textencoder 2", "textencoder 2 plus", "unet"]
+    assert [g["lr"] for g in groups] == [5e-5, 5e-5, 5e-5 * 4, 1e-4]
+
+    with pytest.raises(ValueError, match="unet has no learning_rate"):
+        net.param_groups(PartSettings(), lrs(5e-5), lrs(5e-5))
 
     weights = [1.0] * 23
     weights[5] = 0.5
     weights[15] = 0.0  # output_blocks_2 -> block 15
-    groups, descs = net.param_groups(1e-4, 5e-5, 5e-5, block_lr_weight=weights)
+    groups, descs = net.param_groups(lrs(1e-4), lrs(5e-5), lrs(5e-5), block_lr_weight=weights)
     assert descs == ["textencoder", "unet_block5"]  # block 15 has lr 0 -> dropped
     assert groups[1]["lr"] == 1e-4 * 0.5 and _ids(groups[1]) == [id(u1.lora_down.weight), id(u1.lora_up.weight)]
     assert all(p.requires_grad for p in net.parameters())

@@ -138,19 +138,15 @@ def test_parse_rejects_duplicates_and_reserved_keys():
 
 
 def test_settings_validate_eagerly():
-    with pytest.raises(OptimizerConfigError, match="learning_rate"):
-        OptimizerSettings(learning_rate=-1.0)
-    with pytest.raises(OptimizerConfigError, match="max_grad_norm"):
-        OptimizerSettings(max_grad_norm=float("nan"))
     with pytest.raises(OptimizerConfigError, match="'oops'"):
         OptimizerSettings(optimizer_args="oops")
     with pytest.raises(OptimizerConfigError, match="unknown optimizer_type"):
         OptimizerSettings(optimizer_type="Adam9000")
-    settings = OptimizerSettings("adamw8BIT", 1e-4, "weight_decay=0.1")
+    settings = OptimizerSettings("adamw8BIT", "weight_decay=0.1")
     assert settings.canonical_type == "AdamW8bit"
     assert settings.kwargs == {"weight_decay": 0.1}
     with pytest.raises(dataclasses.FrozenInstanceError):
-        settings.learning_rate = 1.0  # frozen
+        settings.optimizer_type = "Lion"  # frozen
 
 
 def test_unknown_optimizer_lists_choices():
@@ -181,7 +177,7 @@ def test_names_are_case_insensitive(given, expected):
 
 def test_adamw_args_reach_param_groups_and_step():
     p = tiny_param()
-    opt = build_optimizer([p], OptimizerSettings("AdamW", 1e-3, "weight_decay=0.123 betas=0.8,0.95 eps=1e-6"))
+    opt = build_optimizer([p], OptimizerSettings("AdamW", "weight_decay=0.123 betas=0.8,0.95 eps=1e-6"), 1e-3)
     assert type(opt) is torch.optim.AdamW
     group = opt.param_groups[0]
     assert group["lr"] == 1e-3
@@ -195,25 +191,25 @@ def test_adamw_args_reach_param_groups_and_step():
 def test_adamw_per_group_lrs_are_kept_and_caller_dicts_untouched():
     a, b = tiny_param(), tiny_param()
     groups = [{"params": [a], "lr": 1e-4}, {"params": [b]}]
-    opt = build_optimizer(groups, OptimizerSettings("AdamW", 3e-4))
+    opt = build_optimizer(groups, OptimizerSettings("AdamW"), 3e-4)
     assert [g["lr"] for g in opt.param_groups] == [1e-4, 3e-4]
     assert groups == [{"params": [a], "lr": 1e-4}, {"params": [b]}]
 
 
 def test_unknown_kwarg_is_a_clear_error():
     with pytest.raises(OptimizerConfigError, match="bogus_arg"):
-        build_optimizer([tiny_param()], OptimizerSettings("AdamW", 1e-3, "bogus_arg=1"))
+        build_optimizer([tiny_param()], OptimizerSettings("AdamW", "bogus_arg=1"), 1e-3)
 
 
 def test_empty_params_rejected():
     with pytest.raises(OptimizerConfigError, match="no trainable parameters"):
-        build_optimizer([], OptimizerSettings("AdamW"))
+        build_optimizer([], OptimizerSettings("AdamW"), 1e-4)
 
 
 def test_lion_is_sign_update_with_args():
     lion_pytorch = pytest.importorskip("lion_pytorch", reason="pip install lion-pytorch")
     p = tiny_param()
-    opt = build_optimizer([p], OptimizerSettings("lion", 0.01, "betas=(0.95, 0.98) weight_decay=0.0"))
+    opt = build_optimizer([p], OptimizerSettings("lion", "betas=(0.95, 0.98) weight_decay=0.0"), 0.01)
     assert type(opt) is lion_pytorch.Lion
     assert opt.param_groups[0]["betas"] == (0.95, 0.98)
     assert opt.param_groups[0]["weight_decay"] == 0.0
@@ -224,7 +220,7 @@ def test_lion_is_sign_update_with_args():
 
 def test_lion_weight_decay_reaches_optimizer():
     pytest.importorskip("lion_pytorch", reason="pip install lion-pytorch")
-    opt = build_optimizer([tiny_param()], OptimizerSettings("Lion", 1e-4, "weight_decay=0.25"))
+    opt = build_optimizer([tiny_param()], OptimizerSettings("Lion", "weight_decay=0.25"), 1e-4)
     assert opt.param_groups[0]["weight_decay"] == 0.25  # lion default is 0.0
 
 
@@ -234,8 +230,9 @@ def test_prodigy_args_and_step():
     opt = build_optimizer(
         [p],
         OptimizerSettings(
-            "Prodigy", 1.0, "d_coef=2.0 weight_decay=0.01 decouple=False use_bias_correction=True safeguard_warmup=True"
+            "Prodigy", "d_coef=2.0 weight_decay=0.01 decouple=False use_bias_correction=True safeguard_warmup=True"
         ),
+        1.0,
     )
     assert type(opt) is prodigyopt.Prodigy
     group = opt.param_groups[0]
@@ -251,7 +248,7 @@ def test_prodigy_args_and_step():
 def test_adamw_schedulefree_train_eval_and_args():
     schedulefree = pytest.importorskip("schedulefree", reason="pip install schedulefree")
     p = tiny_param()
-    opt = build_optimizer([p], OptimizerSettings("AdamWScheduleFree", 0.05, "warmup_steps=3 betas=(0.85, 0.99)"))
+    opt = build_optimizer([p], OptimizerSettings("AdamWScheduleFree", "warmup_steps=3 betas=(0.85, 0.99)"), 0.05)
     assert type(opt) is schedulefree.AdamWScheduleFree
     assert is_schedule_free(opt)
     group = opt.param_groups[0]
@@ -272,7 +269,7 @@ def test_adamw_schedulefree_train_eval_and_args():
 
 def test_mode_helpers_are_noops_for_plain_optimizers():
     p = tiny_param()
-    opt = build_optimizer([p], OptimizerSettings("AdamW", 1e-3))
+    opt = build_optimizer([p], OptimizerSettings("AdamW"), 1e-3)
     assert not is_schedule_free(opt)
     before = p.detach().clone()
     optimizer_eval_mode(opt)
@@ -285,8 +282,8 @@ def test_adafactor_default_is_relative_step_with_lr_none():
 
     p = torch.nn.Parameter(torch.full((2, 3), 2.0))
     groups = [{"params": [p], "lr": 5e-4}]
-    settings = OptimizerSettings("Adafactor", 1e-3)
-    opt = build_optimizer(groups, settings)
+    settings = OptimizerSettings("Adafactor")
+    opt = build_optimizer(groups, settings, 1e-3)
     assert type(opt) is Adafactor
     assert opt.defaults["relative_step"] is True and opt.defaults["lr"] is None
     assert opt.param_groups[0]["lr"] is None  # kohya drops per-group lrs for relative_step
@@ -306,7 +303,7 @@ def test_adafactor_default_is_relative_step_with_lr_none():
 
 
 def test_adafactor_warmup_init_forces_relative_step():
-    opt = build_optimizer([tiny_param()], OptimizerSettings("Adafactor", 0.0, "relative_step=False warmup_init=True"))
+    opt = build_optimizer([tiny_param()], OptimizerSettings("Adafactor", "relative_step=False warmup_init=True"), 0.0)
     assert opt.defaults["relative_step"] is True and opt.defaults["warmup_init"] is True
     assert opt.defaults["lr"] is None
 
@@ -316,7 +313,7 @@ def test_adafactor_manual_lr_path():
 
     p = tiny_param()
     opt = build_optimizer(
-        [p], OptimizerSettings("Adafactor", 2e-4, "relative_step=False scale_parameter=False warmup_init=False")
+        [p], OptimizerSettings("Adafactor", "relative_step=False scale_parameter=False warmup_init=False"), 2e-4
     )
     assert type(opt) is Adafactor
     assert opt.param_groups[0]["lr"] == 2e-4
@@ -332,25 +329,35 @@ def test_adafactor_manual_lr_path():
     assert not torch.equal(before, p.detach())
 
 
+def test_adafactor_manual_lr_advises_against_clipping(caplog):
+    manual = OptimizerSettings("Adafactor", "relative_step=False scale_parameter=False warmup_init=False")
+    with caplog.at_level("WARNING"):
+        build_optimizer([tiny_param()], manual, 2e-4, max_grad_norm=0.0)
+    assert "max_grad_norm" not in caplog.text
+    with caplog.at_level("WARNING"):
+        build_optimizer([tiny_param()], manual, 2e-4, max_grad_norm=1.0)
+    assert "Adafactor: max_grad_norm is set" in caplog.text
+
+
 def test_adafactor_schedule_rejects_warmup_and_wrong_optimizer():
-    opt = build_optimizer([tiny_param()], OptimizerSettings("Adafactor", 1e-3))
+    opt = build_optimizer([tiny_param()], OptimizerSettings("Adafactor"), 1e-3)
     with pytest.raises(OptimizerConfigError, match="warmup steps to 0"):
         build_scheduler(opt, "constant_with_warmup", 100, 10)
-    adamw = build_optimizer([tiny_param()], OptimizerSettings("AdamW", 1e-3))
+    adamw = build_optimizer([tiny_param()], OptimizerSettings("AdamW"), 1e-3)
     with pytest.raises(OptimizerConfigError, match="relative_step=True"):
         build_scheduler(adamw, "adafactor", 100)
 
 
 def test_metadata_name_like_kohya():
-    opt = build_optimizer([tiny_param()], OptimizerSettings("AdamW", 1e-3, "weight_decay=0.1 betas=0.9,0.99"))
-    name = optimizer_metadata_name(opt, OptimizerSettings("AdamW", 1e-3, "weight_decay=0.1 betas=0.9,0.99"))
+    opt = build_optimizer([tiny_param()], OptimizerSettings("AdamW", "weight_decay=0.1 betas=0.9,0.99"), 1e-3)
+    name = optimizer_metadata_name(opt, OptimizerSettings("AdamW", "weight_decay=0.1 betas=0.9,0.99"))
     assert name == "torch.optim.adamw.AdamW(weight_decay=0.1,betas=(0.9, 0.99))"
-    ada = OptimizerSettings("Adafactor", 1e-3)
-    assert optimizer_metadata_name(build_optimizer([tiny_param()], ada), ada) == (
+    ada = OptimizerSettings("Adafactor")
+    assert optimizer_metadata_name(build_optimizer([tiny_param()], ada, 1e-3), ada) == (
         "transformers.optimization.Adafactor(relative_step=True)"
     )
-    plain = OptimizerSettings("AdamW", 1e-3)
-    assert optimizer_metadata_name(build_optimizer([tiny_param()], plain), plain) == "torch.optim.adamw.AdamW"
+    plain = OptimizerSettings("AdamW")
+    assert optimizer_metadata_name(build_optimizer([tiny_param()], plain, 1e-3), plain) == "torch.optim.adamw.AdamW"
 
 
 @pytest.mark.parametrize(
@@ -364,7 +371,7 @@ def test_metadata_name_like_kohya():
 def test_missing_package_says_what_to_install(monkeypatch, optimizer_type, module, pip_name):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(OptimizerUnavailableError) as info:
-        build_optimizer([tiny_param()], OptimizerSettings(optimizer_type, 1e-3))
+        build_optimizer([tiny_param()], OptimizerSettings(optimizer_type), 1e-3)
     assert f"pip install {pip_name} into ComfyUI's Python" in str(info.value)
     assert sys.executable in str(info.value)
 
@@ -376,7 +383,7 @@ def test_missing_package_says_what_to_install(monkeypatch, optimizer_type, modul
 def test_8bit_without_cuda_is_a_clear_error(monkeypatch, optimizer_type):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(OptimizerUnavailableError) as info:
-        build_optimizer([tiny_param()], OptimizerSettings(optimizer_type, 1e-3))
+        build_optimizer([tiny_param()], OptimizerSettings(optimizer_type), 1e-3)
     message = str(info.value)
     assert "needs an NVIDIA GPU with CUDA" in message and "Choose AdamW" in message
 
@@ -386,7 +393,7 @@ def test_8bit_without_bitsandbytes_is_a_clear_error(monkeypatch, optimizer_type)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(OptimizerUnavailableError) as info:
-        build_optimizer([tiny_param()], OptimizerSettings(optimizer_type, 1e-3))
+        build_optimizer([tiny_param()], OptimizerSettings(optimizer_type), 1e-3)
     assert "pip install bitsandbytes into ComfyUI's Python" in str(info.value)
 
 
@@ -396,7 +403,7 @@ def test_8bit_constructs_and_steps_on_cuda(optimizer_type):
     import bitsandbytes as bnb
 
     p = torch.nn.Parameter(torch.randn(64, 64, device="cuda"))  # >= 4096 elements so the 8-bit state is used
-    opt = build_optimizer([p], OptimizerSettings(optimizer_type, 1e-3, "weight_decay=0.07 betas=(0.85, 0.97)"))
+    opt = build_optimizer([p], OptimizerSettings(optimizer_type, "weight_decay=0.07 betas=(0.85, 0.97)"), 1e-3)
     assert type(opt) is getattr(bnb.optim, optimizer_type)
     assert opt.param_groups[0]["weight_decay"] == 0.07 and opt.param_groups[0]["betas"] == (0.85, 0.97)
     before = p.detach().clone()
@@ -581,7 +588,7 @@ def test_scheduler_rejects_bad_max_steps():
 def test_schedule_free_gets_constant_dummy_scheduler():
     pytest.importorskip("schedulefree", reason="pip install schedulefree")
     p = tiny_param()
-    opt = build_optimizer([p], OptimizerSettings("AdamWScheduleFree", 0.02))
+    opt = build_optimizer([p], OptimizerSettings("AdamWScheduleFree"), 0.02)
     sched = build_scheduler(opt, "cosine", 10, 3)
     assert type(sched) is ScheduleFreeDummyScheduler
     for _ in range(5):

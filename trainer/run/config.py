@@ -1,0 +1,83 @@
+"""The run's settings: one frozen object the train node builds and the session reads; each setting lives here once.
+
+The optimizer's type and arguments are in OptimizerSettings, the per-part learning rates and LoRA+ ratios in one
+PartSettings per model part, the loss and noise options in LossSettings / NoiseSettings; the learning rate and the
+gradient clipping are the run's own fields (the optimizer builder and the loop receive them, they keep no copy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.bucket_batches import max_train_steps_for_epochs
+from ..data.dataset import TrainingDataset
+from ..network.config import PartSettings
+from ..objective.loss_weighting import LossSettings
+from ..objective.noise import NoiseSettings
+from .optimizers import OptimizerSettings
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAIN_DTYPES = ("auto", *DTYPES)  # auto: what the training device computes well (comfyui/training.resolve_train_dtype)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run's settings, with kohya's names and defaults where kohya has them.
+
+    ``learning_rate`` / ``loraplus_lr_ratio``: the run's values, used by every model part that sets none of its own
+    (``unet``, ``clip_l``, ``clip_g``: kohya's unet_lr, text_encoder_lr and loraplus_*_lr_ratio per part).
+    ``max_grad_norm``: clip the global gradient norm to this before each optimizer step; 0 disables (kohya).
+    """
+
+    max_train_steps: int = 1600
+    max_train_epochs: int = 0  # > 0 overrides max_train_steps, as in kohya
+    learning_rate: float = 1e-4
+    loraplus_lr_ratio: float | None = None
+    unet: PartSettings = field(default_factory=PartSettings)
+    clip_l: PartSettings = field(default_factory=PartSettings)  # lora_te1
+    clip_g: PartSettings = field(default_factory=PartSettings)  # lora_te2
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: float = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    scale_weight_norms: float | None = None
+    seed: int = 42
+    train_dtype: str = "fp32"  # or "auto"
+    full_bf16: bool = False
+    gradient_checkpointing: bool = True
+    loss: LossSettings = field(default_factory=LossSettings)
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("loraplus_lr_ratio", "scale_weight_norms"):
+            if getattr(self, name) == 0:  # kohya's ``or`` / the node's "0 = off": no ratio, no max-norm
+                object.__setattr__(self, name, None)
+        if self.train_dtype not in TRAIN_DTYPES:
+            raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
+        if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
+            raise ValueError("full_bf16 needs train_dtype bf16")
+
+    def part_settings(self) -> dict[str, PartSettings]:
+        """Each model part's settings with the run's learning_rate / loraplus_lr_ratio where it sets none."""
+        return {
+            name: getattr(self, name).with_run_defaults(self.learning_rate, self.loraplus_lr_ratio)
+            for name in ("unet", "clip_l", "clip_g")
+        }
+
+    def total_steps(self, dataset: TrainingDataset) -> int:
+        """Optimizer steps of the run: max_train_steps, or kohya's count for max_train_epochs when it is set."""
+        if self.max_train_epochs > 0:
+            return max_train_steps_for_epochs(
+                self.max_train_epochs, dataset.num_batches(), self.gradient_accumulation_steps
+            )
+        return self.max_train_steps

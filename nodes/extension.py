@@ -9,6 +9,8 @@ NODE_MODULES: tuple[str, ...] = (
     "objective_node",
     "run_options_nodes",
     "train_node",
+    "train_settings_node",
+    "kohya_nodes",
 )
 
 

@@ -15,6 +15,7 @@ from ..trainer.data.sources import ScanResult
 from ..trainer.network.config import NetworkSetup
 from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.run.checkpoints import CheckpointSettings
+from ..trainer.run.config import TrainSettings
 from ..trainer.run.previews import PreviewRequest
 
 
@@ -72,3 +73,10 @@ class PreviewsSocket(io.ComfyTypeIO):
     """Sample preview prompts and sampler settings, with the CLIP and VAE to render them."""
 
     Type = PreviewRequest
+
+
+@io.comfytype(io_type="SDXL_LORA_TRAIN_SETTINGS")
+class TrainSettingsSocket(io.ComfyTypeIO):
+    """The run's training settings (steps, learning rates, optimizer, schedule, precision, seed)."""
+
+    Type = TrainSettings

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from comfy_api.latest import io
 
 from ..trainer.comfyui import sampling as comfy_sampling
 from ..trainer.network.config import PartSettings
+from ..trainer.objective.batch_loss import ObjectiveSettings
+from ..trainer.objective.loss_weighting import LossSettings
+from ..trainer.objective.noise import NoiseSettings
 from ..trainer.report_images import loss_graph_image
 from ..trainer.run.config import TRAIN_DTYPES, TrainConfig
 from ..trainer.run.job import TrainJob
@@ -22,7 +27,83 @@ from .sockets import (
     ObjectiveSocket,
     PreviewsSocket,
     TextCacheSocket,
+    TrainSettingsSocket,
 )
+
+#: the Train node's widgets that make up the run's TrainConfig (the 'Train Settings' node offers the same ones)
+TRAINING_WIDGETS = (
+    "max_train_steps",
+    "max_train_epochs",
+    "learning_rate",
+    "unet_lr",
+    "clip_l_lr",
+    "clip_g_lr",
+    "optimizer",
+    "optimizer_args",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_scheduler_num_cycles",
+    "lr_scheduler_power",
+    "gradient_accumulation_steps",
+    "max_grad_norm",
+    "scale_weight_norms",
+    "seed",
+    "train_dtype",
+    "full_bf16",
+    "gradient_checkpointing",
+)
+
+
+def train_config_from_widgets(
+    *,
+    max_train_steps: int,
+    max_train_epochs: int,
+    learning_rate: float,
+    unet_lr: float,
+    clip_l_lr: float,
+    clip_g_lr: float,
+    optimizer: str,
+    optimizer_args: str,
+    lr_scheduler: str,
+    lr_warmup_steps: float,
+    lr_scheduler_num_cycles: int,
+    lr_scheduler_power: float,
+    gradient_accumulation_steps: int,
+    max_grad_norm: float,
+    scale_weight_norms: float,
+    seed: int,
+    train_dtype: str,
+    full_bf16: bool,
+    gradient_checkpointing: bool,
+) -> TrainConfig:
+    """The run's settings from the training widgets (loss and noise options come from the objective input)."""
+    return TrainConfig(
+        max_train_steps=max_train_steps,
+        max_train_epochs=max_train_epochs,
+        learning_rate=learning_rate,
+        unet=PartSettings.from_widgets(learning_rate=unet_lr),
+        clip_l=PartSettings.from_widgets(learning_rate=clip_l_lr),
+        clip_g=PartSettings.from_widgets(learning_rate=clip_g_lr),
+        optimizer=OptimizerSettings(optimizer, optimizer_args),
+        lr_scheduler=lr_scheduler,
+        lr_warmup_steps=int(lr_warmup_steps) if lr_warmup_steps >= 1 else lr_warmup_steps,
+        lr_scheduler_num_cycles=lr_scheduler_num_cycles,
+        lr_scheduler_power=lr_scheduler_power,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        max_grad_norm=max_grad_norm,
+        scale_weight_norms=scale_weight_norms,
+        seed=seed,
+        train_dtype=train_dtype,
+        full_bf16=full_bf16,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def with_objective(config: TrainConfig, objective: ObjectiveSettings | None) -> TrainConfig:
+    """``config`` with the loss and noise options of the objective input (kohya's defaults when unconnected)."""
+    if objective is None:
+        return replace(config, loss=LossSettings(), noise=NoiseSettings())
+    return replace(config, loss=objective.loss, noise=objective.noise)
 
 
 class TrainLora(io.ComfyNode):
@@ -200,6 +281,13 @@ class TrainLora(io.ComfyNode):
                 ),
                 CheckpointingSocket.Input("checkpointing", optional=True, tooltip="From 'Save Every N & Resume'."),
                 PreviewsSocket.Input("previews", optional=True, tooltip="From 'Sample Previews'."),
+                TrainSettingsSocket.Input(
+                    "train_settings",
+                    optional=True,
+                    tooltip="From 'Train Settings' or 'Import kohya Config': when connected, these are the run's "
+                    "training settings and this node's training widgets (max_train_steps ... gradient_checkpointing) "
+                    "are not used; the report says so.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
@@ -267,31 +355,33 @@ class TrainLora(io.ComfyNode):
         objective=None,
         checkpointing=None,
         previews=None,
+        train_settings=None,
     ) -> io.NodeOutput:
-        extra = {}
-        if objective is not None:
-            extra = {"loss": objective.loss, "noise": objective.noise}
-        config = TrainConfig(
-            max_train_steps=max_train_steps,
-            max_train_epochs=max_train_epochs,
-            learning_rate=learning_rate,
-            unet=PartSettings.from_widgets(learning_rate=unet_lr),
-            clip_l=PartSettings.from_widgets(learning_rate=clip_l_lr),
-            clip_g=PartSettings.from_widgets(learning_rate=clip_g_lr),
-            optimizer=OptimizerSettings(optimizer, optimizer_args),
-            lr_scheduler=lr_scheduler,
-            lr_warmup_steps=int(lr_warmup_steps) if lr_warmup_steps >= 1 else lr_warmup_steps,
-            lr_scheduler_num_cycles=lr_scheduler_num_cycles,
-            lr_scheduler_power=lr_scheduler_power,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            max_grad_norm=max_grad_norm,
-            scale_weight_norms=scale_weight_norms,
-            seed=seed,
-            train_dtype=train_dtype,
-            full_bf16=full_bf16,
-            gradient_checkpointing=gradient_checkpointing,
-            **extra,
-        )
+        if train_settings is not None:
+            config = train_settings.config
+        else:
+            config = train_config_from_widgets(
+                max_train_steps=max_train_steps,
+                max_train_epochs=max_train_epochs,
+                learning_rate=learning_rate,
+                unet_lr=unet_lr,
+                clip_l_lr=clip_l_lr,
+                clip_g_lr=clip_g_lr,
+                optimizer=optimizer,
+                optimizer_args=optimizer_args,
+                lr_scheduler=lr_scheduler,
+                lr_warmup_steps=lr_warmup_steps,
+                lr_scheduler_num_cycles=lr_scheduler_num_cycles,
+                lr_scheduler_power=lr_scheduler_power,
+                gradient_accumulation_steps=gradient_accumulation_steps,
+                max_grad_norm=max_grad_norm,
+                scale_weight_norms=scale_weight_norms,
+                seed=seed,
+                train_dtype=train_dtype,
+                full_bf16=full_bf16,
+                gradient_checkpointing=gradient_checkpointing,
+            )
+        config = with_objective(config, objective)
         out = OutputSettings(
             name=output_name, subfolder=output_subfolder, save_precision=save_precision, overwrite=overwrite
         )
@@ -313,6 +403,9 @@ class TrainLora(io.ComfyNode):
             loss_graph_image([r.step for r in history], [r.loss for r in history], [r.lr for r in history])
         )
         images = result.previews if result.previews is not None else torch.zeros(1, 64, 64, 3)
+        report = result.report
+        if train_settings is not None:
+            report += f"\ntraining settings from {train_settings.source} (this node's training widgets were not used)"
         return io.NodeOutput(
             model_out,
             clip_out if clip is not None else None,
@@ -320,9 +413,9 @@ class TrainLora(io.ComfyNode):
             result.saved.lora_name,
             {"loss": [r.loss for r in history]},
             graph,
-            result.report,
+            report,
             images,
-            ui={"text": [result.report]},
+            ui={"text": [report]},
         )
 
 

@@ -80,7 +80,7 @@ def dataset_from_scan(
 ) -> TrainingDataset:
     """One dataset from a folder / metadata / graph-images scan, with one set of options for all images."""
     registered = register_items(scan)
-    part = bucket_images(registered, settings, batch_size, caption_options, flip_aug, true_crop)
+    part = bucket_images(registered, settings, batch_size, caption_options, flip_aug, true_crop, scan.items)
     return training_dataset([part], [registered], seed)
 
 
@@ -127,7 +127,9 @@ def dataset_from_toml(
         options = {sub.index: caption_options_from_kohya(sub.params) for sub in ds.subsets}
         flips = {sub.index: bool(sub.params.get("flip_aug")) for sub in ds.subsets}
         part_scan = register_items(ScanResult(items=items), dreambooth=ds.is_dreambooth)
-        parts.append(bucket_images(part_scan, settings, int(b["batch_size"]), options, flips, true_crop))
+        parts.append(
+            bucket_images(part_scan, settings, int(b["batch_size"]), options, flips, true_crop, items, ds.is_dreambooth)
+        )
         scans.append(part_scan)
     scans.append(ScanResult(skipped=scan.skipped, warnings=scan.warnings))
     return training_dataset(parts, scans, seed), config

@@ -21,6 +21,10 @@ from .captions import CaptionOptions
 from .size_conditioning import SizeConditioning, size_conditioning
 from .sources import DatasetItem, ScanResult
 
+#: a kohya subset option: one value for the whole dataset, or one per DatasetItem.subset_index (a TOML's subsets)
+OptionsBySubset = CaptionOptions | Mapping[int, CaptionOptions]
+FlipBySubset = bool | Mapping[int, bool]
+
 
 @dataclass(frozen=True)
 class BucketedImage:
@@ -41,13 +45,29 @@ class BucketedImage:
 
 @dataclass(frozen=True)
 class DatasetPart:
-    """One kohya dataset: its bucket settings, batch size and images."""
+    """One kohya dataset: its bucket settings, batch size and images.
+
+    ``scanned``: the items as the user gave them, before kohya's registration balanced the reg images' repeats
+    (and left out reg images it did not need), with the subset options they were given (``caption_options``,
+    ``flip_aug``, ``dreambooth``): what a kohya dataset config must hold to make kohya register the same images.
+    """
 
     settings: BucketSettings
     batch_size: int
     true_crop: bool
     images: tuple[BucketedImage, ...]
     used_buckets: tuple[tuple[int, int], ...]
+    scanned: tuple[DatasetItem, ...] = ()
+    caption_options: OptionsBySubset = CaptionOptions()
+    flip_aug: FlipBySubset = False
+    dreambooth: bool = True
+
+    def subset_caption_options(self, subset_index: int) -> CaptionOptions:
+        opts = self.caption_options
+        return opts if isinstance(opts, CaptionOptions) else opts[subset_index]
+
+    def subset_flip_aug(self, subset_index: int) -> bool:
+        return self.flip_aug if isinstance(self.flip_aug, bool) else bool(self.flip_aug[subset_index])
 
     def train_items(self) -> list[TrainItem]:
         return [
@@ -177,10 +197,6 @@ class TrainingDataset:
         return "\n".join(lines)
 
 
-OptionsBySubset = CaptionOptions | Mapping[int, CaptionOptions]
-FlipBySubset = bool | Mapping[int, bool]
-
-
 def bucket_images(
     scan: ScanResult,
     settings: BucketSettings,
@@ -188,11 +204,14 @@ def bucket_images(
     caption_options: OptionsBySubset,
     flip_aug: FlipBySubset = False,
     true_crop: bool = False,
+    scanned: Sequence[DatasetItem] = (),
+    dreambooth: bool = True,
 ) -> DatasetPart:
     """kohya's make_buckets for one dataset: select a bucket for every image and its size conditioning.
 
     ``caption_options`` and ``flip_aug`` are kohya subset options: one value for all images, or a
-    mapping from ``DatasetItem.subset_index`` (a TOML's subsets).
+    mapping from ``DatasetItem.subset_index`` (a TOML's subsets). ``scanned`` / ``dreambooth``: the items before
+    registration and how they were registered (kept on the part for exporting it as a kohya dataset config).
 
     Images that cannot be bucketed (a side rounds to 0 with bucket_no_upscale) are moved to
     ``scan.skipped`` with the reason, instead of failing the whole run later in the VAE.
@@ -225,6 +244,10 @@ def bucket_images(
         true_crop=true_crop,
         images=tuple(images),
         used_buckets=tuple(selector.used_buckets()),
+        scanned=tuple(scanned),
+        caption_options=caption_options,
+        flip_aug=flip_aug,
+        dreambooth=dreambooth,
     )
 
 

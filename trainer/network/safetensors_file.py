@@ -256,3 +256,9 @@ def read_lora(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]
         metadata = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     return tensors, metadata
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (kohya's ss_* and modelspec.* keys), without loading tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

@@ -81,3 +81,12 @@ class TrainConfig:
                 self.max_train_epochs, dataset.num_batches(), self.gradient_accumulation_steps
             )
         return self.max_train_steps
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the 'Train Settings' and 'Import kohya Config' nodes hand the Train and Export nodes: the run's settings
+    (its loss and noise options still come from the objective input) and, for the report, where they came from."""
+
+    config: TrainConfig
+    source: str = "the 'Train Settings' node"

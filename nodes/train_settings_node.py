@@ -1,0 +1,36 @@
+"""The run's training settings as a node of their own, for graphs that train and export the same run."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..trainer.run.config import TrainSettings
+from .common import CATEGORY
+from .sockets import TrainSettingsSocket
+from .train_node import TRAINING_WIDGETS, TrainLora, train_config_from_widgets
+
+
+def training_widget_inputs() -> list[io.Input]:
+    """The Train node's own training widgets (same names, defaults and limits), so both nodes always agree."""
+    return [i for i in TrainLora.define_schema().inputs if i.id in TRAINING_WIDGETS]
+
+
+class TrainSettingsNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDXLLoraTrainSettings",
+            display_name="SDXL LoRA: Train Settings",
+            category=CATEGORY,
+            description="The Train node's training widgets as one value: connect it to the Train node's and the "
+            "'Export kohya Run' node's train_settings input, so the graph trains and exports the same run.",
+            inputs=training_widget_inputs(),
+            outputs=[TrainSettingsSocket.Output(display_name="train_settings")],
+        )
+
+    @classmethod
+    def execute(cls, **widgets) -> io.NodeOutput:
+        return io.NodeOutput(TrainSettings(train_config_from_widgets(**widgets)))
+
+
+NODES = [TrainSettingsNode]

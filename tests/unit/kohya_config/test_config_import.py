@@ -1,0 +1,168 @@
+"""kohya's settings into the graph: every key applied or named, kohya's defaults for absent keys, and the ss_*
+metadata of the pack's own files reads back into the settings that made them."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from kohya_arguments import kohya_arguments
+
+from sdxl_lora_trainer.trainer.kohya_config.config_import import (
+    KohyaConfigError,
+    args_from_metadata,
+    from_kohya_args,
+    read_kohya_config_file,
+)
+from sdxl_lora_trainer.trainer.network.config import NetworkConfig, PartSettings
+from sdxl_lora_trainer.trainer.network.metadata import build_metadata
+from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
+from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
+from sdxl_lora_trainer.trainer.run.lora_output import network_metadata, training_metadata
+from sdxl_lora_trainer.trainer.run.optimizers import OptimizerSettings, build_optimizer
+
+#: a valid value for kohya arguments whose value the import interprets (the rest get a value of their type)
+SAMPLE_VALUES = {
+    "network_module": "networks.lora",
+    "network_args": ["conv_dim=4", "conv_alpha=1"],
+    "optimizer_type": "Lion",
+    "optimizer_args": ["weight_decay=0.1"],
+    "lr_scheduler": "cosine",
+    "mixed_precision": "bf16",
+    "loss_type": "huber",
+    "huber_schedule": "constant",
+    "save_precision": "bf16",
+    "text_encoder_lr": [5e-5],
+    "min_timestep": 10,
+    "max_timestep": 900,
+    "network_train_text_encoder_only": False,
+}
+
+
+def _sample(spec):
+    if spec["dest"] in SAMPLE_VALUES:
+        return SAMPLE_VALUES[spec["dest"]]
+    if spec["flag"]:
+        return True
+    if spec["choices"]:
+        return next(c for c in spec["choices"] if c is not None)
+    one = {"int": 2, "float": 0.5, "int_or_float": 3, "str": "value", "Path": "value.toml"}[spec["type"]]
+    return [one] if spec["nargs"] in ("*", "+") else one
+
+
+@pytest.mark.parametrize("name", sorted(kohya_arguments()))
+def test_every_kohya_argument_is_applied_or_named(name):
+    """No key is ever accepted and ignored: given on its own, each of kohya's arguments is applied, or named in the
+    report with where the graph sets it instead, or refused with a message naming it."""
+    spec = kohya_arguments()[name]
+    args = {name: _sample(spec)}
+    if name == "full_bf16":
+        args["mixed_precision"] = "bf16"
+    try:
+        imported = from_kohya_args(args)
+    except (KohyaConfigError, ValueError) as e:
+        assert name in str(e)
+        return
+    named = {key for key, _ in imported.not_applied}
+    assert name in imported.applied or name in named, (imported.applied, imported.not_applied)
+
+
+def test_absent_keys_take_kohyas_defaults():
+    imported = from_kohya_args({"network_dim": 16})
+    t = imported.train
+    assert t.learning_rate == 2e-6 and t.max_train_steps == 1600 and t.gradient_checkpointing is False
+    assert t.train_dtype == "fp32" and t.optimizer.canonical_type == "AdamW" and t.lr_scheduler == "constant"
+    assert imported.network.network_dim == 16 and imported.network.network_alpha == 1.0
+
+
+def test_config_file_sections_are_flattened_like_kohya(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'pretrained_model_name_or_path = "/m.safetensors"\n'
+        "[model_arguments]\nv_parameterization = false\n"
+        '[additional_network_arguments]\nnetwork_module = "networks.lora"\nnetwork_dim = 32\nnetwork_alpha = 16\n'
+        '[optimizer_arguments]\noptimizer_type = "AdamW8bit"\nlearning_rate = 1e-4\nmax_grad_norm = 0.0\n'
+    )
+    args = read_kohya_config_file(path)
+    assert args["network_dim"] == 32 and args["optimizer_type"] == "AdamW8bit" and "optimizer_arguments" not in args
+    imported = from_kohya_args(args, source=str(path))
+    assert imported.network.network_dim == 32 and imported.network.network_alpha == 16.0
+    assert imported.train.optimizer.canonical_type == "AdamW8bit" and imported.train.max_grad_norm == 0.0
+    report = imported.report()
+    assert "pretrained_model_name_or_path: the MODEL/CLIP/VAE come from the graph" in report
+    assert "'/m.safetensors'" in report
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        ({"network_module": "networks.oft"}, "network_module 'networks.oft'"),
+        ({"optimizer_type": "SGDNesterov9000"}, "optimizer_type 'SGDNesterov9000'"),
+        ({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]}, "algo='ia3'"),
+        ({"mixed_precision": "fp8"}, "mixed_precision 'fp8'"),
+    ],
+)
+def test_what_the_pack_cannot_train_is_refused_by_name(args, fragment):
+    with pytest.raises(KohyaConfigError, match=fragment.replace("(", r"\(")):
+        from_kohya_args(args)
+
+
+def test_unknown_network_args_are_named():
+    imported = from_kohya_args({"network_args": ["conv_dim=4", "preset=full"]})
+    assert imported.network.conv_dim == 4
+    assert ("network_args preset", "not an argument of the pack's lora network") in imported.not_applied
+
+
+def _our_metadata(network: NetworkConfig, config: TrainConfig) -> dict[str, str]:
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build_optimizer([param], config.optimizer, config.learning_rate)
+    training = training_metadata(config, optimizer, 10, config.max_train_steps, time.time(), "mine")
+    dataset = {"resolution": (1024, 1024), "num_train_images": 10, "dataset_dirs": {}, "tag_frequency": {}}
+    return build_metadata(training, dataset, network_metadata(network), step=config.max_train_steps, epoch=1)
+
+
+def test_our_own_metadata_reads_back_into_the_same_settings():
+    network = NetworkConfig(network_dim=16, network_alpha=8.0, conv_dim=4, conv_alpha=2.0, dropout=0.1)
+    config = TrainConfig(
+        max_train_steps=300,
+        learning_rate=2e-4,
+        unet=PartSettings(3e-4),
+        clip_l=PartSettings(5e-5),
+        clip_g=PartSettings(5e-5),
+        optimizer=OptimizerSettings("AdamW", "weight_decay=0.05 betas=(0.9, 0.99)"),
+        lr_scheduler="cosine",
+        lr_warmup_steps=20,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.5,
+        scale_weight_norms=2.0,
+        seed=77,
+        train_dtype="bf16",
+        gradient_checkpointing=True,
+        loss=LossSettings(loss_type="huber", huber_schedule="exponential", huber_c=0.2, min_snr_gamma=5.0),
+        noise=NoiseSettings(noise_offset=0.05, multires_noise_iterations=6, multires_noise_discount=0.4),
+    )
+    imported = from_kohya_args(args_from_metadata(_our_metadata(network, config)))
+    assert imported.network == network
+    t = imported.train
+    assert t.part_settings() == config.part_settings()
+    assert (t.optimizer.canonical_type, t.optimizer.kwargs) == (
+        config.optimizer.canonical_type,
+        config.optimizer.kwargs,
+    )
+    for name in (
+        "max_train_steps",
+        "learning_rate",
+        "lr_scheduler",
+        "lr_warmup_steps",
+        "gradient_accumulation_steps",
+        "max_grad_norm",
+        "scale_weight_norms",
+        "seed",
+        "train_dtype",
+        "gradient_checkpointing",
+        "loss",
+        "noise",
+    ):
+        assert getattr(t, name) == getattr(config, name), name

@@ -280,11 +280,14 @@ def for_ci(
         p[nid]["inputs"].update(width=resolution, height=resolution, batch_size=1)
     for nid in nodes_of(p, "KSampler"):
         p[nid]["inputs"]["steps"] = sample_steps
-    for nid in nodes_of(p, "SDXLLoraTrain"):
+    for nid in nodes_of(p, "SDXLLoraTrain") + nodes_of(p, "SDXLLoraTrainSettings"):
         p[nid]["inputs"].update(
             max_train_steps=steps, max_train_epochs=0, learning_rate=learning_rate, train_dtype="fp32", full_bf16=False
         )
+    for nid in nodes_of(p, "SDXLLoraTrain"):
         p[nid]["inputs"].update(train_overrides)
+    for nid in nodes_of(p, "SDXLLoraTrainSettings"):  # the training widgets live here when the graph shares them
+        p[nid]["inputs"].update({k: v for k, v in train_overrides.items() if k in p[nid]["inputs"]})
     return p
 
 

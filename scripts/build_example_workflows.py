@@ -226,7 +226,66 @@ def _cache_group(start_from: str | None) -> Group:
     )
 
 
-def _train_group(output_name: str, steps: int, lr: float) -> Group:
+NOTE_EXPORT = """### 4a. Scale out: export a kohya run
+**Train Settings** holds the training settings once: the Train node and the export both use them.
+
+**Export kohya Run** writes `ComfyUI/output/kohya_runs/<export_name>/`: the dataset (images + captions),
+`dataset.toml`, `config.toml`, `launch.sh` and a README. On a multi-GPU machine with kohya sd-scripts:
+`SD_SCRIPTS=~/sd-scripts ./launch.sh` (accelerate, `num_processes` GPUs). Settings kohya has no argument for are
+listed in its report, never dropped. Bring the result back with the Network node's `start_from`."""
+
+
+def _export_group(steps: int, lr: float) -> Group:
+    return Group(
+        "4a. Scale out: export a kohya run",
+        NOTE_EXPORT,
+        [
+            Node(
+                "settings",
+                "SDXLLoraTrainSettings",
+                {"max_train_steps": steps, "learning_rate": lr, "seed": 42, "train_dtype": "auto"},
+                column=3,
+                width=380,
+            ),
+            Node(
+                "export",
+                "SDXLLoraKohyaExport",
+                {
+                    "dataset": ref("dataset", "dataset"),
+                    "network": ref("network", "network"),
+                    "train_settings": ref("settings", "train_settings"),
+                    "model": ref("ckpt", "MODEL"),
+                    "latents": ref("latents", "latents"),
+                    "text": ref("text", "text"),
+                    "export_name": "my_sdxl_lora_run",
+                    "num_processes": 8,
+                    "output_name": "my_sdxl_lora",
+                },
+                column=3,
+                width=380,
+            ),
+        ],
+    )
+
+
+def _train_group(output_name: str, steps: int, lr: float, shared_settings: bool = False) -> Group:
+    inputs: dict[str, Any] = {
+        "model": ref("ckpt", "MODEL"),
+        "clip": ref("ckpt", "CLIP"),
+        "dataset": ref("dataset", "dataset"),
+        "latents": ref("latents", "latents"),
+        "network": ref("network", "network"),
+        "text": ref("text", "text"),
+        "max_train_steps": steps,
+        "learning_rate": lr,
+        "seed": 42,
+        "train_dtype": "auto",
+        "output_name": output_name,
+        "output_subfolder": "sdxl_lora_trainer",
+        "overwrite": False,
+    }
+    if shared_settings:
+        inputs["train_settings"] = ref("settings", "train_settings")
     return Group(
         "4. Train",
         NOTE_TRAIN,
@@ -234,21 +293,7 @@ def _train_group(output_name: str, steps: int, lr: float) -> Group:
             Node(
                 "train",
                 "SDXLLoraTrain",
-                {
-                    "model": ref("ckpt", "MODEL"),
-                    "clip": ref("ckpt", "CLIP"),
-                    "dataset": ref("dataset", "dataset"),
-                    "latents": ref("latents", "latents"),
-                    "network": ref("network", "network"),
-                    "text": ref("text", "text"),
-                    "max_train_steps": steps,
-                    "learning_rate": lr,
-                    "seed": 42,
-                    "train_dtype": "auto",
-                    "output_name": output_name,
-                    "output_subfolder": "sdxl_lora_trainer",
-                    "overwrite": False,
-                },
+                inputs,
                 column=3,
                 width=420,
                 extra_height=260,
@@ -391,6 +436,17 @@ def definitions() -> list[Definition]:
                 _dataset_group("toml"),
                 _cache_group(None),
                 _train_group("my_sdxl_lora", 400, 1e-4),
+                *_test_groups(SAMPLE_PROMPT),
+            ],
+        ),
+        Definition(
+            "export_kohya_run",
+            [
+                _model_group(),
+                _dataset_group("folder"),
+                _cache_group(None),
+                _export_group(400, 1e-4),
+                _train_group("my_sdxl_lora", 400, 1e-4, shared_settings=True),
                 *_test_groups(SAMPLE_PROMPT),
             ],
         ),

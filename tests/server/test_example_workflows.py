@@ -32,7 +32,7 @@ from workflow_convert import (
 )
 
 EXAMPLES = ROOT / "example_workflows"
-EXAMPLE_NAMES = ["train_then_test_sdxl_lora", "kohya_toml_dataset", "continue_training"]
+EXAMPLE_NAMES = ["train_then_test_sdxl_lora", "kohya_toml_dataset", "export_kohya_run", "continue_training"]
 SUBFOLDER = "sdxl_lora_trainer"  # the examples' output_subfolder
 NOT_LOADED = "lora key not loaded"
 

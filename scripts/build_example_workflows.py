@@ -49,6 +49,7 @@ CORE_VERSION = "0.30.0"
 # layout (canvas pixels)
 COLUMN_GAP = 70
 ROW_GAP = 50
+GROUP_GAP = 60  # vertical space between two groups stacked in the same columns
 TITLE_H = 30  # litegraph draws the title above node.pos
 SLOT_H = 20
 WIDGET_H = 24
@@ -608,9 +609,13 @@ def build(definition: Definition, object_info: dict[str, Any]) -> dict[str, Any]
         x += col_width[c] + COLUMN_GAP
     notes: list[dict] = []
     groups: list[dict] = []
-    top = GROUP_TITLE_H + GROUP_PAD
+    first_top = GROUP_TITLE_H + GROUP_PAD
+    # a group whose columns an earlier group already uses goes below it, never on top of it
+    column_bottom: dict[int, int] = {}
     for gi, g in enumerate(definition.groups):
         gcols = sorted({n.column for n in g.nodes})
+        used = [column_bottom[c] for c in gcols if c in column_bottom]
+        top = max(used) + GROUP_GAP + GROUP_TITLE_H + GROUP_PAD if used else first_top
         left = col_x[gcols[0]]
         right = col_x[gcols[-1]] + col_width[gcols[-1]]
         note_w = right - left
@@ -641,6 +646,8 @@ def build(definition: Definition, object_info: dict[str, Any]) -> dict[str, Any]
                 ui_nodes[n.key]["pos"] = [col_x[c], y + TITLE_H]
                 y += TITLE_H + ui_nodes[n.key]["size"][1] + ROW_GAP
             bottom = max(bottom, y - ROW_GAP)
+        for c in gcols:
+            column_bottom[c] = bottom + GROUP_PAD
         groups.append(
             {
                 "id": gi + 1,

@@ -64,8 +64,15 @@ def _block_lr_args(weights: Sequence[float], out: KohyaArgs) -> dict[str, str]:
     }
 
 
-def network_args(config: NetworkConfig, train: TrainConfig, out: KohyaArgs) -> list[str]:
+def network_args(config: NetworkConfig, train: TrainConfig, out: KohyaArgs | None = None) -> list[str]:
     """kohya's --network_args "key=value" strings for ``config`` and the run's LoRA+ ratios."""
+    return [f"{k}={v}" for k, v in network_args_dict(config, train, out).items()]
+
+
+def network_args_dict(config: NetworkConfig, train: TrainConfig, out: KohyaArgs | None = None) -> dict[str, str]:
+    """kohya's network_args as the key -> value strings kohya splits them into (``net_kwargs``, also what kohya
+    writes as ss_network_args). ``out`` collects what kohya cannot carry (None: not asked)."""
+    out = out if out is not None else KohyaArgs()
     args: dict[str, str] = {}
     if config.algo != "lora":
         args["algo"] = config.algo
@@ -97,7 +104,7 @@ def network_args(config: NetworkConfig, train: TrainConfig, out: KohyaArgs) -> l
     te_ratio = parts["clip_l"].loraplus_lr_ratio
     if te_ratio and te_ratio != train.loraplus_lr_ratio:
         args["loraplus_text_encoder_lr_ratio"] = repr(float(te_ratio))
-    return [f"{k}={v}" for k, v in args.items()]
+    return args
 
 
 def _optimizer_args(text: str) -> list[str]:

@@ -234,6 +234,9 @@ def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkCo
             raise KohyaConfigError(f"network_args: {token!r} is not key=value")
         network_args[k.strip()] = v.strip()
     loraplus = {k: float(network_args.pop(k)) for k in list(network_args) if k.startswith("loraplus_")}
+    # kohya's train_network copies --network_dropout into network_args as "dropout" (for LyCORIS, which reads its
+    # dropout there), so ss_network_args holds it; it is the network dropout, not an argument of its own
+    args_dropout = _as_float_or_none(network_args.pop("dropout", None))
     if module == "networks.lora":
         algo = "lora"
     elif module == "lycoris.kohya":
@@ -255,7 +258,7 @@ def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkCo
     config = NetworkConfig.from_kohya_kwargs(
         keys.get("network_dim", 4),
         keys.get("network_alpha"),
-        _as_float_or_none(keys.get("network_dropout")),
+        _as_float_or_none(keys.get("network_dropout")) if keys.has("network_dropout") else args_dropout,
         train_unet=not keys.get("network_train_text_encoder_only", False),
         train_te1=not keys.get("network_train_unet_only", False),
         train_te2=not keys.get("network_train_unet_only", False),

@@ -252,6 +252,6 @@ def test_metadata_names_lycoris():
         "alpha": 1.0,
         "dropout": None,
         "module": "lycoris.kohya",
-        "args": {"algo": "lokr", "factor": 4},
+        "args": {"algo": "lokr", "factor": "4", "dropout": None},
     }
     assert "module" not in network_metadata(NetworkConfig())

@@ -91,7 +91,7 @@ class ImportKohyaConfig(io.ComfyNode):
         report = imported.report()
         train = imported.train
         return io.NodeOutput(
-            NetworkSetup(config=imported.network),
+            NetworkSetup(config=imported.network, loraplus=imported.loraplus),
             ObjectiveSettings(loss=train.loss, noise=train.noise),
             TrainSettings(train, source=imported.source),
             imported.checkpointing,
@@ -189,7 +189,7 @@ class ExportKohyaRun(io.ComfyNode):
             )
         run = KohyaRun(
             network=config,
-            train=with_objective(train_settings.config, objective),
+            train=with_objective(train_settings.config, objective).with_loraplus(network.loraplus),
             output_name=output_name,
             save_precision=save_precision,
             checkpointing=checkpointing or CheckpointSettings(),

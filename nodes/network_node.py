@@ -5,7 +5,14 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer.comfyui import services as comfy_services
-from ..trainer.network.config import NETWORK_ALGOS, NetworkConfig, NetworkSetup, rank_dropout_refusal
+from ..trainer.network.config import (
+    NETWORK_ALGOS,
+    LoraPlusRatios,
+    NetworkConfig,
+    NetworkSetup,
+    loraplus_refusal,
+    rank_dropout_refusal,
+)
 from .common import CATEGORY
 from .sockets import NetworkSocket
 
@@ -118,17 +125,59 @@ class NetworkSettings(io.ComfyNode):
                     tooltip="LoKr only: LyCORIS's "
                     "Kronecker factor (lycoris-lora 'factor'); -1 = LyCORIS's automatic factorization.",
                 ),
+                io.Float.Input(
+                    "loraplus_lr_ratio",
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.5,
+                    optional=True,
+                    tooltip="LoRA+: lora_up learns at learning rate x this ratio (kohya loraplus_lr_ratio; the "
+                    "paper suggests 16). 0 = off, or the training settings' ratio. algo lora only.",
+                ),
+                io.Float.Input(
+                    "loraplus_unet_lr_ratio",
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.5,
+                    optional=True,
+                    tooltip="LoRA+ ratio of the U-Net only (kohya loraplus_unet_lr_ratio); 0 = loraplus_lr_ratio.",
+                ),
+                io.Float.Input(
+                    "loraplus_text_encoder_lr_ratio",
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.5,
+                    optional=True,
+                    tooltip="LoRA+ ratio of CLIP-L and CLIP-G (kohya loraplus_text_encoder_lr_ratio); "
+                    "0 = loraplus_lr_ratio.",
+                ),
             ],
             outputs=[NetworkSocket.Output(display_name="network", tooltip="Network settings for the train node.")],
         )
 
     @classmethod
-    def validate_inputs(cls, start_from: str = NONE, algo: str = "lora", rank_dropout: float = 0.0) -> bool | str:
+    def validate_inputs(
+        cls,
+        start_from: str = NONE,
+        algo: str = "lora",
+        rank_dropout: float = 0.0,
+        loraplus_lr_ratio: float = 0.0,
+        loraplus_unet_lr_ratio: float = 0.0,
+        loraplus_text_encoder_lr_ratio: float = 0.0,
+    ) -> bool | str:
         """Naming start_from here makes ComfyUI skip its stale-list check: a LoRA saved by an earlier run of
         this server is accepted before the browser reloads the list; execute resolves it or says why not.
         No **kwargs: with them ComfyUI would skip its min/max and option checks of every other input too."""
-        if isinstance(algo, str) and isinstance(rank_dropout, (int, float)):
-            return rank_dropout_refusal(algo, rank_dropout) or True
+        if not isinstance(algo, str):
+            return True
+        if isinstance(rank_dropout, (int, float)) and (refusal := rank_dropout_refusal(algo, rank_dropout)):
+            return refusal
+        ratios = (loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
+        if all(isinstance(r, (int, float)) for r in ratios) and (refusal := loraplus_refusal(algo, any(ratios))):
+            return refusal
         return True
 
     @classmethod
@@ -152,6 +201,9 @@ class NetworkSettings(io.ComfyNode):
         start_from: str,
         algo: str = "lora",
         lokr_factor: int = -1,
+        loraplus_lr_ratio: float = 0.0,
+        loraplus_unet_lr_ratio: float = 0.0,
+        loraplus_text_encoder_lr_ratio: float = 0.0,
     ) -> io.NodeOutput:
         common = {
             "dropout": dropout,
@@ -192,7 +244,13 @@ class NetworkSettings(io.ComfyNode):
             )
         if not (config.train_unet or config.train_te1 or config.train_te2):
             raise ValueError("Nothing to train: enable train_unet, train_clip_l or train_clip_g.")
-        return io.NodeOutput(NetworkSetup(config=config, start_from=start_from, initial_weights=initial))
+        loraplus = LoraPlusRatios(loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
+        refusal = loraplus_refusal(config.algo, loraplus.any)
+        if refusal:
+            raise ValueError(refusal)
+        return io.NodeOutput(
+            NetworkSetup(config=config, start_from=start_from, initial_weights=initial, loraplus=loraplus)
+        )
 
 
 NODES = [NetworkSettings]

@@ -18,7 +18,7 @@ import tomllib
 
 from ..data.images import DatasetError
 from ..data.text_files import read_utf8
-from ..network.config import KOHYA_NETWORK_ARGS, NetworkConfig, PartSettings
+from ..network.config import KOHYA_NETWORK_ARGS, LoraPlusRatios, NetworkConfig, PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from ..run.checkpoints import CheckpointSettings
@@ -115,6 +115,9 @@ class KohyaImport:
     train: TrainConfig
     checkpointing: CheckpointSettings
     source: str = ""
+    #: kohya's loraplus_* network_args, also in ``train``'s part settings: the Network output carries them too,
+    #: so a graph that takes only the imported network trains with the same LoRA+
+    loraplus: LoraPlusRatios = LoraPlusRatios()
     applied: list[str] = field(default_factory=list)
     not_applied: list[tuple[str, str]] = field(default_factory=list)
 
@@ -377,6 +380,11 @@ def from_kohya_args(args: Mapping[str, Any], source: str = "kohya settings") -> 
         else:
             not_applied.append((key, f"not an argument this pack knows (kohya's value: {value!r})"))
     return KohyaImport(
+        loraplus=LoraPlusRatios(
+            loraplus.get("loraplus_lr_ratio"),
+            loraplus.get("loraplus_unet_lr_ratio"),
+            loraplus.get("loraplus_text_encoder_lr_ratio"),
+        ),
         network=network,
         train=train,
         checkpointing=checkpointing,

@@ -147,6 +147,20 @@ def rank_dropout_refusal(algo: str, rank_dropout: float | None) -> str | None:
     return None
 
 
+#: the algorithms whose modules have a ``lora_up`` for LoRA+ to scale
+LORAPLUS_ALGOS = ("lora",)
+
+
+def loraplus_refusal(algo: str, any_ratio: bool) -> str | None:
+    """Why LoRA+ ratios cannot be used with ``algo``, or None. (The Network node asks at queue time too.)"""
+    if any_ratio and algo not in LORAPLUS_ALGOS:
+        return (
+            f"LoRA+ (loraplus_*_lr_ratio) is not supported with algo {algo!r}: it scales lora_up, which "
+            f"{algo} modules do not have. Set the loraplus ratios to 0, or use algo {' or '.join(LORAPLUS_ALGOS)}."
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """kohya's create_network arguments for SDXL (network_dim/alpha, neuron_dropout and network_args).
@@ -368,12 +382,43 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class LoraPlusRatios:
+    """LoRA+ as the Network node sets it, with kohya's network_args names: lora_up learns at lr * ratio.
+
+    ``lr_ratio`` (kohya loraplus_lr_ratio) for every part, ``unet_lr_ratio`` / ``text_encoder_lr_ratio`` (kohya
+    loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio; the text-encoder ratio is CLIP-L's and CLIP-G's) for one
+    part. None or 0 (the node's widgets): not set here, the training settings' ratio (if any) applies. The run's
+    PartSettings receive them (``TrainConfig.with_loraplus``).
+    """
+
+    lr_ratio: float | None = None
+    unet_lr_ratio: float | None = None
+    text_encoder_lr_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("lr_ratio", "unet_lr_ratio", "text_encoder_lr_ratio"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            ):
+                raise ValueError(f"loraplus_{name} must be a finite number >= 0 (0 = not set), got {value!r}")
+            if value == 0:
+                object.__setattr__(self, name, None)
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.lr_ratio, self.unet_lr_ratio, self.text_encoder_lr_ratio))
+
+
+@dataclass(frozen=True)
 class NetworkSetup:
-    """The Network node's value: the network to train, and the LoRA file it continues from (read once), if any."""
+    """The Network node's value: the network to train, its LoRA+ ratios, and the LoRA file it continues from (read
+    once), if any."""
 
     config: NetworkConfig
     start_from: str = "none"
     initial_weights: Mapping[str, torch.Tensor] | None = None
+    loraplus: LoraPlusRatios = LoraPlusRatios()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ def train(
         network.to(device, torch.bfloat16 if config.full_bf16 else torch.float32)
         network.train()
         groups, group_names = network.param_groups(**config.part_settings())
+        initial_lrs = [g["lr"] for g in groups]  # before a schedule's warmup changes them
         optimizer = build_optimizer(groups, config.optimizer, config.learning_rate, max_grad_norm=config.max_grad_norm)
         scheduler = build_scheduler(
             optimizer,
@@ -201,6 +202,10 @@ def train(
             stack.enter_context(comfy_kernels.gradient_checkpointing(unet, config.gradient_checkpointing))
             stack.enter_context(network.attach())
             result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
+            result.notes.append(
+                "parameter groups (kohya's names): "
+                + ", ".join(f"{name} lr {group_lr:g}" for name, group_lr in zip(group_names, initial_lrs))
+            )
             events.training_started(result)
             try:
                 result.state = run(

@@ -10,7 +10,7 @@ from kohya_arguments import kohya_arguments, type_error
 from sdxl_lora_trainer.trainer.kohya_config.config_export import sample_prompts_text, to_kohya_args
 from sdxl_lora_trainer.trainer.kohya_config.config_import import from_kohya_args
 from sdxl_lora_trainer.trainer.kohya_config.run import CacheChoices, KohyaRun
-from sdxl_lora_trainer.trainer.network.config import NetworkConfig, PartSettings
+from sdxl_lora_trainer.trainer.network.config import LoraPlusRatios, NetworkConfig, PartSettings
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
 from sdxl_lora_trainer.trainer.run.checkpoints import CheckpointSettings
@@ -229,3 +229,24 @@ def test_sample_prompts_use_kohya_prompt_options():
         "a dog --n blurry --w 832 --h 1216 --s 20 --l 7.0 --d 5",
         "a cat --n blurry --w 832 --h 1216 --s 20 --l 7.0 --d 6",
     ]
+
+
+@pytest.mark.parametrize(
+    "ratios",
+    [LoraPlusRatios(16.0), LoraPlusRatios(16.0, 8.0, 4.0), LoraPlusRatios(None, 8.0), LoraPlusRatios(None, None, 2.0)],
+    ids=["all", "each", "unet", "text_encoders"],
+)
+def test_network_node_loraplus_reads_back_as_the_same_ratios(ratios):
+    """The Network node's LoRA+ ratios (folded into the run's settings as the Train and Export nodes do) export as
+    kohya's loraplus_* network_args and import back into the same ratios, on the imported Network output too."""
+    run = replace(BASE, train=BASE.train.with_loraplus(ratios))
+    exported = to_kohya_args(run)
+    assert not exported.not_carried, exported.not_carried
+    args = dict(a.split("=", 1) for a in exported.args["network_args"])
+    for name in ("lr_ratio", "unet_lr_ratio", "text_encoder_lr_ratio"):
+        value = getattr(ratios, name)
+        assert args.get(f"loraplus_{name}") == (None if value is None else repr(value)), args
+    imported = from_kohya_args(exported.args)
+    assert imported.train.part_settings() == run.train.part_settings()
+    assert imported.loraplus == ratios
+    assert BASE.train.with_loraplus(imported.loraplus).part_settings() == run.train.part_settings()

@@ -10,6 +10,7 @@ from ..trainer.network.config import (
     LoraPlusRatios,
     NetworkConfig,
     NetworkSetup,
+    dropout_refusal,
     loraplus_refusal,
     rank_dropout_refusal,
 )
@@ -111,11 +112,12 @@ class NetworkSettings(io.ComfyNode):
                     "algo",
                     options=list(NETWORK_ALGOS),
                     default="lora",
-                    tooltip="lora: kohya networks.lora. loha / lokr: LyCORIS's LoHa (Hadamard product) "
+                    tooltip="lora: kohya networks.lora. loha / lokr / dora: LyCORIS's LoHa (Hadamard product) "
                     "and LoKr (Kronecker product) modules from the lycoris-lora package, on the "
                     "same layers, saved with LyCORIS's keys (ComfyUI's LoraLoader reads them). "
                     "network_dim/alpha and conv_dim/alpha are their lora_dim/alpha; LoRA+ is "
-                    "lora only.",
+                    "lora and dora only. dora: DoRA, LyCORIS's LoCon with weight decomposition (dora_wd; the "
+                    "magnitude per input channel, the axis ComfyUI's LoraLoader normalises correctly).",
                 ),
                 io.Int.Input(
                     "lokr_factor",
@@ -133,7 +135,7 @@ class NetworkSettings(io.ComfyNode):
                     step=0.5,
                     optional=True,
                     tooltip="LoRA+: lora_up learns at learning rate x this ratio (kohya loraplus_lr_ratio; the "
-                    "paper suggests 16). 0 = off, or the training settings' ratio. algo lora only.",
+                    "paper suggests 16). 0 = off, or the training settings' ratio. algo lora and dora.",
                 ),
                 io.Float.Input(
                     "loraplus_unet_lr_ratio",
@@ -164,6 +166,7 @@ class NetworkSettings(io.ComfyNode):
         start_from: str = NONE,
         algo: str = "lora",
         rank_dropout: float = 0.0,
+        dropout: float = 0.0,
         loraplus_lr_ratio: float = 0.0,
         loraplus_unet_lr_ratio: float = 0.0,
         loraplus_text_encoder_lr_ratio: float = 0.0,
@@ -174,6 +177,8 @@ class NetworkSettings(io.ComfyNode):
         if not isinstance(algo, str):
             return True
         if isinstance(rank_dropout, (int, float)) and (refusal := rank_dropout_refusal(algo, rank_dropout)):
+            return refusal
+        if isinstance(dropout, (int, float)) and (refusal := dropout_refusal(algo, dropout)):
             return refusal
         ratios = (loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
         if all(isinstance(r, (int, float)) for r in ratios) and (refusal := loraplus_refusal(algo, any(ratios))):

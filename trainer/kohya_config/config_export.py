@@ -74,7 +74,9 @@ def network_args_dict(config: NetworkConfig, train: TrainConfig, out: KohyaArgs 
     writes as ss_network_args). ``out`` collects what kohya cannot carry (None: not asked)."""
     out = out if out is not None else KohyaArgs()
     args: dict[str, str] = {}
-    if config.algo != "lora":
+    if config.algo == "dora":  # LyCORIS's LoCon with weight decomposition, magnitude per input channel
+        args.update(algo="locon", dora_wd="True", wd_on_output="False")
+    elif config.algo != "lora":
         args["algo"] = config.algo
         if config.algo == "lokr":
             args["factor"] = str(config.factor)

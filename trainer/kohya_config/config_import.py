@@ -225,6 +225,11 @@ def _as_float_or_none(v: Any) -> float | None:
     return None if v in (None, "", "None") else float(v)
 
 
+def _true(value: Any) -> bool:
+    """A LyCORIS boolean network_arg as LyCORIS's str_bool reads it: anything but "false" (any case) is true."""
+    return str(value).strip().lower() != "false"
+
+
 def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkConfig, dict[str, float]]:
     module = keys.get("network_module", "networks.lora")
     raw_args = keys.get("network_args", []) or []
@@ -244,10 +249,22 @@ def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkCo
         algo = "lora"
     elif module == "lycoris.kohya":
         algo = network_args.pop("algo", "lora")
-        if algo not in ("loha", "lokr"):
+        dora = _true(network_args.pop("dora_wd", "False"))
+        on_output = _true(network_args.pop("wd_on_output", "True"))
+        if algo in ("lora", "locon") and dora:
+            if on_output:
+                raise KohyaConfigError(
+                    "network_args dora_wd=True with wd_on_output=True (LyCORIS's default): ComfyUI's LoraLoader "
+                    "normalises an output-axis DoRA by the norm of the base weight alone, so such a file does not "
+                    "load as it was trained; the pack trains DoRA with wd_on_output=False. Set wd_on_output=False."
+                )
+            algo = "dora"
+        elif dora:
+            raise KohyaConfigError(f"network_args dora_wd=True with algo={algo!r}: the pack's DoRA is algo=locon")
+        if algo not in ("loha", "lokr", "dora"):
             raise KohyaConfigError(
-                f"network_args algo={algo!r} (lycoris.kohya): the pack trains LyCORIS loha and lokr; use algo=loha "
-                "or algo=lokr, or network_module networks.lora"
+                f"network_args algo={algo!r} (lycoris.kohya): the pack trains LyCORIS loha, lokr and locon with "
+                "dora_wd=True (DoRA); use one of them, or network_module networks.lora"
             )
     else:
         raise KohyaConfigError(

@@ -23,6 +23,7 @@ NETWORK_CLASSES: dict[str, tuple[str, str]] = {
     "lora": ("lora", "LoRANetwork"),
     "loha": ("loha", "LohaNetwork"),
     "lokr": ("lokr", "LokrNetwork"),
+    "dora": ("dora", "DoraNetwork"),
 }
 
 

@@ -147,8 +147,18 @@ def rank_dropout_refusal(algo: str, rank_dropout: float | None) -> str | None:
     return None
 
 
+def dropout_refusal(algo: str, dropout: float | None) -> str | None:
+    """Why the neuron ``dropout`` cannot be used with ``algo``, or None. (The Network node asks at queue time too.)"""
+    if algo == "dora" and dropout:
+        return (
+            "dropout is not supported with algo 'dora': LyCORIS's DoRA ignores the neuron dropout (it adapts the "
+            "weight, not the activations). Set dropout to 0 (module_dropout works), or use algo lora."
+        )
+    return None
+
+
 #: the algorithms whose modules have a ``lora_up`` for LoRA+ to scale
-LORAPLUS_ALGOS = ("lora",)
+LORAPLUS_ALGOS = ("lora", "dora")
 
 
 def loraplus_refusal(algo: str, any_ratio: bool) -> str | None:
@@ -198,7 +208,7 @@ class NetworkConfig:
     train_te2: bool = True
     multiplier: float = 1.0
     module_dims: tuple[tuple[str, int, float], ...] | None = None
-    algo: str = "lora"  # "lora" (kohya's LoRA, lora.py) | "loha" | "lokr" (LyCORIS modules, loha.py / lokr.py)
+    algo: str = "lora"  # "lora" (kohya's LoRA, lora.py) | "loha" | "lokr" | "dora" (LyCORIS modules, loha.py ...)
     factor: int = -1  # LoKr's Kronecker factor (LyCORIS ``factor``); -1 = LyCORIS's automatic factorization
 
     def __post_init__(self) -> None:
@@ -207,7 +217,7 @@ class NetworkConfig:
 
         if self.algo not in NETWORK_ALGOS:
             raise ValueError(f"algo must be one of {list(NETWORK_ALGOS)}, got {self.algo!r}")
-        refusal = rank_dropout_refusal(self.algo, self.rank_dropout)
+        refusal = rank_dropout_refusal(self.algo, self.rank_dropout) or dropout_refusal(self.algo, self.dropout)
         if refusal:
             raise ValueError(refusal)
         if not isinstance(self.factor, int) or (self.factor != -1 and self.factor < 1):

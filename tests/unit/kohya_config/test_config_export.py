@@ -61,6 +61,7 @@ CARRIED = {
     "text_encoders_only": net(train_unet=False),
     "loha": net(algo="loha", conv_dim=2, conv_alpha=1.0),
     "lokr": net(algo="lokr", factor=4),
+    "dora": net(algo="dora", conv_dim=2, conv_alpha=1.0, module_dropout=0.1),
     "max_train_steps": train(max_train_steps=123),
     "max_train_epochs": train(max_train_epochs=7),
     "learning_rate": train(learning_rate=3e-4),

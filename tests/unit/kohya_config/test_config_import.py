@@ -211,3 +211,10 @@ def test_ss_network_args_hold_block_dims_lr_weights_and_loraplus_as_kohya_string
 def test_ss_network_args_absent_without_network_args_and_dropout_alone_is_not_one():
     meta = _our_metadata(NetworkConfig(dropout=0.1), TrainConfig())
     assert "ss_network_args" not in meta and meta["ss_network_dropout"] == "0.1"
+
+
+def test_lycoris_dora_reads_as_algo_dora_and_an_output_axis_dora_is_refused():
+    args = {"network_module": "lycoris.kohya", "network_args": ["algo=locon", "dora_wd=True", "wd_on_output=False"]}
+    assert from_kohya_args(args).network.algo == "dora"
+    with pytest.raises(ValueError, match="Set wd_on_output=False"):
+        from_kohya_args({"network_module": "lycoris.kohya", "network_args": ["algo=locon", "dora_wd=True"]})

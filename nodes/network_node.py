@@ -14,6 +14,8 @@ from ..trainer.network.config import (
     loraplus_refusal,
     rank_dropout_refusal,
 )
+from ..trainer.network.file_config import config_from_file, file_parts, start_from_refusal
+from ..trainer.network.safetensors_file import read_keys
 from .common import CATEGORY
 from .sockets import NetworkSocket
 
@@ -105,8 +107,10 @@ class NetworkSettings(io.ComfyNode):
                     "start_from",
                     options=[NONE] + comfy_services.lora_file_names(),
                     default=NONE,
-                    tooltip="Continue training this LoRA file; its dims and alphas replace the ones "
-                    "above. Only kohya LoRA files (algo lora) for now.",
+                    tooltip="Continue training this file (kohya LoRA, or a LoHa / LoKr / DoRA file of this pack; "
+                    "algo must match it): its dims, alphas and LoKr factor replace the ones above, and it decides "
+                    "which parts exist. The train toggles decide which of them train: a part in the file whose "
+                    "toggle is off is applied frozen and saved back unchanged.",
                 ),
                 io.Combo.Input(
                     "algo",
@@ -167,12 +171,17 @@ class NetworkSettings(io.ComfyNode):
         algo: str = "lora",
         rank_dropout: float = 0.0,
         dropout: float = 0.0,
+        train_unet: bool = True,
+        train_clip_l: bool = False,
+        train_clip_g: bool = False,
         loraplus_lr_ratio: float = 0.0,
         loraplus_unet_lr_ratio: float = 0.0,
         loraplus_text_encoder_lr_ratio: float = 0.0,
     ) -> bool | str:
         """Naming start_from here makes ComfyUI skip its stale-list check: a LoRA saved by an earlier run of
         this server is accepted before the browser reloads the list; execute resolves it or says why not.
+        A start_from file is checked against algo and the train toggles here, from its header, so a mismatch is
+        said when the prompt is queued, not after minutes of loading and caching.
         No **kwargs: with them ComfyUI would skip its min/max and option checks of every other input too."""
         if not isinstance(algo, str):
             return True
@@ -183,6 +192,13 @@ class NetworkSettings(io.ComfyNode):
         ratios = (loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
         if all(isinstance(r, (int, float)) for r in ratios) and (refusal := loraplus_refusal(algo, any(ratios))):
             return refusal
+        toggles = (train_unet, train_clip_l, train_clip_g)
+        if isinstance(start_from, str) and start_from != NONE and all(isinstance(t, bool) for t in toggles):
+            try:
+                keys = read_keys(comfy_services.lora_file_path(start_from))
+            except Exception:  # noqa: BLE001 - not (yet) listed or unreadable: execute says why
+                return True
+            return start_from_refusal(start_from, keys, algo, *toggles) or True
         return True
 
     @classmethod
@@ -221,18 +237,14 @@ class NetworkSettings(io.ComfyNode):
         }
         initial = None
         if start_from != NONE:
-            if algo != "lora":
-                raise ValueError(
-                    f"start_from with algo {algo!r} is not supported yet: continuing training works "
-                    "for kohya LoRA files (algo lora) only."
-                )
             initial = comfy_services.load_safetensors(comfy_services.lora_file_path(start_from))
-            if any(k.rsplit(".", 1)[-1].startswith(("hada_", "lokr_")) for k in initial):
-                raise ValueError(
-                    f"{start_from} is a LyCORIS LoHa/LoKr file; continuing a LoHa/LoKr file is not "
-                    "supported yet (start_from works for kohya LoRA files only)."
-                )
-            config = NetworkConfig.from_kohya_state_dict(initial, **common)
+            refusal = start_from_refusal(start_from, initial, algo, train_unet, train_clip_l, train_clip_g)
+            if refusal:
+                raise ValueError(refusal)
+            toggles = {"unet": train_unet, "te1": train_clip_l, "te2": train_clip_g}
+            frozen = tuple(part for part in file_parts(initial) if not toggles[part])
+            common = {k: v for k, v in common.items() if not k.startswith("train_")}
+            config = config_from_file(initial, frozen_parts=frozen, **common)
         else:
             config = NetworkConfig(
                 network_dim=network_dim,
@@ -247,7 +259,7 @@ class NetworkSettings(io.ComfyNode):
                 factor=lokr_factor,
                 **common,
             )
-        if not (config.train_unet or config.train_te1 or config.train_te2):
+        if not any(config.trains(part) for part in ("unet", "te1", "te2")):
             raise ValueError("Nothing to train: enable train_unet, train_clip_l or train_clip_g.")
         loraplus = LoraPlusRatios(loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
         refusal = loraplus_refusal(config.algo, loraplus.any)

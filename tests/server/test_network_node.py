@@ -62,3 +62,16 @@ def test_loraplus_with_loha_is_refused_at_queue_time(server, folder):
     messages = queue_errors(server, prompt, "6")
     assert "LoRA+ (loraplus_*_lr_ratio) is not supported with algo 'loha'" in messages, messages
     assert not glob.glob(str(server.base / "models" / "loras" / "sdxl_lora_trainer" / "plusloha*"))
+
+
+def test_start_from_mismatches_are_refused_at_queue_time(server, folder):
+    first = training_only(train_then_test(folder, steps=1, seed=4, resolution=RES, output_name="unetonly"))
+    start = saved_file(server, run(server, first))
+    name = start.split("/models/loras/", 1)[1]
+    prompt = training_only(train_then_test(folder, steps=1, seed=4, resolution=RES, output_name="mismatch"))
+    prompt["6"]["inputs"].update(start_from=name, train_clip_l=True)
+    messages = queue_errors(server, prompt, "6")
+    assert "has no CLIP-L modules (lora_te1_ keys), so train_clip_l has nothing to continue" in messages, messages
+    prompt["6"]["inputs"].update(train_clip_l=False, algo="dora")
+    messages = queue_errors(server, prompt, "6")
+    assert f"start_from {name} is a lora file, but algo is 'dora': set algo to 'lora'" in messages, messages

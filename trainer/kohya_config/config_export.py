@@ -124,7 +124,13 @@ def _network(run: KohyaRun, out: KohyaArgs) -> None:
     a["network_args"] = network_args(config, run.train, out)
     if not a["network_args"]:
         del a["network_args"]
-    trained = (config.train_unet, config.train_te1, config.train_te2)
+    trained = (config.trains("unet"), config.trains("te1"), config.trains("te2"))
+    if config.frozen_parts:
+        labels = {"unet": "U-Net", "te1": "CLIP-L", "te2": "CLIP-G"}
+        out.not_carried.append(
+            f"{' + '.join(labels[p] for p in config.frozen_parts)} modules of the start_from file applied frozen: "
+            "kohya drops the modules of a part it does not train (not applied while training, not saved)"
+        )
     if trained == (True, False, False):
         a["network_train_unet_only"] = True
     elif trained == (False, True, True):
@@ -134,9 +140,9 @@ def _network(run: KohyaRun, out: KohyaArgs) -> None:
         out.not_carried.append(
             f"train only {' + '.join(names)}: kohya trains the U-Net, both text encoders, the U-Net only or the text "
             "encoders only; the exported run trains "
-            + ("the U-Net and both text encoders" if config.train_unet else "both text encoders")
+            + ("the U-Net and both text encoders" if trained[0] else "both text encoders")
         )
-        if not config.train_unet:
+        if not trained[0]:
             a["network_train_text_encoder_only"] = True
     if config.multiplier != 1.0:
         out.not_carried.append(f"network multiplier {config.multiplier}: kohya trains at multiplier 1.0")

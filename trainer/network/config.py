@@ -210,6 +210,9 @@ class NetworkConfig:
     module_dims: tuple[tuple[str, int, float], ...] | None = None
     algo: str = "lora"  # "lora" (kohya's LoRA, lora.py) | "loha" | "lokr" | "dora" (LyCORIS modules, loha.py ...)
     factor: int = -1  # LoKr's Kronecker factor (LyCORIS ``factor``); -1 = LyCORIS's automatic factorization
+    #: parts ("unet", "te1", "te2") whose modules the network has (train_* on) but does not train: a continued
+    #: file's part the node's toggle leaves off is applied as it is and saved back unchanged
+    frozen_parts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def put(name: str, value) -> None:
@@ -265,6 +268,20 @@ class NetworkConfig:
                 put(name, None)
         if self.module_dims is not None:
             put("module_dims", tuple((str(n), int(d), float(a)) for n, d, a in self.module_dims))
+        put("frozen_parts", tuple(sorted(set(self.frozen_parts))))
+        has = {"unet": self.train_unet, "te1": self.train_te1, "te2": self.train_te2}
+        bad = [p for p in self.frozen_parts if not has.get(p)]
+        if bad:
+            raise ValueError(f"frozen_parts {bad}: only parts the network has (train_unet/te1/te2 on) can be frozen")
+
+    def trains(self, part: str) -> bool:
+        """Whether the network trains ``part`` ("unet", "te1", "te2"): it has modules there and they are not frozen."""
+        has = {"unet": self.train_unet, "te1": self.train_te1, "te2": self.train_te2}[part]
+        return has and part not in self.frozen_parts
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        return self.trains("te1") or self.trains("te2")
 
     @property
     def block_mode(self) -> bool:

@@ -74,8 +74,6 @@ class LycorisNetwork(AdapterNetwork[ModuleT]):
     ) -> NetworkT:
         """AdapterNetwork.build with the init seeded by ``generator.initial_seed()``: LyCORIS draws from the global
         RNG, which is forked so the caller's state is untouched."""
-        if config.module_dims is not None:
-            raise ValueError("per-module dims from a file (module_dims) are only supported for algo 'lora'")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(generator.initial_seed())
             return super().build(unet, te1, te2, config, generator)

@@ -126,7 +126,10 @@ def train(
     if total < 1:
         raise ValueError("Set max_train_steps or max_train_epochs to at least 1.")
     if train_te and clip is None:
-        raise ValueError("Training the text encoders needs the CLIP input connected.")
+        raise ValueError(
+            "The network has text-encoder modules (train_clip_l / train_clip_g, or a start_from file with "
+            "lora_te1_ / lora_te2_ keys): connect the CLIP input of the train node."
+        )
 
     with torch.inference_mode(False), comfy_training.training_models(model, clip, train_te) as models:
         device = models.device
@@ -167,7 +170,10 @@ def train(
             state = resume["loop"]
 
         needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
-        encoder = live_text_encoder(models.clip, with_grad=train_te) if clip is not None else None
+        # text-encoder modules that are applied frozen (a continued file's) need live encoding, but no gradient
+        encoder = (
+            live_text_encoder(models.clip, with_grad=network_config.trains_text_encoders) if clip is not None else None
+        )
         source = CachedBatchSource(
             dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te, device=device
         )

@@ -110,6 +110,10 @@ NOT_CARRIED = {
         train(clip_l=PartSettings(loraplus_lr_ratio=2.0), clip_g=PartSettings(loraplus_lr_ratio=4.0)),
         "LoRA+ ratio per text encoder",
     ),
+    "frozen_parts": (
+        net(module_dims=(("lora_unet_a", 4, 1.0), ("lora_te1_b", 4, 1.0)), frozen_parts=("te1", "te2")),
+        "CLIP-L + CLIP-G modules of the start_from file applied frozen",
+    ),
     "emb_block_lr": (net(block_lr_weight=tuple([0.5] + [1.0] * 22)), "time-embedding/out block"),
     "resume_from": (checkpoints(resume_from="/states/step100"), "resume_from"),
     "state_cadence": (checkpoints(save_every_n_steps=10, save_state_every_n_steps=30), "save_state_every_n_steps"),

@@ -35,7 +35,7 @@ from .lora_output import (
     training_metadata,
 )
 from .previews import PreviewRenderer, PreviewRequest
-from .resume_state import load_state
+from .resume_state import StateError, load_state
 from .session import TrainResult, train
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
@@ -102,6 +102,8 @@ class TrainJob(RunEvents):
         """Train and save. Raises ComfyUI's interrupt after saving when the user cancelled."""
         ckpt = self.checkpointing
         resume = load_state(ckpt.resume_from, self.fingerprint) if ckpt.resume_from else None
+        if resume is not None:
+            self._require_steps_left(ckpt.resume_from, resume["loop"].global_step)
         comfy_services.reset_interrupt_note()
         result = train(
             model,
@@ -129,6 +131,22 @@ class TrainJob(RunEvents):
             steps_per_epoch=result.steps_per_epoch,
             report=self._report(saved),
             previews=torch.cat(self.renderer.images) if self.renderer is not None and self.renderer.images else None,
+        )
+
+    def _require_steps_left(self, state_folder: str, done: int) -> None:
+        """A state at or past this run's last step has nothing left to train: say so before anything is saved (a
+        new file would only repeat the state's weights under a new name)."""
+        if done < self.total_steps:
+            return
+        target = (
+            f"max_train_epochs {self.config.max_train_epochs} = {self.total_steps} steps"
+            if self.config.max_train_epochs > 0
+            else f"max_train_steps is {self.total_steps}"
+        )
+        raise StateError(
+            f"the resumable state {state_folder} is already at step {done} and {target}: nothing is left to "
+            f"train and nothing was saved. To train on from it, raise max_train_steps (or max_train_epochs) above "
+            f"{done}; to use the weights of step {done}, load the LoRA that run saved."
         )
 
     # -- what the run tells us (RunEvents) ------------------------------------------------------------------

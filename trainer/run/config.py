@@ -63,6 +63,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        warmup = self.lr_warmup_steps
+        if isinstance(warmup, float) and (warmup == 0 or warmup >= 1):  # steps, not a ratio: an int, as kohya
+            object.__setattr__(self, "lr_warmup_steps", int(warmup))
         for name in ("loraplus_lr_ratio", "scale_weight_norms"):
             if getattr(self, name) == 0:  # kohya's ``or`` / the node's "0 = off": no ratio, no max-norm
                 object.__setattr__(self, name, None)

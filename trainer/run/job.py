@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import Any
 
 import torch
 
+from ..comfyui import graph as comfy_graph
 from ..comfyui import services as comfy_services
 from ..data.dataset import TrainingDataset
+from ..network.checkpoint_hashes import checkpoint_hashes
 from ..network.config import NetworkSetup
 from .checkpoints import CheckpointSettings, RunArtifacts
 from .config import TrainConfig
@@ -97,6 +100,7 @@ class TrainJob(RunEvents):
             self.fingerprint,
         )
         self.run: TrainResult | None = None  # set when training starts
+        self.checkpoint: dict[str, str] = {}  # ss_sd_model_name and hashes, set when the job starts
 
     def execute(self, model: Any, clip: Any, latents: Any, text: Any) -> JobResult:
         """Train and save. Raises ComfyUI's interrupt after saving when the user cancelled."""
@@ -104,6 +108,7 @@ class TrainJob(RunEvents):
         resume = load_state(ckpt.resume_from, self.fingerprint) if ckpt.resume_from else None
         if resume is not None:
             self._require_steps_left(ckpt.resume_from, resume["loop"].global_step)
+        self.checkpoint = base_checkpoint_metadata(self.prompt, self.node_id)
         comfy_services.reset_interrupt_note()
         result = train(
             model,
@@ -208,7 +213,8 @@ class TrainJob(RunEvents):
                 run.total_steps,
                 self.started,
                 self.out.name,
-            ),
+            )
+            | self.checkpoint,
             dataset=dataset_metadata(self.dataset),
             network_meta=network_metadata(self.network.config),
             step=step,
@@ -260,6 +266,15 @@ class TrainJob(RunEvents):
         if self.artifacts.states:
             report += f"\nstate: {self.artifacts.states[-1]}"
         return report + "".join(f"\n{note}" for note in run.notes)
+
+
+def base_checkpoint_metadata(prompt: Any, node_id: str | None) -> dict[str, str]:
+    """kohya's ss_sd_model_name / ss_sd_model_hash / ss_new_sd_model_hash of the checkpoint file the node's MODEL was
+    loaded from (found in the queued prompt); none when the MODEL did not come from a checkpoint file."""
+    path = comfy_graph.model_source(prompt, node_id).checkpoint_path
+    if not path or not os.path.isfile(path):
+        return {}
+    return checkpoint_hashes(path).training_metadata()
 
 
 def preview_frame(images: list[torch.Tensor]):

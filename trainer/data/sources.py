@@ -803,7 +803,7 @@ def scan_metadata_jsonl(
             result.skipped.append(
                 (
                     str(img),
-                    f"{where}: {name} is listed again (first on line {seen[key]}); only the first row is used. "
+                    f"{where}: {img} is listed again (first on line {seen[key]}); only the first row is used. "
                     "Delete the duplicate row.",
                 )
             )

@@ -533,7 +533,7 @@ def test_metadata_jsonl_reports_every_bad_line_at_once(tmp_path):
     ]:
         assert f"{meta}:{line_no}: {reason}" in message, (line_no, message)
     assert "gone.png" in message and "line 6" in message
-    assert f"{meta}:7: a.png is listed again (first on line 1)" in message
+    assert f"{meta}:7: {tmp_path / 'a.png'} is listed again (first on line 1)" in message
     assert message.count(str(tmp_path / "gone.png")) == 1
 
 

@@ -130,6 +130,14 @@ def train(
             "The network has text-encoder modules (train_clip_l / train_clip_g, or a start_from file with "
             "lora_te1_ / lora_te2_ keys): connect the CLIP input of the train node."
         )
+    trained = (
+        ("unet", network_config.trains("unet")),
+        ("clip_l", network_config.trains("te1")),
+        ("clip_g", network_config.trains("te2")),
+    )
+    no_learning = config.zero_learning_rate_error([part for part, on in trained if on])
+    if no_learning:
+        raise ValueError(no_learning)
 
     with torch.inference_mode(False), comfy_training.training_models(model, clip, train_te) as models:
         device = models.device

@@ -134,8 +134,9 @@ def NET_MODULES(weights) -> set[str]:  # noqa: N802 - reads as the set it return
 
 def test_a_failed_log_write_is_a_warning_and_leaves_no_empty_log(comfy_dirs, monkeypatch):
     loras, _ = comfy_dirs
-    full_disk(monkeypatch, ".log.csv")
+    disk = full_disk(monkeypatch, ".log.csv")
     _, result = run_job("logfull", steps=1)
+    assert disk.refused
     assert result.saved is not None and result.saved.path.is_file()
     assert not list((loras / SUB).glob("*.log.csv")) and not list((loras / SUB).glob(".*"))
     (warning,) = [line for line in result.report.splitlines() if line.startswith("WARNING:")]

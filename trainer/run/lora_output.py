@@ -20,7 +20,7 @@ from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
 from ..network.file_names import safe_relative_name, unique_lora_path
 from ..network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag_frequency
-from ..network.safetensors_file import save_lora
+from ..network.safetensors_file import prepare_tensors, save_lora
 from .optimizers import optimizer_metadata_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -153,8 +153,17 @@ def training_metadata(
     }
 
 
+def shipped_weights(network: AdapterNetwork, out: OutputSettings) -> dict[str, torch.Tensor]:
+    """The LoRA exactly as the file holds it (cast to ``save_precision``, CPU copies).
+
+    The train node applies these to its MODEL/CLIP outputs and hands them on as LORA_MODEL, so what a KSampler after
+    the train node shows is what a LoraLoader loading the file shows (what you test is what you ship).
+    """
+    return prepare_tensors(network.state_dict_kohya(), SAVE_DTYPES[out.save_precision])
+
+
 def save_run_lora(
-    network: AdapterNetwork,
+    weights: dict[str, torch.Tensor],
     loras_root: str,
     out: OutputSettings,
     *,
@@ -168,6 +177,8 @@ def save_run_lora(
     extra_pnginfo: dict | None = None,
     v_parameterization: bool = False,
 ) -> SavedLora:
+    """Write ``weights`` (``shipped_weights``) under a new name in the loras folder; raises OSError when it cannot
+    (``atomic_files.WriteFailed`` names the file, the space needed and free)."""
     path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
     meta = build_metadata(
         training,
@@ -181,7 +192,7 @@ def save_run_lora(
     )
     if v_parameterization:
         meta["ss_v_parameterization"] = "True"
-    save_lora(network.state_dict_kohya(), path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
+    save_lora(weights, path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
     return SavedLora(path=Path(path), lora_name=rel)
 
 

@@ -102,8 +102,9 @@ class CacheText(io.ComfyNode):
             display_name="SDXL LoRA: Cache Text",
             category=f"{CATEGORY}/cache",
             description="Encodes each caption once with both SDXL text encoders (context 2048 + pooled 1280), "
-            "as literal text. Captions with shuffle/dropout are marked live and encoded during "
-            "training instead; an edited caption re-encodes only itself.",
+            "as literal text, with kohya's max_token_length (by default 75 tokens: longer captions are truncated and "
+            "listed in the report). Captions with shuffle/dropout are marked live and encoded during training "
+            "instead; an edited caption re-encodes only itself.",
             inputs=[
                 DatasetSocket.Input("dataset", tooltip="The bucketed dataset."),
                 io.Clip.Input("clip", tooltip="The SDXL CLIP (from Load Checkpoint)."),

@@ -193,7 +193,8 @@ class Buckets(io.ComfyNode):
                 io.Boolean.Input(
                     "enable_bucket",
                     default=True,
-                    tooltip="Aspect-ratio buckets. Off: every image must already be exactly the resolution (kohya).",
+                    tooltip="Aspect-ratio buckets. Off: one bucket = the resolution; another size is scaled "
+                    "to cover it and centre-cropped (kohya's cached-latent path).",
                 ),
                 io.Int.Input("min_bucket_reso", default=256, min=32, max=8192, tooltip="Smallest bucket side."),
                 io.Int.Input("max_bucket_reso", default=2048, min=64, max=16384, tooltip="Largest bucket side."),

@@ -30,6 +30,7 @@ from sdxl_lora_trainer.trainer.data.buckets import BucketSettings, resize_and_cr
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions, escape_for_comfy_tokenizer
 from sdxl_lora_trainer.trainer.data.dataset import TrainingDataset
 from sdxl_lora_trainer.trainer.data.sources import items_from_images
+from sdxl_lora_trainer.trainer.data.token_length import TokenLength
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.run.config import TrainConfig
 from sdxl_lora_trainer.trainer.run.events import RunEvents
@@ -85,9 +86,10 @@ class DictLatents:
 
 @dataclass
 class DictText:
-    """TextSource: (context [L, 2048-like], pooled) per image key."""
+    """TextSource: (context [L, 2048-like], pooled) per image key, encoded as CLIPTextEncode encodes (encode_text)."""
 
     table: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    token_length: TokenLength = field(default_factory=lambda: TokenLength(comfyui_chunking=True))
 
     def encoding(self, image) -> tuple[torch.Tensor, torch.Tensor]:
         return self.table[_key(image)]

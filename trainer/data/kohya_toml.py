@@ -355,9 +355,13 @@ def _validate_table(
             if key in _UNSUPPORTED:
                 warnings.append(f"{source}: {section}: key '{key}' is ignored: {_UNSUPPORTED[key]}.")
             elif key in _CLI_ONLY:
+                where = (
+                    "set it on 'Cache Text' (or in the kohya training config that 'Import kohya Config' reads)"
+                    if key == "max_token_length"
+                    else "set it on the training node instead"
+                )
                 warnings.append(
-                    f"{source}: {section}: key '{key}' is ignored: kohya only takes it from the command line "
-                    "(set it on the training node instead)."
+                    f"{source}: {section}: key '{key}' is ignored: kohya only takes it from the command line ({where})."
                 )
             elif key in _ALL_KEYS:
                 if key in (_DB_SUBSET_ONLY | _FT_SUBSET_ONLY):

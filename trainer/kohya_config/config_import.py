@@ -18,6 +18,7 @@ import tomllib
 
 from ..data.images import DatasetError
 from ..data.text_files import read_utf8
+from ..data.token_length import TokenLength
 from ..network.config import KOHYA_NETWORK_ARGS, NetworkConfig, PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
@@ -96,7 +97,6 @@ _NOT_SUPPORTED: dict[str, str] = {
     "base_weights_multiplier": "merge base LoRAs with a LoraLoader before training",
     "masked_loss": "not offered yet",
     "prior_loss_weight": "not offered yet",
-    "max_token_length": "not offered yet",
     "validation_split": "not offered yet",
 }
 
@@ -310,6 +310,7 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
         train_dtype=train_dtype,
         full_bf16=bool(keys.get("full_bf16", False)),
         gradient_checkpointing=bool(keys.get("gradient_checkpointing")),
+        token_length=_token_length(keys),
         loss=LossSettings(
             loss_type=keys.get("loss_type", "l2"),
             huber_schedule=keys.get("huber_schedule", "snr"),
@@ -332,6 +333,15 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
             ip_noise_gamma_random_strength=bool(keys.get("ip_noise_gamma_random_strength", False)),
         ),
     )
+
+
+def _token_length(keys: _Keys) -> TokenLength:
+    """kohya's max_token_length (absent: kohya's 75 tokens); 'Cache Text' must encode with the same one."""
+    value = keys.get("max_token_length")
+    try:
+        return TokenLength(None if value is None else int(value))
+    except (TypeError, ValueError):
+        raise KohyaConfigError(f"max_token_length {value!r}: kohya takes 150 or 225 (or none: 75 tokens)") from None
 
 
 def _checkpointing(keys: _Keys) -> CheckpointSettings:

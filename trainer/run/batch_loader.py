@@ -15,8 +15,8 @@ from typing import Protocol
 
 import torch
 
-from ..data.captions import escape_for_comfy_tokenizer
 from ..data.dataset import BucketedImage, TrainingDataset, caption_for_step
+from ..data.token_length import TokenLength
 from ..objective.batch_loss import Batch
 
 
@@ -26,16 +26,18 @@ class LatentSource(Protocol):
 
 
 class TextSource(Protocol):
+    token_length: TokenLength  # how the captions were encoded; live captions are encoded the same way
+
     def encoding(self, image: BucketedImage) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [L, 2048], pooled [1280]) of the image's fixed caption."""
 
 
-# escaped captions -> one (context [L, 2048], pooled [1280]) each; for random captions and TE training
+# literal captions -> one (context [L, 2048], pooled [1280]) each; for random captions and TE training
 LiveEncoder = Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
-    """Stack per-sample contexts of 77*k tokens; different k are repeated to a common length.
+    """Stack per-sample contexts (77*k tokens with ComfyUI chunking); different k are repeated to a common length.
 
     Repeating a whole context sequence leaves cross-attention unchanged (the softmax sees each
     key/value the same number of times more), which is how ComfyUI batches conds of different length.
@@ -101,8 +103,7 @@ class CachedBatchSource:
             latents.append(self.latents.latent(img, flipped))
             time_ids.append(img.time_ids(flipped))
             if self.train_text_encoder or self.text is None or img.caption_options.is_random:
-                text = caption_for_step(img, py_random, epoch, step, self.max_train_steps)
-                captions.append(escape_for_comfy_tokenizer(text))
+                captions.append(caption_for_step(img, py_random, epoch, step, self.max_train_steps))
                 fixed.append(None)
             else:
                 captions.append(None)

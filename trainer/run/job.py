@@ -252,7 +252,7 @@ class TrainJob(RunEvents):
             self.out,
             run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
             training=training_metadata(
-                replace(self.config, train_dtype=run.train_dtype),
+                replace(self.config, train_dtype=run.train_dtype, token_length=run.token_length),
                 run.optimizer,
                 run.steps_per_epoch,
                 run.total_steps,

@@ -133,6 +133,7 @@ def training_metadata(
         "lr_scheduler": run.lr_scheduler,
         "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[run.train_dtype],
         "cache_latents": True,
+        "max_token_length": run.token_length.max_token_length if run.token_length else None,
         "seed": run.seed,
         "noise_offset": run.noise.noise_offset,
         "multires_noise_iterations": run.noise.multires_noise_iterations,

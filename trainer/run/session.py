@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from ..comfyui import encoders as comfy_encoders
+from ..cache.text import encode_caption
 from ..comfyui import kernels as comfy_kernels
 from ..comfyui import models as comfy_models
 from ..comfyui import training as comfy_training
 from ..data.dataset import TrainingDataset
+from ..data.token_length import TokenLength
 from ..network import build_network
 from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
@@ -46,6 +47,7 @@ class TrainResult:
     scaler: Any = None
     group_names: list[str] = field(default_factory=list)
     train_dtype: str = "fp32"  # what "auto" resolved to
+    token_length: TokenLength = field(default_factory=TokenLength)  # how captions were / are encoded
     notes: list[str] = field(default_factory=list)  # what the run changed or chose, for the report
 
 
@@ -70,15 +72,19 @@ class ComfyDenoiser:
         return comfy_models.unet_forward(self.model, noisy_latents, timesteps, context, y, self.dtype)
 
 
-def live_text_encoder(clip: Any, with_grad: bool) -> Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Encode captions now: random captions (frozen encoders), or text-encoder training (``with_grad``)."""
+def live_text_encoder(
+    clip: Any, with_grad: bool, token_length: TokenLength | None = None
+) -> Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Encode literal captions now, with the run's token layout: random captions (frozen encoders), or text-encoder
+    training (``with_grad``)."""
+    token_length = token_length or TokenLength()
 
     def encode(captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
         with torch.set_grad_enabled(with_grad):
             for text in captions:
-                ctx, pooled = comfy_encoders.encode_text(clip, text)
-                out.append((ctx[0].float(), pooled[0].float()))
+                ctx, pooled = encode_caption(clip, text, token_length)
+                out.append((ctx.float(), pooled.float()))
         return out
 
     return encode
@@ -127,6 +133,7 @@ def train(
         raise ValueError("Set max_train_steps or max_train_epochs to at least 1.")
     if train_te and clip is None:
         raise ValueError("Training the text encoders needs the CLIP input connected.")
+    token_length = config.resolve_token_length(text.token_length if text is not None else None)
     trained = (
         ("unet", network_config.train_unet),
         ("clip_l", network_config.train_te1),
@@ -174,7 +181,9 @@ def train(
             state = resume["loop"]
 
         needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
-        encoder = live_text_encoder(models.clip, with_grad=train_te) if clip is not None else None
+        encoder = None
+        if clip is not None:
+            encoder = live_text_encoder(models.clip, with_grad=train_te, token_length=token_length)
         source = CachedBatchSource(
             dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te, device=device
         )
@@ -196,6 +205,7 @@ def train(
             scaler=scaler,
             group_names=group_names,
             train_dtype=train_dtype,
+            token_length=token_length,
         )
         with contextlib.ExitStack() as stack:
             stack.enter_context(comfy_training.training_flag())
@@ -209,6 +219,7 @@ def train(
             stack.enter_context(comfy_kernels.gradient_checkpointing(unet, config.gradient_checkpointing))
             stack.enter_context(network.attach())
             result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
+            result.notes.append(f"captions: {token_length.describe()}")
             events.training_started(result)
             try:
                 result.state = run(

@@ -457,3 +457,41 @@ def test_max_train_epochs_overrides_max_train_steps(ga, steps, singles):
     )
     assert result.total_steps == steps
     assert [r.epoch for r in result.state.history] == [1] * (steps // 2) + [2] * (steps // 2)
+
+
+@pytest.mark.parametrize("token_length", [None, 225], ids=["kohya-75", "kohya-225"])
+def test_live_captions_use_the_text_caches_token_length(token_length, monkeypatch):
+    """Captions encoded at train time (shuffled here) take Cache Text's max_token_length: contexts of 77 / 227, the
+    same as the cached ones, and a run's settings that name another layout are refused."""
+    from sdxl_lora_trainer.trainer.cache.stores import MemoryStore
+    from sdxl_lora_trainer.trainer.cache.text import TextCache
+    from sdxl_lora_trainer.trainer.data.token_length import TokenLength
+    from sdxl_lora_trainer.trainer.run import session as ts
+
+    long = ", ".join(f"tag{i} word{i}" for i in range(40))  # over 150 tokens
+    ds = tf.make_dataset(2, captions=[long, "a, b, c"], caption_options=CaptionOptions(shuffle_caption=True))
+    lat, _ = tf.sources(tf.inference_models(), ds)
+    with torch.inference_mode():
+        text = TextCache.build(
+            ds, tf.inference_models()[1], store=MemoryStore(64), token_length=TokenLength(token_length)
+        )
+    assert text.live_indices == [0, 1]
+    lengths = []
+    live = ts.live_text_encoder
+
+    def recording(clip, **kwargs):
+        encode = live(clip, **kwargs)
+
+        def wrapped(captions):
+            out = encode(captions)
+            lengths.extend(ctx.shape[0] for ctx, _ in out)
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(ts, "live_text_encoder", recording)
+    result = tf.run_train(ds, lat, text, NET, TrainConfig(max_train_steps=2))
+    assert lengths == [(token_length or 75) + 2] * 2
+    assert result.token_length == TokenLength(token_length)
+    with pytest.raises(ValueError, match="set max_token_length to 150 on 'Cache Text'"):
+        tf.run_train(ds, lat, text, NET, TrainConfig(max_train_steps=1, token_length=TokenLength(150)))

@@ -122,4 +122,5 @@ class CachedBatchSource:
             context=stack_contexts(contexts),
             pooled=torch.stack(pooled),
             time_ids=torch.tensor(time_ids, dtype=torch.long),
+            is_reg=tuple(img.item.is_reg for img in images),
         )

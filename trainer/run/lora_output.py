@@ -144,6 +144,7 @@ def training_metadata(
         "optimizer": optimizer_metadata_name(optimizer, run.optimizer),
         "max_grad_norm": run.max_grad_norm,
         "min_snr_gamma": run.loss.min_snr_gamma,
+        "prior_loss_weight": run.loss.prior_loss_weight,
         "scale_weight_norms": run.scale_weight_norms,
         "debiased_estimation": run.loss.debiased_estimation_loss,
         "loss_type": run.loss.loss_type,

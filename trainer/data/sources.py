@@ -419,7 +419,7 @@ def _summarize(paths: Sequence[str]) -> str:
     return shown
 
 
-class _MissingMask(Exception):
+class MissingMask(Exception):
     """An image of a masked subset has no mask file (collected, then reported together)."""
 
 
@@ -439,7 +439,7 @@ def attach_mask(image: Path, probe: ImageProbe, options: ScanOptions, dataset_ro
 
     ``alpha_mask``: the image's alpha (an image without alpha trains unmasked, as in kohya: a mask of ones; the
     scanner says so). ``mask_dir``: ``<mask_dir>/<image's folder relative to dataset_root>/<stem>.<ext>``, else
-    ``<mask_dir>/<stem>.<ext>``; it must have the image's size. Raises _MissingMask when there is none.
+    ``<mask_dir>/<stem>.<ext>``; it must have the image's size. Raises MissingMask when there is none.
     """
     if options.alpha_mask:
         return MaskSource("alpha")
@@ -455,7 +455,7 @@ def attach_mask(image: Path, probe: ImageProbe, options: ScanOptions, dataset_ro
         pass
     found = next((m for m in (find_mask_file(f, image, ACCEPTED_EXTENSIONS) for f in folders) if m), None)
     if found is None:
-        raise _MissingMask()
+        raise MissingMask()
     mask_probe = probe_image_info(found, exif_transpose=options.exif_transpose, max_pixels=options.max_pixels)
     if mask_probe.size != probe.size:
         raise DatasetError(
@@ -553,7 +553,7 @@ def scan_image_dir(
             continue
         try:
             mask = attach_mask(img, info, options, mask_root)
-        except _MissingMask:
+        except MissingMask:
             missing_masks.append(str(img))
             continue
         if options.alpha_mask and info.mode not in _ALPHA_MODES:
@@ -894,7 +894,7 @@ def scan_metadata_jsonl(
             continue
         try:
             mask = attach_mask(img, info, options, base)
-        except _MissingMask:
+        except MissingMask:
             missing_masks.append(str(img))
             continue
         missing_note: str | None = None

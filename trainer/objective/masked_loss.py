@@ -4,7 +4,8 @@ kohya (``library/custom_train_functions.apply_masked_loss``) takes the mask at t
 either an alpha mask (``alpha / 255``, after the image's own resize, crop and flip) or the RED channel of a
 conditioning ("mask") image, which kohya has already normalised to -1..1 and maps back with ``x / 2 + 0.5``. It
 gives the mask a channel axis, shrinks it to the loss's latent size with ``interpolate(mode="area")`` and multiplies
-the element-wise loss with it, before the mean over C, H, W (trainer/objective/loss_weighting.compute_loss).
+the element-wise loss with it, before the mean over C, H, W (trainer/objective/loss_weighting.compute_loss; kohya
+quirk K22: the mean still counts the masked pixels).
 
 The shrink depends only on the mask, so the latent cache does it once per image and flip
 (``latent_loss_mask``); training multiplies (``apply_masked_loss``). Both run kohya's exact float32 operations.

@@ -72,3 +72,13 @@ def test_no_masks_means_no_mask_tensor():
     ds = _dataset()
     batch = CachedBatchSource(ds, Latents({}), Text(), None, seed=1, max_train_steps=10).get(0, 1, random.Random(0))
     assert batch.loss_mask is None
+
+
+def test_lora_metadata_counts_reg_images_apart_as_kohya():
+    from sdxl_lora_trainer.trainer.run.lora_output import dataset_metadata
+
+    meta = dataset_metadata(_dataset())
+    # 2 train images x 1 repeat; kohya counts the 1 reg image as given, then registers it twice to match them
+    assert (meta["num_train_images"], meta["num_reg_images"]) == (2, 1)
+    assert meta["dataset_dirs"] == {"train": {"n_repeats": 1, "img_count": 2}}
+    assert meta["reg_dataset_dirs"] == {"reg": {"n_repeats": 2, "img_count": 1}}

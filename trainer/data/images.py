@@ -72,6 +72,7 @@ class ImageProbe:
     format: str | None
     n_frames: int
     orientation: int  # EXIF orientation 1..8 (1 when absent or when orientation is not applied)
+    transparency: bool = False  # a transparent colour (PNG tRNS) in a mode without alpha channel
 
     @property
     def size(self) -> tuple[int, int]:
@@ -225,7 +226,7 @@ def probe_image_info(path: PathLike, exif_transpose: bool = True, max_pixels: in
         orientation = _orientation(im, loaded=False) if exif_transpose else 1
         n_frames = int(getattr(im, "n_frames", 1) or 1)
         w, h = _oriented_size(im.size, orientation)
-        return ImageProbe(w, h, im.mode, im.format, n_frames, orientation)
+        return ImageProbe(w, h, im.mode, im.format, n_frames, orientation, "transparency" in im.info)
     finally:
         im.close()
 
@@ -252,7 +253,7 @@ def verify_image(path: PathLike, exif_transpose: bool = True, max_pixels: int = 
                 raise _decode_error(p, e) from None
             orientation = _orientation(im, loaded=True) if exif_transpose else 1
             w, h = _oriented_size(full_size, orientation)
-            return ImageProbe(w, h, mode, im.format, n_frames, orientation)
+            return ImageProbe(w, h, mode, im.format, n_frames, orientation, "transparency" in im.info)
         finally:
             im.close()
 

@@ -431,7 +431,7 @@ def _missing_masks_error(images: Sequence[str], options: ScanOptions) -> Dataset
     )
 
 
-_ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA", "P")  # P: a palette may hold a transparent colour
+_ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
 
 
 def attach_mask(image: Path, probe: ImageProbe, options: ScanOptions, dataset_root: Path) -> MaskSource | None:
@@ -556,7 +556,7 @@ def scan_image_dir(
         except MissingMask:
             missing_masks.append(str(img))
             continue
-        if options.alpha_mask and info.mode not in _ALPHA_MODES:
+        if options.alpha_mask and info.mode not in _ALPHA_MODES and not info.transparency:
             no_alpha.append(str(img))
         notes: list[str] = []
         missing_note: str | None = None  # per-item only; result.warnings gets one summary

@@ -146,3 +146,14 @@ def test_graph_masks_are_batch_aligned_and_checked():
 def test_mask_pixels_round_half_up():
     px = mask_pixels_from_weights(np.array([[0.0, 0.5, 1.0, 2.0, -1.0]]), invert=False)
     assert np.asarray(px).tolist() == [[0, 128, 255, 255, 0]]
+
+
+def test_a_transparent_colour_counts_as_alpha(tmp_path):
+    """An RGB PNG with a tRNS colour has transparency: kohya's convert('RGBA') makes that colour's alpha 0."""
+    arr = np.zeros((32, 48, 3), dtype=np.uint8)
+    arr[:, 24:] = 255
+    Image.fromarray(arr).save(tmp_path / "trns.png", transparency=(0, 0, 0))
+    scan = scan_folder(tmp_path, options=ScanOptions(alpha_mask=True))
+    assert not any("no alpha channel" in w for w in scan.warnings)
+    alpha = np.asarray(scan.items[0].load_mask())
+    assert alpha[:, :24].max() == 0 and alpha[:, 24:].min() == 255

@@ -30,22 +30,6 @@ LAYOUTS = ["auto", "captions beside images", "metadata.jsonl"]
 MASK_MEANINGS = ["1 - mask (opaque pixels train, as kohya alpha_mask)", "mask (masked pixels train)"]
 
 
-def scan_report(scan: ScanResult) -> str:
-    lines = [f"{scan.num_images} images ({scan.num_images_with_repeats} with repeats)"]
-    subsets: dict[str, list[int]] = {}
-    for it in scan.items:
-        s = subsets.setdefault(it.subset or "(images)", [0, it.num_repeats])
-        s[0] += 1
-    lines += [f"  {name}: {n} images x {rep} repeats" for name, (n, rep) in subsets.items()]
-    if scan.skipped:
-        lines.append(f"skipped {len(scan.skipped)}:")
-        lines += [f"  {p}: {r}" for p, r in scan.skipped]
-    if scan.warnings:
-        lines.append(f"{len(scan.warnings)} warnings:")
-        lines += [f"  {w}" for w in scan.warnings]
-    return "\n".join(lines)
-
-
 def dataset_outputs(ds) -> io.NodeOutput:
     report = ds.report_text()
     histogram = pil_to_image(bucket_histogram_image(ds.bucket_histogram()))
@@ -180,7 +164,7 @@ class ImagesFromFolder(io.ComfyNode):
             scan = scan_folder(folder, input_dir, masked, default_repeats=default_repeats)
         if reg_folder.strip():
             scan = with_reg_images(scan, scan_folder(reg_folder, input_dir, options, is_reg=True))
-        report = scan_report(scan)
+        report = scan.report_text()
         return io.NodeOutput(scan, report, ui={"text": [report]})
 
 
@@ -250,7 +234,7 @@ class ImagesFromGraph(io.ComfyNode):
         scan = items_from_images(
             list(images), caption_arg, name=name[0], num_repeats=repeats[0], masks=mask, invert_masks=invert
         )
-        report = scan_report(scan)
+        report = scan.report_text()
         return io.NodeOutput(scan, report, ui={"text": [report]})
 
 

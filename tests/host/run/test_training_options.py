@@ -485,6 +485,7 @@ def test_loss_mask_reaches_the_loss(pair):
     # the mask multiplies the element-wise loss before the mean: 0.5 everywhere halves the first step's loss exactly
     assert losses[2][0] == losses[0][0] / 2
     assert losses[3][0] != losses[0][0] and losses[3][1] != losses[0][1]
+    assert not any("masked loss" in note for note in plain.notes)
 
 
 def test_prior_loss_weight_weights_reg_samples(pair):
@@ -496,6 +497,9 @@ def test_prior_loss_weight_weights_reg_samples(pair):
     unweighted = tf.run_train(reg, lat, txt, NET, config)
     assert unweighted.state.history[0].loss == plain.state.history[0].loss  # prior_loss_weight 1: no change
     assert weighted.state.history[0].loss == pytest.approx(plain.state.history[0].loss * 0.25, rel=1e-6)
+    assert "regularization images: 2, their loss weighted by prior_loss_weight 0.25" in weighted.notes
+    no_reg = tf.run_train(ds, lat, txt, NET, replace(config, loss=LossSettings(prior_loss_weight=0.25)))
+    assert "prior_loss_weight 0.25 has no effect: the dataset has no regularization images" in no_reg.notes
 
 
 def _as_reg(img):

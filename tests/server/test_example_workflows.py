@@ -28,6 +28,7 @@ from workflow_convert import (
     set_inputs,
     upstream,
     widget_slots,
+    widgets_to_inputs,
     workflow_to_prompt,
 )
 
@@ -458,6 +459,25 @@ def test_kohya_toml_workflow_with_conv_and_text_encoders(server, object_info):
     base = image_of(server, entry, save_node(prompt, "base"))
     lora = image_of(server, entry, save_node(prompt, "with_lora"))
     assert np.abs(base - lora).max() > 0
+
+
+def test_load_image_widgets_are_saved_as_the_frontend_saves_them(object_info):
+    """Load Image's upload button adds "image" after the file name in widgets_values (ComfyUI's own templates)."""
+    try:
+        import comfyui_workflow_templates_json
+    except ImportError:  # pragma: no cover - installed with ComfyUI's requirements
+        pytest.skip("comfyui_workflow_templates_json is not installed")
+    templates = Path(comfyui_workflow_templates_json.__file__).parent / "templates"
+    saved = next(
+        n["widgets_values"]
+        for path in sorted(templates.glob("*.json"))
+        for n in json.loads(path.read_text()).get("nodes", [])
+        if n.get("type") == "LoadImage" and n.get("widgets_values")
+    )
+    assert len(saved) == 2 and saved[1] == "image", saved
+    ours = next(n for n in example("masked_training")["nodes"] if n["type"] == "LoadImage")
+    assert ours["widgets_values"] == ["example.png", "image"]
+    assert widgets_to_inputs(object_info["LoadImage"], saved) == {"image": saved[0]}
 
 
 def test_masked_training_example_trains_with_load_images_mask(server, object_info):

@@ -50,9 +50,11 @@ from .text_files import read_utf8
 __all__ = [
     "DatasetError",
     "DatasetItem",
+    "MissingMask",
     "ScanOptions",
     "ScanResult",
     "UNSUPPORTED_IMAGE_EXTENSIONS",
+    "attach_mask",
     "items_from_images",
     "normalize_caption_extension",
     "parse_repeats_folder_name",

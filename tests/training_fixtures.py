@@ -78,10 +78,14 @@ class DictLatents:
 
     table: dict[tuple[str, bool], torch.Tensor] = field(default_factory=dict)
     calls: int = 0
+    masks: dict[tuple[str, bool], torch.Tensor] = field(default_factory=dict)  # latent-size loss masks [h, w]
 
     def latent(self, image, flipped: bool) -> torch.Tensor:
         self.calls += 1
         return self.table[(_key(image), flipped)]
+
+    def loss_mask(self, image, flipped: bool) -> torch.Tensor | None:
+        return self.masks.get((_key(image), flipped))
 
 
 @dataclass

@@ -213,6 +213,8 @@ def _objective(run: KohyaRun, out: KohyaArgs) -> None:
     for name in ("scale_v_pred_loss_like_noise_pred", "debiased_estimation_loss"):
         if getattr(loss, name):
             a[name] = True
+    if loss.prior_loss_weight != 1.0:
+        a["prior_loss_weight"] = float(loss.prior_loss_weight)
     if run.v_parameterization:
         a["v_parameterization"] = True
     for name in ("noise_offset", "adaptive_noise_scale", "ip_noise_gamma"):

@@ -44,7 +44,9 @@ _WHERE_THE_GRAPH_SETS_IT: dict[str, str] = {
     "v_parameterization": "the MODEL's own prediction type decides (Load Checkpoint)",
     "dataset_config": "load it with the 'Dataset from kohya TOML' node",
     "train_data_dir": "use 'Images from Folder' on that folder",
-    "reg_data_dir": "use a reg subset in a kohya TOML ('Dataset from kohya TOML')",
+    "reg_data_dir": "set reg_folder on 'Images from Folder' (or a reg subset in a kohya TOML)",
+    "masked_loss": "the dataset decides: a mask folder, alpha_mask or a MASK input on the image nodes (or "
+    "conditioning_data_dir / alpha_mask in a kohya TOML); images with a mask train masked",
     "in_json": "use 'Dataset from kohya TOML' with a metadata_file subset",
     "resolution": "set it on 'Buckets & Captions' (or in the dataset TOML)",
     "output_dir": "LoRAs are saved in ComfyUI's loras folder (the Train node's output_subfolder)",
@@ -95,8 +97,6 @@ _NOT_SUPPORTED: dict[str, str] = {
     "log_with": "the Train node writes CSV/JSONL logs",
     "base_weights": "merge base LoRAs with a LoraLoader before training",
     "base_weights_multiplier": "merge base LoRAs with a LoraLoader before training",
-    "masked_loss": "not offered yet",
-    "prior_loss_weight": "not offered yet",
     "validation_split": "not offered yet",
 }
 
@@ -320,6 +320,7 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
             scale_v_pred_loss_like_noise_pred=bool(keys.get("scale_v_pred_loss_like_noise_pred", False)),
             v_pred_like_loss=_as_float_or_none(keys.get("v_pred_like_loss")),
             debiased_estimation_loss=bool(keys.get("debiased_estimation_loss", False)),
+            prior_loss_weight=float(keys.get("prior_loss_weight", 1.0)),
         ),
         noise=NoiseSettings(
             noise_offset=_as_float_or_none(keys.get("noise_offset")),

@@ -24,6 +24,9 @@ class LatentSource(Protocol):
     def latent(self, image: BucketedImage, flipped: bool) -> torch.Tensor:
         """Unscaled latent [4, h, w] of a bucketed image (flipped: of its mirrored pixels)."""
 
+    def loss_mask(self, image: BucketedImage, flipped: bool) -> torch.Tensor | None:
+        """Latent-size loss mask [h, w] of the image (kohya masked loss), or None when every pixel counts."""
+
 
 class TextSource(Protocol):
     token_length: TokenLength  # how the captions were encoded; live captions are encoded the same way
@@ -97,10 +100,11 @@ class CachedBatchSource:
         part_index, batch = self._batches(epoch)[index]
         part = self.dataset.parts[part_index]
         images: list[BucketedImage] = [part.images[k] for k in batch.keys]
-        latents, time_ids, captions, fixed = [], [], [], []
+        latents, time_ids, captions, fixed, masks = [], [], [], [], []
         for img in images:
             flipped = img.flip_aug and py_random.random() < 0.5
             latents.append(self.latents.latent(img, flipped))
+            masks.append(self.latents.loss_mask(img, flipped))
             time_ids.append(img.time_ids(flipped))
             if self.train_text_encoder or self.text is None or img.caption_options.is_random:
                 captions.append(caption_for_step(img, py_random, epoch, step, self.max_train_steps))
@@ -118,9 +122,18 @@ class CachedBatchSource:
             ctx, pool = fixed[i] if fixed[i] is not None else live[live_idx.index(i)]
             contexts.append(ctx.reshape(-1, ctx.shape[-1]).to(self.device))
             pooled.append(pool.reshape(-1).to(self.device))
+        loss_mask = None
+        if any(m is not None for m in masks):
+            # kohya: in a batch with masks, an image without one gets a mask of ones
+            loss_mask = torch.stack(
+                [m if m is not None else torch.ones(lat.shape[1:]) for m, lat in zip(masks, latents)]
+            )
+            loss_mask = loss_mask.unsqueeze(1).to(self.device)
         return Batch(
             latents=torch.stack([latent.float() for latent in latents]).to(self.device),
             context=stack_contexts(contexts),
             pooled=torch.stack(pooled),
             time_ids=torch.tensor(time_ids, dtype=torch.long),
+            is_reg=tuple(img.item.is_reg for img in images),
+            loss_mask=loss_mask,
         )

@@ -63,21 +63,25 @@ class SavedLora:
 def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
     images = ds.images
     dirs: dict[str, dict[str, int]] = {}
+    reg_dirs: dict[str, dict[str, int]] = {}  # kohya: reg subsets go to ss_reg_dataset_dirs
     captions: dict[str, list[str]] = {}
     for img in images:
         name = os.path.basename(img.item.source_dir or "") or img.item.subset or "images"
-        d = dirs.setdefault(name, {"n_repeats": img.item.num_repeats, "img_count": 0})
+        table = reg_dirs if img.item.is_reg else dirs
+        d = table.setdefault(name, {"n_repeats": img.item.num_repeats, "img_count": 0})
         d["img_count"] += 1
         captions.setdefault(name, []).append(img.item.caption)
     part = ds.parts[0]
+    image_counts = ds.image_counts()
     opts = images[0].caption_options
     counts: dict[tuple[int, int], int] = {}
     for bucket, _, with_repeats in ds.bucket_histogram():
         counts[bucket] = with_repeats
     ar_error = sum(abs(img.selection.ar_error) for img in images) / max(1, len(images))
     return {
-        "num_train_images": sum(i.item.num_repeats for i in images if not i.item.is_reg),
-        "num_reg_images": sum(i.item.num_repeats for i in images if i.item.is_reg),
+        # kohya's counters: num_reg_images counts the reg images given (x repeats), before its balancing
+        "num_train_images": image_counts["num_train_images"],
+        "num_reg_images": image_counts["num_reg_images"],
         "resolution": tuple(part.settings.resolution),
         "enable_bucket": part.settings.enable_bucket,
         "bucket_no_upscale": part.settings.bucket_no_upscale,
@@ -90,6 +94,7 @@ def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
         "caption_dropout_every_n_epochs": opts.caption_dropout_every_n_epochs,
         "caption_tag_dropout_rate": opts.caption_tag_dropout_rate,
         "dataset_dirs": dirs,
+        "reg_dataset_dirs": reg_dirs or None,
         "tag_frequency": tag_frequency(captions),
         "bucket_info": kohya_bucket_info(counts, ar_error) if part.settings.enable_bucket else None,
     }
@@ -145,6 +150,7 @@ def training_metadata(
         "optimizer": optimizer_metadata_name(optimizer, run.optimizer),
         "max_grad_norm": run.max_grad_norm,
         "min_snr_gamma": run.loss.min_snr_gamma,
+        "prior_loss_weight": run.loss.prior_loss_weight,
         "scale_weight_norms": run.scale_weight_norms,
         "debiased_estimation": run.loss.debiased_estimation_loss,
         "loss_type": run.loss.loss_type,

@@ -26,6 +26,7 @@ from ..network import build_network
 from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
 from ..objective.ddpm_schedule import DDPMSchedule
+from ..objective.loss_weighting import LossSettings
 from .batch_loader import CachedBatchSource, LatentSource, TextSource
 from .config import DTYPES, TrainConfig
 from .events import RunEvents
@@ -99,6 +100,24 @@ def _normal_tensors(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_normal_tensors(v) for v in obj]
     return obj
+
+
+def _dataset_loss_notes(dataset: TrainingDataset, loss: LossSettings) -> list[str]:
+    """What masks and reg images do to this run's loss, for the report (a setting without effect is said too)."""
+    counts = dataset.image_counts()
+    notes = []
+    if counts["masked_images"]:
+        notes.append(f"masked loss: {counts['masked_images']} of {len(dataset.images)} images have a loss mask")
+    if counts["reg_images"]:
+        notes.append(
+            f"regularization images: {counts['reg_images']}, their loss weighted by prior_loss_weight "
+            f"{loss.prior_loss_weight:g}"
+        )
+    elif loss.prior_loss_weight != 1.0:
+        notes.append(
+            f"prior_loss_weight {loss.prior_loss_weight:g} has no effect: the dataset has no regularization images"
+        )
+    return notes
 
 
 def train(
@@ -207,6 +226,7 @@ def train(
             train_dtype=train_dtype,
             token_length=token_length,
         )
+        result.notes.extend(_dataset_loss_notes(dataset, loss_settings))
         with contextlib.ExitStack() as stack:
             stack.enter_context(comfy_training.training_flag())
             kernel = stack.enter_context(comfy_kernels.differentiable_attention())

@@ -93,6 +93,7 @@ CARRIED = {
     "min_snr_gamma": loss(min_snr_gamma=5.0),
     "v_pred_like_loss": loss(v_pred_like_loss=0.3),
     "debiased_estimation_loss": loss(debiased_estimation_loss=True),
+    "prior_loss_weight": loss(prior_loss_weight=0.5),
     "noise_offset": noise(noise_offset=0.05, noise_offset_random_strength=True, adaptive_noise_scale=0.01),
     "multires_noise_iterations": noise(multires_noise_iterations=6, multires_noise_discount=0.4),
     "min_timestep": noise(min_timestep=100, max_timestep=900),

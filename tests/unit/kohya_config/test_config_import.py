@@ -179,3 +179,11 @@ def test_our_own_metadata_reads_back_into_the_same_settings():
         "noise",
     ):
         assert getattr(t, name) == getattr(config, name), name
+
+
+def test_prior_loss_weight_is_applied_and_masked_loss_names_the_dataset():
+    imported = from_kohya_args({"prior_loss_weight": 0.3, "masked_loss": True, "reg_data_dir": "reg"})
+    assert imported.train.loss.prior_loss_weight == 0.3 and "prior_loss_weight" in imported.applied
+    why = dict(imported.not_applied)
+    assert "mask folder" in why["masked_loss"] and "alpha_mask" in why["masked_loss"]
+    assert "reg_folder" in why["reg_data_dir"]

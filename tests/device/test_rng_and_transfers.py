@@ -27,10 +27,6 @@ DROPOUTS = {
     "loha": NetworkConfig(
         network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False, dropout=0.2, module_dropout=0.2, algo="loha"
     ),
-    # DoRA has no neuron dropout; its magnitude comes from the layer at the first forward, and from the state on resume
-    "dora": NetworkConfig(
-        network_dim=4, network_alpha=2.0, train_te1=False, train_te2=False, module_dropout=0.2, algo="dora"
-    ),
 }
 CONFIG = TrainConfig(max_train_steps=4, learning_rate=1e-2, seed=5)
 

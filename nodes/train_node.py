@@ -423,7 +423,7 @@ class TrainLora(io.ComfyNode):
                 full_bf16=full_bf16,
                 gradient_checkpointing=gradient_checkpointing,
             )
-        config = with_objective(config, objective)
+        config = with_objective(config, objective).with_loraplus(network.loraplus)
         out = OutputSettings(
             name=output_name, subfolder=output_subfolder, save_precision=save_precision, overwrite=overwrite
         )

@@ -16,7 +16,7 @@ from ..trainer.network.config import (
 )
 from ..trainer.network.file_config import config_from_file, file_parts, start_from_refusal
 from ..trainer.network.safetensors_file import read_keys
-from .common import CATEGORY
+from .common import CATEGORY, range_problems, refuse_at_queue_time
 from .sockets import NetworkSocket
 
 NONE = "none"
@@ -182,24 +182,36 @@ class NetworkSettings(io.ComfyNode):
         this server is accepted before the browser reloads the list; execute resolves it or says why not.
         A start_from file is checked against algo and the train toggles here, from its header, so a mismatch is
         said when the prompt is queued, not after minutes of loading and caching.
-        No **kwargs: with them ComfyUI would skip its min/max and option checks of every other input too."""
-        if not isinstance(algo, str):
-            return True
-        if isinstance(rank_dropout, (int, float)) and (refusal := rank_dropout_refusal(algo, rank_dropout)):
-            return refusal
-        if isinstance(dropout, (int, float)) and (refusal := dropout_refusal(algo, dropout)):
-            return refusal
+        No **kwargs: with them ComfyUI would skip its min/max and option checks of every other input too; the
+        min/max of the inputs named here are checked here (ComfyUI skips them), and all problems come in one message."""
         ratios = (loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
+        problems = range_problems(
+            cls,
+            {
+                "rank_dropout": rank_dropout,
+                "dropout": dropout,
+                "loraplus_lr_ratio": loraplus_lr_ratio,
+                "loraplus_unet_lr_ratio": loraplus_unet_lr_ratio,
+                "loraplus_text_encoder_lr_ratio": loraplus_text_encoder_lr_ratio,
+            },
+        )
+        if not isinstance(algo, str):
+            return refuse_at_queue_time(problems)
+        if isinstance(rank_dropout, (int, float)) and (refusal := rank_dropout_refusal(algo, rank_dropout)):
+            problems.append(refusal)
+        if isinstance(dropout, (int, float)) and (refusal := dropout_refusal(algo, dropout)):
+            problems.append(refusal)
         if all(isinstance(r, (int, float)) for r in ratios) and (refusal := loraplus_refusal(algo, any(ratios))):
-            return refusal
+            problems.append(refusal)
         toggles = (train_unet, train_clip_l, train_clip_g)
         if isinstance(start_from, str) and start_from != NONE and all(isinstance(t, bool) for t in toggles):
             try:
                 keys = read_keys(comfy_services.lora_file_path(start_from))
             except Exception:  # noqa: BLE001 - not (yet) listed or unreadable: execute says why
-                return True
-            return start_from_refusal(start_from, keys, algo, *toggles) or True
-        return True
+                keys = None
+            if keys is not None and (refusal := start_from_refusal(start_from, keys, algo, *toggles)):
+                problems.append(refusal)
+        return refuse_at_queue_time(problems)
 
     @classmethod
     def execute(

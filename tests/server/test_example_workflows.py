@@ -682,6 +682,24 @@ def test_lycoris_rank_dropout_is_refused_at_queue_time(server, object_info, fold
     errors = json.loads(reply.split(": ", 1)[1])["node_errors"][network]["errors"]
     messages = " ".join(e["details"] for e in errors)
     assert "rank_dropout is not supported with algo 'loha'" in messages and "Set rank_dropout to 0" in messages
+    assert messages.count("rank_dropout is not supported") == 1, messages  # once, not on every input it names
+
+
+def test_network_inputs_out_of_range_are_refused_at_queue_time(server, object_info, folder_dataset):
+    """The Network node's validate_inputs names rank_dropout, dropout and the LoRA+ ratios, so ComfyUI skips their
+    min/max check: the node does it, all problems in one message."""
+    prompt, _ = training_only(object_info, folder_dataset, output_name="range")
+    prompt = set_inputs(prompt, "SDXLLoraNetwork", rank_dropout=1.5, loraplus_lr_ratio=-1.0)
+    network = only_node(prompt, "SDXLLoraNetwork")
+    with pytest.raises(ServerError) as err:
+        server.queue(prompt)
+    reply = str(err.value)
+    errors = json.loads(reply.split(": ", 1)[1])["node_errors"][network]["errors"]
+    messages = " ".join(e["details"] for e in errors)
+    assert (
+        "rank_dropout 1.5 is above its maximum" in messages
+        and "loraplus_lr_ratio -1.0 is below its minimum" in messages
+    )
 
 
 def test_an_existing_file_is_never_overwritten(server, object_info, folder_dataset):

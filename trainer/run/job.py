@@ -34,6 +34,7 @@ from .lora_output import (
     save_run_lora,
     training_metadata,
 )
+from .optimizers import averaged_weights
 from .previews import PreviewRenderer, PreviewRequest
 from .resume_state import load_state
 from .session import TrainResult, train
@@ -178,6 +179,11 @@ class TrainJob(RunEvents):
     # -- saving and reporting ----------------------------------------------------------------------------------
     def _save(self, suffix: str, step: int, epoch: int) -> SavedLora:
         run = self.run
+        with averaged_weights(run.optimizer):  # a schedule-free optimizer saves its averaged weights
+            return self._save_lora(suffix, step, epoch)
+
+    def _save_lora(self, suffix: str, step: int, epoch: int) -> SavedLora:
+        run = self.run
         return save_run_lora(
             run.network,
             self.loras_root,
@@ -205,9 +211,10 @@ class TrainJob(RunEvents):
         the loop stops and saves."""
         run = self.run
         try:
-            return self.renderer.render(
-                run.models.model, run.network, training_clip=run.models.clip if self.train_te else None
-            )
+            with averaged_weights(run.optimizer):  # previews show a schedule-free optimizer's averaged weights
+                return self.renderer.render(
+                    run.models.model, run.network, training_clip=run.models.clip if self.train_te else None
+                )
         except BaseException as e:  # noqa: BLE001 - only ComfyUI's interrupt is swallowed
             if comfy_services.is_interrupt(e):
                 comfy_services.note_interrupt()

@@ -29,7 +29,7 @@ from .batch_loader import CachedBatchSource, LatentSource, TextSource
 from .config import DTYPES, TrainConfig
 from .events import RunEvents
 from .loop import LoopSettings, LoopState, run
-from .optimizers import build_optimizer, optimizer_eval_mode
+from .optimizers import build_optimizer, switch_to_averaged_weights
 from .schedulers import build_scheduler
 
 
@@ -47,6 +47,9 @@ class TrainResult:
     group_names: list[str] = field(default_factory=list)
     train_dtype: str = "fp32"  # what "auto" resolved to
     notes: list[str] = field(default_factory=list)  # what the run changed or chose, for the report
+    # a schedule-free optimizer's exact training point once the run switched it to its averaged weights (what a
+    # resumable state saved after training must hold; optimizers.training_point)
+    training_point: list[torch.Tensor] | None = None
 
 
 class ComfyDenoiser:
@@ -227,7 +230,7 @@ def train(
                 if not result.state.interrupted:
                     events.training_finished()
             finally:
-                optimizer_eval_mode(optimizer)
+                result.training_point = switch_to_averaged_weights(optimizer)
         network.eval()
         if device.type == "cuda":
             result.notes.append(

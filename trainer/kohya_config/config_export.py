@@ -16,7 +16,7 @@ from typing import Any
 from ..network.config import NetworkConfig
 from ..network.targets import SDXL_NUM_IN_OUT_BLOCKS, SDXL_NUM_MID_BLOCKS
 from ..run.config import TrainConfig
-from ..run.optimizers import parse_optimizer_args
+from ..run.optimizers import KOHYA_OPTIMIZER_TYPES, optimizer_pip_name, parse_optimizer_args
 from .run import KohyaRun
 
 #: the pack's sampler names -> kohya's --sample_sampler (kohya's k_* are the k-diffusion samplers ComfyUI uses)
@@ -162,7 +162,15 @@ def _training(run: KohyaRun, out: KohyaArgs) -> None:
     if train.max_train_epochs > 0:
         a["max_train_epochs"] = int(train.max_train_epochs)
     _learning_rates(train, out)
-    a["optimizer_type"] = train.optimizer.canonical_type
+    optimizer = train.optimizer.canonical_type
+    # kohya has short names for its own optimizers and imports any other from a class path
+    a["optimizer_type"] = KOHYA_OPTIMIZER_TYPES.get(optimizer, optimizer)
+    if optimizer in KOHYA_OPTIMIZER_TYPES or optimizer == "DAdaptAdam":
+        package = optimizer_pip_name(optimizer)
+        out.notes.append(
+            f"optimizer {optimizer}: kohya imports it from the {package} package; install it into kohya's Python "
+            f"(pip install {package})"
+        )
     optimizer_args = _optimizer_args(train.optimizer.optimizer_args)
     if optimizer_args:
         a["optimizer_args"] = optimizer_args

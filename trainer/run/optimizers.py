@@ -335,6 +335,13 @@ def _package_of(optimizer_type: str) -> str:
     return "torch"
 
 
+def optimizer_pip_name(optimizer_type: str) -> str | None:
+    """The PyPI package an optimizer comes from (None for torch's own)."""
+    if optimizer_type in _EIGHT_BIT:
+        return "bitsandbytes"
+    return _PACKAGED[optimizer_type][2] if optimizer_type in _PACKAGED else None
+
+
 def optimizer_class(optimizer_type: str) -> type:
     """The class ``optimizer_type`` (kohya's spelling) is built from; raises OptimizerUnavailableError naming what
     to install when its package (or CUDA, for the 8-bit ones) is missing."""

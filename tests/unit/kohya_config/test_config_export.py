@@ -73,6 +73,12 @@ CARRIED = {
     ),
     "optimizer": train(optimizer=OptimizerSettings("Lion", "weight_decay=0.01 betas=0.9,0.99")),
     "optimizer_strings": train(optimizer=OptimizerSettings("Adafactor", "relative_step=False scale_parameter=False")),
+    "optimizer_came": train(optimizer=OptimizerSettings("CAME", "weight_decay=0.01 betas=(0.9, 0.999, 0.9999)")),
+    "optimizer_adopt": train(optimizer=OptimizerSettings("ADOPT", "weight_decay=0.01")),
+    "optimizer_ademamix": train(optimizer=OptimizerSettings("AdEMAMix", "alpha=4.0")),
+    "optimizer_ademamix8bit": train(optimizer=OptimizerSettings("AdEMAMix8bit")),
+    "optimizer_prodigy_plus": train(optimizer=OptimizerSettings("ProdigyPlusScheduleFree", "d_coef=2.0")),
+    "optimizer_dadapt_adam": train(optimizer=OptimizerSettings("DAdaptAdam", "decouple=True")),
     "lr_scheduler": train(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=3),
     "lr_scheduler_power": train(lr_scheduler="polynomial", lr_scheduler_power=2.0),
     "lr_warmup_steps": train(lr_warmup_steps=50),
@@ -219,6 +225,26 @@ def test_rich_run_arguments():
     assert a["cache_latents_to_disk"] is True and a["cache_text_encoder_outputs"] is True
     assert a["sample_sampler"] == "dpmsolver++" and a["sample_every_n_steps"] == 25
     assert a["save_every_n_steps"] == 50 and a["save_state"] is True
+
+
+@pytest.mark.parametrize(
+    "name,kohya_type,package",
+    [
+        ("optimizer", "Lion", None),
+        ("optimizer_came", "pytorch_optimizer.CAME", "pytorch-optimizer"),
+        ("optimizer_adopt", "pytorch_optimizer.ADOPT", "pytorch-optimizer"),
+        ("optimizer_ademamix", "pytorch_optimizer.AdEMAMix", "pytorch-optimizer"),
+        ("optimizer_ademamix8bit", "bitsandbytes.optim.AdEMAMix8bit", "bitsandbytes"),
+        ("optimizer_prodigy_plus", "prodigyplus.ProdigyPlusScheduleFree", "prodigy-plus-schedule-free"),
+        ("optimizer_dadapt_adam", "DAdaptAdam", "dadaptation"),
+    ],
+)
+def test_optimizer_type_is_what_kohya_get_optimizer_imports(name, kohya_type, package):
+    """kohya has short names for its own optimizers and imports any other from a "module.Class" path."""
+    out = to_kohya_args(CARRIED[name])
+    assert out.args["optimizer_type"] == kohya_type
+    if package:  # a package kohya's requirements do not install
+        assert any(f"pip install {package}" in note for note in out.notes), out.notes
 
 
 def test_sample_prompts_use_kohya_prompt_options():

@@ -16,7 +16,7 @@ from ..trainer.report_images import loss_graph_image
 from ..trainer.run.config import TRAIN_DTYPES, TrainConfig
 from ..trainer.run.job import TrainJob
 from ..trainer.run.lora_output import OutputSettings, output_name_error
-from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings
+from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings, optimizer_settings_error
 from ..trainer.run.schedulers import SCHEDULER_TYPES
 from .common import CATEGORY, pil_to_image
 from .sockets import (
@@ -97,6 +97,13 @@ def train_config_from_widgets(
         full_bf16=full_bf16,
         gradient_checkpointing=gradient_checkpointing,
     )
+
+
+def optimizer_widgets_error(optimizer: str | None, optimizer_args: str | None) -> str | None:
+    """The queue-time message for the optimizer/optimizer_args widgets (None when fine or fed by a link)."""
+    if isinstance(optimizer, str) and isinstance(optimizer_args, str):
+        return optimizer_settings_error(optimizer, optimizer_args)
+    return None
 
 
 def with_objective(config: TrainConfig, objective: ObjectiveSettings | None) -> TrainConfig:
@@ -313,12 +320,20 @@ class TrainLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name: str | None = None, output_subfolder: str | None = None) -> bool | str:
-        """Reject unsafe names when the prompt is queued, not after a long run (None: fed by a link; execute
-        checks it then, still before training)."""
+    def validate_inputs(
+        cls,
+        output_name: str | None = None,
+        output_subfolder: str | None = None,
+        optimizer: str | None = None,
+        optimizer_args: str | None = None,
+    ) -> bool | str:
+        """Reject unsafe names and optimizer_args the optimizer cannot take when the prompt is queued, not after a
+        long run (None: fed by a link; execute checks it then, still before training)."""
         if isinstance(output_name, str) and isinstance(output_subfolder, str):
-            return output_name_error(output_subfolder, output_name) or True
-        return True
+            error = output_name_error(output_subfolder, output_name)
+            if error:
+                return error
+        return optimizer_widgets_error(optimizer, optimizer_args) or True
 
     @classmethod
     def execute(

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..trainer.run.config import TrainSettings
 from .common import CATEGORY
 from .sockets import TrainSettingsSocket
-from .train_node import TRAINING_WIDGETS, TrainLora, train_config_from_widgets
+from .train_node import TRAINING_WIDGETS, TrainLora, optimizer_widgets_error, train_config_from_widgets
 
 
 def training_widget_inputs() -> list[io.Input]:
@@ -27,6 +27,11 @@ class TrainSettingsNode(io.ComfyNode):
             inputs=training_widget_inputs(),
             outputs=[TrainSettingsSocket.Output(display_name="train_settings")],
         )
+
+    @classmethod
+    def validate_inputs(cls, optimizer: str | None = None, optimizer_args: str | None = None) -> bool | str:
+        """optimizer_args the optimizer cannot take are refused when the prompt is queued."""
+        return optimizer_widgets_error(optimizer, optimizer_args) or True
 
     @classmethod
     def execute(cls, **widgets) -> io.NodeOutput:

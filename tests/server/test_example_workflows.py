@@ -543,6 +543,31 @@ def test_lycoris_rank_dropout_is_refused_at_queue_time(server, object_info, fold
     assert "rank_dropout is not supported with algo 'loha'" in messages and "Set rank_dropout to 0" in messages
 
 
+@pytest.mark.parametrize(
+    "optimizer,args,fragments",
+    [
+        ("AdamW", "weight_decay=abc", ["weight_decay='abc' is text", "expects a number", "e.g. weight_decay=0.01"]),
+        ("AdamW", "betas=1", ["betas=1 is a number", "expects 2 numbers for betas", "e.g. betas=0.9,0.999"]),
+        ("CAME", "weight_decy=0.1", ["has no argument 'weight_decy'", "weight_decay"]),
+    ],
+)
+def test_optimizer_args_of_the_wrong_type_are_refused_at_queue_time(
+    server, object_info, folder_dataset, optimizer, args, fragments
+):
+    """Checked against the optimizer's own signature when the prompt is queued, not as a TypeError mid-run."""
+    prompt, train = training_only(object_info, folder_dataset, output_name="optargs")
+    prompt[train]["inputs"].update(optimizer=optimizer, optimizer_args=args)
+    with pytest.raises(ServerError) as err:
+        server.queue(prompt)
+    reply = str(err.value)
+    assert "-> 400" in reply, reply
+    errors = json.loads(reply.split(": ", 1)[1])["node_errors"][train]["errors"]
+    messages = " ".join(e["details"] for e in errors)
+    assert "optimizer_args" in messages
+    for fragment in fragments:
+        assert fragment in messages, (fragment, messages)
+
+
 def test_an_existing_file_is_never_overwritten(server, object_info, folder_dataset):
     """Occupy every name the run could pick in the next minutes; the node must take the next free name."""
     folder = server.base / "models" / "loras" / SUBFOLDER

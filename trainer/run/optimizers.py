@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .optimizer_arg_types import arg_type_problems
+
 logger = logging.getLogger(__name__)
 
 # The optimizer names this pack offers, in kohya's spelling.
@@ -263,8 +265,7 @@ class OptimizerSettings:
     optimizer_args: str = ""
 
     def __post_init__(self) -> None:
-        canonical_optimizer_type(self.optimizer_type)
-        parse_optimizer_args(self.optimizer_args)
+        check_optimizer_args(canonical_optimizer_type(self.optimizer_type), parse_optimizer_args(self.optimizer_args))
 
     @property
     def canonical_type(self) -> str:
@@ -274,6 +275,29 @@ class OptimizerSettings:
     def kwargs(self) -> dict[str, Any]:
         """The parsed optimizer_args (before kohya's Adafactor adjustments; see resolve_optimizer_kwargs)."""
         return parse_optimizer_args(self.optimizer_args)
+
+
+def check_optimizer_args(optimizer_type: str, kwargs: dict[str, Any]) -> None:
+    """Refuse optimizer_args the optimizer's constructor cannot take (unknown names, wrong value types), all of them
+    in one message. Skipped when the optimizer's package is missing here: building it says what to install."""
+    if not kwargs:
+        return
+    try:
+        cls = optimizer_class(optimizer_type)
+    except OptimizerUnavailableError:
+        return
+    problems = arg_type_problems(cls, optimizer_type, kwargs)
+    if problems:
+        raise OptimizerConfigError("optimizer_args: " + "; ".join(problems))
+
+
+def optimizer_settings_error(optimizer_type: Any, optimizer_args: Any) -> str | None:
+    """The message for a node's optimizer/optimizer_args widgets, or None when they can be used (queue-time check)."""
+    try:
+        OptimizerSettings(optimizer_type, optimizer_args)
+    except OptimizerConfigError as error:
+        return str(error)
+    return None
 
 
 def resolve_optimizer_kwargs(settings: OptimizerSettings) -> dict[str, Any]:

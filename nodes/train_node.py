@@ -16,8 +16,13 @@ from ..trainer.report_images import loss_graph_image
 from ..trainer.run.config import TRAIN_DTYPES, TrainConfig
 from ..trainer.run.job import TrainJob
 from ..trainer.run.lora_output import OutputSettings, output_name_error
-from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings, optimizer_settings_error
-from ..trainer.run.schedulers import SCHEDULER_TYPES
+from ..trainer.run.optimizers import (
+    OPTIMIZER_TYPES,
+    OptimizerConfigError,
+    OptimizerSettings,
+    optimizer_settings_error,
+)
+from ..trainer.run.schedulers import SCHEDULER_TYPES, check_schedule
 from .common import CATEGORY, pil_to_image
 from .sockets import (
     CheckpointingSocket,
@@ -51,6 +56,9 @@ TRAINING_WIDGETS = (
     "train_dtype",
     "full_bf16",
     "gradient_checkpointing",
+    "lr_decay_steps",
+    "lr_scheduler_min_lr_ratio",
+    "lr_scheduler_args",
 )
 
 
@@ -75,6 +83,9 @@ def train_config_from_widgets(
     train_dtype: str,
     full_bf16: bool,
     gradient_checkpointing: bool,
+    lr_decay_steps: float = 0.0,
+    lr_scheduler_min_lr_ratio: float = 0.0,
+    lr_scheduler_args: str = "",
 ) -> TrainConfig:
     """The run's settings from the training widgets (loss and noise options come from the objective input)."""
     return TrainConfig(
@@ -89,6 +100,9 @@ def train_config_from_widgets(
         lr_warmup_steps=int(lr_warmup_steps) if lr_warmup_steps >= 1 else lr_warmup_steps,
         lr_scheduler_num_cycles=lr_scheduler_num_cycles,
         lr_scheduler_power=lr_scheduler_power,
+        lr_decay_steps=int(lr_decay_steps) if lr_decay_steps >= 1 else lr_decay_steps,
+        lr_scheduler_min_lr_ratio=lr_scheduler_min_lr_ratio,
+        lr_scheduler_args=lr_scheduler_args,
         gradient_accumulation_steps=gradient_accumulation_steps,
         max_grad_norm=max_grad_norm,
         scale_weight_norms=scale_weight_norms,
@@ -99,10 +113,25 @@ def train_config_from_widgets(
     )
 
 
-def optimizer_widgets_error(optimizer: str | None, optimizer_args: str | None) -> str | None:
-    """The queue-time message for the optimizer/optimizer_args widgets (None when fine or fed by a link)."""
+def optimizer_widgets_error(
+    optimizer: str | None,
+    optimizer_args: str | None,
+    lr_scheduler: str | None = None,
+    lr_scheduler_args: str | None = "",
+    lr_decay_steps: float | None = 0.0,
+    lr_scheduler_min_lr_ratio: float | None = 0.0,
+) -> str | None:
+    """The queue-time message for the optimizer and schedule widgets (None when fine or fed by a link)."""
     if isinstance(optimizer, str) and isinstance(optimizer_args, str):
-        return optimizer_settings_error(optimizer, optimizer_args)
+        error = optimizer_settings_error(optimizer, optimizer_args)
+        if error:
+            return error
+    values = (lr_scheduler, lr_scheduler_args, lr_decay_steps, lr_scheduler_min_lr_ratio)
+    if isinstance(lr_scheduler, str) and None not in values:
+        try:
+            check_schedule(*values)
+        except OptimizerConfigError as error:
+            return str(error)
     return None
 
 
@@ -202,7 +231,12 @@ class TrainLora(io.ComfyNode):
                     tooltip="Warmup steps; a value below 1 is a fraction of the total steps.",
                 ),
                 io.Int.Input(
-                    "lr_scheduler_num_cycles", default=1, min=1, max=1000, tooltip="Restarts for cosine_with_restarts."
+                    "lr_scheduler_num_cycles",
+                    default=1,
+                    min=1,
+                    max=1000,
+                    tooltip="Restarts for cosine_with_restarts; for cosine_with_min_lr and "
+                    "warmup_stable_decay the number of half cosines (kohya passes num_cycles / 2).",
                 ),
                 io.Float.Input(
                     "lr_scheduler_power",
@@ -295,6 +329,35 @@ class TrainLora(io.ComfyNode):
                     "training settings and this node's training widgets (max_train_steps ... gradient_checkpointing) "
                     "are not used; the report says so.",
                 ),
+                # appended after every older input: saved workflows keep their widget positions
+                io.Float.Input(
+                    "lr_decay_steps",
+                    default=0.0,
+                    min=0.0,
+                    max=1_000_000,
+                    step=1.0,
+                    optional=True,
+                    tooltip="warmup_stable_decay: the steps at the end in which the lr decays; a value below 1 is a "
+                    "fraction of the total steps (kohya lr_decay_steps).",
+                ),
+                io.Float.Input(
+                    "lr_scheduler_min_lr_ratio",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="cosine_with_min_lr, warmup_stable_decay, rex: the lr they end at, as a fraction of the "
+                    "learning rate (kohya lr_scheduler_min_lr_ratio).",
+                ),
+                io.String.Input(
+                    "lr_scheduler_args",
+                    default="",
+                    optional=True,
+                    tooltip="kohya lr_scheduler_args: piecewise_constant needs step_rules='1:100,0.5:200,0.1' "
+                    "(factor 1 until step 100, 0.5 until 200, then 0.1); warmup_stable_decay takes "
+                    "warmup_type/decay_type (linear, cosine, 1-sqrt).",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
@@ -326,14 +389,24 @@ class TrainLora(io.ComfyNode):
         output_subfolder: str | None = None,
         optimizer: str | None = None,
         optimizer_args: str | None = None,
+        lr_scheduler: str | None = None,
+        lr_scheduler_args: str | None = "",
+        lr_decay_steps: float | None = 0.0,
+        lr_scheduler_min_lr_ratio: float | None = 0.0,
     ) -> bool | str:
-        """Reject unsafe names and optimizer_args the optimizer cannot take when the prompt is queued, not after a
-        long run (None: fed by a link; execute checks it then, still before training)."""
+        """Reject unsafe names, optimizer_args the optimizer cannot take and schedule settings the schedule does not
+        use when the prompt is queued, not after a long run (None: fed by a link; execute checks it then, still
+        before training)."""
         if isinstance(output_name, str) and isinstance(output_subfolder, str):
             error = output_name_error(output_subfolder, output_name)
             if error:
                 return error
-        return optimizer_widgets_error(optimizer, optimizer_args) or True
+        return (
+            optimizer_widgets_error(
+                optimizer, optimizer_args, lr_scheduler, lr_scheduler_args, lr_decay_steps, lr_scheduler_min_lr_ratio
+            )
+            or True
+        )
 
     @classmethod
     def execute(
@@ -371,6 +444,9 @@ class TrainLora(io.ComfyNode):
         checkpointing=None,
         previews=None,
         train_settings=None,
+        lr_decay_steps: float = 0.0,
+        lr_scheduler_min_lr_ratio: float = 0.0,
+        lr_scheduler_args: str = "",
     ) -> io.NodeOutput:
         if train_settings is not None:
             config = train_settings.config
@@ -395,6 +471,9 @@ class TrainLora(io.ComfyNode):
                 train_dtype=train_dtype,
                 full_bf16=full_bf16,
                 gradient_checkpointing=gradient_checkpointing,
+                lr_decay_steps=lr_decay_steps,
+                lr_scheduler_min_lr_ratio=lr_scheduler_min_lr_ratio,
+                lr_scheduler_args=lr_scheduler_args,
             )
         config = with_objective(config, objective)
         out = OutputSettings(

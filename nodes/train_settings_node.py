@@ -29,9 +29,21 @@ class TrainSettingsNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, optimizer: str | None = None, optimizer_args: str | None = None) -> bool | str:
-        """optimizer_args the optimizer cannot take are refused when the prompt is queued."""
-        return optimizer_widgets_error(optimizer, optimizer_args) or True
+    def validate_inputs(
+        cls,
+        optimizer: str | None = None,
+        optimizer_args: str | None = None,
+        lr_scheduler: str | None = None,
+        lr_scheduler_args: str | None = "",
+        lr_decay_steps: float | None = 0.0,
+        lr_scheduler_min_lr_ratio: float | None = 0.0,
+    ) -> bool | str:
+        """optimizer_args the optimizer cannot take and unused schedule settings are refused when the prompt is
+        queued."""
+        error = optimizer_widgets_error(
+            optimizer, optimizer_args, lr_scheduler, lr_scheduler_args, lr_decay_steps, lr_scheduler_min_lr_ratio
+        )
+        return error or True
 
     @classmethod
     def execute(cls, **widgets) -> io.NodeOutput:

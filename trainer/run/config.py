@@ -18,6 +18,7 @@ from ..network.config import PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from .optimizers import OptimizerSettings
+from .schedulers import check_schedule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_DTYPES = ("auto", *DTYPES)  # auto: what the training device computes well (comfyui/training.resolve_train_dtype)
@@ -44,6 +45,9 @@ class TrainConfig:
     lr_warmup_steps: float = 0
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    lr_decay_steps: float = 0  # warmup_stable_decay: the decay steps at the end (a count, or a ratio below 1)
+    lr_scheduler_min_lr_ratio: float = 0.0  # cosine_with_min_lr, warmup_stable_decay, rex: the final lr / lr
+    lr_scheduler_args: str = ""  # kohya's key=value list: step_rules (piecewise_constant), warmup/decay_type (wsd)
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     scale_weight_norms: float | None = None
@@ -66,6 +70,7 @@ class TrainConfig:
             raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
         if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
             raise ValueError("full_bf16 needs train_dtype bf16")
+        check_schedule(self.lr_scheduler, self.lr_scheduler_args, self.lr_decay_steps, self.lr_scheduler_min_lr_ratio)
 
     def part_settings(self) -> dict[str, PartSettings]:
         """Each model part's settings with the run's learning_rate / loraplus_lr_ratio where it sets none."""

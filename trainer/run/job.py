@@ -261,6 +261,16 @@ def preview_frame(images: list[torch.Tensor]):
     return ("JPEG", Image.fromarray(arr), 512)
 
 
+def _schedule_shape(config: TrainConfig) -> dict:
+    """The newer schedule settings, only when set: states saved before they existed stay resumable."""
+    shape = {
+        "lr_decay_steps": config.lr_decay_steps,
+        "lr_scheduler_min_lr_ratio": config.lr_scheduler_min_lr_ratio,
+        "lr_scheduler_args": config.lr_scheduler_args,
+    }
+    return {key: value for key, value in shape.items() if value}
+
+
 def run_fingerprint(dataset, network_config, config: TrainConfig) -> dict:
     """What must be equal for a saved state to be resumed (max steps may change)."""
     data = json.dumps([[i.key, list(i.selection.bucket), i.item.caption, i.item.num_repeats] for i in dataset.images])
@@ -272,6 +282,7 @@ def run_fingerprint(dataset, network_config, config: TrainConfig) -> dict:
         "learning_rate": config.learning_rate,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "lr_scheduler": config.lr_scheduler,
+        **_schedule_shape(config),
         "train_dtype": config.train_dtype,
         "loss": repr(config.loss),
         "noise": repr(config.noise),

@@ -165,7 +165,7 @@ def _unbalanced(raw: str) -> bool:
     return final_depth != 0 or still_quoted or any(depth < 0 for _, depth, _ in states)
 
 
-def _convert_value(key: str, raw: str) -> Any:
+def _convert_value(key: str, raw: str, what: str = "optimizer_args") -> Any:
     """A Python literal as kohya reads it, plus unquoted words and lowercase true/false/none.
 
     WHY the extras: kohya's literal_eval rejects ``true`` or ``adam``; passing the string "false" on would be truthy,
@@ -185,7 +185,7 @@ def _convert_value(key: str, raw: str) -> Any:
     if _BAREWORD.fullmatch(raw):
         return raw
     raise OptimizerConfigError(
-        f"optimizer_args: cannot read the value of {key!r}: {raw!r}. Use a Python literal such as 0.01, 1e-3, "
+        f"{what}: cannot read the value of {key!r}: {raw!r}. Use a Python literal such as 0.01, 1e-3, "
         f"(0.9, 0.999), True or 'text'."
     )
 
@@ -196,12 +196,15 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
     Values go through ``ast.literal_eval``; ``betas=0.9,0.999`` is a tuple, as in kohya. Raises OptimizerConfigError
     naming the offending token.
     """
+    return parse_key_values(text, "optimizer_args")
+
+
+def parse_key_values(text: str | None, what: str) -> dict[str, Any]:
+    """kohya's ``key=value`` arguments (optimizer_args, lr_scheduler_args) as one string -> keyword arguments."""
     if text is None:
         return {}
     if not isinstance(text, str):
-        raise OptimizerConfigError(
-            f"optimizer_args must be a string like 'weight_decay=0.01 betas=0.9,0.999', got {text!r}"
-        )
+        raise OptimizerConfigError(f"{what} must be a string like 'weight_decay=0.01 betas=0.9,0.999', got {text!r}")
     stripped = text.strip(_SEPARATORS)
     if not stripped:
         return {}
@@ -211,7 +214,7 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
         end = starts[0] if starts else len(stripped)
         bad = stripped[:end].strip(_SEPARATORS).split()[0] if stripped[:end].strip(_SEPARATORS) else stripped[:end]
         raise OptimizerConfigError(
-            f"optimizer_args: expected key=value, got {bad!r} (example: 'weight_decay=0.01 betas=0.9,0.999')"
+            f"{what}: expected key=value, got {bad!r} (example: 'weight_decay=0.01 betas=0.9,0.999')"
         )
 
     result: dict[str, Any] = {}
@@ -223,17 +226,17 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
         key = match.group(1)
         raw = token[match.end() :].strip(_SEPARATORS)
         if not raw:
-            raise OptimizerConfigError(f"optimizer_args: {token!r} has no value after '='")
+            raise OptimizerConfigError(f"{what}: {token!r} has no value after '='")
         if _unbalanced(raw):
-            raise OptimizerConfigError(f"optimizer_args: unbalanced brackets or quotes in {token!r}")
+            raise OptimizerConfigError(f"{what}: unbalanced brackets or quotes in {token!r}")
         if key in result:
-            raise OptimizerConfigError(f"optimizer_args: {key!r} is given twice")
-        if key in ("lr", "params"):
+            raise OptimizerConfigError(f"{what}: {key!r} is given twice")
+        if what == "optimizer_args" and key in ("lr", "params"):
             raise OptimizerConfigError(
                 f"optimizer_args: {key!r} cannot be set here; the learning rate comes from learning_rate "
                 f"(and the per-network learning rates)"
             )
-        result[key] = _convert_value(key, raw)
+        result[key] = _convert_value(key, raw, what)
     return result
 
 

@@ -155,6 +155,9 @@ def train(
             num_cycles=config.lr_scheduler_num_cycles,
             power=config.lr_scheduler_power,
             initial_lr=config.learning_rate,
+            decay_steps=config.lr_decay_steps,
+            min_lr_ratio=config.lr_scheduler_min_lr_ratio,
+            args=config.lr_scheduler_args,
         )
         scaler = torch.amp.GradScaler(device.type) if train_dtype == "fp16" else None
         state = None

@@ -77,3 +77,25 @@ def test_optimizer_trains_and_resumes_bit_identically_from_a_state_folder(optimi
     assert resumed.state.global_step == total and not resumed.state.interrupted
     assert history(resumed) == history(full)
     assert lora_bytes(resumed) == lora_bytes(full)
+
+
+@pytest.mark.parametrize(
+    "schedule,expected_factors",
+    [
+        # REX with min ratio 0.1 over 4 steps: 0.1 + 0.9 * (1 - p) / (1 - p / 2), p = step / 4 after each step
+        ("rex", [0.1 + 0.9 * (1 - p) / (1 - p / 2) for p in (0.25, 0.5, 0.75, 1.0)]),
+        ("piecewise_constant", [1.0, 0.5, 0.5, 0.1]),
+    ],
+)
+def test_new_schedules_drive_a_run(schedule, expected_factors, singles):
+    lr = 1e-3
+    config = TrainConfig(
+        max_train_steps=4,
+        learning_rate=lr,
+        lr_scheduler=schedule,
+        lr_scheduler_min_lr_ratio=0.1 if schedule == "rex" else 0.0,
+        lr_scheduler_args="step_rules='1:2,0.5:4,0.1'" if schedule == "piecewise_constant" else "",
+    )
+    result = tf.run_train(*singles, NET, config)
+    # the history logs the lr after each optimizer step's scheduler step, as kohya's progress bar does
+    assert [r.lr for r in result.state.history] == pytest.approx([lr * f for f in expected_factors])

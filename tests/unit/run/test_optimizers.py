@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
+import re
 import sys
 
 import pytest
 import torch
 
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
 from sdxl_lora_trainer.trainer.run.optimizers import (
     OPTIMIZER_TYPES,
     OptimizerConfigError,
@@ -31,11 +34,12 @@ from sdxl_lora_trainer.trainer.run.optimizers import (
     switch_to_averaged_weights,
     training_point,
 )
-from sdxl_lora_trainer.trainer.run.resume_state import join_optimizer_state, split_optimizer_state
+from sdxl_lora_trainer.trainer.run.resume_state import _scheduler_state, join_optimizer_state, split_optimizer_state
 from sdxl_lora_trainer.trainer.run.schedulers import (
     SCHEDULER_TYPES,
     ScheduleFreeDummyScheduler,
     build_scheduler,
+    check_schedule,
     resolve_warmup_steps,
 )
 
@@ -691,6 +695,133 @@ def test_polynomial(power):
     seen = lr_curve("polynomial", N, W, power=power)
     assert_curve(seen, lambda s: expect_polynomial(s, power))
     assert seen[N] == pytest.approx(1e-7, rel=1e-9)
+
+
+# kohya passes lr_scheduler_num_cycles / 2 to cosine_with_min_lr and warmup_stable_decay: 1 = half a cosine wave
+MIN = 0.1
+
+
+def expect_cosine_with_min_lr(s, m=MIN, w=W, n=N):
+    if s < w:
+        return warm(s, w)
+    progress = (s - w) / max(1, n - w)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - m) + m)
+
+
+def expect_wsd(s, m=MIN, w=W, decay=20, n=N):
+    stable_end = n - decay
+    if s < w:
+        return warm(s, w) * (1 - m) + m  # transformers' WSD warms up from the min ratio
+    if s < stable_end:
+        return 1.0
+    if s < n:
+        progress = (s - stable_end) / decay
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - m) + m
+    return m
+
+
+def expect_rex(s, m=MIN, w=W, n=N):
+    if s < w:
+        return warm(s, w)
+    p = min(1.0, (s - w) / (n - w))
+    return m + (1 - m) * (1 - p) / (1 - p / 2)
+
+
+def test_cosine_with_min_lr():
+    seen = lr_curve("cosine_with_min_lr", N, W, min_lr_ratio=MIN)
+    assert_curve(seen[: N + 1], expect_cosine_with_min_lr)
+    assert seen[N] == pytest.approx(BASE_LR * MIN) and seen[55] == pytest.approx(BASE_LR * (1 + MIN) / 2)
+
+
+def test_cosine_with_min_lr_zero_is_cosine():
+    assert lr_curve("cosine_with_min_lr", N, W)[: N + 1] == pytest.approx(lr_curve("cosine", N, W)[: N + 1])
+
+
+@pytest.mark.parametrize("decay", [20, 0.2])  # a step count, or a ratio of the training steps
+def test_warmup_stable_decay(decay):
+    seen = lr_curve("warmup_stable_decay", N, W, min_lr_ratio=MIN, decay_steps=decay)
+    assert_curve(seen, expect_wsd)
+    assert seen[W : N - 20] == [BASE_LR] * (N - 20 - W)  # the stable part
+
+
+def test_warmup_stable_decay_shapes_from_scheduler_args():
+    seen = lr_curve("warmup_stable_decay", N, 0, decay_steps=20, args="decay_type=linear")
+    assert seen[N - 10] == pytest.approx(BASE_LR * 0.5) and seen[N] == 0.0
+
+
+def test_warmup_stable_decay_needs_decay_steps():
+    opt = torch.optim.SGD([tiny_param()], lr=BASE_LR)
+    with pytest.raises(OptimizerConfigError, match="needs lr_decay_steps > 0"):
+        build_scheduler(opt, "warmup_stable_decay", N, W)
+    with pytest.raises(OptimizerConfigError, match="exceed"):
+        build_scheduler(opt, "warmup_stable_decay", N, 60, decay_steps=50)
+
+
+def test_rex():
+    seen = lr_curve("rex", N, W, min_lr_ratio=MIN)
+    assert_curve(seen, expect_rex)
+    # REX's shape: halfway through the decay it is still 2/3 of the way up (linear would be 1/2)
+    assert seen[55] == pytest.approx(BASE_LR * (MIN + (1 - MIN) * 2 / 3))
+    assert seen[N] == pytest.approx(BASE_LR * MIN)
+
+
+def test_piecewise_constant_follows_diffusers_rules():
+    seen = lr_curve("piecewise_constant", N, 0, args="step_rules='1:10,0.5:40,0.1'")
+    expected = [1.0] * 10 + [0.5] * 30 + [0.1] * (N + 6 - 40)
+    assert_curve(seen, lambda s: expected[s])
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("cosine_with_min_lr", {"min_lr_ratio": MIN}),
+        ("warmup_stable_decay", {"min_lr_ratio": MIN, "decay_steps": 20}),
+        ("rex", {"min_lr_ratio": MIN}),
+        ("piecewise_constant", {"args": "step_rules='1:10,0.5:40,0.1'", "warmup": 0}),
+    ],
+)
+def test_new_schedules_resume_from_their_json_state_and_scale_each_group(name, kwargs):
+    warmup = kwargs.pop("warmup", W)
+
+    def make():
+        a, b = tiny_param(), tiny_param()
+        opt = torch.optim.SGD([{"params": [a], "lr": 1e-4}, {"params": [b], "lr": 4e-4}], lr=1e-4)
+        return opt, build_scheduler(opt, name, N, warmup, **kwargs)
+
+    opt, sched = make()
+    for _ in range(33):
+        opt.step()
+        sched.step()
+    saved = json.loads(json.dumps(_scheduler_state(sched.state_dict())))
+    opt2, sched2 = make()
+    sched2.load_state_dict(saved)
+    for _ in range(30):
+        for o, sc in ((opt, sched), (opt2, sched2)):
+            o.step()
+            sc.step()
+        assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    ratio = opt.param_groups[1]["lr"] / opt.param_groups[0]["lr"]
+    assert ratio == pytest.approx(4.0)  # a factor of each group's own lr
+
+
+@pytest.mark.parametrize(
+    "name,args,decay,ratio,fragment",
+    [
+        ("piecewise_constant", "", 0, 0.0, "needs lr_scheduler_args step_rules"),
+        ("piecewise_constant", "step_rules='1:x,0.1'", 0, 0.0, "factor:step pairs"),
+        ("cosine", "step_rules='1:10,0.1'", 0, 0.0, "'step_rules' is not an argument of 'cosine'"),
+        ("warmup_stable_decay", "decay_type=square", 10, 0.0, "decay_type='square'"),
+        ("cosine", "", 0, 0.1, "lr_scheduler_min_lr_ratio 0.1 is only used by"),
+        ("rex", "", 0, 1.5, "from 0 to 1"),
+        ("linear", "", 10, 0.0, "lr_decay_steps 10 is only used by warmup_stable_decay"),
+        ("exponential", "", 0, 0.0, "unknown lr_scheduler"),
+    ],
+)
+def test_schedule_settings_are_checked_before_training(name, args, decay, ratio, fragment):
+    with pytest.raises(OptimizerConfigError, match=re.escape(fragment)):
+        check_schedule(name, args, decay, ratio)
+    with pytest.raises(OptimizerConfigError, match=re.escape(fragment)):
+        TrainConfig(lr_scheduler=name, lr_scheduler_args=args, lr_decay_steps=decay, lr_scheduler_min_lr_ratio=ratio)
 
 
 def test_warmup_fraction_in_scheduler():

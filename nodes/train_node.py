@@ -117,19 +117,18 @@ def optimizer_widgets_error(
     optimizer: str | None,
     optimizer_args: str | None,
     lr_scheduler: str | None = None,
-    lr_scheduler_args: str | None = "",
-    lr_decay_steps: float | None = 0.0,
-    lr_scheduler_min_lr_ratio: float | None = 0.0,
+    lr_scheduler_args: str | None = None,
+    lr_decay_steps: float | None = None,
+    lr_scheduler_min_lr_ratio: float | None = None,
 ) -> str | None:
     """The queue-time message for the optimizer and schedule widgets (None when fine or fed by a link)."""
     if isinstance(optimizer, str) and isinstance(optimizer_args, str):
         error = optimizer_settings_error(optimizer, optimizer_args)
         if error:
             return error
-    values = (lr_scheduler, lr_scheduler_args, lr_decay_steps, lr_scheduler_min_lr_ratio)
-    if isinstance(lr_scheduler, str) and None not in values:
+    if isinstance(lr_scheduler, str):  # a None among the others: fed by a link (or absent), checked at run time
         try:
-            check_schedule(*values)
+            check_schedule(lr_scheduler, lr_scheduler_args, lr_decay_steps, lr_scheduler_min_lr_ratio)
         except OptimizerConfigError as error:
             return str(error)
     return None
@@ -390,9 +389,9 @@ class TrainLora(io.ComfyNode):
         optimizer: str | None = None,
         optimizer_args: str | None = None,
         lr_scheduler: str | None = None,
-        lr_scheduler_args: str | None = "",
-        lr_decay_steps: float | None = 0.0,
-        lr_scheduler_min_lr_ratio: float | None = 0.0,
+        lr_scheduler_args: str | None = None,
+        lr_decay_steps: float | None = None,
+        lr_scheduler_min_lr_ratio: float | None = None,
     ) -> bool | str:
         """Reject unsafe names, optimizer_args the optimizer cannot take and schedule settings the schedule does not
         use when the prompt is queued, not after a long run (None: fed by a link; execute checks it then, still

@@ -34,9 +34,9 @@ class TrainSettingsNode(io.ComfyNode):
         optimizer: str | None = None,
         optimizer_args: str | None = None,
         lr_scheduler: str | None = None,
-        lr_scheduler_args: str | None = "",
-        lr_decay_steps: float | None = 0.0,
-        lr_scheduler_min_lr_ratio: float | None = 0.0,
+        lr_scheduler_args: str | None = None,
+        lr_decay_steps: float | None = None,
+        lr_scheduler_min_lr_ratio: float | None = None,
     ) -> bool | str:
         """optimizer_args the optimizer cannot take and unused schedule settings are refused when the prompt is
         queued."""

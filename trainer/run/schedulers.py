@@ -158,12 +158,14 @@ def resolve_warmup_steps(warmup: int | float | str, max_train_steps: int) -> int
 def check_schedule(name: Any, args: str | None, decay_steps: Any, min_lr_ratio: Any) -> None:
     """A schedule's own settings, checked when the settings are made or the prompt is queued (before any model is
     loaded): lr_scheduler_args the schedule takes, the min-lr ratio, and no shape setting that the chosen schedule
-    would silently ignore."""
+    would silently ignore. None: not known yet (a link feeds it at queue time), not checked."""
     if not isinstance(name, str) or name.strip().lower() not in SCHEDULER_TYPES:
         raise OptimizerConfigError(f"unknown lr_scheduler {name!r}; choose one of: {', '.join(SCHEDULER_TYPES)}")
     name = name.strip().lower()
-    scheduler_args(name, args)
-    check_min_lr_ratio(min_lr_ratio)
+    if args is not None:
+        scheduler_args(name, args)
+    if min_lr_ratio is not None:
+        check_min_lr_ratio(min_lr_ratio)
     if min_lr_ratio and name not in MIN_LR_SCHEDULES:
         raise OptimizerConfigError(
             f"lr_scheduler_min_lr_ratio {min_lr_ratio} is only used by {', '.join(MIN_LR_SCHEDULES)}; set it to 0 "

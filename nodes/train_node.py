@@ -211,12 +211,15 @@ class TrainLora(io.ComfyNode):
                     "optimizer",
                     options=list(OPTIMIZER_TYPES),
                     default="AdamW",
-                    tooltip="Optimizer (8-bit ones need bitsandbytes and CUDA).",
+                    tooltip="Optimizer (8-bit ones need bitsandbytes and CUDA). Prodigy, DAdaptAdam and "
+                    "ProdigyPlusScheduleFree set their own step size: use learning_rate 1.0. Schedule-free ones "
+                    "ignore lr_scheduler (optimizer_args warmup_steps=N for their warmup).",
                 ),
                 io.String.Input(
                     "optimizer_args",
                     default="",
-                    tooltip="key=value pairs, e.g. weight_decay=0.01 betas=0.9,0.99 (kohya optimizer_args).",
+                    tooltip="key=value pairs, e.g. weight_decay=0.01 betas=0.9,0.99 (kohya optimizer_args); "
+                    "checked against the optimizer's own arguments when the prompt is queued.",
                 ),
                 io.Combo.Input(
                     "lr_scheduler", options=list(SCHEDULER_TYPES), default="constant", tooltip="Learning-rate schedule."

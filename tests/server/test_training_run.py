@@ -111,3 +111,33 @@ def test_cancel_saves_a_loadable_lora_and_a_resumable_state(server, folder):
     # the step count is part of max_train_steps only, so the saved state is accepted
     entry = run(server, resumed)
     assert f"trained {steps_done + 2} steps" in entry["outputs"]["7"]["text"][0]
+
+
+def lora_bytes(path: str) -> dict[str, bytes]:
+    import torch
+
+    return {k: bytes(v.contiguous().view(-1).view(torch.uint8).numpy()) for k, v in load_file(path).items()}
+
+
+def test_schedule_free_previews_and_intermediate_saves_do_not_change_the_run(server, folder):
+    """A schedule-free optimizer previews and saves its averaged weights, then trains on from exactly the point it
+    left: the intermediate file at step 2 is the final file of a 2-step run (its averaged weights), and the final
+    file of a run with previews and intermediate saves equals the one of a plain run, byte for byte."""
+
+    def schedule_free(name: str, steps: int) -> dict:
+        prompt = training_only(train_then_test(folder, steps=steps, seed=8, resolution=RES, lr=2e-3, output_name=name))
+        prompt["7"]["inputs"]["optimizer"] = "AdamWScheduleFree"  # constant lr: the first 2 steps of 4 are a 2-step run
+        return prompt
+
+    run(server, schedule_free("sf_two", 2))
+    run(server, schedule_free("sf_plain", 4))
+    busy = with_run_options(
+        schedule_free("sf_busy", 4), checkpointing={"save_every_n_steps": 2}, previews={"every_n_steps": 2}
+    )
+    run(server, busy)
+    [two] = lora_files(server, "sf_two_*.safetensors")
+    [plain] = lora_files(server, "sf_plain_*.safetensors")
+    [step2] = lora_files(server, "sf_busy_*-step000002.safetensors")
+    [final] = [f for f in lora_files(server, "sf_busy_*.safetensors") if "-step" not in f]
+    assert lora_bytes(step2) == lora_bytes(two)  # the averaged weights, not the training point
+    assert lora_bytes(final) == lora_bytes(plain)  # previews and saves left the training point as it was

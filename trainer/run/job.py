@@ -180,31 +180,27 @@ class TrainJob(RunEvents):
     def _save(self, suffix: str, step: int, epoch: int) -> SavedLora:
         run = self.run
         with averaged_weights(run.optimizer):  # a schedule-free optimizer saves its averaged weights
-            return self._save_lora(suffix, step, epoch)
-
-    def _save_lora(self, suffix: str, step: int, epoch: int) -> SavedLora:
-        run = self.run
-        return save_run_lora(
-            run.network,
-            self.loras_root,
-            self.out,
-            run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
-            training=training_metadata(
-                replace(self.config, train_dtype=run.train_dtype),
-                run.optimizer,
-                run.steps_per_epoch,
-                run.total_steps,
-                self.started,
-                self.out.name,
-            ),
-            dataset=dataset_metadata(self.dataset),
-            network_meta=network_metadata(self.network.config),
-            step=step,
-            epoch=epoch,
-            prompt=self.prompt,
-            extra_pnginfo=self.extra_pnginfo,
-            v_parameterization=run.prediction_type == "v_prediction",
-        )
+            return save_run_lora(
+                run.network,
+                self.loras_root,
+                self.out,
+                run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
+                training=training_metadata(
+                    replace(self.config, train_dtype=run.train_dtype),
+                    run.optimizer,
+                    run.steps_per_epoch,
+                    run.total_steps,
+                    self.started,
+                    self.out.name,
+                ),
+                dataset=dataset_metadata(self.dataset),
+                network_meta=network_metadata(self.network.config),
+                step=step,
+                epoch=epoch,
+                prompt=self.prompt,
+                extra_pnginfo=self.extra_pnginfo,
+                v_parameterization=run.prediction_type == "v_prediction",
+            )
 
     def _render_previews(self) -> list[torch.Tensor]:
         """Previews inside the run, with the MODEL/CLIP it trains through; a Cancel pressed meanwhile is remembered so

@@ -23,7 +23,7 @@ from ..trainer.run.optimizers import (
     optimizer_settings_error,
 )
 from ..trainer.run.schedulers import SCHEDULER_TYPES, check_schedule
-from .common import CATEGORY, pil_to_image
+from .common import CATEGORY, pil_to_image, range_problems, refuse_at_queue_time
 from .sockets import (
     CheckpointingSocket,
     DatasetSocket,
@@ -113,25 +113,50 @@ def train_config_from_widgets(
     )
 
 
-def optimizer_widgets_error(
+#: validate_inputs' default for an optional input that is not connected (a linked one arrives as None)
+NOT_CONNECTED = object()
+
+
+def learning_rate_problems(node: type, **rates: float | None) -> list[str]:
+    """The learning-rate widgets' problems at queue time: out of range, or all 0 (nothing would train; which parts
+    train is only known at run time, where the same check runs again)."""
+    problems = range_problems(node, rates)
+    if problems or any(not isinstance(v, (int, float)) for v in rates.values()):
+        return problems
+    config = TrainConfig(
+        learning_rate=rates["learning_rate"],
+        unet=PartSettings.from_widgets(rates["unet_lr"]),
+        clip_l=PartSettings.from_widgets(rates["clip_l_lr"]),
+        clip_g=PartSettings.from_widgets(rates["clip_g_lr"]),
+    )
+    problem = config.zero_learning_rate_error()
+    return [problem] if problem else []
+
+
+def optimizer_problems(
+    node: type,
     optimizer: str | None,
     optimizer_args: str | None,
-    lr_scheduler: str | None = None,
-    lr_scheduler_args: str | None = None,
-    lr_decay_steps: float | None = None,
-    lr_scheduler_min_lr_ratio: float | None = None,
-) -> str | None:
-    """The queue-time message for the optimizer and schedule widgets (None when fine or fed by a link)."""
+    lr_scheduler: str | None,
+    lr_scheduler_args: str | None,
+    lr_decay_steps: float | None,
+    lr_scheduler_min_lr_ratio: float | None,
+) -> list[str]:
+    """The optimizer and schedule widgets' problems at queue time: optimizer_args the optimizer's constructor cannot
+    take, schedule settings the schedule does not use (None: linked, or absent from an older prompt; checked at run
+    time). ComfyUI skips its own range check for these inputs, so it is done here."""
+    problems = range_problems(
+        node, {"lr_decay_steps": lr_decay_steps, "lr_scheduler_min_lr_ratio": lr_scheduler_min_lr_ratio}
+    )
     if isinstance(optimizer, str) and isinstance(optimizer_args, str):
         error = optimizer_settings_error(optimizer, optimizer_args)
-        if error:
-            return error
-    if isinstance(lr_scheduler, str):  # a None among the others: fed by a link (or absent), checked at run time
+        problems += [error] if error else []
+    if isinstance(lr_scheduler, str) and not problems:
         try:
             check_schedule(lr_scheduler, lr_scheduler_args, lr_decay_steps, lr_scheduler_min_lr_ratio)
         except OptimizerConfigError as error:
-            return str(error)
-    return None
+            problems.append(str(error))
+    return problems
 
 
 def with_objective(config: TrainConfig, objective: ObjectiveSettings | None) -> TrainConfig:
@@ -389,26 +414,40 @@ class TrainLora(io.ComfyNode):
         cls,
         output_name: str | None = None,
         output_subfolder: str | None = None,
+        learning_rate: float | None = None,
+        unet_lr: float | None = None,
+        clip_l_lr: float | None = None,
+        clip_g_lr: float | None = None,
         optimizer: str | None = None,
         optimizer_args: str | None = None,
         lr_scheduler: str | None = None,
         lr_scheduler_args: str | None = None,
         lr_decay_steps: float | None = None,
         lr_scheduler_min_lr_ratio: float | None = None,
-    ) -> bool | str:
-        """Reject unsafe names, optimizer_args the optimizer cannot take and schedule settings the schedule does not
-        use when the prompt is queued, not after a long run (None: fed by a link; execute checks it then, still
-        before training)."""
+        train_settings: object = NOT_CONNECTED,
+    ) -> bool:
+        """Refuse, when the prompt is queued and not after a long run, unsafe names, learning rates that train
+        nothing, optimizer_args the optimizer cannot take and schedule settings the schedule does not use (None: the
+        input is linked; execute checks it then, still before training). The training widgets are not used when
+        train_settings is connected (the Train Settings node checks its own)."""
+        problems = []
         if isinstance(output_name, str) and isinstance(output_subfolder, str):
-            error = output_name_error(output_subfolder, output_name)
-            if error:
-                return error
-        return (
-            optimizer_widgets_error(
-                optimizer, optimizer_args, lr_scheduler, lr_scheduler_args, lr_decay_steps, lr_scheduler_min_lr_ratio
+            name_problem = output_name_error(output_subfolder, output_name)
+            problems += [name_problem] if name_problem else []
+        if train_settings is NOT_CONNECTED:
+            problems += learning_rate_problems(
+                cls, learning_rate=learning_rate, unet_lr=unet_lr, clip_l_lr=clip_l_lr, clip_g_lr=clip_g_lr
             )
-            or True
-        )
+            problems += optimizer_problems(
+                cls,
+                optimizer,
+                optimizer_args,
+                lr_scheduler,
+                lr_scheduler_args,
+                lr_decay_steps,
+                lr_scheduler_min_lr_ratio,
+            )
+        return refuse_at_queue_time(problems)
 
     @classmethod
     def execute(

@@ -5,9 +5,15 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer.run.config import TrainSettings
-from .common import CATEGORY
+from .common import CATEGORY, refuse_at_queue_time
 from .sockets import TrainSettingsSocket
-from .train_node import TRAINING_WIDGETS, TrainLora, optimizer_widgets_error, train_config_from_widgets
+from .train_node import (
+    TRAINING_WIDGETS,
+    TrainLora,
+    learning_rate_problems,
+    optimizer_problems,
+    train_config_from_widgets,
+)
 
 
 def training_widget_inputs() -> list[io.Input]:
@@ -31,19 +37,33 @@ class TrainSettingsNode(io.ComfyNode):
     @classmethod
     def validate_inputs(
         cls,
+        learning_rate: float | None = None,
+        unet_lr: float | None = None,
+        clip_l_lr: float | None = None,
+        clip_g_lr: float | None = None,
         optimizer: str | None = None,
         optimizer_args: str | None = None,
         lr_scheduler: str | None = None,
         lr_scheduler_args: str | None = None,
         lr_decay_steps: float | None = None,
         lr_scheduler_min_lr_ratio: float | None = None,
-    ) -> bool | str:
-        """optimizer_args the optimizer cannot take and unused schedule settings are refused when the prompt is
-        queued."""
-        error = optimizer_widgets_error(
-            optimizer, optimizer_args, lr_scheduler, lr_scheduler_args, lr_decay_steps, lr_scheduler_min_lr_ratio
+    ) -> bool:
+        """Learning rates that would train nothing, optimizer_args the optimizer cannot take and schedule settings
+        the schedule does not use are refused when the prompt is queued, as on the Train node."""
+        return refuse_at_queue_time(
+            learning_rate_problems(
+                cls, learning_rate=learning_rate, unet_lr=unet_lr, clip_l_lr=clip_l_lr, clip_g_lr=clip_g_lr
+            )
+            + optimizer_problems(
+                cls,
+                optimizer,
+                optimizer_args,
+                lr_scheduler,
+                lr_scheduler_args,
+                lr_decay_steps,
+                lr_scheduler_min_lr_ratio,
+            )
         )
-        return error or True
 
     @classmethod
     def execute(cls, **widgets) -> io.NodeOutput:

@@ -130,6 +130,14 @@ def train(
         raise ValueError("Set max_train_steps or max_train_epochs to at least 1.")
     if train_te and clip is None:
         raise ValueError("Training the text encoders needs the CLIP input connected.")
+    trained = (
+        ("unet", network_config.train_unet),
+        ("clip_l", network_config.train_te1),
+        ("clip_g", network_config.train_te2),
+    )
+    no_learning = config.zero_learning_rate_error([part for part, on in trained if on])
+    if no_learning:
+        raise ValueError(no_learning)
 
     with torch.inference_mode(False), comfy_training.training_models(model, clip, train_te) as models:
         device = models.device

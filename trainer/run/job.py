@@ -1,6 +1,10 @@
 """One train-node run, start to finish: train, report progress, save intermediate files and states,
 render previews, save the final LoRA and its logs, and on Cancel save and stop.
 
+Failed saves never throw the training away: a failed intermediate LoRA, state or log is a warning in the report;
+a failed final save still returns the trained LoRA (MODEL/CLIP with it applied, LORA_MODEL) with the error in the
+report, so it can be saved elsewhere.
+
 The train node builds the settings from its widgets and runs a ``TrainJob``; everything that happens
 during the run lives here so the node stays a schema.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -19,11 +24,12 @@ from typing import Any
 import torch
 
 from ..comfyui import graph as comfy_graph
+from ..comfyui import sampling as comfy_sampling
 from ..comfyui import services as comfy_services
 from ..data.dataset import TrainingDataset
 from ..network.checkpoint_hashes import checkpoint_hashes
 from ..network.config import NetworkSetup
-from .checkpoints import CheckpointSettings, RunArtifacts
+from .checkpoints import CheckpointSettings, RunArtifacts, process_start_time, sweep_run_leftovers
 from .config import TrainConfig
 from .events import RunEvents
 from .logs import write_logs, write_tensorboard
@@ -35,6 +41,7 @@ from .lora_output import (
     network_metadata,
     run_tag,
     save_run_lora,
+    shipped_weights,
     training_metadata,
 )
 from .optimizers import averaged_weights
@@ -43,12 +50,18 @@ from .resume_state import StateError, load_state
 from .session import TrainResult, train
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
+STATES_FOLDER = ("sdxl_lora_trainer", "state")  # under ComfyUI's output folder: state/<run>/step-N
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class JobResult:
-    weights: dict[str, torch.Tensor]  # the trained LoRA, kohya keys (LORA_MODEL)
-    saved: SavedLora
+    weights: dict[str, torch.Tensor]  # the trained LoRA as the file holds it, kohya keys (LORA_MODEL)
+    model: Any  # the incoming MODEL with ``weights`` applied (a clone)
+    clip: Any  # the incoming CLIP with ``weights`` applied, or None without a CLIP
+    saved: SavedLora | None  # None when the final save failed (``save_error`` says why)
+    save_error: str | None
     state: LoopState
     steps_per_epoch: int
     report: str
@@ -91,13 +104,14 @@ class TrainJob(RunEvents):
         tag = run_tag(config.seed)
         self.lora_tag = out.lora_tag(tag)  # empty with overwrite: the exact name is reused
         self.loras_root = comfy_services.loras_directory()
+        self.states_root = Path(comfy_services.output_directory()).joinpath(*STATES_FOLDER)
         self.fingerprint = run_fingerprint(dataset, network.config, config)
         self.renderer = PreviewRenderer(previews.settings, previews.clip, previews.vae) if previews else None
         self.train_te = network.config.train_te1 or network.config.train_te2
         self.artifacts = RunArtifacts(
             self.checkpointing,
             lambda suffix, step, epoch: self._save(f"-{suffix}", step, epoch),
-            Path(comfy_services.output_directory()) / "sdxl_lora_trainer" / "state" / f"{out.name}_{tag}",
+            self.states_root / f"{out.name}_{tag}",
             self.fingerprint,
         )
         self.run: TrainResult | None = None  # set when training starts
@@ -110,6 +124,7 @@ class TrainJob(RunEvents):
         if resume is not None:
             self._require_steps_left(ckpt.resume_from, resume["loop"].global_step)
         self.checkpoint = base_checkpoint_metadata(self.prompt, self.node_id)
+        self._sweep_leftovers()
         comfy_services.reset_interrupt_note()
         result = train(
             model,
@@ -125,19 +140,49 @@ class TrainJob(RunEvents):
         )
         self.run = result
         state = result.state
-        saved = self._save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0))
-        write_logs(saved.path, state.history)
-        write_tensorboard(saved.path.parent / f"{saved.path.stem}.tensorboard", state.history)
+        weights = shipped_weights(result.network, self.out)
+        saved, save_error, log_base = None, None, None
+        try:
+            saved = self._save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0), weights)
+            log_base = saved.path
+        except OSError as e:
+            save_error = f"the LoRA was NOT saved: {e}"
+            log_base = getattr(e, "path", None)
+            log.error("SDXL LoRA trainer: %s", save_error)
+        if log_base is not None:
+            self._write_logs(Path(log_base), state)
         if state.interrupted:
-            self._stop_cancelled(saved)
+            self._stop_cancelled(saved, save_error)
+        model_out, clip_out = comfy_sampling.apply_lora(model, clip, weights)
         return JobResult(
-            weights=result.network.state_dict_kohya(),
+            weights=weights,
+            model=model_out,
+            clip=clip_out if clip is not None else None,
             saved=saved,
+            save_error=save_error,
             state=state,
             steps_per_epoch=result.steps_per_epoch,
-            report=self._report(saved),
+            report=self._report(saved, save_error),
             previews=torch.cat(self.renderer.images) if self.renderer is not None and self.renderer.images else None,
         )
+
+    def _sweep_leftovers(self) -> None:
+        """Temp files and staging folders of saves killed in earlier runs (never those of a live writer)."""
+        lora_folder = Path(self.loras_root).joinpath(*[p for p in self.out.subfolder.strip().split("/") if p])
+        removed = sweep_run_leftovers(lora_folder, self.states_root, process_start_time())
+        if removed:
+            log.info("SDXL LoRA trainer: removed %d leftovers of interrupted saves: %s", len(removed), removed)
+
+    def _write_logs(self, lora_path: Path, state: LoopState) -> None:
+        """The CSV/JSONL/TensorBoard logs; a failure is a warning in the report, never a failed run."""
+        try:
+            write_logs(lora_path, state.history)
+        except OSError as e:
+            self.artifacts.warn(f"the step log was not written: {e}")
+        try:
+            write_tensorboard(lora_path.parent / f"{lora_path.stem}.tensorboard", state.history)
+        except OSError as e:
+            self.artifacts.warn(f"the TensorBoard log was not written: {e}")
 
     def _require_steps_left(self, state_folder: str, done: int) -> None:
         """A state at or past this run's last step has nothing left to train: say so before anything is saved (a
@@ -200,16 +245,16 @@ class TrainJob(RunEvents):
             self._render_previews()
 
     # -- saving and reporting ----------------------------------------------------------------------------------
-    def _save(self, suffix: str, step: int, epoch: int) -> SavedLora:
+    def _save(self, suffix: str, step: int, epoch: int, weights: dict[str, torch.Tensor] | None = None) -> SavedLora:
         run = self.run
         with averaged_weights(run.optimizer):  # a schedule-free optimizer saves its averaged weights
             return save_run_lora(
-                run.network,
+                weights if weights is not None else shipped_weights(run.network, self.out),
                 self.loras_root,
                 self.out,
                 run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
                 training=training_metadata(
-                    replace(self.config, train_dtype=run.train_dtype),
+                    replace(self.config, train_dtype=run.train_dtype, token_length=run.token_length),
                     run.optimizer,
                     run.steps_per_epoch,
                     run.total_steps,
@@ -241,12 +286,15 @@ class TrainJob(RunEvents):
                 return []
             raise
 
-    def _stop_cancelled(self, saved: SavedLora) -> None:
+    def _stop_cancelled(self, saved: SavedLora | None, save_error: str | None) -> None:
         """Cancel: the LoRA is saved, the resumable state too (when asked); then ComfyUI's interrupt is raised."""
         state = self.run.state
-        where = f"LoRA saved as {saved.lora_name}"
+        where = f"LoRA saved as {saved.lora_name}" if saved is not None else save_error
         if self.checkpointing.save_state_on_cancel:
-            where += f"; resumable state in {self.artifacts.save_state(self.run)}"
+            try:
+                where += f"; resumable state in {self.artifacts.save_state(self.run)}"
+            except OSError as e:
+                where += f"; the resumable state was NOT saved: {e}"
         self.progress.update(
             state.global_step, self.run.total_steps, text=f"cancelled at step {state.global_step}; {where}"
         )
@@ -256,18 +304,25 @@ class TrainJob(RunEvents):
         )
         comfy_services.raise_interrupt()
 
-    def _report(self, saved: SavedLora) -> str:
+    def _report(self, saved: SavedLora | None, save_error: str | None) -> str:
         run, state = self.run, self.run.state
         final = state.history[-1].loss if state.history else float("nan")
         report = (
             f"trained {state.global_step} steps ({run.steps_per_epoch} per epoch) in "
-            f"{time.time() - self.started:.1f}s; final loss {final:.4f}\nsaved {saved.path}\n"
-            f"lora_name: {saved.lora_name}"
+            f"{time.time() - self.started:.1f}s; final loss {final:.4f}\n"
         )
+        if saved is not None:
+            report += f"saved {saved.path}\nlora_name: {saved.lora_name}"
+        else:
+            report += (
+                f"ERROR: {save_error}\nThe trained LoRA is still on this node's model, clip and lora outputs: "
+                "connect 'lora' to ComfyUI's 'Save LoRA Weights' node to save it elsewhere (lora_name is empty)."
+            )
         if self.artifacts.intermediates:
             report += "\nintermediate: " + ", ".join(s.lora_name for s in self.artifacts.intermediates)
         if self.artifacts.states:
             report += f"\nstate: {self.artifacts.states[-1]}"
+        report += "".join(f"\nWARNING: {w}" for w in self.artifacts.warnings)
         return report + "".join(f"\n{note}" for note in run.notes)
 
 

@@ -44,9 +44,9 @@ Usage:
     .venv/bin/python bench/bench_train.py --model mid --steps 3 --res 512 --dtype fp32     # ~5 min, ~17 GiB peak
     .venv/bin/python bench/bench_train.py --model full --steps 3 --res 512 --dtype fp32    # ~11 min, ~17 GiB peak
     .venv/bin/python bench/bench_train.py --model tiny --steps 8 --bare-reps 1 --optimizers AdamW,CAME,ADOPT
-Options: --only ours|builtin, --optimizers A,B,... (ours once per optimizer, side by side),
---builtin-checkpoint-depth D, --images N, --batch N, --bare-reps N,
---threads N (default 1), --mem-cap-gib G (default 22), --name NAME. See bench/README.md for measured figures.
+Options: --only ours|builtin, --algo lora|loha|lokr|dora (ours), --optimizers A,B,... (ours once per optimizer, side
+by side), --builtin-checkpoint-depth D, --images N, --batch N, --bare-reps N, --threads N (default 1),
+--mem-cap-gib G (default 22), --name NAME. See bench/README.md for measured figures.
 Writes bench/out/<name>.json (default name: train_<model>_<dtype>_<res>).
 """
 
@@ -350,7 +350,9 @@ def worker_ours(args, result: dict) -> None:
         print(msg, flush=True)
         marks.append((entered, time.perf_counter()))
 
-    network = NetworkConfig(network_dim=8, network_alpha=1.0, train_unet=True, train_te1=False, train_te2=False)
+    network = NetworkConfig(
+        network_dim=8, network_alpha=1.0, train_unet=True, train_te1=False, train_te2=False, algo=args.algo
+    )
     config = TrainConfig(
         max_train_steps=args.steps,
         learning_rate=1.0 if args.optimizer in LEARNING_RATE_FREE else 1e-4,
@@ -522,6 +524,8 @@ def run_worker(which: str, args, optimizer: str = "AdamW") -> dict:
         str(args.res),
         "--dtype",
         args.dtype,
+        "--algo",
+        args.algo,
         "--images",
         str(args.images),
         "--batch",
@@ -666,6 +670,7 @@ def main() -> int:
         "(implies --only ours; the learning-rate-free ones run at learning rate 1.0, the others at 1e-4)",
     )
     ap.add_argument("--optimizer", default="AdamW", help=argparse.SUPPRESS)
+    ap.add_argument("--algo", default="lora", help="our network algorithm (lora, loha, lokr, dora)")
     ap.add_argument("--name", default=None)
     ap.add_argument("--worker", choices=["ours", "builtin"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)

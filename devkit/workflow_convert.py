@@ -10,7 +10,6 @@ tests/server/test_example_workflows.py):
 * a node's widgets are its inputs whose type is a widget type (INT, FLOAT, STRING, BOOLEAN, COMBO or a legacy
   list of options) and that are not ``forceInput``, in ``input_order`` (required, then optional);
 * a widget keeps its slot in ``widgets_values`` even when a link feeds it (the link wins);
-* a workflow saved before a node gained optional widgets has fewer values: those widgets keep their defaults;
 * an INT widget gets an extra "control after generate" value after its own when its spec says
   ``control_after_generate`` (True or a mode), or, when the spec does not say, when it is named ``seed`` or
   ``noise_seed``; FLOAT and COMBO widgets get one only when the spec says so;
@@ -125,10 +124,10 @@ def widgets_to_inputs(node_info: Mapping[str, Any], values: list | dict | None, 
     i = 0
     slots = widget_slots(node_info)
     optional = set(node_info.get("input", {}).get("optional", {}))
-    for index, (name, control) in enumerate(slots):
+    for k, (name, control) in enumerate(slots):
+        if i >= len(values) and all(n in optional for n, _ in slots[k:]):
+            break  # a workflow saved before these optional inputs existed: they take their defaults
         if i >= len(values):
-            if all(n in optional for n, _ in slots[index:]):
-                break  # saved before these optional widgets existed: the frontend keeps their defaults
             raise ConversionError(
                 f"{node_label}: widgets_values has {len(values)} entries, too few for the widget "
                 f"{name!r} (widgets: {[n for n, _ in widget_slots(node_info)]})"

@@ -522,7 +522,7 @@ class TrainLora(io.ComfyNode):
                 lr_scheduler_min_lr_ratio=lr_scheduler_min_lr_ratio,
                 lr_scheduler_args=lr_scheduler_args,
             )
-        config = with_objective(config, objective)
+        config = with_objective(config, objective).with_loraplus(network.loraplus)
         out = OutputSettings(
             name=output_name, subfolder=output_subfolder, save_precision=save_precision, overwrite=overwrite
         )

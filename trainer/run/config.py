@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..data.bucket_batches import max_train_steps_for_epochs
 from ..data.dataset import TrainingDataset
 from ..data.token_length import TokenLength
-from ..network.config import PartSettings
+from ..network.config import LoraPlusRatios, PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from .optimizers import OptimizerSettings
@@ -117,6 +117,24 @@ class TrainConfig:
             name: getattr(self, name).with_run_defaults(self.learning_rate, self.loraplus_lr_ratio)
             for name in ("unet", "clip_l", "clip_g")
         }
+
+    def with_loraplus(self, ratios: LoraPlusRatios) -> TrainConfig:
+        """These settings with the Network node's LoRA+ ratios: each ratio it sets replaces this config's (the run's
+        ratio, the U-Net's, both text encoders'); one it leaves unset keeps this config's value."""
+        if not ratios.any:
+            return self
+
+        def part(settings: PartSettings, ratio: float | None) -> PartSettings:
+            return settings if ratio is None else replace(settings, loraplus_lr_ratio=ratio)
+
+        te = ratios.text_encoder_lr_ratio
+        return replace(
+            self,
+            loraplus_lr_ratio=ratios.lr_ratio if ratios.lr_ratio is not None else self.loraplus_lr_ratio,
+            unet=part(self.unet, ratios.unet_lr_ratio),
+            clip_l=part(self.clip_l, te),
+            clip_g=part(self.clip_g, te),
+        )
 
     def total_steps(self, dataset: TrainingDataset) -> int:
         """Optimizer steps of the run: max_train_steps, or kohya's count for max_train_epochs when it is set."""

@@ -263,7 +263,7 @@ class TrainJob(RunEvents):
                 )
                 | self.checkpoint,
                 dataset=dataset_metadata(self.dataset),
-                network_meta=network_metadata(self.network.config),
+                network_meta=network_metadata(self.network.config, self.config),
                 step=step,
                 epoch=epoch,
                 prompt=self.prompt,

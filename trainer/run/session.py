@@ -154,12 +154,15 @@ def train(
     if total < 1:
         raise ValueError("Set max_train_steps or max_train_epochs to at least 1.")
     if train_te and clip is None:
-        raise ValueError("Training the text encoders needs the CLIP input connected.")
+        raise ValueError(
+            "The network has text-encoder modules (train_clip_l / train_clip_g, or a start_from file with "
+            "lora_te1_ / lora_te2_ keys): connect the CLIP input of the train node."
+        )
     token_length = config.resolve_token_length(text.token_length if text is not None else None)
     trained = (
-        ("unet", network_config.train_unet),
-        ("clip_l", network_config.train_te1),
-        ("clip_g", network_config.train_te2),
+        ("unet", network_config.trains("unet")),
+        ("clip_l", network_config.trains("te1")),
+        ("clip_g", network_config.trains("te2")),
     )
     no_learning = config.zero_learning_rate_error([part for part, on in trained if on])
     if no_learning:
@@ -180,6 +183,7 @@ def train(
         network.to(device, torch.bfloat16 if config.full_bf16 else torch.float32)
         network.train()
         groups, group_names = network.param_groups(**config.part_settings())
+        initial_lrs = [g["lr"] for g in groups]  # before a schedule's warmup changes them
         optimizer = build_optimizer(groups, config.optimizer, config.learning_rate, max_grad_norm=config.max_grad_norm)
         scheduler = build_scheduler(
             optimizer,
@@ -206,9 +210,12 @@ def train(
             state = resume["loop"]
 
         needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
+        # text-encoder modules that are applied frozen (a continued file's) need live encoding, but no gradient
         encoder = None
         if clip is not None:
-            encoder = live_text_encoder(models.clip, with_grad=train_te, token_length=token_length)
+            encoder = live_text_encoder(
+                models.clip, with_grad=network_config.trains_text_encoders, token_length=token_length
+            )
         source = CachedBatchSource(
             dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te, device=device
         )
@@ -245,6 +252,10 @@ def train(
             stack.enter_context(comfy_kernels.gradient_checkpointing(unet, config.gradient_checkpointing))
             stack.enter_context(network.attach())
             result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
+            result.notes.append(
+                "parameter groups (kohya's names): "
+                + ", ".join(f"{name} lr {group_lr:g}" for name, group_lr in zip(group_names, initial_lrs))
+            )
             result.notes.append(f"captions: {token_length.describe()}")
             events.training_started(result)
             try:

@@ -11,7 +11,7 @@ from sdxl_lora_trainer.trainer.data.token_length import TokenLength
 from sdxl_lora_trainer.trainer.kohya_config.config_export import sample_prompts_text, to_kohya_args
 from sdxl_lora_trainer.trainer.kohya_config.config_import import from_kohya_args
 from sdxl_lora_trainer.trainer.kohya_config.run import CacheChoices, KohyaRun
-from sdxl_lora_trainer.trainer.network.config import NetworkConfig, PartSettings
+from sdxl_lora_trainer.trainer.network.config import LoraPlusRatios, NetworkConfig, PartSettings
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
 from sdxl_lora_trainer.trainer.run.checkpoints import CheckpointSettings
@@ -62,6 +62,7 @@ CARRIED = {
     "text_encoders_only": net(train_unet=False),
     "loha": net(algo="loha", conv_dim=2, conv_alpha=1.0),
     "lokr": net(algo="lokr", factor=4),
+    "dora": net(algo="dora", conv_dim=2, conv_alpha=1.0, module_dropout=0.1),
     "max_train_steps": train(max_train_steps=123),
     "max_train_epochs": train(max_train_epochs=7),
     "learning_rate": train(learning_rate=3e-4),
@@ -122,6 +123,10 @@ NOT_CARRIED = {
     "separate_te_loraplus": (
         train(clip_l=PartSettings(loraplus_lr_ratio=2.0), clip_g=PartSettings(loraplus_lr_ratio=4.0)),
         "LoRA+ ratio per text encoder",
+    ),
+    "frozen_parts": (
+        net(module_dims=(("lora_unet_a", 4, 1.0), ("lora_te1_b", 4, 1.0)), frozen_parts=("te1", "te2")),
+        "CLIP-L + CLIP-G modules of the start_from file applied frozen",
     ),
     "emb_block_lr": (net(block_lr_weight=tuple([0.5] + [1.0] * 22)), "time-embedding/out block"),
     "resume_from": (checkpoints(resume_from="/states/step100"), "resume_from"),
@@ -298,3 +303,24 @@ def test_sample_prompts_use_kohya_prompt_options():
         "a dog --n blurry --w 832 --h 1216 --s 20 --l 7.0 --d 5",
         "a cat --n blurry --w 832 --h 1216 --s 20 --l 7.0 --d 6",
     ]
+
+
+@pytest.mark.parametrize(
+    "ratios",
+    [LoraPlusRatios(16.0), LoraPlusRatios(16.0, 8.0, 4.0), LoraPlusRatios(None, 8.0), LoraPlusRatios(None, None, 2.0)],
+    ids=["all", "each", "unet", "text_encoders"],
+)
+def test_network_node_loraplus_reads_back_as_the_same_ratios(ratios):
+    """The Network node's LoRA+ ratios (folded into the run's settings as the Train and Export nodes do) export as
+    kohya's loraplus_* network_args and import back into the same ratios, on the imported Network output too."""
+    run = replace(BASE, train=BASE.train.with_loraplus(ratios))
+    exported = to_kohya_args(run)
+    assert not exported.not_carried, exported.not_carried
+    args = dict(a.split("=", 1) for a in exported.args["network_args"])
+    for name in ("lr_ratio", "unet_lr_ratio", "text_encoder_lr_ratio"):
+        value = getattr(ratios, name)
+        assert args.get(f"loraplus_{name}") == (None if value is None else repr(value)), args
+    imported = from_kohya_args(exported.args)
+    assert imported.train.part_settings() == run.train.part_settings()
+    assert imported.loraplus == ratios
+    assert BASE.train.with_loraplus(imported.loraplus).part_settings() == run.train.part_settings()

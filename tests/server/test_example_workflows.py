@@ -702,6 +702,40 @@ def test_network_inputs_out_of_range_are_refused_at_queue_time(server, object_in
     )
 
 
+@pytest.mark.parametrize(
+    "inputs,fragments",
+    [
+        (
+            {"optimizer": "AdamW", "optimizer_args": "weight_decay=abc"},
+            ["optimizer_args", "weight_decay='abc' is text", "expects a number", "e.g. weight_decay=0.01"],
+        ),
+        (
+            {"optimizer": "AdamW", "optimizer_args": "betas=1"},
+            ["optimizer_args", "betas=1 is a number", "expects 2 numbers for betas", "e.g. betas=0.9,0.999"],
+        ),
+        (
+            {"optimizer": "CAME", "optimizer_args": "weight_decy=0.1"},
+            ["optimizer_args", "has no argument 'weight_decy'", "weight_decay"],
+        ),
+        (
+            {"lr_scheduler": "piecewise_constant", "lr_scheduler_args": ""},
+            ["needs lr_scheduler_args step_rules", "step_rules='1:100,0.5:200,0.1'"],
+        ),
+        ({"lr_scheduler": "cosine", "lr_scheduler_min_lr_ratio": 0.1}, ["lr_scheduler_min_lr_ratio 0.1 is only used"]),
+    ],
+)
+def test_optimizer_and_schedule_settings_are_refused_at_queue_time(
+    server, object_info, folder_dataset, inputs, fragments
+):
+    """Checked against the optimizer's own signature and the schedule when the prompt is queued, not mid-run."""
+    prompt, train = training_only(object_info, folder_dataset, output_name="optargs")
+    prompt[train]["inputs"].update(inputs)
+    errors = queue_refused(server, prompt)[train]["errors"]
+    assert len(errors) == 1, errors  # one message on the node
+    for fragment in fragments:
+        assert fragment in errors[0]["details"], (fragment, errors)
+
+
 def test_an_existing_file_is_never_overwritten(server, object_info, folder_dataset):
     """Occupy every name the run could pick in the next minutes; the node must take the next free name."""
     folder = server.base / "models" / "loras" / SUBFOLDER

@@ -17,7 +17,7 @@ from ..data.token_length import TokenLength
 from ..network.config import NetworkConfig
 from ..network.targets import SDXL_NUM_IN_OUT_BLOCKS, SDXL_NUM_MID_BLOCKS
 from ..run.config import TrainConfig
-from ..run.optimizers import parse_optimizer_args
+from ..run.optimizers import KOHYA_OPTIMIZER_TYPES, optimizer_pip_name, parse_key_values, parse_optimizer_args
 from .run import KohyaRun
 
 #: the pack's sampler names -> kohya's --sample_sampler (kohya's k_* are the k-diffusion samplers ComfyUI uses)
@@ -172,20 +172,62 @@ def _learning_rates(train: TrainConfig, out: KohyaArgs) -> None:
         )
 
 
+def _steps_or_ratio(value: float) -> int | float:
+    """kohya's int_or_float arguments: a whole number of steps as int, a ratio below 1 as float."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _schedule(train: TrainConfig, out: KohyaArgs) -> None:
+    a = out.args
+    name = train.lr_scheduler
+    if name == "rex":
+        # kohya has no REX; its lr_scheduler_type imports any scheduler class: pytorch-optimizer's REXScheduler
+        a["lr_scheduler"] = "constant"
+        a["lr_scheduler_type"] = "pytorch_optimizer.lr_scheduler.rex.REXScheduler"
+        lr = float(train.learning_rate)
+        a["lr_scheduler_args"] = [
+            f"total_steps={int(train.max_train_steps)}",
+            f"max_lr={lr!r}",
+            f"min_lr={lr * float(train.lr_scheduler_min_lr_ratio)!r}",
+        ]
+        out.not_carried.append(
+            "lr_scheduler rex: kohya has no REX schedule; exported as pytorch-optimizer's REXScheduler "
+            "(lr_scheduler_type), which gives every parameter group the same lr, runs its first step at min_lr and "
+            "has no warmup"
+            + (f" (lr_warmup_steps {train.lr_warmup_steps} is not carried)" if train.lr_warmup_steps else "")
+        )
+        return
+    a["lr_scheduler"] = name
+    if train.lr_warmup_steps:
+        a["lr_warmup_steps"] = _steps_or_ratio(train.lr_warmup_steps)
+    if train.lr_decay_steps:
+        a["lr_decay_steps"] = _steps_or_ratio(train.lr_decay_steps)
+    if train.lr_scheduler_min_lr_ratio:
+        a["lr_scheduler_min_lr_ratio"] = float(train.lr_scheduler_min_lr_ratio)
+    scheduler_args = [f"{k}={v!r}" for k, v in parse_key_values(train.lr_scheduler_args, "lr_scheduler_args").items()]
+    if scheduler_args:
+        a["lr_scheduler_args"] = scheduler_args
+
+
 def _training(run: KohyaRun, out: KohyaArgs) -> None:
     train, a = run.train, out.args
     a["max_train_steps"] = int(train.max_train_steps)
     if train.max_train_epochs > 0:
         a["max_train_epochs"] = int(train.max_train_epochs)
     _learning_rates(train, out)
-    a["optimizer_type"] = train.optimizer.canonical_type
+    optimizer = train.optimizer.canonical_type
+    # kohya has short names for its own optimizers and imports any other from a class path
+    a["optimizer_type"] = KOHYA_OPTIMIZER_TYPES.get(optimizer, optimizer)
+    if optimizer in KOHYA_OPTIMIZER_TYPES or optimizer == "DAdaptAdam":
+        package = optimizer_pip_name(optimizer)
+        out.notes.append(
+            f"optimizer {optimizer}: kohya imports it from the {package} package; install it into kohya's Python "
+            f"(pip install {package})"
+        )
     optimizer_args = _optimizer_args(train.optimizer.optimizer_args)
     if optimizer_args:
         a["optimizer_args"] = optimizer_args
-    a["lr_scheduler"] = train.lr_scheduler
-    if train.lr_warmup_steps:
-        warmup = train.lr_warmup_steps
-        a["lr_warmup_steps"] = int(warmup) if float(warmup).is_integer() else float(warmup)
+    _schedule(train, out)
     if train.lr_scheduler_num_cycles != 1:
         a["lr_scheduler_num_cycles"] = int(train.lr_scheduler_num_cycles)
     if train.lr_scheduler_power != 1.0:

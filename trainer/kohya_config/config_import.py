@@ -90,10 +90,7 @@ _NOT_SUPPORTED: dict[str, str] = {
     "deepspeed": "single-process training inside ComfyUI",
     "fused_backward_pass": "not offered",
     "lr_scheduler_type": "only the built-in schedules",
-    "lr_scheduler_args": "only the built-in schedules",
-    "lr_decay_steps": "only the built-in schedules",
     "lr_scheduler_timescale": "only the built-in schedules",
-    "lr_scheduler_min_lr_ratio": "only the built-in schedules",
     "log_with": "the Train node writes CSV/JSONL logs",
     "base_weights": "merge base LoRAs with a LoraLoader before training",
     "base_weights_multiplier": "merge base LoRAs with a LoraLoader before training",
@@ -289,6 +286,11 @@ def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkCo
     return config, loraplus
 
 
+def _key_value_list(raw: Any) -> str:
+    """kohya's nargs="*" key=value arguments (a list, or one string in a TOML) as the pack's one string."""
+    return " ".join(raw) if isinstance(raw, list) else str(raw or "")
+
+
 def _optimizer(keys: _Keys) -> OptimizerSettings:
     name = keys.get("optimizer_type", "") or ""
     adam8, lion = keys.get("use_8bit_adam", False), keys.get("use_lion_optimizer", False)
@@ -298,9 +300,7 @@ def _optimizer(keys: _Keys) -> OptimizerSettings:
         canonical = canonical_optimizer_type(name)
     except ValueError as e:
         raise KohyaConfigError(f"optimizer_type {name!r}: {e}") from None
-    raw = keys.get("optimizer_args", []) or []
-    text = " ".join(raw) if isinstance(raw, list) else str(raw)
-    return OptimizerSettings(canonical, text)
+    return OptimizerSettings(canonical, _key_value_list(keys.get("optimizer_args", [])))
 
 
 def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
@@ -326,6 +326,9 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
         lr_warmup_steps=warmup,
         lr_scheduler_num_cycles=int(keys.get("lr_scheduler_num_cycles", 1)),
         lr_scheduler_power=float(keys.get("lr_scheduler_power", 1.0)),
+        lr_decay_steps=keys.get("lr_decay_steps", 0),
+        lr_scheduler_min_lr_ratio=float(keys.get("lr_scheduler_min_lr_ratio", 0.0)),
+        lr_scheduler_args=_key_value_list(keys.get("lr_scheduler_args", [])),
         gradient_accumulation_steps=int(keys.get("gradient_accumulation_steps", 1)),
         max_grad_norm=float(keys.get("max_grad_norm", 1.0)),
         scale_weight_norms=_as_float_or_none(keys.get("scale_weight_norms")),

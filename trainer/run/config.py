@@ -20,6 +20,7 @@ from ..network.config import LoraPlusRatios, PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from .optimizers import OptimizerSettings
+from .schedulers import check_schedule
 
 #: the learning-rate input of each model part (0 there = the run's learning_rate)
 PART_LR_INPUTS = {"unet": "unet_lr", "clip_l": "clip_l_lr", "clip_g": "clip_g_lr"}
@@ -51,6 +52,9 @@ class TrainConfig:
     lr_warmup_steps: float = 0
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    lr_decay_steps: float = 0  # warmup_stable_decay: the decay steps at the end (a count, or a ratio below 1)
+    lr_scheduler_min_lr_ratio: float = 0.0  # cosine_with_min_lr, warmup_stable_decay, rex: the final lr / lr
+    lr_scheduler_args: str = ""  # kohya's key=value list: step_rules (piecewise_constant), warmup/decay_type (wsd)
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     scale_weight_norms: float | None = None
@@ -77,6 +81,7 @@ class TrainConfig:
             raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
         if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
             raise ValueError("full_bf16 needs train_dtype bf16")
+        check_schedule(self.lr_scheduler, self.lr_scheduler_args, self.lr_decay_steps, self.lr_scheduler_min_lr_ratio)
 
     def resolve_token_length(self, cached: TokenLength | None) -> TokenLength:
         """The run's token layout: the text cache's (``cached``, from 'Cache Text'), which must agree with the one the

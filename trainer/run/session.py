@@ -31,7 +31,7 @@ from .batch_loader import CachedBatchSource, LatentSource, TextSource
 from .config import DTYPES, TrainConfig
 from .events import RunEvents
 from .loop import LoopSettings, LoopState, run
-from .optimizers import build_optimizer, optimizer_eval_mode
+from .optimizers import build_optimizer, switch_to_averaged_weights
 from .schedulers import build_scheduler
 
 
@@ -50,6 +50,9 @@ class TrainResult:
     train_dtype: str = "fp32"  # what "auto" resolved to
     token_length: TokenLength = field(default_factory=TokenLength)  # how captions were / are encoded
     notes: list[str] = field(default_factory=list)  # what the run changed or chose, for the report
+    # a schedule-free optimizer's exact training point once the run switched it to its averaged weights (what a
+    # resumable state saved after training must hold; optimizers.training_point)
+    training_point: list[torch.Tensor] | None = None
 
 
 class ComfyDenoiser:
@@ -190,6 +193,9 @@ def train(
             num_cycles=config.lr_scheduler_num_cycles,
             power=config.lr_scheduler_power,
             initial_lr=config.learning_rate,
+            decay_steps=config.lr_decay_steps,
+            min_lr_ratio=config.lr_scheduler_min_lr_ratio,
+            args=config.lr_scheduler_args,
         )
         scaler = torch.amp.GradScaler(device.type) if train_dtype == "fp16" else None
         state = None
@@ -277,7 +283,7 @@ def train(
                 if not result.state.interrupted:
                     events.training_finished()
             finally:
-                optimizer_eval_mode(optimizer)
+                result.training_point = switch_to_averaged_weights(optimizer)
         network.eval()
         if device.type == "cuda":
             result.notes.append(

@@ -75,6 +75,16 @@ CARRIED = {
     ),
     "optimizer": train(optimizer=OptimizerSettings("Lion", "weight_decay=0.01 betas=0.9,0.99")),
     "optimizer_strings": train(optimizer=OptimizerSettings("Adafactor", "relative_step=False scale_parameter=False")),
+    "lr_scheduler_min_lr_ratio": train(lr_scheduler="cosine_with_min_lr", lr_scheduler_min_lr_ratio=0.1),
+    "lr_decay_steps": train(lr_scheduler="warmup_stable_decay", lr_decay_steps=0.2, lr_scheduler_min_lr_ratio=0.05),
+    "lr_scheduler_args": train(lr_scheduler="piecewise_constant", lr_scheduler_args="step_rules='1:10,0.5:20,0.1'"),
+    "wsd_shapes": train(lr_scheduler="warmup_stable_decay", lr_decay_steps=30, lr_scheduler_args="decay_type='linear'"),
+    "optimizer_came": train(optimizer=OptimizerSettings("CAME", "weight_decay=0.01 betas=(0.9, 0.999, 0.9999)")),
+    "optimizer_adopt": train(optimizer=OptimizerSettings("ADOPT", "weight_decay=0.01")),
+    "optimizer_ademamix": train(optimizer=OptimizerSettings("AdEMAMix", "alpha=4.0")),
+    "optimizer_ademamix8bit": train(optimizer=OptimizerSettings("AdEMAMix8bit")),
+    "optimizer_prodigy_plus": train(optimizer=OptimizerSettings("ProdigyPlusScheduleFree", "d_coef=2.0")),
+    "optimizer_dadapt_adam": train(optimizer=OptimizerSettings("DAdaptAdam", "decouple=True")),
     "lr_scheduler": train(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=3),
     "lr_scheduler_power": train(lr_scheduler="polynomial", lr_scheduler_power=2.0),
     "lr_warmup_steps": train(lr_warmup_steps=50),
@@ -120,6 +130,7 @@ NOT_CARRIED = {
     ),
     "emb_block_lr": (net(block_lr_weight=tuple([0.5] + [1.0] * 22)), "time-embedding/out block"),
     "resume_from": (checkpoints(resume_from="/states/step100"), "resume_from"),
+    "rex": (train(lr_scheduler="rex", lr_scheduler_min_lr_ratio=0.1), "kohya has no REX schedule"),
     "state_cadence": (checkpoints(save_every_n_steps=10, save_state_every_n_steps=30), "save_state_every_n_steps"),
     "comfyui_chunking": (train(token_length=TokenLength(comfyui_chunking=True)), "ComfyUI chunking"),
     "preview_sampler": (
@@ -230,6 +241,51 @@ def test_rich_run_arguments():
     assert a["cache_latents_to_disk"] is True and a["cache_text_encoder_outputs"] is True
     assert a["sample_sampler"] == "dpmsolver++" and a["sample_every_n_steps"] == 25
     assert a["save_every_n_steps"] == 50 and a["save_state"] is True
+
+
+@pytest.mark.parametrize(
+    "name,kohya_type,package",
+    [
+        ("optimizer", "Lion", None),
+        ("optimizer_came", "pytorch_optimizer.CAME", "pytorch-optimizer"),
+        ("optimizer_adopt", "pytorch_optimizer.ADOPT", "pytorch-optimizer"),
+        ("optimizer_ademamix", "pytorch_optimizer.AdEMAMix", "pytorch-optimizer"),
+        ("optimizer_ademamix8bit", "bitsandbytes.optim.AdEMAMix8bit", "bitsandbytes"),
+        ("optimizer_prodigy_plus", "prodigyplus.ProdigyPlusScheduleFree", "prodigy-plus-schedule-free"),
+        ("optimizer_dadapt_adam", "DAdaptAdam", "dadaptation"),
+    ],
+)
+def test_optimizer_type_is_what_kohya_get_optimizer_imports(name, kohya_type, package):
+    """kohya has short names for its own optimizers and imports any other from a "module.Class" path."""
+    out = to_kohya_args(CARRIED[name])
+    assert out.args["optimizer_type"] == kohya_type
+    if package:  # a package kohya's requirements do not install
+        assert any(f"pip install {package}" in note for note in out.notes), out.notes
+
+
+def test_schedule_arguments_are_kohya_arguments():
+    a = to_kohya_args(CARRIED["lr_scheduler_args"]).args
+    assert a["lr_scheduler"] == "piecewise_constant" and a["lr_scheduler_args"] == ["step_rules='1:10,0.5:20,0.1'"]
+    a = to_kohya_args(CARRIED["lr_decay_steps"]).args
+    assert (a["lr_scheduler"], a["lr_decay_steps"], a["lr_scheduler_min_lr_ratio"]) == (
+        "warmup_stable_decay",
+        0.2,
+        0.05,
+    )
+
+
+def test_rex_goes_through_kohya_lr_scheduler_type():
+    run, _ = NOT_CARRIED["rex"]
+    a = to_kohya_args(run).args
+    assert a["lr_scheduler_type"] == "pytorch_optimizer.lr_scheduler.rex.REXScheduler"
+    table = kohya_arguments()
+    assert not [e for name, value in a.items() if (e := type_error(name, value, table[name]))]
+    lr = run.train.learning_rate
+    assert a["lr_scheduler_args"] == [
+        f"total_steps={run.train.max_train_steps}",
+        f"max_lr={lr!r}",
+        f"min_lr={lr * 0.1!r}",
+    ]
 
 
 def test_max_token_length_is_kohyas_argument():

@@ -137,6 +137,30 @@ def _our_metadata(network: NetworkConfig, config: TrainConfig) -> dict[str, str]
     return build_metadata(training, dataset, network_metadata(network, config), step=config.max_train_steps, epoch=1)
 
 
+@pytest.mark.parametrize(
+    "optimizer,args",
+    [
+        ("CAME", "weight_decay=0.01 betas=(0.9, 0.999, 0.9999)"),
+        ("ADOPT", "weight_decay=0.01"),
+        ("AdEMAMix", "alpha=4.0"),
+        ("ProdigyPlusScheduleFree", "d_coef=2.0"),
+        ("DAdaptAdam", "decouple=True"),
+    ],
+)
+def test_new_optimizers_read_back_from_ss_optimizer(optimizer, args):
+    config = TrainConfig(learning_rate=1.0, optimizer=OptimizerSettings(optimizer, args))
+    metadata = _our_metadata(NetworkConfig(), config)
+    assert metadata["ss_optimizer"].split("(")[0].endswith("." + optimizer)  # kohya's module.Class
+    t = from_kohya_args(args_from_metadata(metadata)).train
+    assert (t.optimizer.canonical_type, t.optimizer.kwargs) == (optimizer, config.optimizer.kwargs)
+
+
+def test_kohya_class_path_optimizer_type_is_imported():
+    imported = from_kohya_args({"optimizer_type": "pytorch_optimizer.CAME", "optimizer_args": ["weight_decay=0.02"]})
+    assert imported.train.optimizer.canonical_type == "CAME"
+    assert imported.train.optimizer.kwargs == {"weight_decay": 0.02}
+
+
 def test_our_own_metadata_reads_back_into_the_same_settings():
     network = NetworkConfig(network_dim=16, network_alpha=8.0, conv_dim=4, conv_alpha=2.0, dropout=0.1)
     config = TrainConfig(

@@ -13,7 +13,7 @@ from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.objective.loss_weighting import LossSettings
 from ..trainer.objective.noise import NoiseSettings
 from ..trainer.report_images import loss_graph_image
-from ..trainer.run.config import TRAIN_DTYPES, TrainConfig
+from ..trainer.run.config import MEMORY_MODES, TRAIN_DTYPES, TrainConfig
 from ..trainer.run.job import TrainJob
 from ..trainer.run.lora_output import OutputSettings, output_name_error
 from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings
@@ -288,6 +288,16 @@ class TrainLora(io.ComfyNode):
                     "training settings and this node's training widgets (max_train_steps ... gradient_checkpointing) "
                     "are not used; the report says so.",
                 ),
+                io.Combo.Input(
+                    "memory_mode",
+                    options=list(MEMORY_MODES),
+                    default="auto",
+                    optional=True,
+                    tooltip="How ComfyUI places the frozen U-Net on the GPU. auto: it keeps free what the memory plan "
+                    "says a step needs and streams the weights that do not fit (slower, no out-of-memory). full: every "
+                    "weight on the GPU (fastest; needs the room). stream: as few weights resident as ComfyUI allows "
+                    "(least memory, slowest). No effect on the CPU.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
@@ -356,6 +366,7 @@ class TrainLora(io.ComfyNode):
         checkpointing=None,
         previews=None,
         train_settings=None,
+        memory_mode: str = "auto",
     ) -> io.NodeOutput:
         if train_settings is not None:
             config = train_settings.config
@@ -381,7 +392,7 @@ class TrainLora(io.ComfyNode):
                 full_bf16=full_bf16,
                 gradient_checkpointing=gradient_checkpointing,
             )
-        config = with_objective(config, objective)
+        config = replace(with_objective(config, objective), memory_mode=memory_mode)
         out = OutputSettings(
             name=output_name, subfolder=output_subfolder, save_precision=save_precision, overwrite=overwrite
         )

@@ -37,6 +37,19 @@ CASES = {
 }
 
 
+class Source:
+    """trainer/run/batch_loader's LatentSource and TextSource over dicts."""
+
+    def __init__(self, latents: dict, texts: dict) -> None:
+        self.latents, self.texts = latents, texts
+
+    def latent(self, image, flipped):
+        return self.latents[image.key]
+
+    def encoding(self, image):
+        return self.texts[image.key]
+
+
 def measure(kind: str) -> list[dict]:
     import torch
     from PIL import Image
@@ -58,22 +71,16 @@ def measure(kind: str) -> list[dict]:
         scan = items_from_images(images, ["a", "b"])
         settings = BucketSettings(resolution=(res, res), min_bucket_reso=64, max_bucket_reso=res, bucket_reso_steps=64)
         dataset = dataset_from_scan(scan, settings, batch, CaptionOptions())
-        table_l = {img.key: latents[i] for i, img in enumerate(dataset.images)}
-        table_t = {img.key: texts[i] for i, img in enumerate(dataset.images)}
-
-        class Latents:
-            def latent(self, image, flipped):
-                return table_l[image.key]
-
-        class Text:
-            def encoding(self, image):
-                return table_t[image.key]
+        source = Source(
+            {img.key: latents[i] for i, img in enumerate(dataset.images)},
+            {img.key: texts[i] for i, img in enumerate(dataset.images)},
+        )
 
         network = NetworkConfig(network_dim=8, network_alpha=1.0, train_te1=False, train_te2=False)
         config = TrainConfig(max_train_steps=2, gradient_checkpointing=checkpointing)
         start = time.perf_counter()
         with PeakTensorMemory() as measured, torch.inference_mode():
-            result = train(model, None, dataset, Latents(), Text(), network, config)
+            result = train(model, None, dataset, source, source, network, config)
         plan = result.memory_plan
         row = {
             "model": kind,

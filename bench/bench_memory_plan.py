@@ -23,6 +23,7 @@ import itertools
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +109,7 @@ def table() -> list[str]:
     from sdxl_lora_trainer.trainer.network import build_network
     from sdxl_lora_trainer.trainer.network.config import NetworkConfig
     from sdxl_lora_trainer.trainer.run.config import TrainConfig
-    from sdxl_lora_trainer.trainer.run.memory_plan import StepShape
+    from sdxl_lora_trainer.trainer.run.memory_plan import CUDA_CONTEXT_BYTES, StepShape
     from sdxl_lora_trainer.trainer.run.optimizers import OptimizerSettings
     from sdxl_lora_trainer.trainer.run.session import plan_memory, training_block
 
@@ -132,6 +133,7 @@ def table() -> list[str]:
             params = [p for p in net.parameters() if p.requires_grad]
             with training_block(net, unet, [], checkpointing):
                 plan = plan_memory(models, params, [unet], StepShape(1024, 1024, batch), network, config, "bf16")
+        plan = replace(plan, margin=plan.margin + CUDA_CONTEXT_BYTES)  # planned on meta, for a CUDA GPU
         lines += plan.lines()
         print("\n".join(plan.lines()), flush=True)
     return lines

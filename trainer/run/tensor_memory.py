@@ -38,7 +38,9 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def _note(self, tensors: list[Any], made_here: bool) -> None:
         for t in tensors:
-            if not isinstance(t, torch.Tensor) or isinstance(t, FakeTensor) != self.fake or t.is_meta:
+            if not isinstance(t, torch.Tensor) or isinstance(t, FakeTensor) != self.fake:
+                continue
+            if t.is_meta and not self.fake:  # FakeTensorMode's own meta work
                 continue
             storage = t.untyped_storage()
             if storage in self._bytes:

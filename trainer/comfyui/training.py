@@ -194,6 +194,20 @@ def load_for_training(model: Any, memory_required: int = 0, mode: str = "auto", 
     return model.load_device
 
 
+def leave_room(model: Any, memory_required: int) -> None:
+    """Have ComfyUI offload as much of the loaded MODEL as it takes to leave ``memory_required`` free on its device;
+    the offloaded layers are then streamed per layer. ComfyUI's own ``free_memory``, with the free space
+    ``load_models_gpu`` would have asked for had it known the plan at the first load (the plan needs the loaded
+    model). Not on the CPU, and not under --highvram / --gpu-only, where ComfyUI keeps every weight on the GPU.
+    """
+    import comfy.model_management as mm
+
+    device = model.load_device
+    if device.type == "cpu" or mm.vram_state == mm.VRAMState.HIGH_VRAM:
+        return
+    mm.free_memory(max(mm.minimum_inference_memory(), memory_required + mm.extra_reserved_memory()), device)
+
+
 def free_other_models() -> None:
     """Offload everything ComfyUI holds (VAE, text encoders) so training memory is U-Net + LoRA + optimizer."""
     import comfy.model_management as mm

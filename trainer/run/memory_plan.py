@@ -171,6 +171,8 @@ def activation_bytes(
         loss = (unet_call(x, timesteps, context, y).float() - target).square().mean()
         grads = torch.autograd.grad(loss, trainable, allow_unused=True)
         del loss, grads
+    if counted.peak == 0:  # e.g. a device whose tensors bypass FakeTensorMode: no plan rather than a wrong one
+        raise RuntimeError(f"the shape-only pass of the step saw no tensors on {device}")
     return counted.peak
 
 

@@ -86,6 +86,11 @@ class Placement:
     def load(self, model: Any) -> torch.device:
         return comfy_training.load_for_training(model, self.memory_required, self.mode, self.weights)
 
+    def leave_room(self, model: Any) -> None:
+        """Once the plan is known (after the first load): offload what the plan's step needs room for."""
+        if self.mode != "full":
+            comfy_training.leave_room(model, self.memory_required + (self.weights if self.mode == "stream" else 0))
+
 
 def plan_memory(
     models: Any,
@@ -311,6 +316,7 @@ def train(
                     memory_required=result.memory_plan.besides_weights,
                     weights=result.memory_plan.frozen_weights,
                 )
+                placement.leave_room(models.model)
             events.training_started(result)
             try:
                 result.state = run(

@@ -43,8 +43,9 @@ Usage:
     .venv/bin/python bench/bench_train.py --model tiny --steps 20 --res 128 --dtype fp32   # ~30 s
     .venv/bin/python bench/bench_train.py --model mid --steps 3 --res 512 --dtype fp32     # ~5 min, ~17 GiB peak
     .venv/bin/python bench/bench_train.py --model full --steps 3 --res 512 --dtype fp32    # ~11 min, ~17 GiB peak
-Options: --only ours|builtin, --builtin-checkpoint-depth D, --images N, --batch N, --bare-reps N,
---threads N (default 1), --mem-cap-gib G (default 22), --name NAME. See bench/README.md for measured figures.
+Options: --only ours|builtin, --algo lora|loha|lokr|dora (ours), --builtin-checkpoint-depth D, --images N,
+--batch N, --bare-reps N, --threads N (default 1), --mem-cap-gib G (default 22), --name NAME. See bench/README.md
+for measured figures.
 Writes bench/out/<name>.json (default name: train_<model>_<dtype>_<res>).
 """
 
@@ -278,6 +279,9 @@ def worker_ours(args, result: dict) -> None:
         def latent(self, image, flipped):  # image: a BucketedImage (older protocol: its key)
             return self.table[getattr(image, "key", image)]
 
+        def loss_mask(self, image, flipped):  # no masks in the benchmark
+            return None
+
     class Text:  # trainer/run/batch_loader.TextSource
         def __init__(self) -> None:
             self.table = {img.key: texts[i] for i, img in enumerate(dataset.images)}
@@ -330,7 +334,9 @@ def worker_ours(args, result: dict) -> None:
         print(msg, flush=True)
         marks.append((entered, time.perf_counter()))
 
-    network = NetworkConfig(network_dim=8, network_alpha=1.0, train_unet=True, train_te1=False, train_te2=False)
+    network = NetworkConfig(
+        network_dim=8, network_alpha=1.0, train_unet=True, train_te1=False, train_te2=False, algo=args.algo
+    )
     config = TrainConfig(
         max_train_steps=args.steps, learning_rate=1e-4, train_dtype=args.dtype, gradient_checkpointing=True, seed=42
     )
@@ -495,6 +501,8 @@ def run_worker(which: str, args) -> dict:
         str(args.res),
         "--dtype",
         args.dtype,
+        "--algo",
+        args.algo,
         "--images",
         str(args.images),
         "--batch",
@@ -627,6 +635,7 @@ def main() -> int:
         "unit; 2 = ResBlock / SpatialTransformer level, the granularity ours uses)",
     )
     ap.add_argument("--only", choices=["ours", "builtin"], default=None)
+    ap.add_argument("--algo", default="lora", help="our network algorithm (lora, loha, lokr, dora)")
     ap.add_argument("--name", default=None)
     ap.add_argument("--worker", choices=["ours", "builtin"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)

@@ -103,3 +103,20 @@ def unet_forward(
         y=y.to(device, dtype),
         transformer_options=options,
     ).float()
+
+
+def layer_weight(module: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """The weight ``module`` computes with, as float32 on ``device``, exactly as its own forward gets it.
+
+    A ComfyUI layer (comfy.ops) gets its weight from ``comfy.ops.cast_bias_weight``: fp8/fp16 storage cast up, a
+    quantized weight dequantized, and the patches ComfyUI applies at forward time (a LoRA merged upstream in a
+    low-VRAM load, weight wrappers) applied; a LoRA merged at a full load is already in the weight. A plain torch
+    layer: its weight. Never a tensor autograd tracks (the model is frozen).
+    """
+    if isinstance(getattr(module, "weight_function", None), list):
+        import comfy.ops
+
+        weight, _ = comfy.ops.cast_bias_weight(module, device=device, dtype=torch.float32)
+    else:
+        weight = module.weight.to(device=device, dtype=torch.float32)
+    return weight.detach()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..data.token_length import TokenLength
 from ..network.config import NetworkConfig
 from ..network.targets import SDXL_NUM_IN_OUT_BLOCKS, SDXL_NUM_MID_BLOCKS
 from ..run.config import TrainConfig
@@ -64,10 +65,19 @@ def _block_lr_args(weights: Sequence[float], out: KohyaArgs) -> dict[str, str]:
     }
 
 
-def network_args(config: NetworkConfig, train: TrainConfig, out: KohyaArgs) -> list[str]:
+def network_args(config: NetworkConfig, train: TrainConfig, out: KohyaArgs | None = None) -> list[str]:
     """kohya's --network_args "key=value" strings for ``config`` and the run's LoRA+ ratios."""
+    return [f"{k}={v}" for k, v in network_args_dict(config, train, out).items()]
+
+
+def network_args_dict(config: NetworkConfig, train: TrainConfig, out: KohyaArgs | None = None) -> dict[str, str]:
+    """kohya's network_args as the key -> value strings kohya splits them into (``net_kwargs``, also what kohya
+    writes as ss_network_args). ``out`` collects what kohya cannot carry (None: not asked)."""
+    out = out if out is not None else KohyaArgs()
     args: dict[str, str] = {}
-    if config.algo != "lora":
+    if config.algo == "dora":  # LyCORIS's LoCon with weight decomposition, magnitude per input channel
+        args.update(algo="locon", dora_wd="True", wd_on_output="False")
+    elif config.algo != "lora":
         args["algo"] = config.algo
         if config.algo == "lokr":
             args["factor"] = str(config.factor)
@@ -97,7 +107,7 @@ def network_args(config: NetworkConfig, train: TrainConfig, out: KohyaArgs) -> l
     te_ratio = parts["clip_l"].loraplus_lr_ratio
     if te_ratio and te_ratio != train.loraplus_lr_ratio:
         args["loraplus_text_encoder_lr_ratio"] = repr(float(te_ratio))
-    return [f"{k}={v}" for k, v in args.items()]
+    return args
 
 
 def _optimizer_args(text: str) -> list[str]:
@@ -115,7 +125,13 @@ def _network(run: KohyaRun, out: KohyaArgs) -> None:
     a["network_args"] = network_args(config, run.train, out)
     if not a["network_args"]:
         del a["network_args"]
-    trained = (config.train_unet, config.train_te1, config.train_te2)
+    trained = (config.trains("unet"), config.trains("te1"), config.trains("te2"))
+    if config.frozen_parts:
+        labels = {"unet": "U-Net", "te1": "CLIP-L", "te2": "CLIP-G"}
+        out.not_carried.append(
+            f"{' + '.join(labels[p] for p in config.frozen_parts)} modules of the start_from file applied frozen: "
+            "kohya drops the modules of a part it does not train (not applied while training, not saved)"
+        )
     if trained == (True, False, False):
         a["network_train_unet_only"] = True
     elif trained == (False, True, True):
@@ -125,9 +141,9 @@ def _network(run: KohyaRun, out: KohyaArgs) -> None:
         out.not_carried.append(
             f"train only {' + '.join(names)}: kohya trains the U-Net, both text encoders, the U-Net only or the text "
             "encoders only; the exported run trains "
-            + ("the U-Net and both text encoders" if config.train_unet else "both text encoders")
+            + ("the U-Net and both text encoders" if trained[0] else "both text encoders")
         )
-        if not config.train_unet:
+        if not trained[0]:
             a["network_train_text_encoder_only"] = True
     if config.multiplier != 1.0:
         out.not_carried.append(f"network multiplier {config.multiplier}: kohya trains at multiplier 1.0")
@@ -191,6 +207,17 @@ def _training(run: KohyaRun, out: KohyaArgs) -> None:
             f"memory_mode {train.memory_mode}: kohya's SDXL LoRA training keeps the whole U-Net on each GPU "
             "(no weight streaming); give each process a GPU that holds it"
         )
+    _token_length(train.token_length or TokenLength(), out)
+
+
+def _token_length(token_length: TokenLength, out: KohyaArgs) -> None:
+    if token_length.comfyui_chunking:
+        out.not_carried.append(
+            "max_token_length 'ComfyUI chunking': kohya has no such encoding; the exported run uses kohya's default "
+            "(captions truncated to 75 tokens; max_token_length = 225 keeps up to 225)"
+        )
+    elif token_length.max_token_length is not None:
+        out.args["max_token_length"] = int(token_length.max_token_length)
 
 
 def _objective(run: KohyaRun, out: KohyaArgs) -> None:
@@ -206,6 +233,8 @@ def _objective(run: KohyaRun, out: KohyaArgs) -> None:
     for name in ("scale_v_pred_loss_like_noise_pred", "debiased_estimation_loss"):
         if getattr(loss, name):
             a[name] = True
+    if loss.prior_loss_weight != 1.0:
+        a["prior_loss_weight"] = float(loss.prior_loss_weight)
     if run.v_parameterization:
         a["v_parameterization"] = True
     for name in ("noise_offset", "adaptive_noise_scale", "ip_noise_gamma"):

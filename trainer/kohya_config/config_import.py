@@ -18,7 +18,8 @@ import tomllib
 
 from ..data.images import DatasetError
 from ..data.text_files import read_utf8
-from ..network.config import KOHYA_NETWORK_ARGS, NetworkConfig, PartSettings
+from ..data.token_length import TokenLength
+from ..network.config import KOHYA_NETWORK_ARGS, LoraPlusRatios, NetworkConfig, PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from ..run.checkpoints import CheckpointSettings
@@ -43,7 +44,9 @@ _WHERE_THE_GRAPH_SETS_IT: dict[str, str] = {
     "v_parameterization": "the MODEL's own prediction type decides (Load Checkpoint)",
     "dataset_config": "load it with the 'Dataset from kohya TOML' node",
     "train_data_dir": "use 'Images from Folder' on that folder",
-    "reg_data_dir": "use a reg subset in a kohya TOML ('Dataset from kohya TOML')",
+    "reg_data_dir": "set reg_folder on 'Images from Folder' (or a reg subset in a kohya TOML)",
+    "masked_loss": "the dataset decides: a mask folder, alpha_mask or a MASK input on the image nodes (or "
+    "conditioning_data_dir / alpha_mask in a kohya TOML); images with a mask train masked",
     "in_json": "use 'Dataset from kohya TOML' with a metadata_file subset",
     "resolution": "set it on 'Buckets & Captions' (or in the dataset TOML)",
     "output_dir": "LoRAs are saved in ComfyUI's loras folder (the Train node's output_subfolder)",
@@ -94,9 +97,6 @@ _NOT_SUPPORTED: dict[str, str] = {
     "log_with": "the Train node writes CSV/JSONL logs",
     "base_weights": "merge base LoRAs with a LoraLoader before training",
     "base_weights_multiplier": "merge base LoRAs with a LoraLoader before training",
-    "masked_loss": "not offered yet",
-    "prior_loss_weight": "not offered yet",
-    "max_token_length": "not offered yet",
     "validation_split": "not offered yet",
 }
 
@@ -115,6 +115,9 @@ class KohyaImport:
     train: TrainConfig
     checkpointing: CheckpointSettings
     source: str = ""
+    #: kohya's loraplus_* network_args, also in ``train``'s part settings: the Network output carries them too,
+    #: so a graph that takes only the imported network trains with the same LoRA+
+    loraplus: LoraPlusRatios = LoraPlusRatios()
     applied: list[str] = field(default_factory=list)
     not_applied: list[tuple[str, str]] = field(default_factory=list)
 
@@ -222,6 +225,11 @@ def _as_float_or_none(v: Any) -> float | None:
     return None if v in (None, "", "None") else float(v)
 
 
+def _true(value: Any) -> bool:
+    """A LyCORIS boolean network_arg as LyCORIS's str_bool reads it: anything but "false" (any case) is true."""
+    return str(value).strip().lower() != "false"
+
+
 def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkConfig, dict[str, float]]:
     module = keys.get("network_module", "networks.lora")
     raw_args = keys.get("network_args", []) or []
@@ -234,14 +242,29 @@ def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkCo
             raise KohyaConfigError(f"network_args: {token!r} is not key=value")
         network_args[k.strip()] = v.strip()
     loraplus = {k: float(network_args.pop(k)) for k in list(network_args) if k.startswith("loraplus_")}
+    # kohya's train_network copies --network_dropout into network_args as "dropout" (for LyCORIS, which reads its
+    # dropout there), so ss_network_args holds it; it is the network dropout, not an argument of its own
+    args_dropout = _as_float_or_none(network_args.pop("dropout", None))
     if module == "networks.lora":
         algo = "lora"
     elif module == "lycoris.kohya":
         algo = network_args.pop("algo", "lora")
-        if algo not in ("loha", "lokr"):
+        dora = _true(network_args.pop("dora_wd", "False"))
+        on_output = _true(network_args.pop("wd_on_output", "True"))
+        if algo in ("lora", "locon") and dora:
+            if on_output:
+                raise KohyaConfigError(
+                    "network_args dora_wd=True with wd_on_output=True (LyCORIS's default): ComfyUI's LoraLoader "
+                    "normalises an output-axis DoRA by the norm of the base weight alone, so such a file does not "
+                    "load as it was trained; the pack trains DoRA with wd_on_output=False. Set wd_on_output=False."
+                )
+            algo = "dora"
+        elif dora:
+            raise KohyaConfigError(f"network_args dora_wd=True with algo={algo!r}: the pack's DoRA is algo=locon")
+        if algo not in ("loha", "lokr", "dora"):
             raise KohyaConfigError(
-                f"network_args algo={algo!r} (lycoris.kohya): the pack trains LyCORIS loha and lokr; use algo=loha "
-                "or algo=lokr, or network_module networks.lora"
+                f"network_args algo={algo!r} (lycoris.kohya): the pack trains LyCORIS loha, lokr and locon with "
+                "dora_wd=True (DoRA); use one of them, or network_module networks.lora"
             )
     else:
         raise KohyaConfigError(
@@ -255,7 +278,7 @@ def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkCo
     config = NetworkConfig.from_kohya_kwargs(
         keys.get("network_dim", 4),
         keys.get("network_alpha"),
-        _as_float_or_none(keys.get("network_dropout")),
+        _as_float_or_none(keys.get("network_dropout")) if keys.has("network_dropout") else args_dropout,
         train_unet=not keys.get("network_train_text_encoder_only", False),
         train_te1=not keys.get("network_train_unet_only", False),
         train_te2=not keys.get("network_train_unet_only", False),
@@ -310,6 +333,7 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
         train_dtype=train_dtype,
         full_bf16=bool(keys.get("full_bf16", False)),
         gradient_checkpointing=bool(keys.get("gradient_checkpointing")),
+        token_length=_token_length(keys),
         loss=LossSettings(
             loss_type=keys.get("loss_type", "l2"),
             huber_schedule=keys.get("huber_schedule", "snr"),
@@ -319,6 +343,7 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
             scale_v_pred_loss_like_noise_pred=bool(keys.get("scale_v_pred_loss_like_noise_pred", False)),
             v_pred_like_loss=_as_float_or_none(keys.get("v_pred_like_loss")),
             debiased_estimation_loss=bool(keys.get("debiased_estimation_loss", False)),
+            prior_loss_weight=float(keys.get("prior_loss_weight", 1.0)),
         ),
         noise=NoiseSettings(
             noise_offset=_as_float_or_none(keys.get("noise_offset")),
@@ -332,6 +357,15 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
             ip_noise_gamma_random_strength=bool(keys.get("ip_noise_gamma_random_strength", False)),
         ),
     )
+
+
+def _token_length(keys: _Keys) -> TokenLength:
+    """kohya's max_token_length (absent: kohya's 75 tokens); 'Cache Text' must encode with the same one."""
+    value = keys.get("max_token_length")
+    try:
+        return TokenLength(None if value is None else int(value))
+    except (TypeError, ValueError):
+        raise KohyaConfigError(f"max_token_length {value!r}: kohya takes 150 or 225 (or none: 75 tokens)") from None
 
 
 def _checkpointing(keys: _Keys) -> CheckpointSettings:
@@ -374,6 +408,11 @@ def from_kohya_args(args: Mapping[str, Any], source: str = "kohya settings") -> 
         else:
             not_applied.append((key, f"not an argument this pack knows (kohya's value: {value!r})"))
     return KohyaImport(
+        loraplus=LoraPlusRatios(
+            loraplus.get("loraplus_lr_ratio"),
+            loraplus.get("loraplus_unet_lr_ratio"),
+            loraplus.get("loraplus_text_encoder_lr_ratio"),
+        ),
         network=network,
         train=train,
         checkpointing=checkpointing,

@@ -20,7 +20,8 @@ from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
 from ..network.file_names import safe_relative_name, unique_lora_path
 from ..network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag_frequency
-from ..network.safetensors_file import save_lora
+from ..network.safetensors_file import prepare_tensors, save_lora
+from .config import TrainConfig
 from .optimizers import optimizer_metadata_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -63,21 +64,25 @@ class SavedLora:
 def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
     images = ds.images
     dirs: dict[str, dict[str, int]] = {}
+    reg_dirs: dict[str, dict[str, int]] = {}  # kohya: reg subsets go to ss_reg_dataset_dirs
     captions: dict[str, list[str]] = {}
     for img in images:
         name = os.path.basename(img.item.source_dir or "") or img.item.subset or "images"
-        d = dirs.setdefault(name, {"n_repeats": img.item.num_repeats, "img_count": 0})
+        table = reg_dirs if img.item.is_reg else dirs
+        d = table.setdefault(name, {"n_repeats": img.item.num_repeats, "img_count": 0})
         d["img_count"] += 1
         captions.setdefault(name, []).append(img.item.caption)
     part = ds.parts[0]
+    image_counts = ds.image_counts()
     opts = images[0].caption_options
     counts: dict[tuple[int, int], int] = {}
     for bucket, _, with_repeats in ds.bucket_histogram():
         counts[bucket] = with_repeats
     ar_error = sum(abs(img.selection.ar_error) for img in images) / max(1, len(images))
     return {
-        "num_train_images": sum(i.item.num_repeats for i in images if not i.item.is_reg),
-        "num_reg_images": sum(i.item.num_repeats for i in images if i.item.is_reg),
+        # kohya's counters: num_reg_images counts the reg images given (x repeats), before its balancing
+        "num_train_images": image_counts["num_train_images"],
+        "num_reg_images": image_counts["num_reg_images"],
         "resolution": tuple(part.settings.resolution),
         "enable_bucket": part.settings.enable_bucket,
         "bucket_no_upscale": part.settings.bucket_no_upscale,
@@ -90,26 +95,25 @@ def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
         "caption_dropout_every_n_epochs": opts.caption_dropout_every_n_epochs,
         "caption_tag_dropout_rate": opts.caption_tag_dropout_rate,
         "dataset_dirs": dirs,
+        "reg_dataset_dirs": reg_dirs or None,
         "tag_frequency": tag_frequency(captions),
         "bucket_info": kohya_bucket_info(counts, ar_error) if part.settings.enable_bucket else None,
     }
 
 
-def network_metadata(config: NetworkConfig) -> dict[str, Any]:
-    args = {}
-    if config.conv_dim:
-        args["conv_dim"] = config.conv_dim
-        args["conv_alpha"] = config.conv_alpha
-    for name in ("rank_dropout", "module_dropout"):
-        if getattr(config, name):
-            args[name] = getattr(config, name)
+def network_metadata(config: NetworkConfig, train: TrainConfig | None = None) -> dict[str, Any]:
+    """kohya's ss_network_* values. ``args`` is what kohya writes as ss_network_args: the network_args strings
+    (config_export's ``network_args_dict``, the one place that formats them, LoRA+ ratios of ``train`` included)
+    plus, as kohya's train_network adds for LyCORIS whenever network_args are given and the dims do not come
+    from a file, ``"dropout"``: the network_dropout value itself (None or a number, not a string)."""
+    from ..kohya_config.config_export import network_args_dict
+
+    args: dict[str, Any] = dict(network_args_dict(config, train if train is not None else TrainConfig()))
+    if args and config.module_dims is None:
+        args["dropout"] = config.dropout
     meta = {"dim": config.network_dim, "alpha": config.network_alpha, "dropout": config.dropout}
     if config.algo != "lora":
-        # what LyCORIS's kohya wrapper records: network_module lycoris.kohya, network_args algo (and factor)
-        meta["module"] = "lycoris.kohya"
-        args["algo"] = config.algo
-        if config.algo == "lokr":
-            args["factor"] = config.factor
+        meta["module"] = "lycoris.kohya"  # what LyCORIS's kohya wrapper records (network_args carry algo, factor)
     meta["args"] = args or None
     return meta
 
@@ -133,6 +137,7 @@ def training_metadata(
         "lr_scheduler": run.lr_scheduler,
         "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[run.train_dtype],
         "cache_latents": True,
+        "max_token_length": run.token_length.max_token_length if run.token_length else None,
         "seed": run.seed,
         "noise_offset": run.noise.noise_offset,
         "multires_noise_iterations": run.noise.multires_noise_iterations,
@@ -144,6 +149,7 @@ def training_metadata(
         "optimizer": optimizer_metadata_name(optimizer, run.optimizer),
         "max_grad_norm": run.max_grad_norm,
         "min_snr_gamma": run.loss.min_snr_gamma,
+        "prior_loss_weight": run.loss.prior_loss_weight,
         "scale_weight_norms": run.scale_weight_norms,
         "debiased_estimation": run.loss.debiased_estimation_loss,
         "loss_type": run.loss.loss_type,
@@ -153,8 +159,17 @@ def training_metadata(
     }
 
 
+def shipped_weights(network: AdapterNetwork, out: OutputSettings) -> dict[str, torch.Tensor]:
+    """The LoRA exactly as the file holds it (cast to ``save_precision``, CPU copies).
+
+    The train node applies these to its MODEL/CLIP outputs and hands them on as LORA_MODEL, so what a KSampler after
+    the train node shows is what a LoraLoader loading the file shows (what you test is what you ship).
+    """
+    return prepare_tensors(network.state_dict_kohya(), SAVE_DTYPES[out.save_precision])
+
+
 def save_run_lora(
-    network: AdapterNetwork,
+    weights: dict[str, torch.Tensor],
     loras_root: str,
     out: OutputSettings,
     *,
@@ -168,6 +183,8 @@ def save_run_lora(
     extra_pnginfo: dict | None = None,
     v_parameterization: bool = False,
 ) -> SavedLora:
+    """Write ``weights`` (``shipped_weights``) under a new name in the loras folder; raises OSError when it cannot
+    (``atomic_files.WriteFailed`` names the file, the space needed and free)."""
     path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
     meta = build_metadata(
         training,
@@ -181,7 +198,7 @@ def save_run_lora(
     )
     if v_parameterization:
         meta["ss_v_parameterization"] = "True"
-    save_lora(network.state_dict_kohya(), path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
+    save_lora(weights, path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
     return SavedLora(path=Path(path), lora_name=rel)
 
 

@@ -16,15 +16,17 @@ from typing import Any
 
 import torch
 
-from ..comfyui import encoders as comfy_encoders
+from ..cache.text import encode_caption
 from ..comfyui import kernels as comfy_kernels
 from ..comfyui import models as comfy_models
 from ..comfyui import training as comfy_training
 from ..data.dataset import TrainingDataset
+from ..data.token_length import TokenLength
 from ..network import build_network
 from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
 from ..objective.ddpm_schedule import DDPMSchedule
+from ..objective.loss_weighting import LossSettings
 from .batch_loader import CachedBatchSource, LatentSource, TextSource
 from .config import DTYPES, TrainConfig
 from .events import RunEvents
@@ -48,6 +50,7 @@ class TrainResult:
     scaler: Any = None
     group_names: list[str] = field(default_factory=list)
     train_dtype: str = "fp32"  # what "auto" resolved to
+    token_length: TokenLength = field(default_factory=TokenLength)  # how captions were / are encoded
     notes: list[str] = field(default_factory=list)  # what the run changed or chose, for the report
     memory_plan: MemoryPlan | None = None
 
@@ -131,15 +134,19 @@ def _adm_dim(model: Any) -> int:
     return int(comfy_models.unet_config(model).get("adm_in_channels") or 2816)
 
 
-def live_text_encoder(clip: Any, with_grad: bool) -> Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Encode captions now: random captions (frozen encoders), or text-encoder training (``with_grad``)."""
+def live_text_encoder(
+    clip: Any, with_grad: bool, token_length: TokenLength | None = None
+) -> Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Encode literal captions now, with the run's token layout: random captions (frozen encoders), or text-encoder
+    training (``with_grad``)."""
+    token_length = token_length or TokenLength()
 
     def encode(captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
         with torch.set_grad_enabled(with_grad):
             for text in captions:
-                ctx, pooled = comfy_encoders.encode_text(clip, text)
-                out.append((ctx[0].float(), pooled[0].float()))
+                ctx, pooled = encode_caption(clip, text, token_length)
+                out.append((ctx.float(), pooled.float()))
         return out
 
     return encode
@@ -199,6 +206,24 @@ def plan_without_training(
             return plan_memory(models, params, [unet, *text_encoders], shape, network_config, config, train_dtype)
 
 
+def _dataset_loss_notes(dataset: TrainingDataset, loss: LossSettings) -> list[str]:
+    """What masks and reg images do to this run's loss, for the report (a setting without effect is said too)."""
+    counts = dataset.image_counts()
+    notes = []
+    if counts["masked_images"]:
+        notes.append(f"masked loss: {counts['masked_images']} of {len(dataset.images)} images have a loss mask")
+    if counts["reg_images"]:
+        notes.append(
+            f"regularization images: {counts['reg_images']}, their loss weighted by prior_loss_weight "
+            f"{loss.prior_loss_weight:g}"
+        )
+    elif loss.prior_loss_weight != 1.0:
+        notes.append(
+            f"prior_loss_weight {loss.prior_loss_weight:g} has no effect: the dataset has no regularization images"
+        )
+    return notes
+
+
 def train(
     model: Any,
     clip: Any,
@@ -230,7 +255,19 @@ def train(
     if total < 1:
         raise ValueError("Set max_train_steps or max_train_epochs to at least 1.")
     if train_te and clip is None:
-        raise ValueError("Training the text encoders needs the CLIP input connected.")
+        raise ValueError(
+            "The network has text-encoder modules (train_clip_l / train_clip_g, or a start_from file with "
+            "lora_te1_ / lora_te2_ keys): connect the CLIP input of the train node."
+        )
+    token_length = config.resolve_token_length(text.token_length if text is not None else None)
+    trained = (
+        ("unet", network_config.trains("unet")),
+        ("clip_l", network_config.trains("te1")),
+        ("clip_g", network_config.trains("te2")),
+    )
+    no_learning = config.zero_learning_rate_error([part for part, on in trained if on])
+    if no_learning:
+        raise ValueError(no_learning)
 
     with torch.inference_mode(False), comfy_training.training_models(model, clip, train_te) as models:
         device = models.device
@@ -247,6 +284,7 @@ def train(
         network.to(device, torch.bfloat16 if config.full_bf16 else torch.float32)
         network.train()
         groups, group_names = network.param_groups(**config.part_settings())
+        initial_lrs = [g["lr"] for g in groups]  # before a schedule's warmup changes them
         optimizer = build_optimizer(groups, config.optimizer, config.learning_rate, max_grad_norm=config.max_grad_norm)
         scheduler = build_scheduler(
             optimizer,
@@ -270,7 +308,12 @@ def train(
             state = resume["loop"]
 
         needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
-        encoder = live_text_encoder(models.clip, with_grad=train_te) if clip is not None else None
+        # text-encoder modules that are applied frozen (a continued file's) need live encoding, but no gradient
+        encoder = None
+        if clip is not None:
+            encoder = live_text_encoder(
+                models.clip, with_grad=network_config.trains_text_encoders, token_length=token_length
+            )
         source = CachedBatchSource(
             dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te, device=device
         )
@@ -293,10 +336,17 @@ def train(
             scaler=scaler,
             group_names=group_names,
             train_dtype=train_dtype,
+            token_length=token_length,
         )
+        result.notes.extend(_dataset_loss_notes(dataset, loss_settings))
         with training_block(network, unet, text_encoders, config.gradient_checkpointing) as (kernel, notes):
             result.notes.extend(notes)
             result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
+            result.notes.append(
+                "parameter groups (kohya's names): "
+                + ", ".join(f"{name} lr {group_lr:g}" for name, group_lr in zip(group_names, initial_lrs))
+            )
+            result.notes.append(f"captions: {token_length.describe()}")
             try:
                 result.memory_plan = plan_memory(
                     models,

@@ -7,10 +7,11 @@ from dataclasses import replace
 import pytest
 from kohya_arguments import kohya_arguments, type_error
 
+from sdxl_lora_trainer.trainer.data.token_length import TokenLength
 from sdxl_lora_trainer.trainer.kohya_config.config_export import sample_prompts_text, to_kohya_args
 from sdxl_lora_trainer.trainer.kohya_config.config_import import from_kohya_args
 from sdxl_lora_trainer.trainer.kohya_config.run import CacheChoices, KohyaRun
-from sdxl_lora_trainer.trainer.network.config import NetworkConfig, PartSettings
+from sdxl_lora_trainer.trainer.network.config import LoraPlusRatios, NetworkConfig, PartSettings
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
 from sdxl_lora_trainer.trainer.run.checkpoints import CheckpointSettings
@@ -61,6 +62,7 @@ CARRIED = {
     "text_encoders_only": net(train_unet=False),
     "loha": net(algo="loha", conv_dim=2, conv_alpha=1.0),
     "lokr": net(algo="lokr", factor=4),
+    "dora": net(algo="dora", conv_dim=2, conv_alpha=1.0, module_dropout=0.1),
     "max_train_steps": train(max_train_steps=123),
     "max_train_epochs": train(max_train_epochs=7),
     "learning_rate": train(learning_rate=3e-4),
@@ -84,12 +86,15 @@ CARRIED = {
     "bf16": train(train_dtype="bf16", full_bf16=True),
     "fp16": train(train_dtype="fp16"),
     "no_gradient_checkpointing": train(gradient_checkpointing=False),
+    "token_length": train(token_length=TokenLength(225)),
+    "max_token_length_150": train(token_length=TokenLength(150)),
     "loss_type": loss(loss_type="huber", huber_schedule="exponential", huber_c=0.2, huber_scale=2.0),
     "smooth_l1": loss(loss_type="smooth_l1"),
     "l1": loss(loss_type="l1"),
     "min_snr_gamma": loss(min_snr_gamma=5.0),
     "v_pred_like_loss": loss(v_pred_like_loss=0.3),
     "debiased_estimation_loss": loss(debiased_estimation_loss=True),
+    "prior_loss_weight": loss(prior_loss_weight=0.5),
     "noise_offset": noise(noise_offset=0.05, noise_offset_random_strength=True, adaptive_noise_scale=0.01),
     "multires_noise_iterations": noise(multires_noise_iterations=6, multires_noise_discount=0.4),
     "min_timestep": noise(min_timestep=100, max_timestep=900),
@@ -110,9 +115,14 @@ NOT_CARRIED = {
         train(clip_l=PartSettings(loraplus_lr_ratio=2.0), clip_g=PartSettings(loraplus_lr_ratio=4.0)),
         "LoRA+ ratio per text encoder",
     ),
+    "frozen_parts": (
+        net(module_dims=(("lora_unet_a", 4, 1.0), ("lora_te1_b", 4, 1.0)), frozen_parts=("te1", "te2")),
+        "CLIP-L + CLIP-G modules of the start_from file applied frozen",
+    ),
     "emb_block_lr": (net(block_lr_weight=tuple([0.5] + [1.0] * 22)), "time-embedding/out block"),
     "resume_from": (checkpoints(resume_from="/states/step100"), "resume_from"),
     "state_cadence": (checkpoints(save_every_n_steps=10, save_state_every_n_steps=30), "save_state_every_n_steps"),
+    "comfyui_chunking": (train(token_length=TokenLength(comfyui_chunking=True)), "ComfyUI chunking"),
     "preview_sampler": (
         replace(BASE, previews=PreviewSettings(prompts=("x",), sampler_name="res_multistep")),
         "preview sampler",
@@ -159,6 +169,7 @@ def _carried_view(run: KohyaRun) -> tuple:
             clip_g=PartSettings(),
             loraplus_lr_ratio=None,
             optimizer=OptimizerSettings(t.optimizer.optimizer_type),
+            token_length=t.token_length or TokenLength(),  # unset = kohya's default (import names it explicitly)
         ),
         (t.optimizer.canonical_type, t.optimizer.kwargs),
         t.part_settings(),
@@ -222,6 +233,13 @@ def test_rich_run_arguments():
     assert a["save_every_n_steps"] == 50 and a["save_state"] is True
 
 
+def test_max_token_length_is_kohyas_argument():
+    assert to_kohya_args(CARRIED["token_length"]).args["max_token_length"] == 225
+    assert "max_token_length" not in to_kohya_args(BASE).args  # kohya's default: 75 tokens
+    chunked = to_kohya_args(NOT_CARRIED["comfyui_chunking"][0])
+    assert "max_token_length" not in chunked.args
+
+
 def test_sample_prompts_use_kohya_prompt_options():
     run = replace(
         BASE, previews=PreviewSettings(prompts=("a dog", "a cat"), negative="blurry", width=832, height=1216, seed=5)
@@ -230,3 +248,24 @@ def test_sample_prompts_use_kohya_prompt_options():
         "a dog --n blurry --w 832 --h 1216 --s 20 --l 7.0 --d 5",
         "a cat --n blurry --w 832 --h 1216 --s 20 --l 7.0 --d 6",
     ]
+
+
+@pytest.mark.parametrize(
+    "ratios",
+    [LoraPlusRatios(16.0), LoraPlusRatios(16.0, 8.0, 4.0), LoraPlusRatios(None, 8.0), LoraPlusRatios(None, None, 2.0)],
+    ids=["all", "each", "unet", "text_encoders"],
+)
+def test_network_node_loraplus_reads_back_as_the_same_ratios(ratios):
+    """The Network node's LoRA+ ratios (folded into the run's settings as the Train and Export nodes do) export as
+    kohya's loraplus_* network_args and import back into the same ratios, on the imported Network output too."""
+    run = replace(BASE, train=BASE.train.with_loraplus(ratios))
+    exported = to_kohya_args(run)
+    assert not exported.not_carried, exported.not_carried
+    args = dict(a.split("=", 1) for a in exported.args["network_args"])
+    for name in ("lr_ratio", "unet_lr_ratio", "text_encoder_lr_ratio"):
+        value = getattr(ratios, name)
+        assert args.get(f"loraplus_{name}") == (None if value is None else repr(value)), args
+    imported = from_kohya_args(exported.args)
+    assert imported.train.part_settings() == run.train.part_settings()
+    assert imported.loraplus == ratios
+    assert BASE.train.with_loraplus(imported.loraplus).part_settings() == run.train.part_settings()

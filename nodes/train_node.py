@@ -12,7 +12,7 @@ from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.objective.loss_weighting import LossSettings
 from ..trainer.objective.noise import NoiseSettings
 from ..trainer.report_images import loss_graph_image
-from ..trainer.run.config import TRAIN_DTYPES, TrainConfig
+from ..trainer.run.config import MEMORY_MODES, TRAIN_DTYPES, TrainConfig
 from ..trainer.run.job import TrainJob
 from ..trainer.run.lora_output import OutputSettings, output_name_error
 from ..trainer.run.optimizers import (
@@ -384,6 +384,16 @@ class TrainLora(io.ComfyNode):
                     "(factor 1 until step 100, 0.5 until 200, then 0.1); warmup_stable_decay takes "
                     "warmup_type/decay_type (linear, cosine, 1-sqrt).",
                 ),
+                io.Combo.Input(
+                    "memory_mode",
+                    options=list(MEMORY_MODES),
+                    default="auto",
+                    optional=True,
+                    tooltip="How ComfyUI places the frozen U-Net on the GPU. auto: it keeps free what the memory plan "
+                    "says a step needs and streams the weights that do not fit (slower, no out-of-memory). full: every "
+                    "weight on the GPU (fastest; needs the room). stream: as few weights resident as ComfyUI allows "
+                    "(least memory, slowest). No effect on the CPU.",
+                ),
             ],
             outputs=[
                 io.Model.Output(
@@ -494,6 +504,7 @@ class TrainLora(io.ComfyNode):
         lr_decay_steps: float = 0.0,
         lr_scheduler_min_lr_ratio: float = 0.0,
         lr_scheduler_args: str = "",
+        memory_mode: str = "auto",
     ) -> io.NodeOutput:
         if train_settings is not None:
             config = train_settings.config
@@ -522,7 +533,7 @@ class TrainLora(io.ComfyNode):
                 lr_scheduler_min_lr_ratio=lr_scheduler_min_lr_ratio,
                 lr_scheduler_args=lr_scheduler_args,
             )
-        config = with_objective(config, objective).with_loraplus(network.loraplus)
+        config = replace(with_objective(config, objective).with_loraplus(network.loraplus), memory_mode=memory_mode)
         out = OutputSettings(
             name=output_name, subfolder=output_subfolder, save_precision=save_precision, overwrite=overwrite
         )

@@ -58,6 +58,11 @@ def diffusion_model(model: Any) -> torch.nn.Module:
     return model.model.diffusion_model
 
 
+def unet_config(model: Any) -> dict[str, Any]:
+    """The U-Net's architecture as ComfyUI detected it (widths, context and ``y`` sizes)."""
+    return dict(model.model.model_config.unet_config)
+
+
 def text_encoders(clip: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(CLIP-L, CLIP-G) transformers of an SDXL CLIP: kohya's te1 and te2."""
     inner = getattr(clip, "cond_stage_model", None)

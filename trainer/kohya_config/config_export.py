@@ -244,6 +244,11 @@ def _training(run: KohyaRun, out: KohyaArgs) -> None:
         a["full_bf16"] = True
     if train.gradient_checkpointing:
         a["gradient_checkpointing"] = True
+    if train.memory_mode != "auto":
+        out.not_carried.append(
+            f"memory_mode {train.memory_mode}: kohya's SDXL LoRA training keeps the whole U-Net on each GPU "
+            "(no weight streaming); give each process a GPU that holds it"
+        )
     _token_length(train.token_length or TokenLength(), out)
 
 

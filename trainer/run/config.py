@@ -27,6 +27,7 @@ PART_LR_INPUTS = {"unet": "unet_lr", "clip_l": "clip_l_lr", "clip_g": "clip_g_lr
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_DTYPES = ("auto", *DTYPES)  # auto: what the training device computes well (comfyui/training.resolve_train_dtype)
+MEMORY_MODES = ("auto", "full", "stream")  # comfyui/training.load_for_training
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class TrainConfig:
     train_dtype: str = "fp32"  # or "auto"
     full_bf16: bool = False
     gradient_checkpointing: bool = True
+    #: how ComfyUI places the frozen U-Net: "auto" (it streams what does not fit next to the memory plan's step),
+    #: "full" (every weight on the device), "stream" (as few resident weights as ComfyUI allows: least memory)
+    memory_mode: str = "auto"
     loss: LossSettings = field(default_factory=LossSettings)
     noise: NoiseSettings = field(default_factory=NoiseSettings)
     token_length: TokenLength | None = None
@@ -79,6 +83,8 @@ class TrainConfig:
                 object.__setattr__(self, name, None)
         if self.train_dtype not in TRAIN_DTYPES:
             raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
+        if self.memory_mode not in MEMORY_MODES:
+            raise ValueError(f"memory_mode must be one of {list(MEMORY_MODES)}, got {self.memory_mode!r}")
         if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
             raise ValueError("full_bf16 needs train_dtype bf16")
         check_schedule(self.lr_scheduler, self.lr_scheduler_args, self.lr_decay_steps, self.lr_scheduler_min_lr_ratio)

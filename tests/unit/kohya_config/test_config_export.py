@@ -117,6 +117,7 @@ CARRIED = {
 
 #: settings kohya has no argument for: exported with a "not carried over" line naming them
 NOT_CARRIED = {
+    "memory_mode": (train(memory_mode="stream"), "memory_mode stream"),
     "multiplier": (net(multiplier=0.5), "multiplier"),
     "clip_l_only": (net(train_te2=False), "train only"),
     "separate_te_lrs": (train(clip_l=PartSettings(1e-5), clip_g=PartSettings(2e-5)), "CLIP-G learning rate"),

@@ -164,11 +164,12 @@ def _roundtrip_dataset():
     return dataset_from_scan(scan, BucketSettings((256, 256)), 1, CaptionOptions())
 
 
-def _write_tokenizer_folder(folder: str) -> None:
-    """kohya's two tokenizers from ComfyUI's bundled CLIP tokenizer files, so kohya runs offline."""
+def write_tokenizer_folder(folder: str, bundled: str | None = None) -> None:
+    """kohya's two tokenizers from ComfyUI's bundled CLIP tokenizer files (``bundled``: comfy/sd1_tokenizer of the
+    imported ComfyUI when not given), so kohya runs offline."""
     import shutil  # noqa: PLC0415
 
-    bundled = os.path.join(sys.modules["comfy"].__path__[0], "sd1_tokenizer")
+    bundled = bundled or os.path.join(sys.modules["comfy"].__path__[0], "sd1_tokenizer")
     for model_id, pad in KOHYA_TOKENIZERS.items():
         target = os.path.join(folder, model_id.replace("/", "_"))
         os.makedirs(target, exist_ok=True)
@@ -201,7 +202,7 @@ def roundtrip_prepare(workdir: str, steps: int) -> None:
     if not checkpoint.is_file():
         print(f"writing a random full-size SDXL checkpoint to {checkpoint} ...", flush=True)
         write_random_sdxl(checkpoint)
-    _write_tokenizer_folder(os.path.join(workdir, "tokenizers"))
+    write_tokenizer_folder(os.path.join(workdir, "tokenizers"))
     # the Network node's defaults: the U-Net trained, CLIP-L and CLIP-G not
     network = NetworkConfig(network_dim=ROUNDTRIP_DIM, network_alpha=ROUNDTRIP_ALPHA, train_te1=False, train_te2=False)
     run = KohyaRun(
@@ -310,7 +311,9 @@ def roundtrip_continue(workdir: str, lora_file: str) -> dict:
             events=Check(),
         )
     after = result.network.state_dict_kohya(torch.float16)
-    found["changed_by_the_step"] = sum(not torch.equal(after[k], file_weights[k]) for k in file_weights)
+    unchanged = sorted(k for k in file_weights if torch.equal(after[k], file_weights[k]))
+    found["changed_by_the_step"] = len(file_weights) - len(unchanged)
+    found["unchanged_weights"] = [k for k in unchanged if not k.endswith(".alpha")]  # alphas are not trained
     return found
 
 

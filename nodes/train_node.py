@@ -28,6 +28,7 @@ from .sockets import (
     PreviewsSocket,
     TextCacheSocket,
     TrainSettingsSocket,
+    ValidationSocket,
 )
 
 #: the Train node's widgets that make up the run's TrainConfig (the 'Train Settings' node offers the same ones)
@@ -288,6 +289,12 @@ class TrainLora(io.ComfyNode):
                     "training settings and this node's training widgets (max_train_steps ... gradient_checkpointing) "
                     "are not used; the report says so.",
                 ),
+                ValidationSocket.Input(
+                    "validation",
+                    optional=True,
+                    tooltip="From 'Validation': how often the validation loss is computed, or a separate validation "
+                    "dataset. Without it, a dataset with a validation_split is validated every epoch.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
@@ -307,6 +314,11 @@ class TrainLora(io.ComfyNode):
                 io.Image.Output(
                     display_name="previews",
                     tooltip="All sample previews of the run (empty 64x64 black image without the previews input).",
+                ),
+                io.LossMap.Output(
+                    display_name="validation_loss",
+                    tooltip="Validation loss per validation, in order (for 'Plot Loss Graph'); empty without "
+                    "validation images. The steps are in the report and the logs.",
                 ),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
@@ -356,6 +368,7 @@ class TrainLora(io.ComfyNode):
         checkpointing=None,
         previews=None,
         train_settings=None,
+        validation=None,
     ) -> io.NodeOutput:
         if train_settings is not None:
             config = train_settings.config
@@ -395,6 +408,7 @@ class TrainLora(io.ComfyNode):
             node_id=cls.hidden.unique_id,
             prompt=cls.hidden.prompt,
             extra_pnginfo=cls.hidden.extra_pnginfo,
+            validation=validation,
         )
         result = job.execute(model, clip, latents, text)
         model_out, clip_out = comfy_sampling.apply_lora(model, clip, result.weights)
@@ -415,6 +429,7 @@ class TrainLora(io.ComfyNode):
             graph,
             report,
             images,
+            {"loss": [r.loss for r in result.state.validation_history]},
             ui={"text": [report]},
         )
 

@@ -206,7 +206,7 @@ class TextCache(DatasetCache):
         image_keys: dict[int, str] = {}
         captions: dict[int, str] = {}
         live: list[int] = []
-        for i, img in enumerate(dataset.images):
+        for i, img in enumerate(dataset.cached_images):
             if img.caption_options.is_random:
                 live.append(i)
                 continue

@@ -33,10 +33,12 @@ from .lora_output import (
     run_tag,
     save_run_lora,
     training_metadata,
+    validation_metadata,
 )
 from .previews import PreviewRenderer, PreviewRequest
 from .resume_state import load_state
 from .session import TrainResult, train
+from .validation import ValidationRecord, ValidationRequest
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
 
@@ -72,8 +74,10 @@ class TrainJob(RunEvents):
         node_id: str | None,
         prompt: Any = None,
         extra_pnginfo: Any = None,
+        validation: ValidationRequest | None = None,
     ) -> None:
         self.dataset = dataset
+        self.validation = validation
         self.network = network
         self.config = config
         self.out = out
@@ -114,12 +118,13 @@ class TrainJob(RunEvents):
             initial_weights=self.network.initial_weights,
             resume=resume,
             events=self,
+            validation=self.validation,
         )
         self.run = result
         state = result.state
         saved = self._save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0))
-        write_logs(saved.path, state.history)
-        write_tensorboard(saved.path.parent / f"{saved.path.stem}.tensorboard", state.history)
+        write_logs(saved.path, state.history, state.validation_history)
+        write_tensorboard(saved.path.parent / f"{saved.path.stem}.tensorboard", state.history, state.validation_history)
         if state.interrupted:
             self._stop_cancelled(saved)
         return JobResult(
@@ -171,6 +176,20 @@ class TrainJob(RunEvents):
             },
         )
 
+    def validation_finished(self, record: ValidationRecord) -> None:
+        """The validation loss as a second series of the node's live chart."""
+        self.progress.event(
+            PROGRESS_EVENT,
+            {
+                "node": self.node_id,
+                "validation": True,
+                "step": record.step,
+                "epoch": record.epoch,
+                "val_loss": _finite(record.loss),
+                "kind": record.kind,
+            },
+        )
+
     def training_finished(self) -> None:
         if self.renderer is not None:
             self._render_previews()
@@ -190,8 +209,9 @@ class TrainJob(RunEvents):
                 run.total_steps,
                 self.started,
                 self.out.name,
+                validation=validation_metadata(self.dataset, self.validation),
             ),
-            dataset=dataset_metadata(self.dataset),
+            dataset=dataset_metadata(self.dataset, self.validation),
             network_meta=network_metadata(self.network.config),
             step=step,
             epoch=epoch,
@@ -237,6 +257,13 @@ class TrainJob(RunEvents):
             f"{time.time() - self.started:.1f}s; final loss {final:.4f}\nsaved {saved.path}\n"
             f"lora_name: {saved.lora_name}"
         )
+        if state.validation_history:
+            last = state.validation_history[-1]
+            best = min(state.validation_history, key=lambda r: r.loss)
+            report += (
+                f"\nvalidation loss {last.loss:.4f} at step {last.step} ({len(state.validation_history)} validations; "
+                f"lowest {best.loss:.4f} at step {best.step})"
+            )
         if self.artifacts.intermediates:
             report += "\nintermediate: " + ", ".join(s.lora_name for s in self.artifacts.intermediates)
         if self.artifacts.states:

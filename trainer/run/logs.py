@@ -6,28 +6,41 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from .loop import StepRecord
+from .validation import ValidationRecord
 
 
-def write_logs(lora_path: Path, history: list[StepRecord]) -> tuple[Path, Path]:
-    """``<lora>.log.csv`` and ``<lora>.log.jsonl``: step, epoch, loss, lr, mean timestep, seconds."""
+def write_logs(
+    lora_path: Path, history: list[StepRecord], validations: Sequence[ValidationRecord] = ()
+) -> tuple[Path, Path]:
+    """``<lora>.log.csv`` and ``<lora>.log.jsonl``: step, epoch, loss, lr, mean timestep, seconds, and the
+    validation loss of the steps that were validated (empty in the CSV, absent in the JSONL otherwise)."""
     base = lora_path.with_suffix("")
     csv_path, jsonl_path = Path(f"{base}.log.csv"), Path(f"{base}.log.jsonl")
     fields = ["step", "epoch", "loss", "lr", "timestep_mean", "seconds"]
+    val_loss = {r.step: r.loss for r in validations}
+    rows = []
+    for r in history:
+        row = {k: getattr(r, k) for k in fields}
+        if r.step in val_loss:
+            row["val_loss"] = val_loss[r.step]
+        rows.append(row)
     with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=[*fields, "val_loss"], restval="")
         w.writeheader()
-        for r in history:
-            w.writerow({k: getattr(r, k) for k in fields})
+        w.writerows(rows)
     with open(jsonl_path, "w") as f:
-        for r in history:
-            f.write(json.dumps({k: getattr(r, k) for k in fields}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     return csv_path, jsonl_path
 
 
-def write_tensorboard(log_dir: Path, history: list[StepRecord]) -> Path | None:
+def write_tensorboard(
+    log_dir: Path, history: list[StepRecord], validations: Sequence[ValidationRecord] = ()
+) -> Path | None:
     """TensorBoard event files when the tensorboard package is installed; otherwise nothing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -37,5 +50,7 @@ def write_tensorboard(log_dir: Path, history: list[StepRecord]) -> Path | None:
     for r in history:
         writer.add_scalar("loss/current", r.loss, r.step)
         writer.add_scalar("lr/unet", r.lr, r.step)
+    for v in validations:
+        writer.add_scalar("loss/validation", v.loss, v.step)
     writer.close()
     return log_dir

@@ -22,6 +22,7 @@ from ..network.file_names import safe_relative_name, unique_lora_path
 from ..network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag_frequency
 from ..network.safetensors_file import save_lora
 from .optimizers import optimizer_metadata_name
+from .validation import ValidationRequest, ValidationSettings
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -60,7 +61,26 @@ class SavedLora:
     lora_name: str  # what LoraLoader's lora_name expects (relative to the loras folder)
 
 
-def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
+def validation_metadata(ds: TrainingDataset, request: ValidationRequest | None) -> dict[str, Any]:
+    """kohya's ss_validation_* keys: the validation arguments (kohya's None where unset) and the dataset's split."""
+    settings = request.settings if request is not None else ValidationSettings()
+    return {
+        "validation_seed": settings.validation_seed,
+        "validation_split": ds.validation_split,
+        "max_validation_steps": settings.max_validation_steps,
+        "validate_every_n_epochs": settings.validate_every_n_epochs,
+        "validate_every_n_steps": settings.validate_every_n_steps,
+    }
+
+
+def num_validation_images(ds: TrainingDataset, request: ValidationRequest | None) -> int:
+    """kohya's ss_num_validation_images: the held-out images (each counted once), or the separate dataset's."""
+    if request is not None and request.dataset is not None:
+        return len(request.dataset.images)
+    return len(ds.validation_images)
+
+
+def dataset_metadata(ds: TrainingDataset, validation: ValidationRequest | None = None) -> dict[str, Any]:
     images = ds.images
     dirs: dict[str, dict[str, int]] = {}
     captions: dict[str, list[str]] = {}
@@ -78,6 +98,7 @@ def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
     return {
         "num_train_images": sum(i.item.num_repeats for i in images if not i.item.is_reg),
         "num_reg_images": sum(i.item.num_repeats for i in images if i.item.is_reg),
+        "num_validation_images": num_validation_images(ds, validation),
         "resolution": tuple(part.settings.resolution),
         "enable_bucket": part.settings.enable_bucket,
         "bucket_no_upscale": part.settings.bucket_no_upscale,
@@ -115,10 +136,17 @@ def network_metadata(config: NetworkConfig) -> dict[str, Any]:
 
 
 def training_metadata(
-    run: Any, optimizer: Any, steps_per_epoch: int, total_steps: int, started_at: float, output_name: str
+    run: Any,
+    optimizer: Any,
+    steps_per_epoch: int,
+    total_steps: int,
+    started_at: float,
+    output_name: str,
+    validation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``run`` is the TrainConfig."""
+    """``run`` is the TrainConfig; ``validation`` the ss_validation_* values (``validation_metadata``)."""
     return {
+        **(validation or {}),
         "training_started_at": started_at,
         "output_name": output_name,
         "learning_rate": run.learning_rate,

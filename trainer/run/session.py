@@ -31,6 +31,7 @@ from .events import RunEvents
 from .loop import LoopSettings, LoopState, run
 from .optimizers import build_optimizer, optimizer_eval_mode
 from .schedulers import build_scheduler
+from .validation import ValidationRequest, ValidationSettings, Validator, validation_source
 
 
 @dataclass
@@ -107,8 +108,12 @@ def train(
     initial_weights: dict | None = None,
     resume: dict | None = None,
     events: RunEvents | None = None,
+    validation: ValidationRequest | None = None,
 ) -> TrainResult:
     """Train a LoRA on ``model`` (and ``clip``). ``resume`` = trainer/run/resume_state.load_state output.
+
+    ``validation``: how often and on what the validation loss is computed (trainer/run/validation.py); without it a
+    dataset with held-out images (validation_split) is validated at the end of every epoch, as kohya does.
 
     ``events`` hears about the run (see trainer/run/events.py): it gets the TrainResult when training starts,
     inside the training context (LoRA attached), is told after every optimizer step (the state is then complete,
@@ -170,6 +175,18 @@ def train(
         source = CachedBatchSource(
             dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te, device=device
         )
+        held_out = validation_source(
+            dataset,
+            validation,
+            latents,
+            text,
+            live_text_encoder(models.clip, with_grad=False) if clip is not None else None,
+            total,
+            train_te,
+            device,
+        )
+        if held_out is not None and (train_te or any(i.caption_options.is_random for i in held_out.dataset.images)):
+            needs_clip = True
         if not needs_clip:
             comfy_training.free_other_models()
         comfy_training.load_for_training(models.model)
@@ -201,10 +218,28 @@ def train(
             stack.enter_context(comfy_kernels.gradient_checkpointing(unet, config.gradient_checkpointing))
             stack.enter_context(network.attach())
             result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
+            denoiser = ComfyDenoiser(models.model, dtype)
+            validator = None
+            if held_out is not None:
+                validator = Validator(
+                    denoiser,
+                    held_out,
+                    validation.settings if validation is not None else ValidationSettings(),
+                    config.seed,
+                    schedule,
+                    config.noise,
+                    loss_settings,
+                    network,
+                    optimizer,
+                )
+                result.notes.append(
+                    f"validation: {len(held_out.dataset.images)} images in {validator.num_batches} batches x "
+                    f"timesteps {validator.timesteps}, noise seed {validator.seed}"
+                )
             events.training_started(result)
             try:
                 result.state = run(
-                    ComfyDenoiser(models.model, dtype),
+                    denoiser,
                     source,
                     params,
                     optimizer,
@@ -223,6 +258,7 @@ def train(
                     events=events,
                     max_norm=network.apply_max_norm,
                     scaler=scaler,
+                    validator=validator,
                 )
                 if not result.state.interrupted:
                     events.training_finished()

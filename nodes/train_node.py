@@ -7,7 +7,6 @@ from dataclasses import replace
 import torch
 from comfy_api.latest import io
 
-from ..trainer.comfyui import sampling as comfy_sampling
 from ..trainer.network.config import PartSettings
 from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.objective.loss_weighting import LossSettings
@@ -18,7 +17,7 @@ from ..trainer.run.job import TrainJob
 from ..trainer.run.lora_output import OutputSettings, output_name_error
 from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings
 from ..trainer.run.schedulers import SCHEDULER_TYPES
-from .common import CATEGORY, pil_to_image
+from .common import CATEGORY, pil_to_image, range_problems, refuse_at_queue_time
 from .sockets import (
     CheckpointingSocket,
     DatasetSocket,
@@ -98,6 +97,26 @@ def train_config_from_widgets(
         full_bf16=full_bf16,
         gradient_checkpointing=gradient_checkpointing,
     )
+
+
+#: validate_inputs' default for an optional input that is not connected (a linked one arrives as None)
+NOT_CONNECTED = object()
+
+
+def learning_rate_problems(node: type, **rates: float | None) -> list[str]:
+    """The learning-rate widgets' problems at queue time: out of range, or all 0 (nothing would train; which parts
+    train is only known at run time, where the same check runs again)."""
+    problems = range_problems(node, rates)
+    if problems or any(not isinstance(v, (int, float)) for v in rates.values()):
+        return problems
+    config = TrainConfig(
+        learning_rate=rates["learning_rate"],
+        unet=PartSettings.from_widgets(rates["unet_lr"]),
+        clip_l=PartSettings.from_widgets(rates["clip_l_lr"]),
+        clip_g=PartSettings.from_widgets(rates["clip_g_lr"]),
+    )
+    problem = config.zero_learning_rate_error()
+    return [problem] if problem else []
 
 
 def with_objective(config: TrainConfig, objective: ObjectiveSettings | None) -> TrainConfig:
@@ -297,16 +316,23 @@ class TrainLora(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
+                io.Model.Output(
+                    display_name="model",
+                    tooltip="The MODEL with the trained LoRA applied exactly as the file holds it (save_precision).",
+                ),
                 io.Clip.Output(
                     display_name="clip",
                     tooltip="The CLIP with the trained LoRA applied (unchanged when only the U-Net was trained).",
                 ),
                 io.LoraModel.Output(
-                    display_name="lora", tooltip="The LoRA weights, for the built-in 'Load LoRA Model' node."
+                    display_name="lora",
+                    tooltip="The LoRA weights as saved, for 'Load LoRA Model' or 'Save LoRA Weights' (also when the "
+                    "save into models/loras failed).",
                 ),
                 io.AnyType.Output(
-                    display_name="lora_name", tooltip="The saved file's name: connect to LoraLoader's lora_name."
+                    display_name="lora_name",
+                    tooltip="The saved file's name: connect to LoraLoader's lora_name (empty when the save failed; "
+                    "the report says why).",
                 ),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step (for 'Plot Loss Graph')."),
                 io.Image.Output(display_name="loss_graph", tooltip="Loss, moving average and lr as an image."),
@@ -325,12 +351,28 @@ class TrainLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name: str | None = None, output_subfolder: str | None = None) -> bool | str:
-        """Reject unsafe names when the prompt is queued, not after a long run (None: fed by a link; execute
-        checks it then, still before training)."""
+    def validate_inputs(
+        cls,
+        output_name: str | None = None,
+        output_subfolder: str | None = None,
+        learning_rate: float | None = None,
+        unet_lr: float | None = None,
+        clip_l_lr: float | None = None,
+        clip_g_lr: float | None = None,
+        train_settings: object = NOT_CONNECTED,
+    ) -> bool:
+        """Refuse, when the prompt is queued and not after a long run, unsafe names and learning rates that train
+        nothing (None: the input is linked; execute checks it then, still before training). The learning rates are
+        not used when train_settings is connected (the Train Settings node checks its own)."""
+        problems = []
         if isinstance(output_name, str) and isinstance(output_subfolder, str):
-            return output_name_error(output_subfolder, output_name) or True
-        return True
+            name_problem = output_name_error(output_subfolder, output_name)
+            problems += [name_problem] if name_problem else []
+        if train_settings is NOT_CONNECTED:
+            problems += learning_rate_problems(
+                cls, learning_rate=learning_rate, unet_lr=unet_lr, clip_l_lr=clip_l_lr, clip_g_lr=clip_g_lr
+            )
+        return refuse_at_queue_time(problems)
 
     @classmethod
     def execute(
@@ -411,7 +453,6 @@ class TrainLora(io.ComfyNode):
             validation=validation,
         )
         result = job.execute(model, clip, latents, text)
-        model_out, clip_out = comfy_sampling.apply_lora(model, clip, result.weights)
         history = result.state.history
         graph = pil_to_image(
             loss_graph_image([r.step for r in history], [r.loss for r in history], [r.lr for r in history])
@@ -421,10 +462,10 @@ class TrainLora(io.ComfyNode):
         if train_settings is not None:
             report += f"\ntraining settings from {train_settings.source} (this node's training widgets were not used)"
         return io.NodeOutput(
-            model_out,
-            clip_out if clip is not None else None,
+            result.model,
+            result.clip,
             result.weights,
-            result.saved.lora_name,
+            result.saved.lora_name if result.saved is not None else "",
             {"loss": [r.loss for r in history]},
             graph,
             report,

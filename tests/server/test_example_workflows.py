@@ -28,11 +28,18 @@ from workflow_convert import (
     set_inputs,
     upstream,
     widget_slots,
+    widgets_to_inputs,
     workflow_to_prompt,
 )
 
 EXAMPLES = ROOT / "example_workflows"
-EXAMPLE_NAMES = ["train_then_test_sdxl_lora", "kohya_toml_dataset", "export_kohya_run", "continue_training"]
+EXAMPLE_NAMES = [
+    "train_then_test_sdxl_lora",
+    "kohya_toml_dataset",
+    "export_kohya_run",
+    "masked_training",
+    "continue_training",
+]
 SUBFOLDER = "sdxl_lora_trainer"  # the examples' output_subfolder
 NOT_LOADED = "lora key not loaded"
 
@@ -454,6 +461,43 @@ def test_kohya_toml_workflow_with_conv_and_text_encoders(server, object_info):
     assert np.abs(base - lora).max() > 0
 
 
+def test_load_image_widgets_are_saved_as_the_frontend_saves_them(object_info):
+    """Load Image's upload button adds "image" after the file name in widgets_values (ComfyUI's own templates)."""
+    try:
+        import comfyui_workflow_templates_json
+    except ImportError:  # pragma: no cover - installed with ComfyUI's requirements
+        pytest.skip("comfyui_workflow_templates_json is not installed")
+    templates = Path(comfyui_workflow_templates_json.__file__).parent / "templates"
+    saved = next(
+        n["widgets_values"]
+        for path in sorted(templates.glob("*.json"))
+        for n in json.loads(path.read_text()).get("nodes", [])
+        if n.get("type") == "LoadImage" and n.get("widgets_values")
+    )
+    assert len(saved) == 2 and saved[1] == "image", saved
+    ours = next(n for n in example("masked_training")["nodes"] if n["type"] == "LoadImage")
+    assert ours["widgets_values"] == ["example.png", "image"]
+    assert widgets_to_inputs(object_info["LoadImage"], saved) == {"image": saved[0]}
+
+
+def test_masked_training_example_trains_with_load_images_mask(server, object_info):
+    """The masked_training example: Load Image's MASK (from the alpha channel) into Images from Graph, trained."""
+    arr = np.zeros((48, 64, 4), dtype=np.uint8)
+    arr[:, :, 0] = 200
+    arr[8:40, 16:48, 3] = 255  # an opaque subject on a transparent background
+    Image.fromarray(arr, "RGBA").save(server.base / "input" / "example.png")
+    prompt = ci_prompt(object_info, "masked_training", prefix="masked", output_name="masked_example")
+    load = only_node(prompt, "LoadImage")
+    assert prompt[only_node(prompt, "SDXLLoraImagesFromGraph")]["inputs"]["mask"] == [load, 1]
+    for nid, kind in (("90", "SDXLLoraBuckets"), ("91", "SDXLLoraCacheLatents")):
+        prompt[nid] = {"class_type": "PreviewAny", "inputs": {"source": [only_node(prompt, kind), 1]}}
+    entry, _ = run_ok(server, prompt)
+    reports = " ".join(str(v) for v in entry["outputs"].values())
+    assert "masked loss: 1 of 1 images have a loss mask" in reports and "1 with a loss mask" in reports, reports
+    name = lora_name_of(entry, only_node(prompt, "SDXLLoraTrain"))
+    assert name.startswith(f"{SUBFOLDER}/masked_example_"), name
+
+
 def test_continue_training_starts_from_the_file(server, object_info, folder_dataset, first_run):
     prompt = ci_prompt(
         object_info,
@@ -523,10 +567,71 @@ def test_path_escapes_are_rejected_before_training(server, object_info, folder_d
     assert "-> 400" in reply, reply
     body = json.loads(reply.split(": ", 1)[1])
     errors = body["node_errors"][train]["errors"]
-    messages = " ".join(e["details"] for e in errors)
+    assert len(errors) == 1, errors  # one message, not one per input the check reads
     for fragment in fragments:
-        assert fragment in messages, (fragment, messages)
+        assert fragment in errors[0]["details"], (fragment, errors)
     assert set((server.base / "models").rglob("*")) == files
+
+
+def queue_refused(server, prompt: dict) -> dict:
+    """POST /prompt must answer 400; returns its node_errors."""
+    with pytest.raises(ServerError) as err:
+        server.queue(prompt)
+    reply = str(err.value)
+    assert "-> 400" in reply, reply
+    return json.loads(reply.split(": ", 1)[1])["node_errors"]
+
+
+@pytest.mark.parametrize("through_sampling", [False, True])
+def test_every_learning_rate_0_is_refused_at_queue_time(server, object_info, folder_dataset, through_sampling):
+    """learning_rate 0 and no per-part rate: POST /prompt says every learning rate is 0 and names the inputs, once,
+    on the Train node (also when the Train node is reached through the sampling half of the graph)."""
+    prompt = ci_prompt(object_info, "train_then_test_sdxl_lora", prefix="lr0", folder=folder_dataset, steps=2)
+    train = only_node(prompt, "SDXLLoraTrain")
+    prompt = upstream(prompt, [save_node(prompt, "with_lora") if through_sampling else train])
+    prompt[train]["inputs"].update(learning_rate=0.0, unet_lr=0.0, clip_l_lr=0.0, clip_g_lr=0.0)
+    node_errors = queue_refused(server, prompt)
+    assert list(node_errors) == [train], node_errors
+    errors = node_errors[train]["errors"]
+    assert len(errors) == 1, errors
+    message = errors[0]["details"]
+    assert message.startswith("every learning rate is 0 (learning_rate 0, unet_lr 0 (= learning_rate), "), message
+    assert "clip_l_lr 0 (= learning_rate), clip_g_lr 0 (= learning_rate)" in message and "e.g. 1e-4" in message
+    # ComfyUI skips its own range check for inputs validate_inputs reads: the node keeps it
+    prompt[train]["inputs"].update(learning_rate=11.0)
+    errors = queue_refused(server, prompt)[train]["errors"]
+    assert [e["details"] for e in errors] == ["learning_rate 11.0 is above its maximum 10.0"], errors
+
+
+def test_train_settings_node_refuses_every_learning_rate_0(server, object_info, folder_dataset):
+    prompt, train = training_only(object_info, folder_dataset, output_name="lr0settings")
+    settings = {
+        k: v
+        for k, v in prompt[train]["inputs"].items()
+        if k in object_info["SDXLLoraTrainSettings"]["input"]["required"]
+    }
+    settings.update(learning_rate=0.0, unet_lr=0.0, clip_l_lr=0.0, clip_g_lr=0.0)
+    prompt["900"] = {"class_type": "SDXLLoraTrainSettings", "inputs": settings}
+    prompt[train]["inputs"]["train_settings"] = ["900", 0]
+    node_errors = queue_refused(server, prompt)
+    assert list(node_errors) == ["900"], node_errors
+    assert node_errors["900"]["errors"][0]["details"].startswith("every learning rate is 0 (learning_rate 0"), (
+        node_errors
+    )
+
+
+def test_learning_rate_0_for_every_trained_part_fails_before_training(server, object_info, folder_dataset):
+    """clip_l_lr is set but only the U-Net trains: queued (the node cannot know), then refused before training."""
+    prompt, train = training_only(object_info, folder_dataset, output_name="lr0unet")
+    prompt[train]["inputs"].update(learning_rate=0.0, unet_lr=0.0, clip_l_lr=1e-4, clip_g_lr=0.0)
+    network = only_node(prompt, "SDXLLoraNetwork")
+    prompt[network]["inputs"].update(train_unet=True, train_clip_l=False, train_clip_g=False)
+    before = loras(server)
+    entry = server.run(prompt)
+    error = execution_error(entry)
+    assert error is not None and "every learning rate is 0 (learning_rate 0, unet_lr 0 (= learning_rate))" in error
+    assert "no trainable parameters" not in error
+    assert loras(server) == before
 
 
 def test_lycoris_rank_dropout_is_refused_at_queue_time(server, object_info, folder_dataset):

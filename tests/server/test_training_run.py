@@ -111,3 +111,56 @@ def test_cancel_saves_a_loadable_lora_and_a_resumable_state(server, folder):
     # the step count is part of max_train_steps only, so the saved state is accepted
     entry = run(server, resumed)
     assert f"trained {steps_done + 2} steps" in entry["outputs"]["7"]["text"][0]
+
+
+def test_resume_at_or_past_the_target_stops_and_a_raised_target_trains_on(server, folder):
+    """A state at step 4 with max_train_steps 3 or 4: the run says so and saves nothing; with 5 it trains 1 step."""
+    first = with_run_options(
+        training_only(train_then_test(folder, steps=4, seed=8, resolution=RES, output_name="target")),
+        checkpointing={"save_state_every_n_steps": 4},
+    )
+    run(server, first)
+    states = glob.glob(str(server.base / "output" / "sdxl_lora_trainer" / "state" / "target_*" / "step-000004"))
+    assert len(states) == 1, states
+    for steps in (3, 4):
+        again = with_run_options(
+            training_only(train_then_test(folder, steps=steps, seed=8, resolution=RES, output_name="past")),
+            checkpointing={"resume_from": states[0]},
+        )
+        entry = server.run(again, timeout=900)
+        error = execution_error(entry)
+        assert error is not None and f"{states[0]} is already at step 4 and max_train_steps is {steps}" in error
+        assert "nothing was saved" in error and "raise max_train_steps (or max_train_epochs) above 4" in error
+        assert lora_files(server, "past_*") == []
+    raised = with_run_options(
+        training_only(train_then_test(folder, steps=5, seed=8, resolution=RES, output_name="raised")),
+        checkpointing={"resume_from": states[0]},
+    )
+    entry = run(server, raised)
+    assert "trained 5 steps" in entry["outputs"]["7"]["text"][0]
+    assert len(lora_files(server, "raised_*.safetensors")) == 1
+
+
+def test_full_disk_on_the_final_save_still_hands_the_trained_lora_on(server, folder):
+    """The disk is full for this run's LoRA and logs (os.write raises ENOSPC for paths with the run's name, through
+    the test node 'TestFullDiskFor'): the prompt still succeeds, the report says what was not saved and why, and the
+    trained LoRA reaches a KSampler through the MODEL output and 'Save LoRA Weights' through the lora output."""
+    prompt = train_then_test(folder, steps=2, seed=13, resolution=RES, output_name="srvfull", sample_steps=2)
+    prompt["30"] = {"class_type": "TestFullDiskFor", "inputs": {"model": ["1", 0], "marker": "srvfull_"}}
+    prompt["7"]["inputs"]["model"] = ["30", 0]
+    del prompt["8"]  # no file to load: the KSampler takes the train node's MODEL
+    prompt["13"]["inputs"]["model"] = ["7", 0]
+    prompt["31"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["7", 2], "prefix": "rescued/lora"}}
+    entry = run(server, prompt)
+    report = entry["outputs"]["7"]["text"][0]
+    loras = server.base / "models" / "loras" / "sdxl_lora_trainer"
+    assert "ERROR: the LoRA was NOT saved: could not write srvfull_" in report, report
+    assert f".safetensors in {loras}: the disk is full (No space left on device); it needs " in report
+    assert "connect 'lora' to ComfyUI's 'Save LoRA Weights' node" in report
+    assert "WARNING: the step log was not written: could not write srvfull_" in report
+    assert [p.name for p in loras.iterdir() if "srvfull" in p.name and "tensorboard" not in p.name] == []
+    assert entry["outputs"]["17"]["images"], "the KSampler after the train node's MODEL produced no image"
+    (rescued,) = glob.glob(str(server.base / "output" / "rescued" / "lora_*.safetensors"))
+    weights = load_file(rescued)
+    assert any(k.endswith(".lora_up.weight") for k in weights)
+    assert {v.dtype for v in weights.values()} == {__import__("torch").float16}  # as the file would have held it

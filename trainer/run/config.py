@@ -8,16 +8,21 @@ gradient clipping are the run's own fields (the optimizer builder and the loop r
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..data.bucket_batches import max_train_steps_for_epochs
 from ..data.dataset import TrainingDataset
+from ..data.token_length import TokenLength
 from ..network.config import PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from .optimizers import OptimizerSettings
+
+#: the learning-rate input of each model part (0 there = the run's learning_rate)
+PART_LR_INPUTS = {"unet": "unet_lr", "clip_l": "clip_l_lr", "clip_g": "clip_g_lr"}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_DTYPES = ("auto", *DTYPES)  # auto: what the training device computes well (comfyui/training.resolve_train_dtype)
@@ -30,6 +35,8 @@ class TrainConfig:
     ``learning_rate`` / ``loraplus_lr_ratio``: the run's values, used by every model part that sets none of its own
     (``unet``, ``clip_l``, ``clip_g``: kohya's unet_lr, text_encoder_lr and loraplus_*_lr_ratio per part).
     ``max_grad_norm``: clip the global gradient norm to this before each optimizer step; 0 disables (kohya).
+    ``token_length``: kohya's max_token_length when the run's settings name one (Import kohya Config does); None: the
+    'Cache Text' node's choice decides (see ``resolve_token_length``).
     """
 
     max_train_steps: int = 1600
@@ -53,12 +60,16 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     loss: LossSettings = field(default_factory=LossSettings)
     noise: NoiseSettings = field(default_factory=NoiseSettings)
+    token_length: TokenLength | None = None
 
     def __post_init__(self) -> None:
         for name in ("learning_rate", "max_grad_norm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        warmup = self.lr_warmup_steps
+        if isinstance(warmup, float) and (warmup == 0 or warmup >= 1):  # steps, not a ratio: an int, as kohya
+            object.__setattr__(self, "lr_warmup_steps", int(warmup))
         for name in ("loraplus_lr_ratio", "scale_weight_norms"):
             if getattr(self, name) == 0:  # kohya's ``or`` / the node's "0 = off": no ratio, no max-norm
                 object.__setattr__(self, name, None)
@@ -66,6 +77,34 @@ class TrainConfig:
             raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
         if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
             raise ValueError("full_bf16 needs train_dtype bf16")
+
+    def resolve_token_length(self, cached: TokenLength | None) -> TokenLength:
+        """The run's token layout: the text cache's (``cached``, from 'Cache Text'), which must agree with the one the
+        run's settings name; kohya's default (75 tokens) when neither says."""
+        if cached is not None and self.token_length is not None and cached != self.token_length:
+            raise ValueError(
+                f"The text cache was encoded with max_token_length {cached.choice}, but the run's settings (the "
+                f"kohya config) use {self.token_length.choice}: set max_token_length to {self.token_length.choice} "
+                "on 'Cache Text' so the captions are encoded as that run encodes them."
+            )
+        return cached or self.token_length or TokenLength()
+
+    def zero_learning_rate_error(self, trained_parts: Sequence[str] = PART_LR_INPUTS) -> str | None:
+        """Why nothing would learn, or None: every trained part's learning rate is 0 (its own, or learning_rate
+        where it sets none). Names the inputs, so the user knows what to raise."""
+        parts = self.part_settings()
+        if not trained_parts or any(parts[name].learning_rate > 0 for name in trained_parts):
+            return None
+        own = {name: getattr(self, name).learning_rate for name in trained_parts}
+        named = [f"learning_rate {self.learning_rate:g}"] if None in own.values() else []
+        named += [
+            f"{PART_LR_INPUTS[name]} 0 (= learning_rate)" if lr is None else f"{PART_LR_INPUTS[name]} {lr:g}"
+            for name, lr in own.items()
+        ]
+        return (
+            f"every learning rate is 0 ({', '.join(named)}), so nothing would train. Set learning_rate above 0 "
+            "(e.g. 1e-4), or the learning rate of each part you train."
+        )
 
     def part_settings(self) -> dict[str, PartSettings]:
         """Each model part's settings with the run's learning_rate / loraplus_lr_ratio where it sets none."""

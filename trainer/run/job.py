@@ -1,6 +1,10 @@
 """One train-node run, start to finish: train, report progress, save intermediate files and states,
 render previews, save the final LoRA and its logs, and on Cancel save and stop.
 
+Failed saves never throw the training away: a failed intermediate LoRA, state or log is a warning in the report;
+a failed final save still returns the trained LoRA (MODEL/CLIP with it applied, LORA_MODEL) with the error in the
+report, so it can be saved elsewhere.
+
 The train node builds the settings from its widgets and runs a ``TrainJob``; everything that happens
 during the run lives here so the node stays a schema.
 """
@@ -9,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,10 +23,13 @@ from typing import Any
 
 import torch
 
+from ..comfyui import graph as comfy_graph
+from ..comfyui import sampling as comfy_sampling
 from ..comfyui import services as comfy_services
 from ..data.dataset import TrainingDataset
+from ..network.checkpoint_hashes import checkpoint_hashes
 from ..network.config import NetworkSetup
-from .checkpoints import CheckpointSettings, RunArtifacts
+from .checkpoints import CheckpointSettings, RunArtifacts, process_start_time, sweep_run_leftovers
 from .config import TrainConfig
 from .events import RunEvents
 from .logs import write_logs, write_tensorboard
@@ -32,21 +41,28 @@ from .lora_output import (
     network_metadata,
     run_tag,
     save_run_lora,
+    shipped_weights,
     training_metadata,
     validation_metadata,
 )
 from .previews import PreviewRenderer, PreviewRequest
-from .resume_state import load_state
+from .resume_state import StateError, load_state
 from .session import TrainResult, train
 from .validation import ValidationRecord, ValidationRequest
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
+STATES_FOLDER = ("sdxl_lora_trainer", "state")  # under ComfyUI's output folder: state/<run>/step-N
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class JobResult:
-    weights: dict[str, torch.Tensor]  # the trained LoRA, kohya keys (LORA_MODEL)
-    saved: SavedLora
+    weights: dict[str, torch.Tensor]  # the trained LoRA as the file holds it, kohya keys (LORA_MODEL)
+    model: Any  # the incoming MODEL with ``weights`` applied (a clone)
+    clip: Any  # the incoming CLIP with ``weights`` applied, or None without a CLIP
+    saved: SavedLora | None  # None when the final save failed (``save_error`` says why)
+    save_error: str | None
     state: LoopState
     steps_per_epoch: int
     report: str
@@ -91,21 +107,27 @@ class TrainJob(RunEvents):
         tag = run_tag(config.seed)
         self.lora_tag = out.lora_tag(tag)  # empty with overwrite: the exact name is reused
         self.loras_root = comfy_services.loras_directory()
+        self.states_root = Path(comfy_services.output_directory()).joinpath(*STATES_FOLDER)
         self.fingerprint = run_fingerprint(dataset, network.config, config)
         self.renderer = PreviewRenderer(previews.settings, previews.clip, previews.vae) if previews else None
         self.train_te = network.config.train_te1 or network.config.train_te2
         self.artifacts = RunArtifacts(
             self.checkpointing,
             lambda suffix, step, epoch: self._save(f"-{suffix}", step, epoch),
-            Path(comfy_services.output_directory()) / "sdxl_lora_trainer" / "state" / f"{out.name}_{tag}",
+            self.states_root / f"{out.name}_{tag}",
             self.fingerprint,
         )
         self.run: TrainResult | None = None  # set when training starts
+        self.checkpoint: dict[str, str] = {}  # ss_sd_model_name and hashes, set when the job starts
 
     def execute(self, model: Any, clip: Any, latents: Any, text: Any) -> JobResult:
         """Train and save. Raises ComfyUI's interrupt after saving when the user cancelled."""
         ckpt = self.checkpointing
         resume = load_state(ckpt.resume_from, self.fingerprint) if ckpt.resume_from else None
+        if resume is not None:
+            self._require_steps_left(ckpt.resume_from, resume["loop"].global_step)
+        self.checkpoint = base_checkpoint_metadata(self.prompt, self.node_id)
+        self._sweep_leftovers()
         comfy_services.reset_interrupt_note()
         result = train(
             model,
@@ -122,18 +144,66 @@ class TrainJob(RunEvents):
         )
         self.run = result
         state = result.state
-        saved = self._save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0))
-        write_logs(saved.path, state.history, state.validation_history)
-        write_tensorboard(saved.path.parent / f"{saved.path.stem}.tensorboard", state.history, state.validation_history)
+        weights = shipped_weights(result.network, self.out)
+        saved, save_error, log_base = None, None, None
+        try:
+            saved = self._save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0), weights)
+            log_base = saved.path
+        except OSError as e:
+            save_error = f"the LoRA was NOT saved: {e}"
+            log_base = getattr(e, "path", None)
+            log.error("SDXL LoRA trainer: %s", save_error)
+        if log_base is not None:
+            self._write_logs(Path(log_base), state)
         if state.interrupted:
-            self._stop_cancelled(saved)
+            self._stop_cancelled(saved, save_error)
+        model_out, clip_out = comfy_sampling.apply_lora(model, clip, weights)
         return JobResult(
-            weights=result.network.state_dict_kohya(),
+            weights=weights,
+            model=model_out,
+            clip=clip_out if clip is not None else None,
             saved=saved,
+            save_error=save_error,
             state=state,
             steps_per_epoch=result.steps_per_epoch,
-            report=self._report(saved),
+            report=self._report(saved, save_error),
             previews=torch.cat(self.renderer.images) if self.renderer is not None and self.renderer.images else None,
+        )
+
+    def _sweep_leftovers(self) -> None:
+        """Temp files and staging folders of saves killed in earlier runs (never those of a live writer)."""
+        lora_folder = Path(self.loras_root).joinpath(*[p for p in self.out.subfolder.strip().split("/") if p])
+        removed = sweep_run_leftovers(lora_folder, self.states_root, process_start_time())
+        if removed:
+            log.info("SDXL LoRA trainer: removed %d leftovers of interrupted saves: %s", len(removed), removed)
+
+    def _write_logs(self, lora_path: Path, state: LoopState) -> None:
+        """The CSV/JSONL/TensorBoard logs; a failure is a warning in the report, never a failed run."""
+        try:
+            write_logs(lora_path, state.history, state.validation_history)
+        except OSError as e:
+            self.artifacts.warn(f"the step log was not written: {e}")
+        try:
+            write_tensorboard(
+                lora_path.parent / f"{lora_path.stem}.tensorboard", state.history, state.validation_history
+            )
+        except OSError as e:
+            self.artifacts.warn(f"the TensorBoard log was not written: {e}")
+
+    def _require_steps_left(self, state_folder: str, done: int) -> None:
+        """A state at or past this run's last step has nothing left to train: say so before anything is saved (a
+        new file would only repeat the state's weights under a new name)."""
+        if done < self.total_steps:
+            return
+        target = (
+            f"max_train_epochs {self.config.max_train_epochs} = {self.total_steps} steps"
+            if self.config.max_train_epochs > 0
+            else f"max_train_steps is {self.total_steps}"
+        )
+        raise StateError(
+            f"the resumable state {state_folder} is already at step {done} and {target}: nothing is left to "
+            f"train and nothing was saved. To train on from it, raise max_train_steps (or max_train_epochs) above "
+            f"{done}; to use the weights of step {done}, load the LoRA that run saved."
         )
 
     # -- what the run tells us (RunEvents) ------------------------------------------------------------------
@@ -195,22 +265,23 @@ class TrainJob(RunEvents):
             self._render_previews()
 
     # -- saving and reporting ----------------------------------------------------------------------------------
-    def _save(self, suffix: str, step: int, epoch: int) -> SavedLora:
+    def _save(self, suffix: str, step: int, epoch: int, weights: dict[str, torch.Tensor] | None = None) -> SavedLora:
         run = self.run
         return save_run_lora(
-            run.network,
+            weights if weights is not None else shipped_weights(run.network, self.out),
             self.loras_root,
             self.out,
             run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
             training=training_metadata(
-                replace(self.config, train_dtype=run.train_dtype),
+                replace(self.config, train_dtype=run.train_dtype, token_length=run.token_length),
                 run.optimizer,
                 run.steps_per_epoch,
                 run.total_steps,
                 self.started,
                 self.out.name,
                 validation=validation_metadata(self.dataset, self.validation),
-            ),
+            )
+            | self.checkpoint,
             dataset=dataset_metadata(self.dataset, self.validation),
             network_meta=network_metadata(self.network.config),
             step=step,
@@ -234,12 +305,15 @@ class TrainJob(RunEvents):
                 return []
             raise
 
-    def _stop_cancelled(self, saved: SavedLora) -> None:
+    def _stop_cancelled(self, saved: SavedLora | None, save_error: str | None) -> None:
         """Cancel: the LoRA is saved, the resumable state too (when asked); then ComfyUI's interrupt is raised."""
         state = self.run.state
-        where = f"LoRA saved as {saved.lora_name}"
+        where = f"LoRA saved as {saved.lora_name}" if saved is not None else save_error
         if self.checkpointing.save_state_on_cancel:
-            where += f"; resumable state in {self.artifacts.save_state(self.run)}"
+            try:
+                where += f"; resumable state in {self.artifacts.save_state(self.run)}"
+            except OSError as e:
+                where += f"; the resumable state was NOT saved: {e}"
         self.progress.update(
             state.global_step, self.run.total_steps, text=f"cancelled at step {state.global_step}; {where}"
         )
@@ -249,14 +323,20 @@ class TrainJob(RunEvents):
         )
         comfy_services.raise_interrupt()
 
-    def _report(self, saved: SavedLora) -> str:
+    def _report(self, saved: SavedLora | None, save_error: str | None) -> str:
         run, state = self.run, self.run.state
         final = state.history[-1].loss if state.history else float("nan")
         report = (
             f"trained {state.global_step} steps ({run.steps_per_epoch} per epoch) in "
-            f"{time.time() - self.started:.1f}s; final loss {final:.4f}\nsaved {saved.path}\n"
-            f"lora_name: {saved.lora_name}"
+            f"{time.time() - self.started:.1f}s; final loss {final:.4f}\n"
         )
+        if saved is not None:
+            report += f"saved {saved.path}\nlora_name: {saved.lora_name}"
+        else:
+            report += (
+                f"ERROR: {save_error}\nThe trained LoRA is still on this node's model, clip and lora outputs: "
+                "connect 'lora' to ComfyUI's 'Save LoRA Weights' node to save it elsewhere (lora_name is empty)."
+            )
         if state.validation_history:
             last = state.validation_history[-1]
             best = min(state.validation_history, key=lambda r: r.loss)
@@ -268,7 +348,17 @@ class TrainJob(RunEvents):
             report += "\nintermediate: " + ", ".join(s.lora_name for s in self.artifacts.intermediates)
         if self.artifacts.states:
             report += f"\nstate: {self.artifacts.states[-1]}"
+        report += "".join(f"\nWARNING: {w}" for w in self.artifacts.warnings)
         return report + "".join(f"\n{note}" for note in run.notes)
+
+
+def base_checkpoint_metadata(prompt: Any, node_id: str | None) -> dict[str, str]:
+    """kohya's ss_sd_model_name / ss_sd_model_hash / ss_new_sd_model_hash of the checkpoint file the node's MODEL was
+    loaded from (found in the queued prompt); none when the MODEL did not come from a checkpoint file."""
+    path = comfy_graph.model_source(prompt, node_id).checkpoint_path
+    if not path or not os.path.isfile(path):
+        return {}
+    return checkpoint_hashes(path).training_metadata()
 
 
 def preview_frame(images: list[torch.Tensor]):

@@ -20,7 +20,7 @@ from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
 from ..network.file_names import safe_relative_name, unique_lora_path
 from ..network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag_frequency
-from ..network.safetensors_file import save_lora
+from ..network.safetensors_file import prepare_tensors, save_lora
 from .optimizers import optimizer_metadata_name
 from .validation import ValidationRequest, ValidationSettings
 
@@ -83,21 +83,25 @@ def num_validation_images(ds: TrainingDataset, request: ValidationRequest | None
 def dataset_metadata(ds: TrainingDataset, validation: ValidationRequest | None = None) -> dict[str, Any]:
     images = ds.images
     dirs: dict[str, dict[str, int]] = {}
+    reg_dirs: dict[str, dict[str, int]] = {}  # kohya: reg subsets go to ss_reg_dataset_dirs
     captions: dict[str, list[str]] = {}
     for img in images:
         name = os.path.basename(img.item.source_dir or "") or img.item.subset or "images"
-        d = dirs.setdefault(name, {"n_repeats": img.item.num_repeats, "img_count": 0})
+        table = reg_dirs if img.item.is_reg else dirs
+        d = table.setdefault(name, {"n_repeats": img.item.num_repeats, "img_count": 0})
         d["img_count"] += 1
         captions.setdefault(name, []).append(img.item.caption)
     part = ds.parts[0]
+    image_counts = ds.image_counts()
     opts = images[0].caption_options
     counts: dict[tuple[int, int], int] = {}
     for bucket, _, with_repeats in ds.bucket_histogram():
         counts[bucket] = with_repeats
     ar_error = sum(abs(img.selection.ar_error) for img in images) / max(1, len(images))
     return {
-        "num_train_images": sum(i.item.num_repeats for i in images if not i.item.is_reg),
-        "num_reg_images": sum(i.item.num_repeats for i in images if i.item.is_reg),
+        # kohya's counters: num_reg_images counts the reg images given (x repeats), before its balancing
+        "num_train_images": image_counts["num_train_images"],
+        "num_reg_images": image_counts["num_reg_images"],
         "num_validation_images": num_validation_images(ds, validation),
         "resolution": tuple(part.settings.resolution),
         "enable_bucket": part.settings.enable_bucket,
@@ -111,6 +115,7 @@ def dataset_metadata(ds: TrainingDataset, validation: ValidationRequest | None =
         "caption_dropout_every_n_epochs": opts.caption_dropout_every_n_epochs,
         "caption_tag_dropout_rate": opts.caption_tag_dropout_rate,
         "dataset_dirs": dirs,
+        "reg_dataset_dirs": reg_dirs or None,
         "tag_frequency": tag_frequency(captions),
         "bucket_info": kohya_bucket_info(counts, ar_error) if part.settings.enable_bucket else None,
     }
@@ -161,6 +166,7 @@ def training_metadata(
         "lr_scheduler": run.lr_scheduler,
         "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[run.train_dtype],
         "cache_latents": True,
+        "max_token_length": run.token_length.max_token_length if run.token_length else None,
         "seed": run.seed,
         "noise_offset": run.noise.noise_offset,
         "multires_noise_iterations": run.noise.multires_noise_iterations,
@@ -172,6 +178,7 @@ def training_metadata(
         "optimizer": optimizer_metadata_name(optimizer, run.optimizer),
         "max_grad_norm": run.max_grad_norm,
         "min_snr_gamma": run.loss.min_snr_gamma,
+        "prior_loss_weight": run.loss.prior_loss_weight,
         "scale_weight_norms": run.scale_weight_norms,
         "debiased_estimation": run.loss.debiased_estimation_loss,
         "loss_type": run.loss.loss_type,
@@ -181,8 +188,17 @@ def training_metadata(
     }
 
 
+def shipped_weights(network: AdapterNetwork, out: OutputSettings) -> dict[str, torch.Tensor]:
+    """The LoRA exactly as the file holds it (cast to ``save_precision``, CPU copies).
+
+    The train node applies these to its MODEL/CLIP outputs and hands them on as LORA_MODEL, so what a KSampler after
+    the train node shows is what a LoraLoader loading the file shows (what you test is what you ship).
+    """
+    return prepare_tensors(network.state_dict_kohya(), SAVE_DTYPES[out.save_precision])
+
+
 def save_run_lora(
-    network: AdapterNetwork,
+    weights: dict[str, torch.Tensor],
     loras_root: str,
     out: OutputSettings,
     *,
@@ -196,6 +212,8 @@ def save_run_lora(
     extra_pnginfo: dict | None = None,
     v_parameterization: bool = False,
 ) -> SavedLora:
+    """Write ``weights`` (``shipped_weights``) under a new name in the loras folder; raises OSError when it cannot
+    (``atomic_files.WriteFailed`` names the file, the space needed and free)."""
     path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
     meta = build_metadata(
         training,
@@ -209,7 +227,7 @@ def save_run_lora(
     )
     if v_parameterization:
         meta["ss_v_parameterization"] = "True"
-    save_lora(network.state_dict_kohya(), path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
+    save_lora(weights, path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
     return SavedLora(path=Path(path), lora_name=rel)
 
 

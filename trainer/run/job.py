@@ -45,6 +45,7 @@ from .lora_output import (
     training_metadata,
     validation_metadata,
 )
+from .optimizers import averaged_weights
 from .previews import PreviewRenderer, PreviewRequest
 from .resume_state import StateError, load_state
 from .session import TrainResult, train
@@ -267,38 +268,40 @@ class TrainJob(RunEvents):
     # -- saving and reporting ----------------------------------------------------------------------------------
     def _save(self, suffix: str, step: int, epoch: int, weights: dict[str, torch.Tensor] | None = None) -> SavedLora:
         run = self.run
-        return save_run_lora(
-            weights if weights is not None else shipped_weights(run.network, self.out),
-            self.loras_root,
-            self.out,
-            run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
-            training=training_metadata(
-                replace(self.config, train_dtype=run.train_dtype, token_length=run.token_length),
-                run.optimizer,
-                run.steps_per_epoch,
-                run.total_steps,
-                self.started,
-                self.out.name,
-                validation=validation_metadata(self.dataset, self.validation),
+        with averaged_weights(run.optimizer):  # a schedule-free optimizer saves its averaged weights
+            return save_run_lora(
+                weights if weights is not None else shipped_weights(run.network, self.out),
+                self.loras_root,
+                self.out,
+                run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
+                training=training_metadata(
+                    replace(self.config, train_dtype=run.train_dtype, token_length=run.token_length),
+                    run.optimizer,
+                    run.steps_per_epoch,
+                    run.total_steps,
+                    self.started,
+                    self.out.name,
+                    validation=validation_metadata(self.dataset, self.validation),
+                )
+                | self.checkpoint,
+                dataset=dataset_metadata(self.dataset, self.validation),
+                network_meta=network_metadata(self.network.config, self.config),
+                step=step,
+                epoch=epoch,
+                prompt=self.prompt,
+                extra_pnginfo=self.extra_pnginfo,
+                v_parameterization=run.prediction_type == "v_prediction",
             )
-            | self.checkpoint,
-            dataset=dataset_metadata(self.dataset, self.validation),
-            network_meta=network_metadata(self.network.config),
-            step=step,
-            epoch=epoch,
-            prompt=self.prompt,
-            extra_pnginfo=self.extra_pnginfo,
-            v_parameterization=run.prediction_type == "v_prediction",
-        )
 
     def _render_previews(self) -> list[torch.Tensor]:
         """Previews inside the run, with the MODEL/CLIP it trains through; a Cancel pressed meanwhile is remembered so
         the loop stops and saves."""
         run = self.run
         try:
-            return self.renderer.render(
-                run.models.model, run.network, training_clip=run.models.clip if self.train_te else None
-            )
+            with averaged_weights(run.optimizer):  # previews show a schedule-free optimizer's averaged weights
+                return self.renderer.render(
+                    run.models.model, run.network, training_clip=run.models.clip if self.train_te else None
+                )
         except BaseException as e:  # noqa: BLE001 - only ComfyUI's interrupt is swallowed
             if comfy_services.is_interrupt(e):
                 comfy_services.note_interrupt()
@@ -371,6 +374,16 @@ def preview_frame(images: list[torch.Tensor]):
     return ("JPEG", Image.fromarray(arr), 512)
 
 
+def _schedule_shape(config: TrainConfig) -> dict:
+    """The newer schedule settings, only when set: states saved before they existed stay resumable."""
+    shape = {
+        "lr_decay_steps": config.lr_decay_steps,
+        "lr_scheduler_min_lr_ratio": config.lr_scheduler_min_lr_ratio,
+        "lr_scheduler_args": config.lr_scheduler_args,
+    }
+    return {key: value for key, value in shape.items() if value}
+
+
 def run_fingerprint(dataset, network_config, config: TrainConfig) -> dict:
     """What must be equal for a saved state to be resumed (max steps may change)."""
     data = json.dumps([[i.key, list(i.selection.bucket), i.item.caption, i.item.num_repeats] for i in dataset.images])
@@ -382,6 +395,7 @@ def run_fingerprint(dataset, network_config, config: TrainConfig) -> dict:
         "learning_rate": config.learning_rate,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "lr_scheduler": config.lr_scheduler,
+        **_schedule_shape(config),
         "train_dtype": config.train_dtype,
         "loss": repr(config.loss),
         "noise": repr(config.noise),

@@ -1,4 +1,4 @@
-"""Optional inputs of the train node: intermediate saves / resumable state, and sample previews."""
+"""Optional inputs of the train node: intermediate saves / resumable state, sample previews, validation loss."""
 
 from __future__ import annotations
 
@@ -7,8 +7,16 @@ from comfy_api.latest import io
 from ..trainer.comfyui import sampling as comfy_sampling
 from ..trainer.run.checkpoints import CheckpointSettings
 from ..trainer.run.previews import PreviewRequest, PreviewSettings
+from ..trainer.run.validation import ValidationRequest, ValidationSettings
 from .common import CATEGORY
-from .sockets import CheckpointingSocket, PreviewsSocket
+from .sockets import (
+    CheckpointingSocket,
+    DatasetSocket,
+    LatentCacheSocket,
+    PreviewsSocket,
+    TextCacheSocket,
+    ValidationSocket,
+)
 
 
 class CheckpointOptions(io.ComfyNode):
@@ -162,4 +170,97 @@ class PreviewOptions(io.ComfyNode):
         return io.NodeOutput(PreviewRequest(settings=settings, clip=clip, vae=vae))
 
 
-NODES = [CheckpointOptions, PreviewOptions]
+class ValidationOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDXLLoraValidation",
+            display_name="SDXL LoRA: Validation",
+            category=CATEGORY,
+            description="kohya's validation loss: the training loss on held-out images (the dataset's "
+            "validation_split, or a separate validation dataset connected here) at 4 fixed timesteps with fixed noise, "
+            "without gradients or dropout. Drawn live as a second series on the Train node's chart, written to its "
+            "logs and the LoRA's metadata; training itself is unchanged. Without this node a dataset with a "
+            "validation_split is validated at the end of every epoch (kohya's default).",
+            inputs=[
+                io.Int.Input(
+                    "validate_every_n_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Also validate after every N-th optimizer step (kohya validate_every_n_steps); 0 = only at "
+                    "the end of epochs.",
+                ),
+                io.Int.Input(
+                    "validate_every_n_epochs",
+                    default=1,
+                    min=1,
+                    max=100_000,
+                    tooltip="Validate at the end of every N-th epoch (kohya validate_every_n_epochs; the last epoch "
+                    "counts even when it is cut short by max_train_steps).",
+                ),
+                io.Int.Input(
+                    "max_validation_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Use only the first N validation batches (kohya max_validation_steps); 0 = all.",
+                ),
+                io.Int.Input(
+                    "validation_seed",
+                    default=-1,
+                    min=-1,
+                    max=2**31 - 1,
+                    control_after_generate=io.ControlAfterGenerate.fixed,
+                    tooltip="Seed of the validation noise (kohya validation_seed); -1 = the training seed. The "
+                    "held-out images are chosen by the dataset node's own validation_seed.",
+                ),
+                DatasetSocket.Input(
+                    "dataset",
+                    optional=True,
+                    tooltip="A separate validation dataset (each image counts once), instead of the training "
+                    "dataset's validation_split. Needs its own 'Cache Latents' (and 'Cache Text').",
+                ),
+                LatentCacheSocket.Input("latents", optional=True, tooltip="'Cache Latents' of the validation dataset."),
+                TextCacheSocket.Input("text", optional=True, tooltip="'Cache Text' of the validation dataset."),
+            ],
+            outputs=[ValidationSocket.Output(display_name="validation", tooltip="Connect to the train node.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, validation_seed: int | None = None, **_: object) -> bool | str:
+        if isinstance(validation_seed, int) and validation_seed < -1:
+            return f"validation_seed must be -1 (the training seed) or a seed >= 0, got {validation_seed}"
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        validate_every_n_steps: int,
+        validate_every_n_epochs: int,
+        max_validation_steps: int,
+        validation_seed: int,
+        dataset=None,
+        latents=None,
+        text=None,
+    ) -> io.NodeOutput:
+        if dataset is not None and latents is None:
+            raise ValueError(
+                "SDXL LoRA: Validation: the validation dataset needs its latents; connect 'Cache Latents' of that "
+                "dataset to this node's latents input."
+            )
+        if latents is not None and dataset is None:
+            raise ValueError(
+                "SDXL LoRA: Validation: latents are connected without their dataset; connect the validation dataset "
+                "too (or disconnect latents to validate on the training dataset's validation_split)."
+            )
+        settings = ValidationSettings(
+            validate_every_n_steps=validate_every_n_steps,
+            validate_every_n_epochs=validate_every_n_epochs,
+            max_validation_steps=max_validation_steps,
+            validation_seed=validation_seed,
+        )
+        return io.NodeOutput(ValidationRequest(settings=settings, dataset=dataset, latents=latents, text=text))
+
+
+NODES = [CheckpointOptions, PreviewOptions, ValidationOptions]

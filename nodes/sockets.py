@@ -17,6 +17,7 @@ from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.run.checkpoints import CheckpointSettings
 from ..trainer.run.config import TrainSettings
 from ..trainer.run.previews import PreviewRequest
+from ..trainer.run.validation import ValidationRequest
 
 
 @io.comfytype(io_type="SDXL_LORA_IMAGES")
@@ -80,3 +81,10 @@ class TrainSettingsSocket(io.ComfyTypeIO):
     """The run's training settings (steps, learning rates, optimizer, schedule, precision, seed)."""
 
     Type = TrainSettings
+
+
+@io.comfytype(io_type="SDXL_LORA_VALIDATION")
+class ValidationSocket(io.ComfyTypeIO):
+    """When the validation loss is computed, its noise seed, and optionally a separate validation dataset."""
+
+    Type = ValidationRequest

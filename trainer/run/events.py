@@ -11,14 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .loop import StepRecord
+    from .validation import ValidationRecord
 
 
 class RunEvents:
     """What a training run tells its observer and asks it. Every method does nothing by default.
 
     Order: ``training_started`` once (inside the training context: the network is attached), then per optimizer
-    step ``cancel_requested`` (before the step) and ``step_finished`` (after it), and ``training_finished`` once
-    after the last step when the run was not cancelled (still inside the context, e.g. for final previews).
+    step ``cancel_requested`` (before the step), ``step_finished`` (after it) and ``validation_finished`` (after a
+    step that was validated), and ``training_finished`` once after the last step when the run was not cancelled
+    (still inside the context, e.g. for final previews).
     """
 
     def training_started(self, run: Any) -> None:
@@ -35,6 +37,9 @@ class RunEvents:
 
     def step_finished(self, record: StepRecord) -> None:
         """After every optimizer step; the run's loop state is complete (it can be saved and resumed)."""
+
+    def validation_finished(self, record: ValidationRecord) -> None:
+        """After a validation (trainer/run/validation.py), which follows the ``step_finished`` of its step."""
 
     def training_finished(self) -> None:
         """After the last step of a run that was not cancelled."""

@@ -43,11 +43,13 @@ from .lora_output import (
     save_run_lora,
     shipped_weights,
     training_metadata,
+    validation_metadata,
 )
 from .optimizers import averaged_weights
 from .previews import PreviewRenderer, PreviewRequest
 from .resume_state import StateError, load_state
 from .session import TrainResult, train
+from .validation import ValidationRecord, ValidationRequest
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
 STATES_FOLDER = ("sdxl_lora_trainer", "state")  # under ComfyUI's output folder: state/<run>/step-N
@@ -89,8 +91,10 @@ class TrainJob(RunEvents):
         node_id: str | None,
         prompt: Any = None,
         extra_pnginfo: Any = None,
+        validation: ValidationRequest | None = None,
     ) -> None:
         self.dataset = dataset
+        self.validation = validation
         self.network = network
         self.config = config
         self.out = out
@@ -137,6 +141,7 @@ class TrainJob(RunEvents):
             initial_weights=self.network.initial_weights,
             resume=resume,
             events=self,
+            validation=self.validation,
         )
         self.run = result
         state = result.state
@@ -176,11 +181,13 @@ class TrainJob(RunEvents):
     def _write_logs(self, lora_path: Path, state: LoopState) -> None:
         """The CSV/JSONL/TensorBoard logs; a failure is a warning in the report, never a failed run."""
         try:
-            write_logs(lora_path, state.history)
+            write_logs(lora_path, state.history, state.validation_history)
         except OSError as e:
             self.artifacts.warn(f"the step log was not written: {e}")
         try:
-            write_tensorboard(lora_path.parent / f"{lora_path.stem}.tensorboard", state.history)
+            write_tensorboard(
+                lora_path.parent / f"{lora_path.stem}.tensorboard", state.history, state.validation_history
+            )
         except OSError as e:
             self.artifacts.warn(f"the TensorBoard log was not written: {e}")
 
@@ -240,6 +247,20 @@ class TrainJob(RunEvents):
             },
         )
 
+    def validation_finished(self, record: ValidationRecord) -> None:
+        """The validation loss as a second series of the node's live chart."""
+        self.progress.event(
+            PROGRESS_EVENT,
+            {
+                "node": self.node_id,
+                "validation": True,
+                "step": record.step,
+                "epoch": record.epoch,
+                "val_loss": _finite(record.loss),
+                "kind": record.kind,
+            },
+        )
+
     def training_finished(self) -> None:
         if self.renderer is not None:
             self._render_previews()
@@ -260,9 +281,10 @@ class TrainJob(RunEvents):
                     run.total_steps,
                     self.started,
                     self.out.name,
+                    validation=validation_metadata(self.dataset, self.validation),
                 )
                 | self.checkpoint,
-                dataset=dataset_metadata(self.dataset),
+                dataset=dataset_metadata(self.dataset, self.validation),
                 network_meta=network_metadata(self.network.config, self.config),
                 step=step,
                 epoch=epoch,
@@ -317,6 +339,13 @@ class TrainJob(RunEvents):
             report += (
                 f"ERROR: {save_error}\nThe trained LoRA is still on this node's model, clip and lora outputs: "
                 "connect 'lora' to ComfyUI's 'Save LoRA Weights' node to save it elsewhere (lora_name is empty)."
+            )
+        if state.validation_history:
+            last = state.validation_history[-1]
+            best = min(state.validation_history, key=lambda r: r.loss)
+            report += (
+                f"\nvalidation loss {last.loss:.4f} at step {last.step} ({len(state.validation_history)} validations; "
+                f"lowest {best.loss:.4f} at step {best.step})"
             )
         if self.artifacts.intermediates:
             report += "\nintermediate: " + ", ".join(s.lora_name for s in self.artifacts.intermediates)

@@ -34,6 +34,7 @@ from ..objective.ddpm_schedule import DDPMSchedule
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from .events import RunEvents
+from .validation import ValidationRecord, Validator
 
 
 class TrainingDiverged(RuntimeError):
@@ -93,6 +94,7 @@ class LoopState:
     device_rng: torch.Tensor | None = None  # the training device's global RNG (dropout masks on a GPU)
     py_random: Any = None
     history: list[StepRecord] = field(default_factory=list)
+    validation_history: list[ValidationRecord] = field(default_factory=list)
     interrupted: bool = False
 
     def to_json(self) -> dict:
@@ -103,6 +105,7 @@ class LoopState:
             "py_random": _py_state_to_json(self.py_random),
             "interrupted": self.interrupted,
             "history": [vars(r) for r in self.history],
+            "validation_history": [vars(r) for r in self.validation_history],
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -122,6 +125,7 @@ class LoopState:
             device_rng=tensors.get("device_rng"),
             py_random=_py_state_from_json(data["py_random"]),
             history=[StepRecord(**r) for r in data["history"]],
+            validation_history=[ValidationRecord(**r) for r in data.get("validation_history", [])],
             interrupted=False,
         )
 
@@ -204,8 +208,12 @@ def run(
     events: RunEvents | None = None,
     max_norm: Callable[[float], Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    validator: Validator | None = None,
 ) -> LoopState:
     """Train until ``settings.max_train_steps`` optimizer steps, a cancel, or divergence.
+
+    ``validator`` computes the validation loss after the steps and epochs its settings name (trainer/run/validation.py);
+    each result goes to ``state.validation_history`` and ``events.validation_finished``.
 
     ``params`` are the trainable tensors (for clipping); ``max_norm(value)`` applies kohya's
     max-norm regularisation when ``scale_weight_norms`` is set. With an fp16 ``scaler`` the loss is
@@ -305,13 +313,32 @@ def run(
                         state.history.append(record)
                         micro_in_group = 0
                         group_losses, group_timesteps = [], []
+                        finished_epoch = None
                         if state.batch_in_epoch >= num_batches:
                             state.epoch += 1
                             state.batch_in_epoch = 0
+                            finished_epoch = state.epoch
+                        elif state.global_step >= settings.max_train_steps:
+                            finished_epoch = state.epoch + 1  # kohya validates the last, partial epoch too
+                        group_start = (state.epoch, state.batch_in_epoch)  # a cancel from here keeps this step
                         snapshot()
                         # the host may sample previews here, which reseeds the global RNG that the
                         # dropout masks are drawn from: the stream continues as if it had not run
                         events.step_finished(record)
+                        if validator is not None:
+                            kinds = validator.due(state.global_step, finished_epoch)
+                            if kinds:
+                                began = time.perf_counter()
+                                checked = ValidationRecord(
+                                    step=state.global_step,
+                                    epoch=record.epoch,
+                                    loss=validator.loss(state.global_step),
+                                    kind="+".join(kinds),
+                                    seconds=time.perf_counter() - began,
+                                )
+                                state.validation_history.append(checked)
+                                events.validation_finished(checked)
+                                started += checked.seconds  # the next step's time is its own
                         rngs.restore(state)
                 if state.interrupted:
                     break

@@ -23,6 +23,7 @@ from ..network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag
 from ..network.safetensors_file import prepare_tensors, save_lora
 from .config import TrainConfig
 from .optimizers import optimizer_metadata_name
+from .validation import ValidationRequest, ValidationSettings
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -61,7 +62,26 @@ class SavedLora:
     lora_name: str  # what LoraLoader's lora_name expects (relative to the loras folder)
 
 
-def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
+def validation_metadata(ds: TrainingDataset, request: ValidationRequest | None) -> dict[str, Any]:
+    """kohya's ss_validation_* keys: the validation arguments (kohya's None where unset) and the dataset's split."""
+    settings = request.settings if request is not None else ValidationSettings()
+    return {
+        "validation_seed": settings.validation_seed,
+        "validation_split": ds.validation_split,
+        "max_validation_steps": settings.max_validation_steps,
+        "validate_every_n_epochs": settings.validate_every_n_epochs,
+        "validate_every_n_steps": settings.validate_every_n_steps,
+    }
+
+
+def num_validation_images(ds: TrainingDataset, request: ValidationRequest | None) -> int:
+    """kohya's ss_num_validation_images: the held-out images (each counted once), or the separate dataset's."""
+    if request is not None and request.dataset is not None:
+        return len(request.dataset.images)
+    return len(ds.validation_images)
+
+
+def dataset_metadata(ds: TrainingDataset, validation: ValidationRequest | None = None) -> dict[str, Any]:
     images = ds.images
     dirs: dict[str, dict[str, int]] = {}
     reg_dirs: dict[str, dict[str, int]] = {}  # kohya: reg subsets go to ss_reg_dataset_dirs
@@ -83,6 +103,7 @@ def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
         # kohya's counters: num_reg_images counts the reg images given (x repeats), before its balancing
         "num_train_images": image_counts["num_train_images"],
         "num_reg_images": image_counts["num_reg_images"],
+        "num_validation_images": num_validation_images(ds, validation),
         "resolution": tuple(part.settings.resolution),
         "enable_bucket": part.settings.enable_bucket,
         "bucket_no_upscale": part.settings.bucket_no_upscale,
@@ -119,10 +140,17 @@ def network_metadata(config: NetworkConfig, train: TrainConfig | None = None) ->
 
 
 def training_metadata(
-    run: Any, optimizer: Any, steps_per_epoch: int, total_steps: int, started_at: float, output_name: str
+    run: Any,
+    optimizer: Any,
+    steps_per_epoch: int,
+    total_steps: int,
+    started_at: float,
+    output_name: str,
+    validation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``run`` is the TrainConfig."""
+    """``run`` is the TrainConfig; ``validation`` the ss_validation_* values (``validation_metadata``)."""
     return {
+        **(validation or {}),
         "training_started_at": started_at,
         "output_name": output_name,
         "learning_rate": run.learning_rate,

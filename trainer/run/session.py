@@ -35,6 +35,7 @@ from .memory_plan import MemoryPlan, StepShape, activation_bytes, largest_step_s
 from .memory_plan import plan as memory_plan_of
 from .optimizers import build_optimizer, switch_to_averaged_weights
 from .schedulers import build_scheduler
+from .validation import ValidationRequest, ValidationSettings, Validator, validation_source
 
 
 @dataclass
@@ -239,8 +240,12 @@ def train(
     initial_weights: dict | None = None,
     resume: dict | None = None,
     events: RunEvents | None = None,
+    validation: ValidationRequest | None = None,
 ) -> TrainResult:
     """Train a LoRA on ``model`` (and ``clip``). ``resume`` = trainer/run/resume_state.load_state output.
+
+    ``validation``: how often and on what the validation loss is computed (trainer/run/validation.py); without it a
+    dataset with held-out images (validation_split) is validated at the end of every epoch, as kohya does.
 
     ``events`` hears about the run (see trainer/run/events.py): it gets the TrainResult when training starts,
     inside the training context (LoRA attached), is told after every optimizer step (the state is then complete,
@@ -323,6 +328,18 @@ def train(
         source = CachedBatchSource(
             dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te, device=device
         )
+        held_out = validation_source(
+            dataset,
+            validation,
+            latents,
+            text,
+            live_text_encoder(models.clip, with_grad=False, token_length=token_length) if clip is not None else None,
+            total,
+            train_te,
+            device,
+        )
+        if held_out is not None and (train_te or any(i.caption_options.is_random for i in held_out.dataset.images)):
+            needs_clip = True
         if not needs_clip:
             comfy_training.free_other_models()
         placement = Placement(mode=config.memory_mode)
@@ -373,10 +390,28 @@ def train(
                     weights=result.memory_plan.frozen_weights,
                 )
                 placement.leave_room(models.model)
+            denoiser = ComfyDenoiser(models.model, dtype, placement)
+            validator = None
+            if held_out is not None:
+                validator = Validator(
+                    denoiser,
+                    held_out,
+                    validation.settings if validation is not None else ValidationSettings(),
+                    config.seed,
+                    schedule,
+                    config.noise,
+                    loss_settings,
+                    network,
+                    optimizer,
+                )
+                result.notes.append(
+                    f"validation: {len(held_out.dataset.images)} images in {validator.num_batches} batches x "
+                    f"timesteps {validator.timesteps}, noise seed {validator.seed}"
+                )
             events.training_started(result)
             try:
                 result.state = run(
-                    ComfyDenoiser(models.model, dtype, placement),
+                    denoiser,
                     source,
                     params,
                     optimizer,
@@ -395,6 +430,7 @@ def train(
                     events=events,
                     max_norm=network.apply_max_norm,
                     scaler=scaler,
+                    validator=validator,
                 )
                 if not result.state.interrupted:
                     events.training_finished()

@@ -16,6 +16,7 @@ from ..trainer.network.config import NetworkSetup
 from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.run.checkpoints import CheckpointSettings
 from ..trainer.run.config import TrainSettings
+from ..trainer.run.ema import EmaSettings
 from ..trainer.run.previews import PreviewRequest
 
 
@@ -80,3 +81,10 @@ class TrainSettingsSocket(io.ComfyTypeIO):
     """The run's training settings (steps, learning rates, optimizer, schedule, precision, seed)."""
 
     Type = TrainSettings
+
+
+@io.comfytype(io_type="SDXL_LORA_EMA")
+class EmaSocket(io.ComfyTypeIO):
+    """EMA of the trained weights: decay, warm-up, update interval, start step, how it is saved."""
+
+    Type = EmaSettings

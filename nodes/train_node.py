@@ -22,6 +22,7 @@ from .common import CATEGORY, pil_to_image
 from .sockets import (
     CheckpointingSocket,
     DatasetSocket,
+    EmaSocket,
     LatentCacheSocket,
     NetworkSocket,
     ObjectiveSocket,
@@ -281,6 +282,7 @@ class TrainLora(io.ComfyNode):
                 ),
                 CheckpointingSocket.Input("checkpointing", optional=True, tooltip="From 'Save Every N & Resume'."),
                 PreviewsSocket.Input("previews", optional=True, tooltip="From 'Sample Previews'."),
+                EmaSocket.Input("ema", optional=True, tooltip="From 'EMA': keep and save an EMA of the weights."),
                 TrainSettingsSocket.Input(
                     "train_settings",
                     optional=True,
@@ -356,6 +358,7 @@ class TrainLora(io.ComfyNode):
         checkpointing=None,
         previews=None,
         train_settings=None,
+        ema=None,
     ) -> io.NodeOutput:
         if train_settings is not None:
             config = train_settings.config
@@ -392,6 +395,7 @@ class TrainLora(io.ComfyNode):
             out=out,
             checkpointing=checkpointing,
             previews=previews,
+            ema=ema,
             node_id=cls.hidden.unique_id,
             prompt=cls.hidden.prompt,
             extra_pnginfo=cls.hidden.extra_pnginfo,

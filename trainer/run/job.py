@@ -7,6 +7,7 @@ during the run lives here so the node stays a schema.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ from ..data.dataset import TrainingDataset
 from ..network.config import NetworkSetup
 from .checkpoints import CheckpointSettings, RunArtifacts
 from .config import TrainConfig
+from .ema import EmaSettings
 from .events import RunEvents
 from .logs import write_logs, write_tensorboard
 from .loop import LoopState, StepRecord
@@ -70,6 +72,7 @@ class TrainJob(RunEvents):
         checkpointing: CheckpointSettings | None,
         previews: PreviewRequest | None,
         node_id: str | None,
+        ema: EmaSettings | None = None,
         prompt: Any = None,
         extra_pnginfo: Any = None,
     ) -> None:
@@ -78,6 +81,7 @@ class TrainJob(RunEvents):
         self.config = config
         self.out = out
         self.checkpointing = checkpointing or CheckpointSettings()
+        self.ema = ema
         self.node_id = node_id
         self.prompt = prompt
         self.extra_pnginfo = extra_pnginfo
@@ -87,7 +91,7 @@ class TrainJob(RunEvents):
         tag = run_tag(config.seed)
         self.lora_tag = out.lora_tag(tag)  # empty with overwrite: the exact name is reused
         self.loras_root = comfy_services.loras_directory()
-        self.fingerprint = run_fingerprint(dataset, network.config, config)
+        self.fingerprint = run_fingerprint(dataset, network.config, config, ema)
         self.renderer = PreviewRenderer(previews.settings, previews.clip, previews.vae) if previews else None
         self.train_te = network.config.train_te1 or network.config.train_te2
         self.artifacts = RunArtifacts(
@@ -114,6 +118,7 @@ class TrainJob(RunEvents):
             initial_weights=self.network.initial_weights,
             resume=resume,
             events=self,
+            ema=self.ema,
         )
         self.run = result
         state = result.state
@@ -122,8 +127,9 @@ class TrainJob(RunEvents):
         write_tensorboard(saved.path.parent / f"{saved.path.stem}.tensorboard", state.history)
         if state.interrupted:
             self._stop_cancelled(saved)
+        ema_is_main = result.ema is not None and self.ema.save_as == "main_file"
         return JobResult(
-            weights=result.network.state_dict_kohya(),
+            weights=result.ema.state_dict_kohya() if ema_is_main else result.network.state_dict_kohya(),
             saved=saved,
             state=state,
             steps_per_epoch=result.steps_per_epoch,
@@ -177,37 +183,52 @@ class TrainJob(RunEvents):
 
     # -- saving and reporting ----------------------------------------------------------------------------------
     def _save(self, suffix: str, step: int, epoch: int) -> SavedLora:
+        """The LoRA of this step; with an EMA also its averaged weights, as the file itself or an ``_ema`` file."""
         run = self.run
-        return save_run_lora(
-            run.network,
-            self.loras_root,
-            self.out,
-            run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
-            training=training_metadata(
-                replace(self.config, train_dtype=run.train_dtype),
-                run.optimizer,
-                run.steps_per_epoch,
-                run.total_steps,
-                self.started,
-                self.out.name,
-            ),
-            dataset=dataset_metadata(self.dataset),
-            network_meta=network_metadata(self.network.config),
-            step=step,
-            epoch=epoch,
-            prompt=self.prompt,
-            extra_pnginfo=self.extra_pnginfo,
-            v_parameterization=run.prediction_type == "v_prediction",
-        )
+
+        def save(**kwargs: Any) -> SavedLora:
+            return save_run_lora(
+                run.network,
+                self.loras_root,
+                self.out,
+                run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
+                training=training_metadata(
+                    replace(self.config, train_dtype=run.train_dtype),
+                    run.optimizer,
+                    run.steps_per_epoch,
+                    run.total_steps,
+                    self.started,
+                    self.out.name,
+                ),
+                dataset=dataset_metadata(self.dataset),
+                network_meta=network_metadata(self.network.config),
+                step=step,
+                epoch=epoch,
+                prompt=self.prompt,
+                extra_pnginfo=self.extra_pnginfo,
+                v_parameterization=run.prediction_type == "v_prediction",
+                **kwargs,
+            )
+
+        if run.ema is None:
+            return save()
+        averaged = {"weights": run.ema.state_dict_kohya(), "extra_metadata": ema_metadata(self.ema, run.ema.updates)}
+        if self.ema.save_as == "main_file":
+            return save(**averaged)
+        saved = save()
+        saved.companions.append(save(companion_of=saved, **averaged))
+        return saved
 
     def _render_previews(self) -> list[torch.Tensor]:
         """Previews inside the run, with the MODEL/CLIP it trains through; a Cancel pressed meanwhile is remembered so
         the loop stops and saves."""
         run = self.run
+        averaged = run.ema is not None and self.ema.use_for_previews
         try:
-            return self.renderer.render(
-                run.models.model, run.network, training_clip=run.models.clip if self.train_te else None
-            )
+            with run.ema.swapped_in() if averaged else contextlib.nullcontext():
+                return self.renderer.render(
+                    run.models.model, run.network, training_clip=run.models.clip if self.train_te else None
+                )
         except BaseException as e:  # noqa: BLE001 - only ComfyUI's interrupt is swallowed
             if comfy_services.is_interrupt(e):
                 comfy_services.note_interrupt()
@@ -237,6 +258,9 @@ class TrainJob(RunEvents):
             f"{time.time() - self.started:.1f}s; final loss {final:.4f}\nsaved {saved.path}\n"
             f"lora_name: {saved.lora_name}"
         )
+        if run.ema is not None:
+            where = "in this file" if self.ema.save_as == "main_file" else f"in {saved.companions[0].lora_name}"
+            report += f"\nEMA of the weights ({run.ema.updates} updates, decay {self.ema.decay}) {where}"
         if self.artifacts.intermediates:
             report += "\nintermediate: " + ", ".join(s.lora_name for s in self.artifacts.intermediates)
         if self.artifacts.states:
@@ -254,7 +278,22 @@ def preview_frame(images: list[torch.Tensor]):
     return ("JPEG", Image.fromarray(arr), 512)
 
 
-def run_fingerprint(dataset, network_config, config: TrainConfig) -> dict:
+def ema_metadata(settings: EmaSettings, updates: int) -> dict[str, str]:
+    """What a file holding averaged weights says about them (not a kohya key: kohya's LoRA training has no EMA)."""
+    return {
+        "sdxl_lora_trainer.ema": json.dumps(
+            {
+                "decay": settings.decay,
+                "warmup_power": settings.warmup_power,
+                "update_every_n_steps": settings.update_every_n_steps,
+                "start_step": settings.start_step,
+                "updates": updates,
+            }
+        )
+    }
+
+
+def run_fingerprint(dataset, network_config, config: TrainConfig, ema: EmaSettings | None = None) -> dict:
     """What must be equal for a saved state to be resumed (max steps may change)."""
     data = json.dumps([[i.key, list(i.selection.bucket), i.item.caption, i.item.num_repeats] for i in dataset.images])
     return {
@@ -268,4 +307,6 @@ def run_fingerprint(dataset, network_config, config: TrainConfig) -> dict:
         "train_dtype": config.train_dtype,
         "loss": repr(config.loss),
         "noise": repr(config.noise),
+        # only with an EMA, so states saved without one (and before EMA existed) keep their fingerprint
+        **({"ema": [ema.decay, ema.warmup_power, ema.update_every_n_steps, ema.start_step]} if ema else {}),
     }

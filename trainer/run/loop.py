@@ -204,13 +204,15 @@ def run(
     events: RunEvents | None = None,
     max_norm: Callable[[float], Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    after_optimizer_step: Callable[[int], Any] | None = None,
 ) -> LoopState:
     """Train until ``settings.max_train_steps`` optimizer steps, a cancel, or divergence.
 
     ``params`` are the trainable tensors (for clipping); ``max_norm(value)`` applies kohya's
     max-norm regularisation when ``scale_weight_norms`` is set. With an fp16 ``scaler`` the loss is
     scaled for backward, gradients are unscaled before clipping, and the scheduler only steps when
-    the optimizer really stepped (what accelerate does).
+    the optimizer really stepped (what accelerate does). ``after_optimizer_step(step)`` runs after each
+    optimizer step and max-norm, before the step is reported (the EMA update).
     """
     events = events or RunEvents()
     state = state or LoopState()
@@ -292,6 +294,8 @@ def run(
                         if settings.scale_weight_norms and max_norm is not None:
                             max_norm(settings.scale_weight_norms)
                         state.global_step += 1
+                        if after_optimizer_step is not None:
+                            after_optimizer_step(state.global_step)
                         now = time.perf_counter()
                         record = StepRecord(
                             step=state.global_step,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ def output_name_error(subfolder: str, name: str) -> str | None:
 class SavedLora:
     path: Path
     lora_name: str  # what LoraLoader's lora_name expects (relative to the loras folder)
+    companions: list[SavedLora] = field(default_factory=list)  # files of the same save (the EMA file)
 
 
 def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
@@ -167,8 +168,18 @@ def save_run_lora(
     prompt: dict | None = None,
     extra_pnginfo: dict | None = None,
     v_parameterization: bool = False,
+    weights: dict[str, torch.Tensor] | None = None,
+    extra_metadata: dict[str, str] | None = None,
+    companion_of: SavedLora | None = None,
 ) -> SavedLora:
-    path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
+    """Save the run's LoRA (``weights``, default the network's own) under a new unique name, or, with
+    ``companion_of``, beside that file as ``<its stem>_ema.safetensors`` (the EMA file of the same save)."""
+    if companion_of is not None:
+        path = companion_of.path.with_name(f"{companion_of.path.stem}_ema{companion_of.path.suffix}")
+        stem, ext = os.path.splitext(companion_of.lora_name)
+        rel = f"{stem}_ema{ext}"
+    else:
+        path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
     meta = build_metadata(
         training,
         dataset,
@@ -181,7 +192,9 @@ def save_run_lora(
     )
     if v_parameterization:
         meta["ss_v_parameterization"] = "True"
-    save_lora(network.state_dict_kohya(), path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
+    meta.update(extra_metadata or {})
+    tensors = weights if weights is not None else network.state_dict_kohya()
+    save_lora(tensors, path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
     return SavedLora(path=Path(path), lora_name=rel)
 
 

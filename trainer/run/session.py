@@ -27,6 +27,7 @@ from ..network.config import NetworkConfig
 from ..objective.ddpm_schedule import DDPMSchedule
 from .batch_loader import CachedBatchSource, LatentSource, TextSource
 from .config import DTYPES, TrainConfig
+from .ema import AdapterEma, EmaSettings
 from .events import RunEvents
 from .loop import LoopSettings, LoopState, run
 from .optimizers import build_optimizer, optimizer_eval_mode
@@ -45,6 +46,7 @@ class TrainResult:
     scheduler: Any = None
     scaler: Any = None
     group_names: list[str] = field(default_factory=list)
+    ema: AdapterEma | None = None  # the averaged weights, when the run keeps an EMA
     train_dtype: str = "fp32"  # what "auto" resolved to
     notes: list[str] = field(default_factory=list)  # what the run changed or chose, for the report
 
@@ -107,12 +109,14 @@ def train(
     initial_weights: dict | None = None,
     resume: dict | None = None,
     events: RunEvents | None = None,
+    ema: EmaSettings | None = None,
 ) -> TrainResult:
     """Train a LoRA on ``model`` (and ``clip``). ``resume`` = trainer/run/resume_state.load_state output.
 
     ``events`` hears about the run (see trainer/run/events.py): it gets the TrainResult when training starts,
     inside the training context (LoRA attached), is told after every optimizer step (the state is then complete,
-    so it can save the LoRA or a resumable state) and once after the last step.
+    so it can save the LoRA or a resumable state) and once after the last step. ``ema``: keep an EMA of the
+    weights (trainer/run/ema.py), updated after each optimizer step before ``events`` hears of it.
     """
     events = events or RunEvents()
     comfy_models.require_sdxl(model)
@@ -127,6 +131,11 @@ def train(
         raise ValueError("Set max_train_steps or max_train_epochs to at least 1.")
     if train_te and clip is None:
         raise ValueError("Training the text encoders needs the CLIP input connected.")
+    if ema is not None and ema.start_step > total:
+        raise ValueError(
+            f"EMA start_step {ema.start_step} is after the run's last step ({total}): nothing would be averaged. "
+            "Lower start_step or train longer."
+        )
 
     with torch.inference_mode(False), comfy_training.training_models(model, clip, train_te) as models:
         device = models.device
@@ -154,6 +163,7 @@ def train(
             initial_lr=config.learning_rate,
         )
         scaler = torch.amp.GradScaler(device.type) if train_dtype == "fp16" else None
+        averages = AdapterEma(network, ema) if ema is not None else None
         state = None
         if resume is not None:
             resume = _normal_tensors(resume)  # read inside the node, i.e. under inference mode
@@ -163,6 +173,11 @@ def train(
                 scheduler.load_state_dict(resume["scheduler"])
             if scaler is not None and resume.get("scaler") is not None:
                 scaler.load_state_dict(resume["scaler"])
+            if averages is not None:
+                saved_ema = resume.get("ema")
+                if saved_ema is None:
+                    raise ValueError("the resumed state has no EMA weights; resume it without the EMA input")
+                averages.load_state(saved_ema["tensors"], saved_ema["updates"])
             state = resume["loop"]
 
         needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
@@ -188,6 +203,7 @@ def train(
             scaler=scaler,
             group_names=group_names,
             train_dtype=train_dtype,
+            ema=averages,
         )
         with contextlib.ExitStack() as stack:
             stack.enter_context(comfy_training.training_flag())
@@ -223,6 +239,7 @@ def train(
                     events=events,
                     max_norm=network.apply_max_norm,
                     scaler=scaler,
+                    after_optimizer_step=averages.after_step if averages is not None else None,
                 )
                 if not result.state.interrupted:
                     events.training_finished()

@@ -195,9 +195,10 @@ def with_run_options(
     checkpointing: dict[str, Any] | None = None,
     previews: dict[str, Any] | None = None,
     ema: dict[str, Any] | None = None,
+    logging: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Add 'Save Every N & Resume' (node 20), 'Sample Previews' (node 21) and/or 'EMA' (node 22) to a
-    train_then_test prompt."""
+    """Add 'Save Every N & Resume' (node 20), 'Sample Previews' (node 21), 'EMA' (node 22) and/or 'Logging (W&B)'
+    (node 23) to a train_then_test prompt."""
     out = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
     if checkpointing is not None:
         inputs = {
@@ -241,6 +242,9 @@ def with_run_options(
         inputs.update(ema)
         out["22"] = {"class_type": "SDXLLoraEMA", "inputs": inputs}
         out["7"]["inputs"]["ema"] = ["22", 0]
+    if logging is not None:
+        out["23"] = {"class_type": "SDXLLoraLogging", "inputs": {"wandb_project": "", "wandb_run_name": "", **logging}}
+        out["7"]["inputs"]["logging"] = ["23", 0]
     return out
 
 

@@ -1,4 +1,5 @@
-"""Optional inputs of the train node: intermediate saves / resumable state, sample previews, EMA of the weights."""
+"""Optional inputs of the train node: intermediate saves / resumable state, sample previews, EMA of the weights,
+logging to Weights & Biases."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from comfy_api.latest import io
 from ..trainer.comfyui import sampling as comfy_sampling
 from ..trainer.run.checkpoints import CheckpointSettings
 from ..trainer.run.ema import EMA_SAVE_AS, EmaSettings
+from ..trainer.run.live_log import LogSettings, wandb_project_error
 from ..trainer.run.previews import PreviewRequest, PreviewSettings
 from .common import CATEGORY
-from .sockets import CheckpointingSocket, EmaSocket, PreviewsSocket
+from .sockets import CheckpointingSocket, EmaSocket, LoggingSocket, PreviewsSocket
 
 
 class CheckpointOptions(io.ComfyNode):
@@ -238,4 +240,39 @@ class EmaOptions(io.ComfyNode):
         )
 
 
-NODES = [CheckpointOptions, PreviewOptions, EmaOptions]
+class LoggingOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDXLLoraLogging",
+            display_name="SDXL LoRA: Logging (W&B)",
+            category=CATEGORY,
+            description="Every run writes a live TensorBoard log "
+            "(models/loras/<subfolder>/logs/<time>_<name>_s<seed>); this node also logs the run to a Weights & Biases "
+            "project (needs the wandb package and `wandb login`, or WANDB_MODE=offline).",
+            inputs=[
+                io.String.Input(
+                    "wandb_project",
+                    default="",
+                    tooltip="Weights & Biases project to log to; empty = TensorBoard only.",
+                ),
+                io.String.Input(
+                    "wandb_run_name", default="", tooltip="The run's name in W&B; empty = its log folder's name."
+                ),
+            ],
+            outputs=[LoggingSocket.Output(display_name="logging", tooltip="Connect to the train node.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, wandb_project: str | None = None) -> bool | str:
+        """A project without the wandb package fails when queued, not after loading the models."""
+        if isinstance(wandb_project, str):
+            return wandb_project_error(wandb_project) or True
+        return True
+
+    @classmethod
+    def execute(cls, wandb_project: str, wandb_run_name: str) -> io.NodeOutput:
+        return io.NodeOutput(LogSettings(wandb_project=wandb_project, wandb_run_name=wandb_run_name))
+
+
+NODES = [CheckpointOptions, PreviewOptions, EmaOptions, LoggingOptions]

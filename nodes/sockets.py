@@ -17,6 +17,7 @@ from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.run.checkpoints import CheckpointSettings
 from ..trainer.run.config import TrainSettings
 from ..trainer.run.ema import EmaSettings
+from ..trainer.run.live_log import LogSettings
 from ..trainer.run.previews import PreviewRequest
 
 
@@ -88,3 +89,10 @@ class EmaSocket(io.ComfyTypeIO):
     """EMA of the trained weights: decay, warm-up, update interval, start step, how it is saved."""
 
     Type = EmaSettings
+
+
+@io.comfytype(io_type="SDXL_LORA_LOGGING")
+class LoggingSocket(io.ComfyTypeIO):
+    """Where the run logs besides its TensorBoard folder (a Weights & Biases project)."""
+
+    Type = LogSettings

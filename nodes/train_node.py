@@ -24,6 +24,7 @@ from .sockets import (
     DatasetSocket,
     EmaSocket,
     LatentCacheSocket,
+    LoggingSocket,
     NetworkSocket,
     ObjectiveSocket,
     PreviewsSocket,
@@ -283,6 +284,9 @@ class TrainLora(io.ComfyNode):
                 CheckpointingSocket.Input("checkpointing", optional=True, tooltip="From 'Save Every N & Resume'."),
                 PreviewsSocket.Input("previews", optional=True, tooltip="From 'Sample Previews'."),
                 EmaSocket.Input("ema", optional=True, tooltip="From 'EMA': keep and save an EMA of the weights."),
+                LoggingSocket.Input(
+                    "logging", optional=True, tooltip="From 'Logging (W&B)'; the TensorBoard log is always written."
+                ),
                 TrainSettingsSocket.Input(
                     "train_settings",
                     optional=True,
@@ -359,6 +363,7 @@ class TrainLora(io.ComfyNode):
         previews=None,
         train_settings=None,
         ema=None,
+        logging=None,
     ) -> io.NodeOutput:
         if train_settings is not None:
             config = train_settings.config
@@ -396,6 +401,7 @@ class TrainLora(io.ComfyNode):
             checkpointing=checkpointing,
             previews=previews,
             ema=ema,
+            logging=logging,
             node_id=cls.hidden.unique_id,
             prompt=cls.hidden.prompt,
             extra_pnginfo=cls.hidden.extra_pnginfo,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,13 @@ import torch
 from ..comfyui import services as comfy_services
 from ..data.dataset import TrainingDataset
 from ..network.config import NetworkSetup
+from ..network.file_names import safe_relative_name
 from .checkpoints import CheckpointSettings, RunArtifacts
 from .config import TrainConfig
 from .ema import EmaSettings
-from .events import RunEvents
-from .logs import write_logs, write_tensorboard
+from .events import RunEvents, RunObservers
+from .live_log import LiveLog, LogSettings, new_log_dir
+from .logs import write_logs
 from .loop import LoopState, StepRecord
 from .lora_output import (
     OutputSettings,
@@ -73,6 +75,7 @@ class TrainJob(RunEvents):
         previews: PreviewRequest | None,
         node_id: str | None,
         ema: EmaSettings | None = None,
+        logging: LogSettings | None = None,
         prompt: Any = None,
         extra_pnginfo: Any = None,
     ) -> None:
@@ -82,6 +85,7 @@ class TrainJob(RunEvents):
         self.out = out
         self.checkpointing = checkpointing or CheckpointSettings()
         self.ema = ema
+        self.logging = logging
         self.node_id = node_id
         self.prompt = prompt
         self.extra_pnginfo = extra_pnginfo
@@ -101,12 +105,22 @@ class TrainJob(RunEvents):
             self.fingerprint,
         )
         self.run: TrainResult | None = None  # set when training starts
+        self.live_log: LiveLog | None = None  # set when execute starts
+        self.observers: RunEvents = self
 
     def execute(self, model: Any, clip: Any, latents: Any, text: Any) -> JobResult:
         """Train and save. Raises ComfyUI's interrupt after saving when the user cancelled."""
         ckpt = self.checkpointing
         resume = load_state(ckpt.resume_from, self.fingerprint) if ckpt.resume_from else None
         comfy_services.reset_interrupt_note()
+        self.live_log = LiveLog(self._log_folder(), self.logging, self._logged_config())
+        self.observers = RunObservers(self, self.live_log)
+        try:
+            return self._train_and_save(model, clip, latents, text, resume)
+        finally:
+            self.live_log.close()
+
+    def _train_and_save(self, model: Any, clip: Any, latents: Any, text: Any, resume: dict | None) -> JobResult:
         result = train(
             model,
             clip,
@@ -117,14 +131,13 @@ class TrainJob(RunEvents):
             self.config,
             initial_weights=self.network.initial_weights,
             resume=resume,
-            events=self,
+            events=self.observers,
             ema=self.ema,
         )
         self.run = result
         state = result.state
         saved = self._save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0))
         write_logs(saved.path, state.history)
-        write_tensorboard(saved.path.parent / f"{saved.path.stem}.tensorboard", state.history)
         if state.interrupted:
             self._stop_cancelled(saved)
         ema_is_main = result.ema is not None and self.ema.save_as == "main_file"
@@ -155,7 +168,7 @@ class TrainJob(RunEvents):
         self.artifacts.on_step(record, self.run)
         preview = None
         if self.renderer is not None and self.renderer.due(record.step) and record.step < total:
-            preview = preview_frame(self._render_previews())
+            preview = preview_frame(self._render_previews(record.step))
         self.progress.update(
             record.step,
             total,
@@ -179,7 +192,7 @@ class TrainJob(RunEvents):
 
     def training_finished(self) -> None:
         if self.renderer is not None:
-            self._render_previews()
+            self._render_previews(self.run.state.global_step)
 
     # -- saving and reporting ----------------------------------------------------------------------------------
     def _save(self, suffix: str, step: int, epoch: int) -> SavedLora:
@@ -219,16 +232,18 @@ class TrainJob(RunEvents):
         saved.companions.append(save(companion_of=saved, **averaged))
         return saved
 
-    def _render_previews(self) -> list[torch.Tensor]:
-        """Previews inside the run, with the MODEL/CLIP it trains through; a Cancel pressed meanwhile is remembered so
-        the loop stops and saves."""
+    def _render_previews(self, step: int) -> list[torch.Tensor]:
+        """Previews inside the run, with the MODEL/CLIP it trains through (and the EMA weights when asked), told to
+        the run's observers (the live log); a Cancel pressed meanwhile is remembered so the loop stops and saves."""
         run = self.run
         averaged = run.ema is not None and self.ema.use_for_previews
         try:
             with run.ema.swapped_in() if averaged else contextlib.nullcontext():
-                return self.renderer.render(
+                images = self.renderer.render(
                     run.models.model, run.network, training_clip=run.models.clip if self.train_te else None
                 )
+            self.observers.previews_rendered(step, images)
+            return images
         except BaseException as e:  # noqa: BLE001 - only ComfyUI's interrupt is swallowed
             if comfy_services.is_interrupt(e):
                 comfy_services.note_interrupt()
@@ -265,7 +280,21 @@ class TrainJob(RunEvents):
             report += "\nintermediate: " + ", ".join(s.lora_name for s in self.artifacts.intermediates)
         if self.artifacts.states:
             report += f"\nstate: {self.artifacts.states[-1]}"
-        return report + "".join(f"\n{note}" for note in run.notes)
+        report += f"\nTensorBoard log: {self.live_log.folder} (tensorboard --logdir {self.loras_root})"
+        return report + "".join(f"\n{note}" for note in [*run.notes, *self.live_log.notes])
+
+    def _log_folder(self) -> Path:
+        """``logs/<start time>_<name>_s<seed>`` in the LoRA's folder, beside its CSV/JSONL log."""
+        subfolders = safe_relative_name(self.out.subfolder, self.out.name).split("/")[:-1]
+        root = Path(self.loras_root, *subfolders, "logs")
+        return new_log_dir(root, self.out.name, self.config.seed, self.started)
+
+    def _logged_config(self) -> dict:
+        """The run's settings as the logs' config (TensorBoard text, W&B config)."""
+        config = {"train": asdict(self.config), "network": asdict(self.network.config)}
+        if self.ema is not None:
+            config["ema"] = asdict(self.ema)
+        return config
 
 
 def preview_frame(images: list[torch.Tensor]):

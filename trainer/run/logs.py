@@ -1,6 +1,5 @@
-"""A run's step log next to its LoRA: ``<lora>.log.csv``, ``<lora>.log.jsonl`` and, when tensorboard is installed,
-TensorBoard event files.
-"""
+"""A run's step log next to its LoRA: ``<lora>.log.csv`` and ``<lora>.log.jsonl`` (the live TensorBoard / W&B log is
+trainer/run/live_log.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +11,10 @@ from .loop import StepRecord
 
 
 def write_logs(lora_path: Path, history: list[StepRecord]) -> tuple[Path, Path]:
-    """``<lora>.log.csv`` and ``<lora>.log.jsonl``: step, epoch, loss, lr, mean timestep, seconds."""
+    """``<lora>.log.csv`` and ``<lora>.log.jsonl``: step, epoch, loss, lr, mean timestep, seconds, gradient norm."""
     base = lora_path.with_suffix("")
     csv_path, jsonl_path = Path(f"{base}.log.csv"), Path(f"{base}.log.jsonl")
-    fields = ["step", "epoch", "loss", "lr", "timestep_mean", "seconds"]
+    fields = ["step", "epoch", "loss", "lr", "timestep_mean", "seconds", "grad_norm"]
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -25,17 +24,3 @@ def write_logs(lora_path: Path, history: list[StepRecord]) -> tuple[Path, Path]:
         for r in history:
             f.write(json.dumps({k: getattr(r, k) for k in fields}) + "\n")
     return csv_path, jsonl_path
-
-
-def write_tensorboard(log_dir: Path, history: list[StepRecord]) -> Path | None:
-    """TensorBoard event files when the tensorboard package is installed; otherwise nothing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - tensorboard is optional
-        return None
-    writer = SummaryWriter(log_dir=str(log_dir))
-    for r in history:
-        writer.add_scalar("loss/current", r.loss, r.step)
-        writer.add_scalar("lr/unet", r.lr, r.step)
-    writer.close()
-    return log_dir

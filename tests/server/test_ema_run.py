@@ -70,3 +70,35 @@ def test_ema_file_is_the_average_of_the_steps_and_resumes_exactly(server):
     for k in trained:
         assert torch.equal(trained[k], again[k]), k
         assert torch.equal(averaged[k], again_ema[k]), k
+
+
+def _preview_pixels(server, entry: dict) -> list[bytes]:
+    """The train node's previews as PreviewImage (node 18) wrote them."""
+    return [
+        (server.base / im["type"] / im["subfolder"] / im["filename"]).read_bytes()
+        for im in entry["outputs"]["18"]["images"]
+    ]
+
+
+def test_previews_render_the_ema_when_asked_and_never_change_the_training(server):
+    kohya_folder(server.base / "input" / "ds_ema_prev", {"1_cat": [(64, 64)]})
+
+    def prompt(name: str, use_for_previews: bool) -> dict:
+        p = with_run_options(
+            training_only(train_then_test("ds_ema_prev", steps=4, seed=9, resolution=RES, output_name=name, lr=2e-2)),
+            previews={"every_n_steps": 2, "steps": 3},
+            ema={"decay": 0.999, "use_for_previews": use_for_previews},
+        )
+        p["18"] = {"class_type": "PreviewImage", "inputs": {"images": ["7", 7]}}
+        return p
+
+    trained = _run(server, prompt("prev_trained", False))
+    averaged = _run(server, prompt("prev_averaged", True))
+    plain, ema = _preview_pixels(server, trained), _preview_pixels(server, averaged)
+    assert len(plain) == len(ema) == 2  # steps 2 and 4
+    assert plain != ema, "the previews did not change with use_for_previews"
+    # rendering with the EMA swapped in leaves the trained weights bit for bit as they were
+    (a,) = [f for f in _lora_files(server, "prev_trained_*.safetensors") if "_ema" not in f]
+    (b,) = [f for f in _lora_files(server, "prev_averaged_*.safetensors") if "_ema" not in f]
+    first, second = load_file(a), load_file(b)
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -27,22 +27,6 @@ from .sockets import DatasetSocket, ImagesSocket
 LAYOUTS = ["auto", "captions beside images", "metadata.jsonl"]
 
 
-def scan_report(scan: ScanResult) -> str:
-    lines = [f"{scan.num_images} images ({scan.num_images_with_repeats} with repeats)"]
-    subsets: dict[str, list[int]] = {}
-    for it in scan.items:
-        s = subsets.setdefault(it.subset or "(images)", [0, it.num_repeats])
-        s[0] += 1
-    lines += [f"  {name}: {n} images x {rep} repeats" for name, (n, rep) in subsets.items()]
-    if scan.skipped:
-        lines.append(f"skipped {len(scan.skipped)}:")
-        lines += [f"  {p}: {r}" for p, r in scan.skipped]
-    if scan.warnings:
-        lines.append(f"{len(scan.warnings)} warnings:")
-        lines += [f"  {w}" for w in scan.warnings]
-    return "\n".join(lines)
-
-
 def dataset_outputs(ds) -> io.NodeOutput:
     report = ds.report_text()
     histogram = pil_to_image(bucket_histogram_image(ds.bucket_histogram()))
@@ -136,7 +120,7 @@ class ImagesFromFolder(io.ComfyNode):
             scan = scan_metadata_jsonl(folder, input_dir, options, default_repeats=default_repeats)
         else:
             scan = scan_folder(folder, input_dir, options, default_repeats=default_repeats)
-        report = scan_report(scan)
+        report = scan.report_text()
         return io.NodeOutput(scan, report, ui={"text": [report]})
 
 
@@ -180,7 +164,7 @@ class ImagesFromGraph(io.ComfyNode):
             lines = lines[:-1]
         caption_arg = lines[0] if len(lines) == 1 else lines
         scan = items_from_images(list(images), caption_arg, name=name[0], num_repeats=repeats[0])
-        report = scan_report(scan)
+        report = scan.report_text()
         return io.NodeOutput(scan, report, ui={"text": [report]})
 
 

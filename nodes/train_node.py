@@ -18,7 +18,7 @@ from ..trainer.run.job import TrainJob
 from ..trainer.run.lora_output import OutputSettings, output_name_error
 from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings
 from ..trainer.run.schedulers import SCHEDULER_TYPES
-from .common import CATEGORY, pil_to_image
+from .common import CATEGORY, pil_to_image, range_problems, refuse_at_queue_time
 from .sockets import (
     CheckpointingSocket,
     DatasetSocket,
@@ -99,6 +99,26 @@ def train_config_from_widgets(
         full_bf16=full_bf16,
         gradient_checkpointing=gradient_checkpointing,
     )
+
+
+#: validate_inputs' default for an optional input that is not connected (a linked one arrives as None)
+NOT_CONNECTED = object()
+
+
+def learning_rate_problems(node: type, **rates: float | None) -> list[str]:
+    """The learning-rate widgets' problems at queue time: out of range, or all 0 (nothing would train; which parts
+    train is only known at run time, where the same check runs again)."""
+    problems = range_problems(node, rates)
+    if problems or any(not isinstance(v, (int, float)) for v in rates.values()):
+        return problems
+    config = TrainConfig(
+        learning_rate=rates["learning_rate"],
+        unet=PartSettings.from_widgets(rates["unet_lr"]),
+        clip_l=PartSettings.from_widgets(rates["clip_l_lr"]),
+        clip_g=PartSettings.from_widgets(rates["clip_g_lr"]),
+    )
+    problem = config.zero_learning_rate_error()
+    return [problem] if problem else []
 
 
 def with_objective(config: TrainConfig, objective: ObjectiveSettings | None) -> TrainConfig:
@@ -319,12 +339,28 @@ class TrainLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name: str | None = None, output_subfolder: str | None = None) -> bool | str:
-        """Reject unsafe names when the prompt is queued, not after a long run (None: fed by a link; execute
-        checks it then, still before training)."""
+    def validate_inputs(
+        cls,
+        output_name: str | None = None,
+        output_subfolder: str | None = None,
+        learning_rate: float | None = None,
+        unet_lr: float | None = None,
+        clip_l_lr: float | None = None,
+        clip_g_lr: float | None = None,
+        train_settings: object = NOT_CONNECTED,
+    ) -> bool:
+        """Refuse, when the prompt is queued and not after a long run, unsafe names and learning rates that train
+        nothing (None: the input is linked; execute checks it then, still before training). The learning rates are
+        not used when train_settings is connected (the Train Settings node checks its own)."""
+        problems = []
         if isinstance(output_name, str) and isinstance(output_subfolder, str):
-            return output_name_error(output_subfolder, output_name) or True
-        return True
+            name_problem = output_name_error(output_subfolder, output_name)
+            problems += [name_problem] if name_problem else []
+        if train_settings is NOT_CONNECTED:
+            problems += learning_rate_problems(
+                cls, learning_rate=learning_rate, unet_lr=unet_lr, clip_l_lr=clip_l_lr, clip_g_lr=clip_g_lr
+            )
+        return refuse_at_queue_time(problems)
 
     @classmethod
     def execute(

@@ -5,9 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer.run.config import TrainSettings
-from .common import CATEGORY
+from .common import CATEGORY, refuse_at_queue_time
 from .sockets import TrainSettingsSocket
-from .train_node import TRAINING_WIDGETS, TrainLora, train_config_from_widgets
+from .train_node import TRAINING_WIDGETS, TrainLora, learning_rate_problems, train_config_from_widgets
 
 
 def training_widget_inputs() -> list[io.Input]:
@@ -26,6 +26,21 @@ class TrainSettingsNode(io.ComfyNode):
             "'Export kohya Run' node's train_settings input, so the graph trains and exports the same run.",
             inputs=training_widget_inputs(),
             outputs=[TrainSettingsSocket.Output(display_name="train_settings")],
+        )
+
+    @classmethod
+    def validate_inputs(
+        cls,
+        learning_rate: float | None = None,
+        unet_lr: float | None = None,
+        clip_l_lr: float | None = None,
+        clip_g_lr: float | None = None,
+    ) -> bool:
+        """The learning rates that would train nothing are refused when the prompt is queued, as on the Train node."""
+        return refuse_at_queue_time(
+            learning_rate_problems(
+                cls, learning_rate=learning_rate, unet_lr=unet_lr, clip_l_lr=clip_l_lr, clip_g_lr=clip_g_lr
+            )
         )
 
     @classmethod

@@ -523,10 +523,71 @@ def test_path_escapes_are_rejected_before_training(server, object_info, folder_d
     assert "-> 400" in reply, reply
     body = json.loads(reply.split(": ", 1)[1])
     errors = body["node_errors"][train]["errors"]
-    messages = " ".join(e["details"] for e in errors)
+    assert len(errors) == 1, errors  # one message, not one per input the check reads
     for fragment in fragments:
-        assert fragment in messages, (fragment, messages)
+        assert fragment in errors[0]["details"], (fragment, errors)
     assert set((server.base / "models").rglob("*")) == files
+
+
+def queue_refused(server, prompt: dict) -> dict:
+    """POST /prompt must answer 400; returns its node_errors."""
+    with pytest.raises(ServerError) as err:
+        server.queue(prompt)
+    reply = str(err.value)
+    assert "-> 400" in reply, reply
+    return json.loads(reply.split(": ", 1)[1])["node_errors"]
+
+
+@pytest.mark.parametrize("through_sampling", [False, True])
+def test_every_learning_rate_0_is_refused_at_queue_time(server, object_info, folder_dataset, through_sampling):
+    """learning_rate 0 and no per-part rate: POST /prompt says every learning rate is 0 and names the inputs, once,
+    on the Train node (also when the Train node is reached through the sampling half of the graph)."""
+    prompt = ci_prompt(object_info, "train_then_test_sdxl_lora", prefix="lr0", folder=folder_dataset, steps=2)
+    train = only_node(prompt, "SDXLLoraTrain")
+    prompt = upstream(prompt, [save_node(prompt, "with_lora") if through_sampling else train])
+    prompt[train]["inputs"].update(learning_rate=0.0, unet_lr=0.0, clip_l_lr=0.0, clip_g_lr=0.0)
+    node_errors = queue_refused(server, prompt)
+    assert list(node_errors) == [train], node_errors
+    errors = node_errors[train]["errors"]
+    assert len(errors) == 1, errors
+    message = errors[0]["details"]
+    assert message.startswith("every learning rate is 0 (learning_rate 0, unet_lr 0 (= learning_rate), "), message
+    assert "clip_l_lr 0 (= learning_rate), clip_g_lr 0 (= learning_rate)" in message and "e.g. 1e-4" in message
+    # ComfyUI skips its own range check for inputs validate_inputs reads: the node keeps it
+    prompt[train]["inputs"].update(learning_rate=11.0)
+    errors = queue_refused(server, prompt)[train]["errors"]
+    assert [e["details"] for e in errors] == ["learning_rate 11.0 is above its maximum 10.0"], errors
+
+
+def test_train_settings_node_refuses_every_learning_rate_0(server, object_info, folder_dataset):
+    prompt, train = training_only(object_info, folder_dataset, output_name="lr0settings")
+    settings = {
+        k: v
+        for k, v in prompt[train]["inputs"].items()
+        if k in object_info["SDXLLoraTrainSettings"]["input"]["required"]
+    }
+    settings.update(learning_rate=0.0, unet_lr=0.0, clip_l_lr=0.0, clip_g_lr=0.0)
+    prompt["900"] = {"class_type": "SDXLLoraTrainSettings", "inputs": settings}
+    prompt[train]["inputs"]["train_settings"] = ["900", 0]
+    node_errors = queue_refused(server, prompt)
+    assert list(node_errors) == ["900"], node_errors
+    assert node_errors["900"]["errors"][0]["details"].startswith("every learning rate is 0 (learning_rate 0"), (
+        node_errors
+    )
+
+
+def test_learning_rate_0_for_every_trained_part_fails_before_training(server, object_info, folder_dataset):
+    """clip_l_lr is set but only the U-Net trains: queued (the node cannot know), then refused before training."""
+    prompt, train = training_only(object_info, folder_dataset, output_name="lr0unet")
+    prompt[train]["inputs"].update(learning_rate=0.0, unet_lr=0.0, clip_l_lr=1e-4, clip_g_lr=0.0)
+    network = only_node(prompt, "SDXLLoraNetwork")
+    prompt[network]["inputs"].update(train_unet=True, train_clip_l=False, train_clip_g=False)
+    before = loras(server)
+    entry = server.run(prompt)
+    error = execution_error(entry)
+    assert error is not None and "every learning rate is 0 (learning_rate 0, unet_lr 0 (= learning_rate))" in error
+    assert "no trainable parameters" not in error
+    assert loras(server) == before
 
 
 def test_lycoris_rank_dropout_is_refused_at_queue_time(server, object_info, folder_dataset):

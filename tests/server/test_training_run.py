@@ -111,3 +111,31 @@ def test_cancel_saves_a_loadable_lora_and_a_resumable_state(server, folder):
     # the step count is part of max_train_steps only, so the saved state is accepted
     entry = run(server, resumed)
     assert f"trained {steps_done + 2} steps" in entry["outputs"]["7"]["text"][0]
+
+
+def test_resume_at_or_past_the_target_stops_and_a_raised_target_trains_on(server, folder):
+    """A state at step 4 with max_train_steps 3 or 4: the run says so and saves nothing; with 5 it trains 1 step."""
+    first = with_run_options(
+        training_only(train_then_test(folder, steps=4, seed=8, resolution=RES, output_name="target")),
+        checkpointing={"save_state_every_n_steps": 4},
+    )
+    run(server, first)
+    states = glob.glob(str(server.base / "output" / "sdxl_lora_trainer" / "state" / "target_*" / "step-000004"))
+    assert len(states) == 1, states
+    for steps in (3, 4):
+        again = with_run_options(
+            training_only(train_then_test(folder, steps=steps, seed=8, resolution=RES, output_name="past")),
+            checkpointing={"resume_from": states[0]},
+        )
+        entry = server.run(again, timeout=900)
+        error = execution_error(entry)
+        assert error is not None and f"{states[0]} is already at step 4 and max_train_steps is {steps}" in error
+        assert "nothing was saved" in error and "raise max_train_steps (or max_train_epochs) above 4" in error
+        assert lora_files(server, "past_*") == []
+    raised = with_run_options(
+        training_only(train_then_test(folder, steps=5, seed=8, resolution=RES, output_name="raised")),
+        checkpointing={"resume_from": states[0]},
+    )
+    entry = run(server, raised)
+    assert "trained 5 steps" in entry["outputs"]["7"]["text"][0]
+    assert len(lora_files(server, "raised_*.safetensors")) == 1

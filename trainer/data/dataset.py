@@ -19,7 +19,7 @@ from .bucket_batches import Batch, BucketBatcher, TrainItem, batches_per_epoch
 from .buckets import BucketSelection, BucketSelector, BucketSettings, EmptyBucketError
 from .captions import CaptionOptions
 from .size_conditioning import SizeConditioning, size_conditioning
-from .sources import DatasetItem, ScanResult
+from .sources import DatasetItem, ScanResult, skip_line
 
 #: a kohya subset option: one value for the whole dataset, or one per DatasetItem.subset_index (a TOML's subsets)
 OptionsBySubset = CaptionOptions | Mapping[int, CaptionOptions]
@@ -190,7 +190,7 @@ class TrainingDataset:
             lines.append(f"  {w} x {h}: {n} / {r}")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} files:")
-            lines.extend(f"  {p}: {r}" for p, r in self.skipped)
+            lines.extend(f"  {skip_line(p, r)}" for p, r in self.skipped)
         if self.warnings:
             lines.append(f"{len(self.warnings)} warnings:")
             lines.extend(f"  {w}" for w in self.warnings)
@@ -254,15 +254,12 @@ def bucket_images(
 def training_dataset(parts: Sequence[DatasetPart], scans: Sequence[ScanResult], seed: int = 0) -> TrainingDataset:
     """Combine parts; fails with a clear message when nothing is left to train on."""
     skipped = [s for scan in scans for s in scan.skipped]
-    warnings = [w for scan in scans for w in scan.warnings]
-    for part in parts:
-        for img in part.images:
-            warnings.extend(f"{img.item.image_path or img.key}: {w}" for w in img.item.warnings)
+    warnings = [w for scan in scans for w in scan.warnings]  # items' own notes are in there already
     ds = TrainingDataset(
         parts=tuple(p for p in parts if p.images), skipped=tuple(skipped), warnings=tuple(warnings), seed=seed
     )
     if not ds.parts:
-        reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
+        reasons = "; ".join(skip_line(p, r) for p, r in skipped[:5])
         raise ValueError(
             "No image is left to train on after bucketing"
             + (f" (skipped: {reasons})" if reasons else "")

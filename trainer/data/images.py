@@ -33,7 +33,12 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Extensions kohya's ``glob_images`` accepts (it lists lower- and upper-case spellings; we compare
 #: case-insensitively so ``.Png`` is accepted too).
-ACCEPTED_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+KOHYA_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: Animation formats Pillow reads that kohya skips: trained on their first frame, with a warning (the kohya export
+#: writes that frame as a PNG).
+FIRST_FRAME_EXTENSIONS: tuple[str, ...] = (".gif", ".apng")
+#: Every extension a dataset scan trains on.
+ACCEPTED_EXTENSIONS: tuple[str, ...] = KOHYA_EXTENSIONS + FIRST_FRAME_EXTENSIONS
 
 #: Guard against decompression bombs, checked from the header before any pixel is decoded.
 #: 128 megapixels (e.g. 11585x11585) is ~100x an SDXL training image yet below Pillow's own hard

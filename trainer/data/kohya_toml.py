@@ -31,7 +31,14 @@ from typing import Any, Union
 import tomllib
 
 from .images import ACCEPTED_EXTENSIONS, DatasetError
-from .sources import ScanOptions, ScanResult, normalize_caption_extension, resolve_dataset_path, scan_image_dir
+from .sources import (
+    ScanOptions,
+    ScanResult,
+    normalize_caption_extension,
+    resolve_dataset_path,
+    scan_image_dir,
+    skip_line,
+)
 from .text_files import read_utf8
 
 __all__ = [
@@ -532,7 +539,9 @@ def _mark_dropped(dataset: DatasetConfig, source: str, warnings: list[str]) -> N
     because kohya only counts a subset as taken once it produced images."""
     for sub in dataset.subsets:
         if sub.num_repeats < 1:
-            sub.dropped = f"num_repeats is {sub.num_repeats} (< 1)"
+            sub.dropped = (
+                f"num_repeats = {sub.num_repeats} is less than 1 (kohya drops such subsets); set it to 1 or more"
+            )
             warnings.append(
                 f"{source}: {_section_name(dataset.index, sub.index)} ({sub.image_dir or sub.metadata_file}) is not "
                 f"used: num_repeats = {sub.num_repeats} is less than 1 (kohya drops such subsets); set it to 1 or more."
@@ -668,6 +677,34 @@ def _scan_metadata_subset(dataset: DatasetConfig, sub: SubsetConfig, options: Sc
     return result
 
 
+_MAX_LISTED_SKIPS = 5  # skipped files named in the "no usable images" error (all of them are in the report)
+
+
+def _nothing_to_train_error(cfg: DatasetTomlConfig, result: ScanResult) -> DatasetError:
+    """Why no subset gave an image: each subset's reason (repeats, duplicate, no usable images) and the files
+    skipped, so one message says everything to fix."""
+    reasons = [
+        f"{_section_name(dataset.index, sub.index)} ({sub.image_dir or sub.metadata_file}): {sub.dropped}"
+        for dataset in cfg.datasets
+        for sub in dataset.subsets
+        if sub.dropped is not None
+    ]
+    if not reasons:
+        reasons = ["the config has no [[datasets.subsets]]"]
+    message = f"{cfg.path}: no usable images in any subset:\n  " + "\n  ".join(reasons)
+    if result.skipped:
+        message += f"\n{len(result.skipped)} file(s) skipped:\n  " + "\n  ".join(
+            skip_line(p, r) for p, r in result.skipped[:_MAX_LISTED_SKIPS]
+        )
+        if len(result.skipped) > _MAX_LISTED_SKIPS:
+            message += f"\n  ... and {len(result.skipped) - _MAX_LISTED_SKIPS} more"
+    if any(sub.dropped == "no usable images" for dataset in cfg.datasets for sub in dataset.subsets):
+        message += (
+            f"\nCheck each image_dir and that it contains {', '.join(ACCEPTED_EXTENSIONS)} files (any letter case)."
+        )
+    return DatasetError(message)
+
+
 def scan_dataset_toml(
     config: DatasetTomlConfig | PathLike,
     input_dir: PathLike | None = None,
@@ -745,10 +782,5 @@ def scan_dataset_toml(
             taken[ident] = sub
             taken_real.setdefault(real, sub)
     if not result.items:
-        reasons = "; ".join(r for _, r in result.skipped[:5])
-        raise DatasetError(
-            f"{cfg.path}: no usable images in any subset"
-            + (f" ({len(result.skipped)} file(s) skipped: {reasons})" if result.skipped else "")
-            + "; check each image_dir and that it contains .png/.jpg/.jpeg/.webp/.bmp files."
-        )
+        raise _nothing_to_train_error(cfg, result)
     return cfg, result

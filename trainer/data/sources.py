@@ -59,14 +59,14 @@ __all__ = [
     "scan_folder",
     "scan_image_dir",
     "scan_metadata_jsonl",
+    "skip_line",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Image-like files kohya does not load. We list them in ``skipped`` so a user who dropped a GIF or
-#: HEIC into the folder learns why it is not trained instead of wondering.
+#: Image-like files we do not load (GIF and APNG are trained on their first frame, see ACCEPTED_EXTENSIONS). We list
+#: them in ``skipped`` so a user who dropped a TIFF or HEIC into the folder learns why it is not trained.
 UNSUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".gif",
     ".tif",
     ".tiff",
     ".avif",
@@ -156,6 +156,11 @@ class DatasetItem:
         return load_image_rgb(self.image_path, self.exif_transpose)
 
 
+def skip_line(path: str, reason: str) -> str:
+    """One report line for a skipped file: its path once (most reasons already start with it)."""
+    return reason if path in reason else f"{path}: {reason}"
+
+
 @dataclass
 class ScanResult:
     """Items found, plus what was left out and why, plus things the user should know.
@@ -180,6 +185,22 @@ class ScanResult:
     @property
     def num_images_with_repeats(self) -> int:
         return sum(item.num_repeats for item in self.items)
+
+    def report_text(self) -> str:
+        """The images node's report: counts per subset, every skipped file with its reason, every warning."""
+        lines = [f"{self.num_images} images ({self.num_images_with_repeats} with repeats)"]
+        subsets: dict[str, list[int]] = {}
+        for it in self.items:
+            s = subsets.setdefault(it.subset or "(images)", [0, it.num_repeats])
+            s[0] += 1
+        lines += [f"  {name}: {n} images x {rep} repeats" for name, (n, rep) in subsets.items()]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)}:")
+            lines += [f"  {skip_line(p, r)}" for p, r in self.skipped]
+        if self.warnings:
+            lines.append(f"{len(self.warnings)} warnings:")
+            lines += [f"  {w}" for w in self.warnings]
+        return "\n".join(lines)
 
     def probe_image_file(self, path: Path, options: ScanOptions, listed_in: str = "") -> ImageProbe | None:
         """The check every scanner runs on an image file: its size as trained, frames, too big, unreadable.
@@ -431,7 +452,7 @@ def scan_image_dir(
             result.skipped.append(
                 (
                     str(f),
-                    f"{f}: extension '{f.suffix}' is not a training image format (kohya reads "
+                    f"{f}: extension '{f.suffix}' is not a training image format (the trainer reads "
                     f"{', '.join(ACCEPTED_EXTENSIONS)}); convert it to PNG to use it.",
                 )
             )
@@ -748,54 +769,51 @@ def scan_metadata_jsonl(
 
     seen: dict[str, int] = {}
     missing_caption: list[str] = []
+    bad_lines: list[str] = []  # every line that stops the scan, reported together
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{meta}:{line_no}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DatasetError(
-                f"{meta}:{line_no}: not valid JSON ({e.msg}); each line must be one object like "
-                '{"file_name": "a.png", "text": "a caption"}.'
-            ) from None
+            bad_lines.append(f"{where}: not valid JSON ({e.msg})")
+            continue
         if not isinstance(row, dict):
-            raise DatasetError(
-                f"{meta}:{line_no}: expected a JSON object, got {type(row).__name__}; write one object per line."
-            )
+            bad_lines.append(f"{where}: expected a JSON object, got {type(row).__name__}")
+            continue
         name = row.get("file_name")
+        caption = row.get(caption_column)
+        problems = []
         if not isinstance(name, str) or not name.strip():
-            raise DatasetError(
-                f'{meta}:{line_no}: missing "file_name"; add the image\'s file name (relative to {base}).'
+            problems.append(f'missing "file_name" (the image\'s file name relative to {base})')
+        if caption is not None and not isinstance(caption, str):
+            problems.append(f'"{caption_column}" must be a string, got {type(caption).__name__}')
+        elif options.strict_captions and (caption is None or not caption.strip()):
+            problems.append(
+                f'no "{caption_column}" caption for {name}; add it, or turn strict captions off to train with an '
+                "empty caption"
             )
+        if problems:
+            bad_lines.append(f"{where}: " + "; ".join(problems))
+            continue
         img = Path(name) if os.path.isabs(name) else base / name
         key = os.path.normpath(str(img))
         if key in seen:
             result.skipped.append(
                 (
                     str(img),
-                    f"{meta}:{line_no}: {name} is listed again (first on line {seen[key]}); "
-                    "only the first row is used. "
+                    f"{where}: {img} is listed again (first on line {seen[key]}); only the first row is used. "
                     "Delete the duplicate row.",
                 )
             )
             continue
         seen[key] = line_no
-        caption = row.get(caption_column)
-        if caption is not None and not isinstance(caption, str):
-            raise DatasetError(
-                f'{meta}:{line_no}: "{caption_column}" must be a string, got {type(caption).__name__}; '
-                "write the caption as text."
-            )
         info = result.probe_image_file(img, options, listed_in=f" (listed in {meta.name} line {line_no})")
         if info is None:
             continue
         missing_note: str | None = None
         if caption is None or not caption.strip():
-            if options.strict_captions:
-                raise DatasetError(
-                    f'{meta}:{line_no}: no "{caption_column}" caption for {name}; add it, or turn strict captions '
-                    "off to train with an empty caption."
-                )
             missing_caption.append(name)
             missing_note = (
                 f'{img}: no "{caption_column}" in {meta.name} line {line_no}; training with an empty caption.'
@@ -814,6 +832,17 @@ def scan_metadata_jsonl(
             caption_source="metadata" if caption and caption.strip() else "missing",
         )
 
+    if bad_lines:
+        message = (
+            f"{meta}: {len(bad_lines)} line(s) cannot be used; fix them all, then queue again:\n  "
+            + "\n  ".join(bad_lines)
+            + '\nEach line must be one JSON object like {"file_name": "a.png", "text": "a caption"}.'
+        )
+        if result.skipped:
+            message += "\nThese rows would be skipped too:\n  " + "\n  ".join(
+                skip_line(path, reason) for path, reason in result.skipped
+            )
+        raise DatasetError(message)
     if missing_caption:
         result.warnings.append(
             f'{len(missing_caption)} row(s) of {meta} have no "{caption_column}"; they train with an empty caption: '

@@ -21,11 +21,9 @@ from PIL import Image
 
 from ..data.captions import CaptionOptions
 from ..data.dataset import DatasetPart, TrainingDataset
+from ..data.images import KOHYA_EXTENSIONS as KOHYA_IMAGE_EXTENSIONS
 from ..data.images import probe_image_info
 from ..data.sources import DatasetItem
-
-#: the extensions kohya's glob_images finds (library/train_util.IMAGE_EXTENSIONS without the optional plugins)
-KOHYA_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 #: CaptionOptions fields that are kohya subset keys of the same name and default
 _CAPTION_KEYS = (

@@ -213,7 +213,8 @@ def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 
 
 def prepare_tensors(tensors: Mapping[str, torch.Tensor], save_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies, floating ones (``.alpha`` too, as kohya) cast to ``save_dtype``.
+    """Detached, contiguous CPU copies, every one cast to ``save_dtype`` as kohya's save_weights does (the int64
+    ``.alpha`` of a module whose alpha is its rank too).
 
     Copies, because safetensors refuses tensors that share storage and training keeps using the originals.
     """
@@ -223,7 +224,7 @@ def prepare_tensors(tensors: Mapping[str, torch.Tensor], save_dtype: torch.dtype
     for key, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{key!r} is a {type(t).__name__}, not a tensor")
-        dtype = save_dtype if (save_dtype is not None and t.is_floating_point()) else t.dtype
+        dtype = save_dtype if save_dtype is not None else t.dtype
         out[key] = t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
     return out
 

@@ -8,6 +8,7 @@ gradient clipping are the run's own fields (the optimizer builder and the loop r
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,9 @@ from ..network.config import PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from .optimizers import OptimizerSettings
+
+#: the learning-rate input of each model part (0 there = the run's learning_rate)
+PART_LR_INPUTS = {"unet": "unet_lr", "clip_l": "clip_l_lr", "clip_g": "clip_g_lr"}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_DTYPES = ("auto", *DTYPES)  # auto: what the training device computes well (comfyui/training.resolve_train_dtype)
@@ -59,6 +63,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        warmup = self.lr_warmup_steps
+        if isinstance(warmup, float) and (warmup == 0 or warmup >= 1):  # steps, not a ratio: an int, as kohya
+            object.__setattr__(self, "lr_warmup_steps", int(warmup))
         for name in ("loraplus_lr_ratio", "scale_weight_norms"):
             if getattr(self, name) == 0:  # kohya's ``or`` / the node's "0 = off": no ratio, no max-norm
                 object.__setattr__(self, name, None)
@@ -66,6 +73,23 @@ class TrainConfig:
             raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
         if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
             raise ValueError("full_bf16 needs train_dtype bf16")
+
+    def zero_learning_rate_error(self, trained_parts: Sequence[str] = PART_LR_INPUTS) -> str | None:
+        """Why nothing would learn, or None: every trained part's learning rate is 0 (its own, or learning_rate
+        where it sets none). Names the inputs, so the user knows what to raise."""
+        parts = self.part_settings()
+        if not trained_parts or any(parts[name].learning_rate > 0 for name in trained_parts):
+            return None
+        own = {name: getattr(self, name).learning_rate for name in trained_parts}
+        named = [f"learning_rate {self.learning_rate:g}"] if None in own.values() else []
+        named += [
+            f"{PART_LR_INPUTS[name]} 0 (= learning_rate)" if lr is None else f"{PART_LR_INPUTS[name]} {lr:g}"
+            for name, lr in own.items()
+        ]
+        return (
+            f"every learning rate is 0 ({', '.join(named)}), so nothing would train. Set learning_rate above 0 "
+            "(e.g. 1e-4), or the learning rate of each part you train."
+        )
 
     def part_settings(self) -> dict[str, PartSettings]:
         """Each model part's settings with the run's learning_rate / loraplus_lr_ratio where it sets none."""

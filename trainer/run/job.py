@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 
 import torch
 
+from ..comfyui import graph as comfy_graph
 from ..comfyui import services as comfy_services
 from ..data.dataset import TrainingDataset
+from ..network.checkpoint_hashes import checkpoint_hashes
 from ..network.config import NetworkSetup
 from ..network.file_names import safe_relative_name
 from .checkpoints import CheckpointSettings, RunArtifacts
@@ -39,7 +42,7 @@ from .lora_output import (
     training_metadata,
 )
 from .previews import PreviewRenderer, PreviewRequest
-from .resume_state import load_state
+from .resume_state import StateError, load_state
 from .session import TrainResult, train
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
@@ -107,11 +110,15 @@ class TrainJob(RunEvents):
         self.run: TrainResult | None = None  # set when training starts
         self.live_log: LiveLog | None = None  # set when execute starts
         self.observers: RunEvents = self
+        self.checkpoint: dict[str, str] = {}  # ss_sd_model_name and hashes, set when the job starts
 
     def execute(self, model: Any, clip: Any, latents: Any, text: Any) -> JobResult:
         """Train and save. Raises ComfyUI's interrupt after saving when the user cancelled."""
         ckpt = self.checkpointing
         resume = load_state(ckpt.resume_from, self.fingerprint) if ckpt.resume_from else None
+        if resume is not None:
+            self._require_steps_left(ckpt.resume_from, resume["loop"].global_step)
+        self.checkpoint = base_checkpoint_metadata(self.prompt, self.node_id)
         comfy_services.reset_interrupt_note()
         self.live_log = LiveLog(self._log_folder(), self.logging, self._logged_config())
         self.observers = RunObservers(self, self.live_log)
@@ -148,6 +155,22 @@ class TrainJob(RunEvents):
             steps_per_epoch=result.steps_per_epoch,
             report=self._report(saved),
             previews=torch.cat(self.renderer.images) if self.renderer is not None and self.renderer.images else None,
+        )
+
+    def _require_steps_left(self, state_folder: str, done: int) -> None:
+        """A state at or past this run's last step has nothing left to train: say so before anything is saved (a
+        new file would only repeat the state's weights under a new name)."""
+        if done < self.total_steps:
+            return
+        target = (
+            f"max_train_epochs {self.config.max_train_epochs} = {self.total_steps} steps"
+            if self.config.max_train_epochs > 0
+            else f"max_train_steps is {self.total_steps}"
+        )
+        raise StateError(
+            f"the resumable state {state_folder} is already at step {done} and {target}: nothing is left to "
+            f"train and nothing was saved. To train on from it, raise max_train_steps (or max_train_epochs) above "
+            f"{done}; to use the weights of step {done}, load the LoRA that run saved."
         )
 
     # -- what the run tells us (RunEvents) ------------------------------------------------------------------
@@ -212,7 +235,8 @@ class TrainJob(RunEvents):
                     run.total_steps,
                     self.started,
                     self.out.name,
-                ),
+                )
+                | self.checkpoint,
                 dataset=dataset_metadata(self.dataset),
                 network_meta=network_metadata(self.network.config),
                 step=step,
@@ -295,6 +319,15 @@ class TrainJob(RunEvents):
         if self.ema is not None:
             config["ema"] = asdict(self.ema)
         return config
+
+
+def base_checkpoint_metadata(prompt: Any, node_id: str | None) -> dict[str, str]:
+    """kohya's ss_sd_model_name / ss_sd_model_hash / ss_new_sd_model_hash of the checkpoint file the node's MODEL was
+    loaded from (found in the queued prompt); none when the MODEL did not come from a checkpoint file."""
+    path = comfy_graph.model_source(prompt, node_id).checkpoint_path
+    if not path or not os.path.isfile(path):
+        return {}
+    return checkpoint_hashes(path).training_metadata()
 
 
 def preview_frame(images: list[torch.Tensor]):

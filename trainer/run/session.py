@@ -136,6 +136,14 @@ def train(
             f"EMA start_step {ema.start_step} is after the run's last step ({total}): nothing would be averaged. "
             "Lower start_step or train longer."
         )
+    trained = (
+        ("unet", network_config.train_unet),
+        ("clip_l", network_config.train_te1),
+        ("clip_g", network_config.train_te2),
+    )
+    no_learning = config.zero_learning_rate_error([part for part, on in trained if on])
+    if no_learning:
+        raise ValueError(no_learning)
 
     with torch.inference_mode(False), comfy_training.training_models(model, clip, train_te) as models:
         device = models.device

@@ -37,3 +37,18 @@ def test_the_dataset_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ds.seed = 1
     assert isinstance(ds.parts, tuple) and isinstance(ds.parts[0].images, tuple) and isinstance(ds.skipped, tuple)
+
+
+def test_buckets_report_gives_each_warning_once(tmp_path):
+    """An image without a caption file (and an animated one) is one warning in the Buckets report, not two."""
+    from sdxl_lora_trainer.trainer.data.sources import scan_folder
+
+    Image.new("RGB", (128, 128), (9, 9, 9)).save(tmp_path / "nocap.png")
+    frames = [Image.new("RGB", (128, 128), c) for c in ((250, 0, 0), (0, 250, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "anim.txt").write_text("a cat")
+    ds = dataset_from_scan(scan_folder(tmp_path), BucketSettings((128, 128), 64, 128), 1, CaptionOptions())
+    report = ds.report_text()
+    assert sum("nocap.png" in line and "caption" in line for line in report.splitlines()) == 1, report
+    assert sum("anim.gif" in line and "first frame" in line for line in report.splitlines()) == 1, report
+    assert len(ds.warnings) == len(set(ds.warnings)) == 2, ds.warnings

@@ -292,6 +292,27 @@ def test_num_repeats_below_one_is_dropped_with_warning(tmp_path):
     assert cfg.datasets[0].subsets[0].dropped
 
 
+def test_no_usable_subset_error_gives_each_subsets_reason(tmp_path):
+    """The only subset has num_repeats 0: the error says so (and how to fix it), not just 'no usable images'."""
+    img(tmp_path / "a" / "x.png")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "zero.png").write_bytes(b"")
+    toml = (
+        '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = 0\n[[datasets.subsets]]\nimage_dir = "b"\n'
+    )
+    with pytest.raises(DatasetError) as e:
+        scan_dataset_toml(write(tmp_path / "ds.toml", toml))
+    message = str(e.value)
+    assert "no usable images in any subset" in message
+    assert "[[datasets.subsets]] #1 of [[datasets]] #1 (a): num_repeats = 0 is less than 1" in message
+    assert "set it to 1 or more" in message
+    assert "(b): no usable images" in message and message.count(str(tmp_path / "b" / "zero.png")) == 1
+    only_repeats = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = 0\n'
+    with pytest.raises(DatasetError) as e:
+        scan_dataset_toml(write(tmp_path / "ds.toml", only_repeats))
+    assert "num_repeats = 0 is less than 1" in str(e.value) and "Check each image_dir" not in str(e.value)
+
+
 def test_missing_image_dir_folder_is_an_error(tmp_path):
     toml = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "nowhere"\n'
     with pytest.raises(DatasetError) as e:

@@ -335,14 +335,41 @@ def test_animated_webp_first_frame_with_warning(tmp_path):
     assert px[0] > 240 and px[1] < 15
 
 
-def test_gif_and_hidden_files_are_listed_as_skipped(tmp_path):
+def test_unsupported_and_hidden_files_are_listed_as_skipped(tmp_path):
     img(tmp_path / "good.png")
-    Image.new("RGB", (4, 4)).save(tmp_path / "pic.gif")
+    Image.new("RGB", (4, 4)).save(tmp_path / "pic.tiff")
     (tmp_path / "._good.png").write_bytes(b"\x00\x05\x16\x07 not an image")
     r = scan_folder(tmp_path)
     assert names(r) == ["good.png"]
-    assert "convert it to PNG" in skipped_reason(r, "pic.gif")
+    assert "convert it to PNG" in skipped_reason(r, "pic.tiff")
     assert "hidden file" in skipped_reason(r, "._good.png")
+
+
+@pytest.mark.parametrize("ext", [".gif", ".GIF", ".apng"])
+def test_animated_gif_and_apng_train_on_their_first_frame_with_one_warning(tmp_path, ext):
+    """The README promises animated images train on their first frame with a warning; a GIF is no exception."""
+    frames = [Image.new("RGB", (16, 8), c) for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    path = tmp_path / f"anim{ext}"
+    frames[0].save(path, format="GIF" if ext.lower() == ".gif" else "PNG", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (4, 4)).save(tmp_path / "still.gif")  # one frame: trained, nothing to warn about
+    r = scan_folder(tmp_path)
+    assert names(r) == [f"anim{ext}", "still.gif"] and not r.skipped
+    warned = [w for w in r.warnings if "frames" in w]
+    assert len(warned) == 1 and f"anim{ext}" in warned[0] and "3 frames; only the first frame is used" in warned[0]
+    item = r.items[0]
+    assert item.image_size == (16, 8)
+    red = item.load_rgb().getpixel((3, 3))
+    assert red[0] > 200 and red[1] < 40 and red[2] < 40
+
+
+def test_skip_lines_name_the_path_once(tmp_path):
+    """'/x/zero.png: /x/zero.png: file is empty' read as a glitch: the report names each skipped file once."""
+    img(tmp_path / "good.png")
+    (tmp_path / "zero.png").write_bytes(b"")
+    r = scan_folder(tmp_path)
+    zero = str(tmp_path / "zero.png")
+    line = next(line for line in r.report_text().splitlines() if "zero.png" in line)
+    assert line.count(zero) == 1 and "0 bytes" in line, line
 
 
 def test_missing_caption_gives_empty_caption_and_warning(tmp_path):
@@ -478,6 +505,36 @@ def test_metadata_jsonl_missing_text_and_duplicates(tmp_path):
     assert "listed again" in skipped_reason(r, "b.png")
     with pytest.raises(DatasetError, match="a.png"):
         scan_metadata_jsonl(tmp_path, options=ScanOptions(strict_captions=True))
+
+
+def test_metadata_jsonl_reports_every_bad_line_at_once(tmp_path):
+    """Five problems, one queue: every bad line with its number and reason, and the rows that would be skipped."""
+    img(tmp_path / "a.png")
+    lines = [
+        '{"file_name": "a.png", "text": "ok"}',  # 1 fine
+        '{"file_name": "b.png", text: oops}',  # 2 not JSON
+        '["a.png", "list"]',  # 3 not an object
+        '{"text": "no name"}',  # 4 no file_name
+        '{"file_name": "a.png", "text": 5}',  # 5 caption not a string
+        '{"file_name": "gone.png", "text": "x"}',  # 6 missing image
+        '{"file_name": "a.png", "text": "again"}',  # 7 duplicate of line 1
+    ]
+    cap(tmp_path / "metadata.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as e:
+        scan_metadata_jsonl(tmp_path)
+    message = str(e.value)
+    meta = str(tmp_path / "metadata.jsonl")
+    assert "4 line(s) cannot be used" in message
+    for line_no, reason in [
+        (2, "not valid JSON"),
+        (3, "expected a JSON object, got list"),
+        (4, 'missing "file_name"'),
+        (5, '"text" must be a string, got int'),
+    ]:
+        assert f"{meta}:{line_no}: {reason}" in message, (line_no, message)
+    assert "gone.png" in message and "line 6" in message
+    assert f"{meta}:7: {tmp_path / 'a.png'} is listed again (first on line 1)" in message
+    assert message.count(str(tmp_path / "gone.png")) == 1
 
 
 def test_metadata_jsonl_absent(tmp_path):

@@ -104,6 +104,24 @@ def test_exif_rotated_photos_are_written_as_the_pack_sees_them(tmp_path):
     assert Image.open(written).size == (64, 96) == dataset.images[0].item.image_size
 
 
+def test_an_animated_gif_is_exported_as_the_first_frame_kohya_can_read(tmp_path):
+    """kohya does not read .gif: the export writes the first frame the pack trained on as a PNG."""
+    from sdxl_lora_trainer.trainer.data.sources import scan_folder
+
+    frames = [Image.fromarray(np.full((64, 96, 3), c, np.uint8)) for c in ((240, 10, 10), (10, 240, 10))]
+    gif = tmp_path / "data" / "1_cat" / "anim.gif"
+    gif.parent.mkdir(parents=True)
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    gif.with_suffix(".txt").write_text("a cat")
+    settings = BucketSettings((64, 64), min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
+    dataset = dataset_from_scan(scan_folder(tmp_path / "data"), settings, 1, CaptionOptions())
+    export = export_kohya_run(RUN, dataset, tmp_path / "out", "gif")
+    written = export.folder / "images/01_01/00000_anim.png"
+    assert np.array_equal(np.asarray(Image.open(written).convert("RGB")), np.asarray(dataset.images[0].item.load_rgb()))
+    back, _ = dataset_from_toml(str(export.folder / "dataset.toml"))
+    assert _registered(back) == _registered(dataset) and not back.warnings
+
+
 def test_an_existing_folder_is_never_replaced(tmp_path):
     dataset = _toml_dataset(tmp_path / "data")
     first = export_kohya_run(RUN, dataset, tmp_path / "out", "run")

@@ -462,22 +462,22 @@ def test_read_lora_without_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_save_dtype_casts_every_floating_tensor_alpha_included(tmp_path, dtype):
+def test_save_dtype_casts_every_tensor_like_kohya(tmp_path, dtype):
+    """kohya's save_weights casts every tensor of the state dict: also the int64 alpha a module gets when its
+    alpha is 0 (= rank)."""
     tensors = _lora_tensors()
-    tensors["some_int_buffer"] = torch.arange(4, dtype=torch.int64)
+    tensors["rank_alpha.alpha"] = torch.tensor(4, dtype=torch.int64)
     originals = {k: v.clone() for k, v in tensors.items()}
     target = tmp_path / "x.safetensors"
     save_lora(tensors, target, {}, dtype)
     back, _ = read_lora(target)
     assert set(back) == set(tensors)
     for k, v in originals.items():
-        if v.is_floating_point():
-            assert back[k].dtype == dtype, k
-            assert torch.equal(back[k], v.to(dtype)), k
-        else:
-            assert back[k].dtype == torch.int64 and torch.equal(back[k], v)
+        assert back[k].dtype == dtype, k
+        assert torch.equal(back[k], v.to(dtype)), k
     alpha_keys = [k for k in back if k.endswith(".alpha")]
-    assert alpha_keys and all(back[k].shape == () and back[k].dtype == dtype for k in alpha_keys)
+    assert len(alpha_keys) > 1 and all(back[k].shape == () and back[k].dtype == dtype for k in alpha_keys)
+    assert back["rank_alpha.alpha"].item() == 4
     # the caller's tensors are not changed
     assert all(tensors[k].dtype == originals[k].dtype and torch.equal(tensors[k], originals[k]) for k in tensors)
 

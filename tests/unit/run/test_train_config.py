@@ -61,3 +61,19 @@ def test_no_setting_is_stored_twice():
     assert {f.name for f in dataclasses.fields(PartSettings)} == {"learning_rate", "loraplus_lr_ratio"}
     run_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert not run_fields & {"unet_lr", "text_encoder_lr1", "text_encoder_lr2", "loraplus_unet_lr_ratio"}
+
+
+def test_every_trained_part_at_learning_rate_0_is_named():
+    """learning_rate 0 and no per-part rate: the message names every input that would have to change."""
+    zero = TrainConfig(learning_rate=0.0)
+    assert zero.zero_learning_rate_error() == (
+        "every learning rate is 0 (learning_rate 0, unet_lr 0 (= learning_rate), clip_l_lr 0 (= learning_rate), "
+        "clip_g_lr 0 (= learning_rate)), so nothing would train. Set learning_rate above 0 (e.g. 1e-4), or the "
+        "learning rate of each part you train."
+    )
+    te_only_rate = TrainConfig(learning_rate=0.0, clip_l=PartSettings(1e-4))
+    assert te_only_rate.zero_learning_rate_error() is None  # CLIP-L would learn
+    assert "(learning_rate 0, unet_lr 0 (= learning_rate))" in te_only_rate.zero_learning_rate_error(["unet"])
+    explicit = TrainConfig(learning_rate=1e-4, unet=PartSettings(0.0))  # e.g. kohya's unet_lr = 0 imported
+    assert "(unet_lr 0)" in explicit.zero_learning_rate_error(["unet"])
+    assert TrainConfig(learning_rate=1e-4).zero_learning_rate_error(["unet"]) is None

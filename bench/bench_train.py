@@ -278,6 +278,9 @@ def worker_ours(args, result: dict) -> None:
         def latent(self, image, flipped):  # image: a BucketedImage (older protocol: its key)
             return self.table[getattr(image, "key", image)]
 
+        def loss_mask(self, image, flipped):  # no masks in the benchmark
+            return None
+
     class Text:  # trainer/run/batch_loader.TextSource
         def __init__(self) -> None:
             self.table = {img.key: texts[i] for i, img in enumerate(dataset.images)}

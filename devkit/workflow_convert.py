@@ -12,7 +12,9 @@ tests/server/test_example_workflows.py):
 * a widget keeps its slot in ``widgets_values`` even when a link feeds it (the link wins);
 * an INT widget gets an extra "control after generate" value after its own when its spec says
   ``control_after_generate`` (True or a mode), or, when the spec does not say, when it is named ``seed`` or
-  ``noise_seed``; FLOAT and COMBO widgets get one only when the spec says so.
+  ``noise_seed``; FLOAT and COMBO widgets get one only when the spec says so;
+* a COMBO with ``image_upload`` (Load Image) is followed by the upload button's widget, saved as "image" (as in
+  the templates the frontend saved).
 """
 
 from __future__ import annotations
@@ -72,6 +74,24 @@ def has_control_widget(name: str, spec: list) -> bool:
     return bool(control)
 
 
+#: upload flags of a COMBO spec -> the value the frontend saves for the upload widget it adds after the combo
+UPLOAD_WIDGETS = {"image_upload": "image"}
+
+
+def upload_widget_value(spec: list) -> str | None:
+    """The ``widgets_values`` entry of the upload button the frontend adds after this widget, or None."""
+    options = spec_options(spec)
+    return next((value for flag, value in UPLOAD_WIDGETS.items() if options.get(flag)), None)
+
+
+def _uploads(node_info: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        name: value
+        for name, spec in input_specs(node_info)
+        if is_widget(spec) and (value := upload_widget_value(spec)) is not None
+    }
+
+
 def widget_slots(node_info: Mapping[str, Any]) -> list[tuple[str, bool]]:
     """``[(widget name, has control widget)]`` in ``widgets_values`` order."""
     return [(name, has_control_widget(name, spec)) for name, spec in input_specs(node_info) if is_widget(spec)]
@@ -100,6 +120,7 @@ def widgets_to_inputs(node_info: Mapping[str, Any], values: list | dict | None, 
         names = {n for n, _ in widget_slots(node_info)}
         return {k: v for k, v in values.items() if k in names}
     out: dict[str, Any] = {}
+    uploads = _uploads(node_info)
     i = 0
     for name, control in widget_slots(node_info):
         if i >= len(values):
@@ -109,6 +130,8 @@ def widgets_to_inputs(node_info: Mapping[str, Any], values: list | dict | None, 
             )
         out[name] = values[i]
         i += 1 + (1 if control else 0)
+        if name in uploads and i < len(values) and values[i] == uploads[name]:
+            i += 1  # the upload button's entry
     return out
 
 
@@ -117,6 +140,7 @@ def inputs_to_widgets(
 ) -> list:
     """The inverse: ``widgets_values`` for named inputs (a linked widget keeps a placeholder value)."""
     values: list = []
+    uploads = _uploads(node_info)
     for name, control in widget_slots(node_info):
         if name not in inputs:
             raise ConversionError(f"no value for widget {name!r}")
@@ -124,6 +148,8 @@ def inputs_to_widgets(
         values.append(linked_placeholder if is_link(v) else v)
         if control:
             values.append(control_value)
+        if name in uploads:
+            values.append(uploads[name])
     return values
 
 

@@ -9,6 +9,8 @@ from comfy_api.latest import io
 from ..trainer.cache.latents import LatentCache
 from ..trainer.cache.text import TextCache
 from ..trainer.comfyui import services as comfy_services
+from ..trainer.data.token_length import CHOICES as TOKEN_LENGTH_CHOICES
+from ..trainer.data.token_length import TokenLength
 from .common import CATEGORY
 from .sockets import DatasetSocket, LatentCacheSocket, TextCacheSocket
 
@@ -100,14 +102,25 @@ class CacheText(io.ComfyNode):
             display_name="SDXL LoRA: Cache Text",
             category=f"{CATEGORY}/cache",
             description="Encodes each caption once with both SDXL text encoders (context 2048 + pooled 1280), "
-            "as literal text. Captions with shuffle/dropout are marked live and encoded during "
-            "training instead; an edited caption re-encodes only itself.",
+            "as literal text, with kohya's max_token_length (by default 75 tokens: longer captions are truncated and "
+            "listed in the report). Captions with shuffle/dropout are marked live and encoded during training "
+            "instead; an edited caption re-encodes only itself.",
             inputs=[
                 DatasetSocket.Input("dataset", tooltip="The bucketed dataset."),
                 io.Clip.Input("clip", tooltip="The SDXL CLIP (from Load Checkpoint)."),
                 io.Boolean.Input("cache_to_disk", default=False, tooltip="Also keep the encodings on disk."),
                 io.String.Input(
                     "disk_folder", default="", tooltip="Disk cache folder; empty = output/sdxl_lora_trainer/cache/text."
+                ),
+                io.Combo.Input(
+                    "max_token_length",
+                    options=list(TOKEN_LENGTH_CHOICES),
+                    default=TOKEN_LENGTH_CHOICES[0],
+                    optional=True,
+                    tooltip="kohya's max_token_length. 75 (kohya's default): longer captions are truncated (the "
+                    "report lists them). 150 / 225: encoded in rows of 75 tokens, context 152 / 227 long, as kohya "
+                    "does. ComfyUI chunking: any length, in 77-token chunks, as CLIPTextEncode encodes prompts "
+                    "(kohya has no such mode).",
                 ),
             ],
             outputs=[
@@ -118,13 +131,16 @@ class CacheText(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, dataset, clip, cache_to_disk: bool, disk_folder: str) -> io.NodeOutput:
+    def execute(
+        cls, dataset, clip, cache_to_disk: bool, disk_folder: str, max_token_length: str = TOKEN_LENGTH_CHOICES[0]
+    ) -> io.NodeOutput:
         cache = TextCache.build(
             dataset,
             clip,
             disk_dir=cache_folder(cache_to_disk, disk_folder, "text"),
             progress=_progress(cls.hidden.unique_id),
             check_interrupt=_check_interrupt,
+            token_length=TokenLength.from_choice(max_token_length),
         )
         report = cache.report_text()
         return io.NodeOutput(cache, report, ui={"text": [report]})

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 from comfy_api.latest import io
 
 from ..trainer.comfyui import services as comfy_services
-from ..trainer.data.assemble import dataset_from_scan, dataset_from_toml
+from ..trainer.data.assemble import dataset_from_scan, dataset_from_toml, with_reg_images
 from ..trainer.data.buckets import BucketSettings
 from ..trainer.data.captions import CaptionOptions
 from ..trainer.data.sources import (
@@ -25,6 +26,8 @@ from .common import CATEGORY, pil_to_image
 from .sockets import DatasetSocket, ImagesSocket
 
 LAYOUTS = ["auto", "captions beside images", "metadata.jsonl"]
+#: How a graph MASK becomes the loss weight: LoadImage's MASK is 1 - alpha, so "1 - mask" trains the opaque pixels
+MASK_MEANINGS = ["1 - mask (opaque pixels train, as kohya alpha_mask)", "mask (masked pixels train)"]
 
 
 def dataset_outputs(ds) -> io.NodeOutput:
@@ -82,6 +85,30 @@ class ImagesFromFolder(io.ComfyNode):
                     tooltip="Apply the EXIF orientation of photos. "
                     "kohya does not; turn off to train exactly what kohya would.",
                 ),
+                io.Boolean.Input(
+                    "alpha_mask",
+                    default=False,
+                    optional=True,
+                    tooltip="Masked loss from transparency (kohya alpha_mask): each image's alpha channel says which "
+                    "pixels count (0 = ignored); the colour under it is trained as stored, not put on white. Images "
+                    "without alpha count whole.",
+                ),
+                io.String.Input(
+                    "mask_folder",
+                    default="",
+                    optional=True,
+                    tooltip="Masked loss from mask images (kohya masked_loss with conditioning_data_dir): a folder "
+                    "with one mask per image, same file name (any image extension), same size; its RED channel is "
+                    "the weight (black = ignored). Subfolders may mirror the image folder's. Empty = no masks.",
+                ),
+                io.String.Input(
+                    "reg_folder",
+                    default="",
+                    optional=True,
+                    tooltip="Regularization (class) images, kohya reg_data_dir: 'N_class' subfolders (N repeats), "
+                    "captions beside the images. kohya balances their repeats against the training images; their "
+                    "loss is weighted by prior_loss_weight (Loss & Noise). Empty = none.",
+                ),
             ],
             outputs=[
                 ImagesSocket.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
@@ -90,9 +117,20 @@ class ImagesFromFolder(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder: str, **_: object) -> str:
-        """Re-scan when files in the folder change (an edited caption keeps the same folder path)."""
-        return folder_fingerprint(folder, comfy_services.input_directory())
+    def fingerprint_inputs(cls, folder: str, mask_folder: str = "", reg_folder: str = "", **_: object) -> str:
+        """Re-scan when files in the folders change (an edited caption keeps the same folder path)."""
+        input_dir = comfy_services.input_directory()
+        prints = [folder_fingerprint(f, input_dir) for f in (folder, mask_folder, reg_folder) if f.strip()]
+        return "|".join(prints)
+
+    @classmethod
+    def validate_inputs(cls, alpha_mask: bool = False, mask_folder: str = "") -> bool | str:
+        if alpha_mask and mask_folder.strip():
+            return (
+                "alpha_mask and mask_folder are both set; the mask comes from one of them: turn alpha_mask off to "
+                "use the mask images, or clear mask_folder to use the alpha channel."
+            )
+        return True
 
     @classmethod
     def execute(
@@ -104,6 +142,9 @@ class ImagesFromFolder(io.ComfyNode):
         recursive: bool,
         strict_captions: bool,
         exif_transpose: bool,
+        alpha_mask: bool = False,
+        mask_folder: str = "",
+        reg_folder: str = "",
     ) -> io.NodeOutput:
         input_dir = comfy_services.input_directory()
         root, _ = resolve_dataset_path(folder, input_dir)
@@ -116,10 +157,13 @@ class ImagesFromFolder(io.ComfyNode):
             strict_captions=strict_captions,
             exif_transpose=exif_transpose,
         )
+        masked = replace(options, alpha_mask=alpha_mask, mask_dir=mask_folder.strip() or None)
         if use_jsonl:
-            scan = scan_metadata_jsonl(folder, input_dir, options, default_repeats=default_repeats)
+            scan = scan_metadata_jsonl(folder, input_dir, masked, default_repeats=default_repeats)
         else:
-            scan = scan_folder(folder, input_dir, options, default_repeats=default_repeats)
+            scan = scan_folder(folder, input_dir, masked, default_repeats=default_repeats)
+        if reg_folder.strip():
+            scan = with_reg_images(scan, scan_folder(reg_folder, input_dir, options, is_reg=True))
         report = scan.report_text()
         return io.NodeOutput(scan, report, ui={"text": [report]})
 
@@ -150,6 +194,21 @@ class ImagesFromGraph(io.ComfyNode):
                     max=10000,
                     tooltip="How often each image is repeated per epoch (kohya num_repeats).",
                 ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="Masked loss: one MASK per image, in the same order and at its size (e.g. the MASK of "
+                    "the Load Image node that gives the image: its alpha, or what the mask editor painted).",
+                ),
+                io.Combo.Input(
+                    "mask_meaning",
+                    options=MASK_MEANINGS,
+                    default=MASK_MEANINGS[0],
+                    optional=True,
+                    tooltip="Which pixels train. Load Image's MASK is 1 - alpha: '1 - mask' trains the opaque "
+                    "pixels (kohya alpha_mask); 'mask' trains the pixels the mask covers (painted in the mask "
+                    "editor, or a segmentation of the subject).",
+                ),
             ],
             outputs=[
                 ImagesSocket.Output(display_name="images", tooltip="Images and captions, ready for bucketing."),
@@ -158,12 +217,23 @@ class ImagesFromGraph(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images: list, captions: list[str], name: list[str], repeats: list[int]) -> io.NodeOutput:
+    def execute(
+        cls,
+        images: list,
+        captions: list[str],
+        name: list[str],
+        repeats: list[int],
+        mask: list | None = None,
+        mask_meaning: list[str] | None = None,
+    ) -> io.NodeOutput:
         lines = [line for text in captions for line in text.split("\n")]
         if lines and lines[-1] == "":
             lines = lines[:-1]
         caption_arg = lines[0] if len(lines) == 1 else lines
-        scan = items_from_images(list(images), caption_arg, name=name[0], num_repeats=repeats[0])
+        invert = (mask_meaning or MASK_MEANINGS)[0] == MASK_MEANINGS[0]
+        scan = items_from_images(
+            list(images), caption_arg, name=name[0], num_repeats=repeats[0], masks=mask, invert_masks=invert
+        )
         report = scan.report_text()
         return io.NodeOutput(scan, report, ui={"text": [report]})
 
@@ -193,7 +263,8 @@ class Buckets(io.ComfyNode):
                 io.Boolean.Input(
                     "enable_bucket",
                     default=True,
-                    tooltip="Aspect-ratio buckets. Off: every image must already be exactly the resolution (kohya).",
+                    tooltip="Aspect-ratio buckets. Off: one bucket = the resolution; another size is scaled "
+                    "to cover it and centre-cropped (kohya's cached-latent path).",
                 ),
                 io.Int.Input("min_bucket_reso", default=256, min=32, max=8192, tooltip="Smallest bucket side."),
                 io.Int.Input("max_bucket_reso", default=2048, min=64, max=16384, tooltip="Largest bucket side."),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from comfy_api.latest import io
 
 from ..trainer.comfyui import graph as comfy_graph
@@ -142,7 +144,10 @@ class ExportKohyaRun(io.ComfyNode):
                     "latents", optional=True, tooltip="From 'Cache Latents': its disk/batch/float32 VAE options."
                 ),
                 TextCacheSocket.Input(
-                    "text", optional=True, tooltip="From 'Cache Text': fixed captions let kohya cache text too."
+                    "text",
+                    optional=True,
+                    tooltip="From 'Cache Text': fixed captions let kohya cache text too; its max_token_length is "
+                    "exported.",
                 ),
             ],
             outputs=[
@@ -187,9 +192,12 @@ class ExportKohyaRun(io.ComfyNode):
                 text_encoder_outputs=True,
                 text_encoder_outputs_to_disk=bool(text.disk_dir),
             )
+        train = with_objective(train_settings.config, objective)
         run = KohyaRun(
             network=config,
-            train=with_objective(train_settings.config, objective),
+            train=replace(
+                train, token_length=train.resolve_token_length(text.token_length if text is not None else None)
+            ),
             output_name=output_name,
             save_precision=save_precision,
             checkpointing=checkpointing or CheckpointSettings(),

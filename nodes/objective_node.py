@@ -121,6 +121,16 @@ class LossAndNoise(io.ComfyNode):
                     max=1000,
                     tooltip="Timesteps are drawn from [min_timestep, max_timestep).",
                 ),
+                io.Float.Input(
+                    "prior_loss_weight",
+                    default=1.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.05,
+                    optional=True,
+                    tooltip="Loss weight of regularization (class) images, kohya prior_loss_weight; other images "
+                    "weigh 1.",
+                ),
             ],
             outputs=[
                 ObjectiveSocket.Output(display_name="objective", tooltip="Connect to the train node's objective input.")
@@ -147,6 +157,7 @@ class LossAndNoise(io.ComfyNode):
         ip_noise_gamma_random_strength: bool,
         min_timestep: int,
         max_timestep: int,
+        prior_loss_weight: float = 1.0,
     ) -> io.NodeOutput:
         loss = LossSettings(
             loss_type=loss_type,
@@ -157,6 +168,7 @@ class LossAndNoise(io.ComfyNode):
             scale_v_pred_loss_like_noise_pred=scale_v_pred_loss_like_noise_pred,
             v_pred_like_loss=v_pred_like_loss,
             debiased_estimation_loss=debiased_estimation,
+            prior_loss_weight=prior_loss_weight,
         )
         noise = NoiseSettings(
             noise_offset=noise_offset,

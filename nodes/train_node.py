@@ -7,7 +7,6 @@ from dataclasses import replace
 import torch
 from comfy_api.latest import io
 
-from ..trainer.comfyui import sampling as comfy_sampling
 from ..trainer.network.config import PartSettings
 from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.objective.loss_weighting import LossSettings
@@ -316,16 +315,23 @@ class TrainLora(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
+                io.Model.Output(
+                    display_name="model",
+                    tooltip="The MODEL with the trained LoRA applied exactly as the file holds it (save_precision).",
+                ),
                 io.Clip.Output(
                     display_name="clip",
                     tooltip="The CLIP with the trained LoRA applied (unchanged when only the U-Net was trained).",
                 ),
                 io.LoraModel.Output(
-                    display_name="lora", tooltip="The LoRA weights, for the built-in 'Load LoRA Model' node."
+                    display_name="lora",
+                    tooltip="The LoRA weights as saved, for 'Load LoRA Model' or 'Save LoRA Weights' (also when the "
+                    "save into models/loras failed).",
                 ),
                 io.AnyType.Output(
-                    display_name="lora_name", tooltip="The saved file's name: connect to LoraLoader's lora_name."
+                    display_name="lora_name",
+                    tooltip="The saved file's name: connect to LoraLoader's lora_name (empty when the save failed; "
+                    "the report says why).",
                 ),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step (for 'Plot Loss Graph')."),
                 io.Image.Output(display_name="loss_graph", tooltip="Loss, moving average and lr as an image."),
@@ -437,13 +443,12 @@ class TrainLora(io.ComfyNode):
             checkpointing=checkpointing,
             previews=previews,
             ema=ema,
-            logging=logging,
+            log_settings=logging,
             node_id=cls.hidden.unique_id,
             prompt=cls.hidden.prompt,
             extra_pnginfo=cls.hidden.extra_pnginfo,
         )
         result = job.execute(model, clip, latents, text)
-        model_out, clip_out = comfy_sampling.apply_lora(model, clip, result.weights)
         history = result.state.history
         graph = pil_to_image(
             loss_graph_image([r.step for r in history], [r.loss for r in history], [r.lr for r in history])
@@ -453,10 +458,10 @@ class TrainLora(io.ComfyNode):
         if train_settings is not None:
             report += f"\ntraining settings from {train_settings.source} (this node's training widgets were not used)"
         return io.NodeOutput(
-            model_out,
-            clip_out if clip is not None else None,
+            result.model,
+            result.clip,
             result.weights,
-            result.saved.lora_name,
+            result.saved.lora_name if result.saved is not None else "",
             {"loss": [r.loss for r in history]},
             graph,
             report,

@@ -120,6 +120,16 @@ to `ComfyUI/input`; `image_dir` inside it is relative to the TOML's folder. Unkn
 Try it: copy this pack's `example_workflows/sample_dataset` to `ComfyUI/input/{SAMPLE_FOLDER}`; it has a
 `dataset.toml`."""
 
+NOTE_DATASET_MASKED = """### 2. Dataset with a loss mask
+**Load Image**: an image with a transparent background; its **MASK** (1 - alpha) says which pixels count, as
+kohya's `alpha_mask`. Or right-click it, **Open in MaskEditor** and paint: painted pixels are then ignored (set
+`mask_meaning` to `mask` to train only the painted ones).
+
+**Images from Graph**: one caption per line; `repeats` as kohya's `N_name` folders. For whole folders use
+**Images from Folder** with `alpha_mask` or a `mask_folder` (one mask per image, red channel).
+
+The Buckets and Cache Latents reports count the masked images."""
+
 NOTE_CACHES = """### 3. Caches & network
 **Cache Latents / Cache Text** encode every image and caption once (re-queuing reuses them).
 
@@ -193,6 +203,44 @@ def _dataset_group(source: str) -> Group:
                 column=1,
                 title="Bucket histogram",
                 extra_height=220,
+            ),
+        ],
+    )
+
+
+MASKED_IMAGE = "example.png"  # ComfyUI's own input/example.png; load your transparent image here
+
+
+def _masked_dataset_group() -> Group:
+    return Group(
+        "2. Dataset",
+        NOTE_DATASET_MASKED,
+        [
+            Node(
+                "load",
+                "LoadImage",
+                {"image": MASKED_IMAGE},
+                column=1,
+                title="Load Image (alpha = mask)",
+                extra_height=260,
+            ),
+            Node(
+                "images",
+                "SDXLLoraImagesFromGraph",
+                {
+                    "images": ref("load", "IMAGE"),
+                    "mask": ref("load", "MASK"),
+                    "captions": "zkw toy, a toy on a plain background",
+                    "name": "masked",
+                    "repeats": 10,
+                },
+                column=1,
+            ),
+            Node(
+                "dataset",
+                "SDXLLoraBuckets",
+                {"images": ref("images", "images"), "resolution_width": 1024, "resolution_height": 1024},
+                column=1,
             ),
         ],
     )
@@ -448,6 +496,16 @@ def definitions() -> list[Definition]:
                 _cache_group(None),
                 _export_group(400, 1e-4),
                 _train_group("my_sdxl_lora", 400, 1e-4, shared_settings=True),
+                *_test_groups(SAMPLE_PROMPT),
+            ],
+        ),
+        Definition(
+            "masked_training",
+            [
+                _model_group(),
+                _masked_dataset_group(),
+                _cache_group(None),
+                _train_group("my_masked_sdxl_lora", 400, 1e-4),
                 *_test_groups(SAMPLE_PROMPT),
             ],
         ),

@@ -30,6 +30,7 @@ from sdxl_lora_trainer.trainer.data.buckets import BucketSettings, resize_and_cr
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions, escape_for_comfy_tokenizer
 from sdxl_lora_trainer.trainer.data.dataset import TrainingDataset
 from sdxl_lora_trainer.trainer.data.sources import items_from_images
+from sdxl_lora_trainer.trainer.data.token_length import TokenLength
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.run.config import TrainConfig
 from sdxl_lora_trainer.trainer.run.events import RunEvents
@@ -77,17 +78,22 @@ class DictLatents:
 
     table: dict[tuple[str, bool], torch.Tensor] = field(default_factory=dict)
     calls: int = 0
+    masks: dict[tuple[str, bool], torch.Tensor] = field(default_factory=dict)  # latent-size loss masks [h, w]
 
     def latent(self, image, flipped: bool) -> torch.Tensor:
         self.calls += 1
         return self.table[(_key(image), flipped)]
 
+    def loss_mask(self, image, flipped: bool) -> torch.Tensor | None:
+        return self.masks.get((_key(image), flipped))
+
 
 @dataclass
 class DictText:
-    """TextSource: (context [L, 2048-like], pooled) per image key."""
+    """TextSource: (context [L, 2048-like], pooled) per image key, encoded as CLIPTextEncode encodes (encode_text)."""
 
     table: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    token_length: TokenLength = field(default_factory=lambda: TokenLength(comfyui_chunking=True))
 
     def encoding(self, image) -> tuple[torch.Tensor, torch.Tensor]:
         return self.table[_key(image)]

@@ -36,9 +36,36 @@ class TinySDXLCheckpointLoader(io.ComfyNode):
         return io.NodeOutput(*tiny_sdxl.make_all(seed, v_prediction))
 
 
+class FullDiskFor(io.ComfyNode):
+    """Passes the MODEL on and, from then on, makes every write to a path containing ``marker`` fail with a full
+    disk (devkit/full_disk.py), so a server test can reproduce a full disk for one run's files only."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TestFullDiskFor",
+            display_name="Full Disk For (tests)",
+            category="testing/sdxl_lora_trainer",
+            inputs=[
+                io.Model.Input("model"),
+                io.String.Input("marker", tooltip="Writes to paths containing this text fail with ENOSPC."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, marker: str) -> io.NodeOutput:
+        import full_disk
+
+        if not marker:
+            raise ValueError("marker is empty: every write of the server would fail")
+        full_disk.fill_disk_for(marker)
+        return io.NodeOutput(model)
+
+
 class TestNodesExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinySDXLCheckpointLoader]
+        return [TinySDXLCheckpointLoader, FullDiskFor]
 
 
 async def comfy_entrypoint() -> TestNodesExtension:

@@ -108,3 +108,42 @@ def test_gpu_only_batches_mix_cached_and_live_encodings(comfy_gpu):
     assert all(t.device == CPU for pair in txt.table.values() for t in pair)
     comfy_gpu(gpu_only=True, vram_state="HIGH_VRAM")
     assert_matches_cpu(ds, lat, txt, gpu_only=True)
+
+
+def test_kohya_long_caption_layout_on_the_device_matches_the_cpu(comfy_gpu):
+    """max_token_length 225 under --gpu-only: live captions are encoded row by row by ComfyUI's CLIP on the device
+    and stitched there (227 positions), cached ones come from the host; one batch holds both."""
+    from sdxl_lora_trainer.trainer.cache.stores import MemoryStore
+    from sdxl_lora_trainer.trainer.cache.text import TextCache
+    from sdxl_lora_trainer.trainer.data.token_length import TokenLength
+
+    long = ", ".join(f"tag{i} word{i}" for i in range(30))
+    ds = tf.make_dataset(2, batch_size=2, captions=[long, long + ", blue"])
+    part = ds.parts[0]
+    shuffled = replace(part.images[0], caption_options=CaptionOptions(shuffle_caption=True))
+    ds = replace(ds, parts=(replace(part, images=(shuffled, *part.images[1:])),))
+    lat, _ = tf.sources(tf.inference_models(), ds)
+    with torch.inference_mode():
+        text = TextCache.build(ds, tf.inference_models()[1], store=MemoryStore(64), token_length=TokenLength(225))
+    assert text.live_indices == [0] and text.encoding(ds.images[1])[0].shape[0] == 227
+    comfy_gpu(gpu_only=True, vram_state="HIGH_VRAM")
+    assert_matches_cpu(ds, lat, text, config=replace(CONFIG, max_train_steps=1), gpu_only=True)
+
+
+def test_masked_loss_and_reg_images_match_the_cpu(comfy_gpu):
+    """Loss masks (host tensors in the latent cache) and a reg sample with prior_loss_weight reach the device's loss."""
+    ds, lat, txt = data()
+    part = ds.parts[0]
+    reg = replace(part.images[1], item=replace(part.images[1].item, is_reg=True))
+    ds = replace(ds, parts=(replace(part, images=(part.images[0], reg)),))
+    masks = {}
+    for key, latent in lat.table.items():
+        mask = torch.zeros(latent.shape[1:])
+        mask[:, : latent.shape[2] // 2] = 1.0
+        masks[key] = mask  # on the host, as the latent cache keeps it
+    masked = tf.DictLatents(table=lat.table, masks=masks)
+    comfy_gpu()
+    config = replace(CONFIG, loss=LossSettings(prior_loss_weight=0.5, min_snr_gamma=5.0))
+    got = assert_matches_cpu(ds, masked, txt, config=config)
+    plain = train(models_on(CPU), ds, lat, txt, config=config)
+    assert [r.loss for r in got.state.history] != [r.loss for r in plain.state.history]

@@ -109,3 +109,43 @@ def test_restarted_comfyui_reuses_the_disk_cache():
         assert calls(second) == {"vae": 0, "clip": 0}
         reports = " ".join(str(v) for v in entry["outputs"].values())
         assert "from disk" in reports
+
+
+def test_max_token_length_and_bucketing_off_through_the_graph(server):
+    """Cache Text's max_token_length reaches the encodings, its report and the LoRA's ss_max_token_length; with
+    enable_bucket off, images of other sizes are scaled and centre-cropped to the resolution instead of refused."""
+    import re
+
+    from example_prompts import train_then_test, training_only
+    from safetensors import safe_open
+
+    root = server.base / "input" / "ds_tokens"
+    kohya_folder(root, {"1_cat": [(64, 64), (96, 72), (48, 80)]})
+    (root / "1_cat" / "img_1.txt").write_text(", ".join(f"tag{i} word{i}" for i in range(20)))
+
+    def prompt(name: str, max_token_length: str | None) -> dict:
+        p = training_only(train_then_test("ds_tokens", steps=2, seed=3, resolution=64, output_name=name))
+        p["3"]["inputs"]["enable_bucket"] = False
+        if max_token_length is not None:
+            p["5"]["inputs"]["max_token_length"] = max_token_length
+        return p
+
+    def lora_meta(name: str) -> dict:
+        (path,) = (server.base / "models" / "loras" / "sdxl_lora_trainer").glob(f"{name}_*.safetensors")
+        with safe_open(str(path), "pt") as f:
+            return f.metadata()
+
+    entry = run_ok(server, prompt("tok_default", None))
+    report = entry["outputs"]["5"]["text"][0]
+    assert "kohya max_token_length 75 (default)" in report
+    (line,) = [x for x in report.splitlines() if "img_1.png:" in x]
+    tokens, cut = map(int, re.search(r"img_1\.png: (\d+) tokens, (\d+) cut", line).groups())
+    assert tokens > 75 and tokens - cut == 75
+    assert "truncated: 1 captions are longer than 75 tokens" in report
+    meta = lora_meta("tok_default")
+    assert meta["ss_max_token_length"] == "None" and meta["ss_enable_bucket"] == "False"
+
+    entry = run_ok(server, prompt("tok_150", "150"))
+    report = entry["outputs"]["5"]["text"][0]
+    assert "kohya max_token_length 150: context 152" in report and "truncated" not in report
+    assert lora_meta("tok_150")["ss_max_token_length"] == "150"

@@ -28,11 +28,18 @@ from workflow_convert import (
     set_inputs,
     upstream,
     widget_slots,
+    widgets_to_inputs,
     workflow_to_prompt,
 )
 
 EXAMPLES = ROOT / "example_workflows"
-EXAMPLE_NAMES = ["train_then_test_sdxl_lora", "kohya_toml_dataset", "export_kohya_run", "continue_training"]
+EXAMPLE_NAMES = [
+    "train_then_test_sdxl_lora",
+    "kohya_toml_dataset",
+    "export_kohya_run",
+    "masked_training",
+    "continue_training",
+]
 SUBFOLDER = "sdxl_lora_trainer"  # the examples' output_subfolder
 NOT_LOADED = "lora key not loaded"
 
@@ -452,6 +459,43 @@ def test_kohya_toml_workflow_with_conv_and_text_encoders(server, object_info):
     base = image_of(server, entry, save_node(prompt, "base"))
     lora = image_of(server, entry, save_node(prompt, "with_lora"))
     assert np.abs(base - lora).max() > 0
+
+
+def test_load_image_widgets_are_saved_as_the_frontend_saves_them(object_info):
+    """Load Image's upload button adds "image" after the file name in widgets_values (ComfyUI's own templates)."""
+    try:
+        import comfyui_workflow_templates_json
+    except ImportError:  # pragma: no cover - installed with ComfyUI's requirements
+        pytest.skip("comfyui_workflow_templates_json is not installed")
+    templates = Path(comfyui_workflow_templates_json.__file__).parent / "templates"
+    saved = next(
+        n["widgets_values"]
+        for path in sorted(templates.glob("*.json"))
+        for n in json.loads(path.read_text()).get("nodes", [])
+        if n.get("type") == "LoadImage" and n.get("widgets_values")
+    )
+    assert len(saved) == 2 and saved[1] == "image", saved
+    ours = next(n for n in example("masked_training")["nodes"] if n["type"] == "LoadImage")
+    assert ours["widgets_values"] == ["example.png", "image"]
+    assert widgets_to_inputs(object_info["LoadImage"], saved) == {"image": saved[0]}
+
+
+def test_masked_training_example_trains_with_load_images_mask(server, object_info):
+    """The masked_training example: Load Image's MASK (from the alpha channel) into Images from Graph, trained."""
+    arr = np.zeros((48, 64, 4), dtype=np.uint8)
+    arr[:, :, 0] = 200
+    arr[8:40, 16:48, 3] = 255  # an opaque subject on a transparent background
+    Image.fromarray(arr, "RGBA").save(server.base / "input" / "example.png")
+    prompt = ci_prompt(object_info, "masked_training", prefix="masked", output_name="masked_example")
+    load = only_node(prompt, "LoadImage")
+    assert prompt[only_node(prompt, "SDXLLoraImagesFromGraph")]["inputs"]["mask"] == [load, 1]
+    for nid, kind in (("90", "SDXLLoraBuckets"), ("91", "SDXLLoraCacheLatents")):
+        prompt[nid] = {"class_type": "PreviewAny", "inputs": {"source": [only_node(prompt, kind), 1]}}
+    entry, _ = run_ok(server, prompt)
+    reports = " ".join(str(v) for v in entry["outputs"].values())
+    assert "masked loss: 1 of 1 images have a loss mask" in reports and "1 with a loss mask" in reports, reports
+    name = lora_name_of(entry, only_node(prompt, "SDXLLoraTrain"))
+    assert name.startswith(f"{SUBFOLDER}/masked_example_"), name
 
 
 def test_continue_training_starts_from_the_file(server, object_info, folder_dataset, first_run):

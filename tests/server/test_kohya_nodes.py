@@ -38,6 +38,7 @@ def test_the_export_example_writes_a_kohya_run_of_the_same_settings(server, obje
     prompt = for_ci(workflow_to_prompt(example("export_kohya_run"), object_info), folder=kohya_dataset, steps=3)
     train, export = only_node(prompt, "SDXLLoraTrain"), only_node(prompt, "SDXLLoraKohyaExport")
     prompt[export]["inputs"].update(export_name="ci_export", num_processes=4)
+    prompt[only_node(prompt, "SDXLLoraCacheText")]["inputs"]["max_token_length"] = "225"
     entry = run_ok(server, upstream(prompt, [train, export]))
     folder = entry["outputs"][export]["text"][0].splitlines()[0].removeprefix("kohya run written to ")
     assert folder.endswith("kohya_runs/ci_export")
@@ -47,6 +48,7 @@ def test_the_export_example_writes_a_kohya_run_of_the_same_settings(server, obje
     assert config["max_train_steps"] == widgets["max_train_steps"] == 3
     assert config["learning_rate"] == widgets["learning_rate"] and config["seed"] == widgets["seed"]
     assert config["network_dim"] == prompt[only_node(prompt, "SDXLLoraNetwork")]["inputs"]["network_dim"]
+    assert config["max_token_length"] == 225  # Cache Text's choice
     assert "--num_processes 4 --multi_gpu" in Path(folder, "launch.sh").read_text()
     # the dataset reads back as the dataset the graph trained on
     back, _ = dataset_from_toml(f"{folder}/dataset.toml")
@@ -70,7 +72,7 @@ def test_a_kohya_config_drives_the_train_node(server, object_info, kohya_dataset
         '[optimizer_arguments]\noptimizer_type = "AdamW"\nlearning_rate = 0.002\nmax_grad_norm = 0.5\n'
         'lr_scheduler = "linear"\n'
         "[training_arguments]\nmax_train_steps = 2\nseed = 9\nmin_snr_gamma = 5.0\nnoise_offset = 0.03\n"
-        'xformers = true\noutput_name = "from_kohya"\n'
+        'xformers = true\noutput_name = "from_kohya"\nmax_token_length = 150\n'
     )
     prompt = for_ci(workflow_to_prompt(example("train_then_test_sdxl_lora"), object_info), folder=kohya_dataset)
     train = only_node(prompt, "SDXLLoraTrain")
@@ -82,6 +84,8 @@ def test_a_kohya_config_drives_the_train_node(server, object_info, kohya_dataset
     for nid in nodes_of(prompt, "SDXLLoraNetwork"):
         del prompt[nid]
     prompt[train]["inputs"]["output_name"] = "from_kohya_ci"
+    cache_text = only_node(prompt, "SDXLLoraCacheText")
+    prompt[cache_text]["inputs"]["max_token_length"] = "150"  # the kohya config's max_token_length
     entry = run_ok(server, prompt)
     report = entry["outputs"][train]["text"][0]
     assert "training settings from" in report and "kohya_io_config.toml" in report
@@ -94,10 +98,14 @@ def test_a_kohya_config_drives_the_train_node(server, object_info, kohya_dataset
     assert meta["ss_network_dim"] == "6" and meta["ss_network_alpha"] == "3.0"
     assert float(meta["ss_learning_rate"]) == 0.002 and meta["ss_seed"] == "9" and meta["ss_max_train_steps"] == "2"
     assert meta["ss_lr_scheduler"] == "linear" and float(meta["ss_min_snr_gamma"]) == 5.0
+    assert meta["ss_max_token_length"] == "150"
     assert json.loads(meta["ss_network_args"])["conv_dim"] in (2, "2")
     with safe_open(str(server.base / "models" / "loras" / lora), framework="pt") as f:
         keys = list(f.keys())
     assert keys and not [k for k in keys if k.startswith("lora_te")]  # network_train_unet_only
+    # Cache Text at kohya's default 75: the Train node refuses it for the config's 150 run
+    prompt[cache_text]["inputs"]["max_token_length"] = "75"
+    assert "set max_token_length to 150 on 'Cache Text'" in execution_error(server.run(prompt))
 
 
 @pytest.mark.parametrize("config_file,lora_metadata", [("", "none"), ("x.toml", "some.safetensors")])

@@ -139,3 +139,28 @@ def test_resume_at_or_past_the_target_stops_and_a_raised_target_trains_on(server
     entry = run(server, raised)
     assert "trained 5 steps" in entry["outputs"]["7"]["text"][0]
     assert len(lora_files(server, "raised_*.safetensors")) == 1
+
+
+def test_full_disk_on_the_final_save_still_hands_the_trained_lora_on(server, folder):
+    """The disk is full for this run's LoRA and logs (os.write raises ENOSPC for paths with the run's name, through
+    the test node 'TestFullDiskFor'): the prompt still succeeds, the report says what was not saved and why, and the
+    trained LoRA reaches a KSampler through the MODEL output and 'Save LoRA Weights' through the lora output."""
+    prompt = train_then_test(folder, steps=2, seed=13, resolution=RES, output_name="srvfull", sample_steps=2)
+    prompt["30"] = {"class_type": "TestFullDiskFor", "inputs": {"model": ["1", 0], "marker": "srvfull_"}}
+    prompt["7"]["inputs"]["model"] = ["30", 0]
+    del prompt["8"]  # no file to load: the KSampler takes the train node's MODEL
+    prompt["13"]["inputs"]["model"] = ["7", 0]
+    prompt["31"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["7", 2], "prefix": "rescued/lora"}}
+    entry = run(server, prompt)
+    report = entry["outputs"]["7"]["text"][0]
+    loras = server.base / "models" / "loras" / "sdxl_lora_trainer"
+    assert "ERROR: the LoRA was NOT saved: could not write srvfull_" in report, report
+    assert f".safetensors in {loras}: the disk is full (No space left on device); it needs " in report
+    assert "connect 'lora' to ComfyUI's 'Save LoRA Weights' node" in report
+    assert "WARNING: the step log was not written: could not write srvfull_" in report
+    assert [p.name for p in loras.iterdir() if "srvfull" in p.name and "tensorboard" not in p.name] == []
+    assert entry["outputs"]["17"]["images"], "the KSampler after the train node's MODEL produced no image"
+    (rescued,) = glob.glob(str(server.base / "output" / "rescued" / "lora_*.safetensors"))
+    weights = load_file(rescued)
+    assert any(k.endswith(".lora_up.weight") for k in weights)
+    assert {v.dtype for v in weights.values()} == {__import__("torch").float16}  # as the file would have held it

@@ -23,6 +23,11 @@ Keys: a hash of the image BYTES (file content, not path or mtime; decoded pixels
 images), the EXIF flag, the bucket/resize/crop/flip decision, the VAE weight fingerprint (+ any
 patches on its ModelPatcher), the encode dtype and Pillow's version (it decodes and resizes).
 Anything else is not an input, so it does not invalidate: moving the dataset folder keeps the cache.
+
+Loss masks (kohya masked_loss / alpha_mask) are part of the entry: the mask's 8-bit pixels follow the image through
+the same resize, centre crop and flip, are turned into weights as kohya does and shrunk to latent size with area
+interpolation (trainer/objective/masked_loss.py), stored as ``mask`` [h, w] float32 beside the latent. The key then
+also holds the mask's content (its file's bytes, or its pixels) and kind; keys of unmasked images are unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from PIL import Image
 from ..comfyui import encoders as comfy_encoders
 from ..data.buckets import resize_and_crop
 from ..data.dataset import BucketedImage, TrainingDataset
+from ..data.images import DatasetError
+from ..objective.masked_loss import alpha_mask_weights, latent_loss_mask, red_channel_weights
 from .dataset_cache import DatasetCache
 from .fingerprints import content_key, hash_file, hash_pil_image, module_fingerprint, structure_hash, token_fingerprint
 from .lookup import CachedItems, CacheStats
@@ -64,6 +71,8 @@ __all__ = [
 
 #: Bump when anything that turns an image into pixels or pixels into a latent changes meaning.
 LATENT_FORMAT = "latent/1"
+#: Bump when the way a mask becomes its latent-size weights changes.
+MASK_FORMAT = "mask/1"
 
 
 class LatentCacheError(ValueError):
@@ -123,8 +132,37 @@ def _image_source_hash(img: BucketedImage, memo: dict[Any, str]) -> str:
     return memo[token]
 
 
+def _mask_source_hash(img: BucketedImage, memo: dict[Any, str]) -> str | None:
+    """What the mask's pixels are made of (None without a mask): its kind and content."""
+    mask = img.item.mask
+    if mask is None:
+        return None
+    if mask.kind == "alpha":
+        return "alpha"  # the image's own bytes are in the key already
+    if mask.kind == "pixels":
+        token: Any = ("mask-pixels", id(mask.pixels))
+        if token not in memo:
+            memo[token] = "pixels:" + hash_pil_image(mask.pixels)
+        return memo[token]
+    token = ("mask-file", mask.path)
+    if token not in memo:
+        try:
+            memo[token] = "red:" + hash_file(mask.path)
+        except OSError as e:
+            raise LatentCacheError(
+                f"mask {mask.path} of {img.item.image_path or img.key} cannot be read ({e}); it changed since the "
+                "dataset was scanned: run the dataset node again"
+            ) from None
+    return memo[token]
+
+
 def _latent_key(
-    img: BucketedImage, flipped: bool, image_hash: str, vae_fp: str, encode_dtype: torch.dtype
+    img: BucketedImage,
+    flipped: bool,
+    image_hash: str,
+    vae_fp: str,
+    encode_dtype: torch.dtype,
+    mask_hash: str | None = None,
 ) -> tuple[str, dict]:
     sel = img.selection
     fields = {
@@ -140,6 +178,9 @@ def _latent_key(
         "vae_dtype": str(encode_dtype),
         "pillow": PIL.__version__,
     }
+    if mask_hash is not None:
+        fields["mask"] = mask_hash
+        fields["mask_format"] = MASK_FORMAT
     return content_key("lat", fields), fields
 
 
@@ -163,7 +204,40 @@ def _validate_latent(tensors: dict[str, torch.Tensor]) -> str | None:
         return "does not hold a float32 [C,H,W] latent"
     if not torch.isfinite(lat).all():
         return "holds NaN/inf values"
+    mask = tensors.get("mask")
+    if mask is not None and (mask.dtype != torch.float32 or tuple(mask.shape) != tuple(lat.shape[1:])):
+        return "holds a loss mask that does not match its latent"
     return None
+
+
+def loss_mask_for(unit_image: BucketedImage, flipped: bool) -> torch.Tensor | None:
+    """The latent-size loss mask [h, w] of an image (flipped or not), or None when it has no mask.
+
+    kohya's order: 8-bit mask at the image's size -> the image's resize and centre crop -> flip -> weights (alpha/255,
+    or the red channel's round trip) -> area interpolation to latent size.
+    """
+    item = unit_image.item
+    if item.mask is None:
+        return None
+    label = item.image_path or unit_image.key
+    try:
+        pixels = item.load_mask()
+    except DatasetError as e:
+        raise LatentCacheError(str(e)) from None
+    assert pixels is not None
+    cropped = resize_and_crop(pixels, unit_image.selection)
+    values = torch.from_numpy(np.array(cropped, dtype=np.uint8))
+    if not values.any():
+        raise LatentCacheError(
+            f"{label}: its loss mask ({item.mask.describe()}) is 0 everywhere inside the bucket's crop "
+            f"{unit_image.selection.bucket[0]}x{unit_image.selection.bucket[1]}, so the image would train nothing; "
+            "fix the mask, or remove the image from the dataset."
+        )
+    if flipped:
+        values = torch.flip(values, dims=[1])
+    weights = red_channel_weights(values) if item.mask.weights == "red" else alpha_mask_weights(values)
+    bucket_w, bucket_h = unit_image.selection.bucket
+    return latent_loss_mask(weights, (bucket_h // 8, bucket_w // 8))[0, 0].contiguous()
 
 
 class LatentCache(DatasetCache):
@@ -180,6 +254,7 @@ class LatentCache(DatasetCache):
         float32_vae: bool,
         disk_dir: str | None,
         batch_size: int,
+        masks: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(dataset, latents, stats, warnings, disk_dir)
         self._unit_keys = unit_keys
@@ -187,6 +262,7 @@ class LatentCache(DatasetCache):
         self.encode_dtype = encode_dtype
         self.float32_vae = float32_vae
         self.batch_size = batch_size
+        self._masks = dict(masks or {})  # latent-size loss masks [h, w], by the same keys as the latents
 
     # -- build -------------------------------------------------------------------------------
     @classmethod
@@ -223,8 +299,9 @@ class LatentCache(DatasetCache):
         hash_memo: dict[Any, str] = {}
         for index, img in enumerate(dataset.images):
             image_hash = _image_source_hash(img, hash_memo)
+            mask_hash = _mask_source_hash(img, hash_memo)
             for flipped in (False, True) if img.flip_aug else (False,):
-                key, fields = _latent_key(img, flipped, image_hash, vae_fp, encode_dtype)
+                key, fields = _latent_key(img, flipped, image_hash, vae_fp, encode_dtype, mask_hash)
                 unit_keys[(index, flipped)] = key
                 items.lookup(key, fields, _Unit(img, index, flipped))
 
@@ -237,12 +314,35 @@ class LatentCache(DatasetCache):
                     bad = [u for j, u in enumerate(batch) if not torch.isfinite(out[j]).all()]
                     if bad:
                         raise NonFiniteLatentError(_non_finite_message(bad, encode_dtype, float32_vae))
-                    return [{"latent": out[j].clone()} for j in range(len(batch))]
+                    entries: list[Tensors] = []
+                    for j, unit in enumerate(batch):
+                        entry = {"latent": out[j].clone()}
+                        mask = loss_mask_for(unit.image, unit.flipped)
+                        if mask is not None:
+                            if tuple(mask.shape) != tuple(out[j].shape[1:]):
+                                raise LatentCacheError(
+                                    f"{_label(unit.image, unit.flipped)}: the VAE's latent is "
+                                    f"{tuple(out[j].shape[1:])} but the loss mask {tuple(mask.shape)}; the VAE "
+                                    "does not downscale by 8 as SDXL's does."
+                                )
+                            entry["mask"] = mask
+                        entries.append(entry)
+                    return entries
 
                 items.encode(_bucket_batches(items.pending, batch_size), encode_batch, progress, check_interrupt)
         latents = {key: tensors["latent"] for key, tensors in items.tensors.items()}
+        masks = {key: tensors["mask"] for key, tensors in items.tensors.items() if "mask" in tensors}
         return cls(
-            dataset, unit_keys, latents, items.stats, items.warnings, encode_dtype, float32_vae, disk_dir, batch_size
+            dataset,
+            unit_keys,
+            latents,
+            items.stats,
+            items.warnings,
+            encode_dtype,
+            float32_vae,
+            disk_dir,
+            batch_size,
+            masks,
         )
 
     # -- access ------------------------------------------------------------------------------
@@ -257,6 +357,17 @@ class LatentCache(DatasetCache):
         if key is None:
             raise KeyError(f"no flipped latent for {self._index.images[i].key!r}: flip_aug is off for its subset")
         return self._latents[key]
+
+    def loss_mask(self, image: ImageRef, flipped: bool = False) -> torch.Tensor | None:
+        """The latent-size loss mask [h, w] (float32, CPU) stored with the image's latent, or None without a mask."""
+        i = self._index.index(image)
+        key = self._unit_keys.get((i, bool(flipped)))
+        return None if key is None else self._masks.get(key)
+
+    @property
+    def num_masked(self) -> int:
+        """Latents (image x flip) that carry a loss mask."""
+        return sum(1 for key in self._unit_keys.values() if key in self._masks)
 
     def has_flipped(self, image: ImageRef) -> bool:
         return (self._index.index(image), True) in self._unit_keys
@@ -278,6 +389,7 @@ class LatentCache(DatasetCache):
             "vae_dtype": str(self.encode_dtype).replace("torch.", ""),
             "float32_vae": self.float32_vae,
             "batch_size": self.batch_size,
+            "masked": self.num_masked,
             "warnings": list(self.warnings),
         }
 
@@ -293,6 +405,7 @@ class LatentCache(DatasetCache):
             f"from memory {s.from_memory}, from disk {s.from_disk}"
             + (f", rebuilt {s.rebuilt} corrupted disk files" if s.rebuilt else ""),
             self.size_line("float32, unscaled"),
+            *([f"  {self.num_masked} with a loss mask (masked loss)"] if self.num_masked else []),
             f"  VAE ran in {str(self.encode_dtype).replace('torch.', '')}"
             + (" (float32 VAE option, kohya's no_half_vae)" if self.float32_vae else ""),
             *self.warning_lines(),

@@ -3,12 +3,14 @@ cache_text_encoder_outputs).
 
 What is encoded for a caption: the SDXL context (CLIP-L penultimate hidden states and CLIP-G
 penultimate hidden states, concatenated on the feature axis: 2048 wide for real SDXL) and CLIP-G's
-pooled output (1280), exactly as ComfyUI's CLIPTextEncode computes them through the CLIP object
-(``clip.tokenize`` + ``clip.encode_from_tokens``): captions longer than 75 tokens are split into
-77-token chunks the way ComfyUI does, so the context is [77 * chunks, width].
+pooled output (1280), through the CLIP object ComfyUI loaded (``clip.encode_from_tokens``), with the
+token layout ``TokenLength`` chooses (trainer/data/token_length.py): kohya's ``max_token_length``
+(by default 75 tokens, longer captions truncated, context 77; 150 / 225: rows of 75 stitched to a
+context of 152 / 227), or ComfyUI's own chunking (CLIPTextEncode: any length, context 77 x chunks).
 
-Captions are fed to CLIP LITERALLY (kohya does no prompt weighting): the processed caption is
-escaped with ``captions.escape_for_comfy_tokenizer`` first, so ``(word:1.2)`` stays text.
+Captions are fed to CLIP LITERALLY (kohya does no prompt weighting): kohya's layouts tokenize the
+text with transformers' CLIPTokenizer as kohya does; ComfyUI chunking escapes it with
+``captions.escape_for_comfy_tokenizer`` first, so ``(word:1.2)`` stays text.
 
 Only deterministic captions can be cached once: with shuffling, dropout, wildcards or token warm-up
 (``CaptionOptions.is_random``) the caption differs per step, so those images are "live": the train
@@ -19,7 +21,7 @@ train loop handles that.)
 
 Keys: a hash of the CLIP weight fingerprint (memoised per model object), the patches on the CLIP's
 ModelPatcher (a LoRA from LoraLoader, merges, with strengths), CLIPSetLastLayer's layer, tokenizer
-options, and the exact escaped text. Identical captions are encoded once. Outputs are float32 CPU
+options, the token layout, and the exact escaped text. Identical captions are encoded once. Outputs are float32 CPU
 tensors.
 """
 
@@ -35,6 +37,7 @@ import torch
 from ..comfyui import encoders as comfy_encoders
 from ..data.captions import CaptionOptions, escape_for_comfy_tokenizer, process_caption
 from ..data.dataset import BucketedImage, TrainingDataset
+from ..data.token_length import TokenLength, kohya_token_rows, stitched_indices
 from .dataset_cache import DatasetCache
 from .fingerprints import content_key, module_fingerprint, structure_hash, token_fingerprint
 from .lookup import CachedItems, CacheStats
@@ -54,12 +57,13 @@ __all__ = [
     "TextEncodingError",
     "cached_caption",
     "clip_fingerprint",
+    "encode_caption",
     "encode_caption_live",
     "random_caption_options",
 ]
 
 #: Bump when the way a caption becomes an encoding changes meaning.
-TEXT_FORMAT = "text/1"
+TEXT_FORMAT = "text/2"
 
 
 class TextEncodingError(ValueError):
@@ -112,21 +116,46 @@ def clip_fingerprint(clip: Any) -> str | None:
     return structure_hash({"weights": weights, "patches": patches_fp, "settings": settings})
 
 
-def _encode(clip: Any, escaped: str) -> tuple[torch.Tensor, torch.Tensor]:
+def caption_token_count(clip: Any, text: str) -> int:
+    """Tokens of a caption without BOS/EOS (CLIP-L's tokenizer, as kohya counts them), for the truncation report."""
+    return len(comfy_encoders.caption_tokens(clip, text)["l"][0])
+
+
+def encode_caption(clip: Any, text: str, token_length: TokenLength) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context [L, width], pooled [pooled width]) of one literal caption, where ComfyUI's CLIP puts them.
+
+    kohya's layouts: the rows of trainer/data/token_length.kohya_token_rows for CLIP-L and CLIP-G, each row through
+    the encoder, the context stitched to 77 / 152 / 227, the pooled output of the first row. ComfyUI chunking: the
+    escaped text through CLIPTextEncode's path. Gradients flow when enabled (text-encoder training).
+    """
+    if token_length.comfyui_chunking:
+        cond, pooled = comfy_encoders.encode_text(clip, escape_for_comfy_tokenizer(text))
+        return cond[0], pooled[0]
+    rows = {
+        key: kohya_token_rows(content, bos, eos, pad, token_length.max_token_length)
+        for key, (content, bos, eos, pad) in comfy_encoders.caption_tokens(clip, text).items()
+    }
+    cond, pooled = comfy_encoders.encode_token_rows(clip, rows)
+    return cond[0][stitched_indices(token_length.rows)], pooled[0]
+
+
+def _encode(clip: Any, text: str, token_length: TokenLength) -> tuple[torch.Tensor, torch.Tensor]:
     ENCODER_CALLS["clip"] += 1
-    cond, pooled = comfy_encoders.encode_text(clip, escaped)
-    return cond[0].to("cpu", torch.float32), pooled[0].to("cpu", torch.float32)
+    context, pooled = encode_caption(clip, text, token_length)
+    return context.to("cpu", torch.float32), pooled.to("cpu", torch.float32)
 
 
-def encode_caption_live(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context [77*chunks, width], pooled [pooled width]) of one processed caption, at train time.
+def encode_caption_live(
+    clip: Any, text: str, token_length: TokenLength | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context [L, width], pooled [pooled width]) of one processed caption, at train time.
 
-    ``text`` is the caption as process_caption produced it; it is escaped here so it encodes
-    literally. Runs under no_grad (frozen text encoders), not inference_mode, so the result can be
-    used in autograd; float32 on CPU like the cached encodings.
+    ``text`` is the caption as process_caption produced it (literal text). Runs under no_grad (frozen
+    text encoders), not inference_mode, so the result can be used in autograd; float32 on CPU like the
+    cached encodings. ``token_length``: kohya's default (75 tokens) when not given.
     """
     with torch.no_grad():
-        return _encode(clip, escape_for_comfy_tokenizer(text))
+        return _encode(clip, text, token_length or TokenLength())
 
 
 def _validate_text(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -142,14 +171,28 @@ def _validate_text(tensors: dict[str, torch.Tensor]) -> str | None:
 
 @dataclass
 class _Caption:
-    """A caption to encode: its escaped text and the first image that has it (named in errors)."""
+    """A caption to encode: its literal and escaped text and the first image that has it (named in errors)."""
 
+    text: str
     escaped: str
     first_image: BucketedImage
 
 
-def _encode_checked(clip: Any, caption: _Caption) -> Tensors:
-    context, pooled = _encode(clip, caption.escaped)
+@dataclass(frozen=True)
+class TruncatedCaption:
+    """A caption longer than the token limit: kohya (and so the cache) encodes only its first ``limit`` tokens."""
+
+    image: str  # the image key
+    tokens: int  # CLIP-L tokens without BOS/EOS
+    limit: int
+
+    @property
+    def cut(self) -> int:
+        return self.tokens - self.limit
+
+
+def _encode_checked(clip: Any, caption: _Caption, token_length: TokenLength) -> Tensors:
+    context, pooled = _encode(clip, caption.text, token_length)
     if not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
         where = caption.first_image.item.image_path or caption.first_image.key
         raise TextEncodingError(
@@ -172,12 +215,16 @@ class TextCache(DatasetCache):
         stats: CacheStats,
         warnings: list[str],
         disk_dir: str | None,
+        token_length: TokenLength,
+        truncated: list[TruncatedCaption],
     ) -> None:
         super().__init__(dataset, encodings, stats, warnings, disk_dir)
         self._image_keys = image_keys
         self._captions = captions
         self._encodings = encodings
         self._live = live
+        self.token_length = token_length
+        self.truncated = truncated
 
     @classmethod
     def build(
@@ -189,8 +236,13 @@ class TextCache(DatasetCache):
         store: MemoryStore | None = None,
         progress: Callable[[int, int], None] | None = None,
         check_interrupt: Callable[[], None] | None = None,
+        token_length: TokenLength | None = None,
     ) -> TextCache:
-        """Look each non-random caption up (memory, then disk) and encode only the missing ones."""
+        """Look each non-random caption up (memory, then disk) and encode only the missing ones.
+
+        ``token_length``: the token layout (kohya's default, 75 tokens, when not given); it is part of every key.
+        """
+        token_length = token_length or TokenLength()
         store = memory_store() if store is None else store
         disk = DiskStore(disk_dir) if disk_dir else None
         fingerprint = clip_fingerprint(clip)
@@ -206,26 +258,44 @@ class TextCache(DatasetCache):
         image_keys: dict[int, str] = {}
         captions: dict[int, str] = {}
         live: list[int] = []
+        truncated: list[TruncatedCaption] = []
+        token_counts: dict[str, int] = {}
         for i, img in enumerate(dataset.images):
             if img.caption_options.is_random:
                 live.append(i)
                 continue
             text = cached_caption(img)
             escaped = escape_for_comfy_tokenizer(text)
-            fields = {"format": TEXT_FORMAT, "clip": fingerprint, "text": escaped}
+            fields = {"format": TEXT_FORMAT, "clip": fingerprint, "tokens": token_length.choice, "text": escaped}
             key = content_key("txt", fields)
             image_keys[i] = key
             captions[i] = text
-            items.lookup(key, fields, _Caption(escaped, img))
+            items.lookup(key, fields, _Caption(text, escaped, img))
+            if token_length.limit is not None:
+                if text not in token_counts:
+                    token_counts[text] = caption_token_count(clip, text)
+                if token_counts[text] > token_length.limit:
+                    truncated.append(TruncatedCaption(img.key, token_counts[text], token_length.limit))
 
         items.encode(
             [[key] for key in items.pending],
-            lambda batch: [_encode_checked(clip, caption) for caption in batch],
+            lambda batch: [_encode_checked(clip, caption, token_length) for caption in batch],
             progress,
             check_interrupt,
         )
         encodings = {key: (t["context"], t["pooled"]) for key, t in items.tensors.items()}
-        return cls(dataset, image_keys, captions, encodings, live, items.stats, items.warnings, disk_dir)
+        return cls(
+            dataset,
+            image_keys,
+            captions,
+            encodings,
+            live,
+            items.stats,
+            items.warnings,
+            disk_dir,
+            token_length,
+            truncated,
+        )
 
     # -- access ------------------------------------------------------------------------------
     def is_live(self, image: ImageRef) -> bool:
@@ -280,6 +350,8 @@ class TextCache(DatasetCache):
             "live_images": len(self._live),
             "live_keys": self.live_keys,
             "live_reasons": self._live_reasons(),
+            "max_token_length": self.token_length.choice,
+            "truncated": [{"image": t.image, "tokens": t.tokens, "cut": t.cut} for t in self.truncated],
             "size_mb": round(self.size_mb, 3),
             "disk_dir": self.disk_dir,
             "disk_size_mb": round(self.disk_size_mb(), 3),
@@ -294,11 +366,33 @@ class TextCache(DatasetCache):
             f"  encoded {s.encoded} (CLIP calls), from memory {s.from_memory}, from disk {s.from_disk}"
             + (f", rebuilt {s.rebuilt} corrupted disk files" if s.rebuilt else ""),
             self.size_line("float32"),
+            f"  tokens: {self.token_length.describe()}",
         ]
+        lines.extend(self._truncation_lines())
         if self._live:
             lines.append(
                 f"  live: {len(self._live)} images have random caption options ({', '.join(self._live_reasons())}); "
                 "their captions are encoded at train time, each step"
+                + (
+                    f", and truncated to {self.token_length.limit} tokens the same way"
+                    if self.token_length.limit
+                    else ""
+                )
             )
         lines.extend(self.warning_lines())
         return "\n".join(lines)
+
+    def _truncation_lines(self, shown: int = 20) -> list[str]:
+        if not self.truncated:
+            return []
+        limit = self.token_length.limit
+        longer = [n for n in (150, 225) if n > limit]
+        lines = [
+            f"  truncated: {len(self.truncated)} captions are longer than {limit} tokens; only their first {limit} "
+            "tokens are trained, as kohya does"
+            + (f" (max_token_length {' or '.join(map(str, longer))} keeps more)" if longer else "")
+        ]
+        lines.extend(f"    {t.image}: {t.tokens} tokens, {t.cut} cut" for t in self.truncated[:shown])
+        if len(self.truncated) > shown:
+            lines.append(f"    ... and {len(self.truncated) - shown} more")
+        return lines

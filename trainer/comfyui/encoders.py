@@ -47,6 +47,27 @@ def encode_text(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     return cond, pooled
 
 
+def caption_tokens(clip: Any, text: str) -> dict[str, tuple[list[int], int, int, int]]:
+    """Per SDXL text encoder ("l" = CLIP-L, "g" = CLIP-G): (the caption's token ids without BOS/EOS, untruncated,
+    bos, eos, pad), as kohya tokenizes: transformers' CLIPTokenizer on the literal text (no prompt-weight parsing),
+    here with the tokenizer files of ComfyUI's SDXL CLIP. The pad ids are ComfyUI's: EOS for CLIP-L, 0 for CLIP-G
+    (kohya sets CLIP-G's pad id to 0 too)."""
+    out = {}
+    for key, tokenizer in (("l", clip.tokenizer.clip_l), ("g", clip.tokenizer.clip_g)):
+        ids = tokenizer.tokenizer(text, truncation=False)["input_ids"]
+        out[key] = (list(ids[1:-1]), tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token)
+    return out
+
+
+def encode_token_rows(clip: Any, rows: dict[str, list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context [1, 77*rows, 2048], pooled [1, 1280]) of given token rows ({"l": rows, "g": rows}, each 77 long),
+    through the same ``encode_from_tokens`` as CLIPTextEncode: every row is encoded on its own, the outputs are
+    concatenated along the token axis, and the pooled output is the first row's."""
+    tokens = {key: [[(token, 1.0) for token in row] for row in key_rows] for key, key_rows in rows.items()}
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return cond, pooled
+
+
 # -- what the latent / text-encoder caches fingerprint (trainer/cache/fingerprints.py hashes it) -------
 
 

@@ -37,6 +37,18 @@ def caption_options_from_kohya(params: dict[str, Any]) -> CaptionOptions:
     return CaptionOptions(**{k: params[k] for k in CAPTION_OPTION_NAMES if k in params and params[k] is not None})
 
 
+def with_reg_images(train: ScanResult, reg: ScanResult) -> ScanResult:
+    """Training images plus regularization images (kohya's train_data_dir + reg_data_dir) as one scan: the reg
+    images are marked is_reg and get subset indices after the training subsets, so registration keeps them apart."""
+    offset = max((it.subset_index for it in train.items), default=-1) + 1
+    reg_items = [dataclasses.replace(it, is_reg=True, subset_index=offset + it.subset_index) for it in reg.items]
+    return ScanResult(
+        items=list(train.items) + reg_items,
+        skipped=list(train.skipped) + list(reg.skipped),
+        warnings=list(train.warnings) + [f"reg images: {w}" for w in reg.warnings],
+    )
+
+
 def register_items(scan: ScanResult, dreambooth: bool = True) -> ScanResult:
     """Apply kohya's registration to the scanned items of one dataset: num_repeats after
     reg-image balancing; reg images kohya would never use are reported as skipped."""

@@ -18,8 +18,11 @@ numbers, so they are reproduced bit for bit, including kohya's odd corners:
 * ``crop_ltrb`` (``get_crop_ltrb``) is NOT the crop applied to the pixels: it letterboxes the ORIGINAL size INSIDE
   the bucket. It is what kohya feeds SDXL as crop_top_left (see size_conditioning.py). The real centre-crop
   offsets are returned separately as ``crop_offset``.
-* ``enable_bucket=False``: one fixed bucket = resolution; kohya then insists that the image is already exactly that
-  size (it would only random-crop larger images, which we do not support) and reports crop_ltrb = (0, 0, 0, 0).
+* ``enable_bucket=False``: one fixed bucket = resolution. kohya's cached-latent path (``cache_batch_latents`` ->
+  ``trim_and_resize_if_required``; this pack always caches latents) selects it from a one-bucket list like any other:
+  an image of another size is scaled to COVER the resolution and centre-cropped, and crop_ltrb is
+  ``get_crop_ltrb(resolution, original size)``. (kohya's uncached image path instead refuses such images and uses
+  crop_ltrb = (0, 0, 0, 0); that path never runs here.)
 
 Resizing uses Pillow. kohya's default (library/utils.resize_image) is cv2 INTER_AREA when the image shrinks in both
 directions (``w >= new_w and h >= new_h``) and PIL LANCZOS otherwise. We use ``Image.Resampling.BOX`` for the area
@@ -238,9 +241,7 @@ class BucketSelector:
         width, height = int(image_size[0]), int(image_size[1])
         if width <= 0 or height <= 0:
             raise ValueError(f"image size must be positive, got {(width, height)}")
-        if not self.settings.enable_bucket:
-            return self._select_fixed(width, height)
-        if self.settings.bucket_no_upscale:
+        if self.settings.bucket_no_upscale and self.settings.enable_bucket:
             bucket, resized = self._select_no_upscale(width, height)
         else:
             bucket, resized = self._select_predefined(width, height)
@@ -306,23 +307,6 @@ class BucketSelector:
             resized = (width, height)
         bucket = (resized[0] - resized[0] % step, resized[1] - resized[1] % step)
         return bucket, resized
-
-    def _select_fixed(self, width: int, height: int) -> BucketSelection:
-        resolution = self.settings.resolution
-        if (width, height) != resolution:
-            raise ValueError(
-                f"image is {width}x{height} but bucketing is disabled, so every image must be exactly "
-                f"{resolution[0]}x{resolution[1]}: enable bucketing or resize the image"
-            )
-        self._used.add(resolution)
-        return BucketSelection(
-            original_size=(width, height),
-            bucket=resolution,
-            resized_size=(width, height),
-            ar_error=0.0,
-            crop_ltrb=(0.0, 0.0, 0.0, 0.0),
-            crop_offset=(0, 0),
-        )
 
 
 def resize_and_crop(image: Image.Image, selection: BucketSelection) -> Image.Image:

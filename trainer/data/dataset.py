@@ -102,6 +102,20 @@ class TrainingDataset:
         n = self.num_batches()
         return -(-n // gradient_accumulation_steps)
 
+    def image_counts(self) -> dict[str, int]:
+        """Train and reg image counts as kohya reports them (``num_train_images`` / ``num_reg_images`` include
+        repeats; kohya's num_reg_images counts every reg image given, also those its balancing did not register)."""
+        train = [img.item for img in self.images if not img.item.is_reg]
+        reg = [img.item for img in self.images if img.item.is_reg]
+        return {
+            "train_images": len(train),
+            "num_train_images": sum(it.num_repeats for it in train),
+            "reg_images": len(reg),
+            "reg_images_with_repeats": sum(it.num_repeats for it in reg),
+            "num_reg_images": sum(it.num_repeats for p in self.parts for it in p.scanned if it.is_reg),
+            "masked_images": sum(1 for img in self.images if img.item.mask is not None),
+        }
+
     def bucket_histogram(self) -> list[tuple[tuple[int, int], int, int]]:
         """(bucket, images, images with repeats) for every used bucket, sorted like kohya's bucket list."""
         counts: dict[tuple[int, int], list[int]] = {}
@@ -133,6 +147,7 @@ class TrainingDataset:
         return {
             "num_images": len(self.images),
             "num_images_with_repeats": sum(img.item.num_repeats for img in self.images),
+            **self.image_counts(),
             "batches_per_epoch": self.num_batches(),
             "parts": [
                 {
@@ -158,6 +173,7 @@ class TrainingDataset:
                     "caption": img.item.caption,
                     "num_repeats": img.item.num_repeats,
                     "is_reg": img.item.is_reg,
+                    "mask": img.item.mask.describe() if img.item.mask is not None else None,
                     "flip_aug": img.flip_aug,
                     "original_size": list(img.selection.original_size),
                     "bucket": list(img.selection.bucket),
@@ -179,9 +195,19 @@ class TrainingDataset:
             f"{self.steps_per_epoch(gradient_accumulation_steps)} steps per epoch"
             + (f" at gradient accumulation {gradient_accumulation_steps}" if gradient_accumulation_steps > 1 else ""),
         ]
+        counts = self.image_counts()
+        if counts["reg_images"] or counts["num_reg_images"]:
+            lines.append(
+                f"  train images: {counts['train_images']} ({counts['num_train_images']} with repeats); reg images: "
+                f"{counts['reg_images']} used ({counts['reg_images_with_repeats']} with repeats after kohya's "
+                f"balancing; kohya's num_reg_images: {counts['num_reg_images']}), loss weighted by prior_loss_weight"
+            )
+        if counts["masked_images"]:
+            lines.append(f"  masked loss: {counts['masked_images']} of {len(self.images)} images have a loss mask")
         subsets: dict[str, list[int]] = {}
         for img in self.images:
-            s = subsets.setdefault(img.item.subset or "(images)", [0, img.item.num_repeats])
+            name = (img.item.subset or "(images)") + (" (reg)" if img.item.is_reg else "")
+            s = subsets.setdefault(name, [0, img.item.num_repeats])
             s[0] += 1
         for name, (n, rep) in subsets.items():
             lines.append(f"  subset {name}: {n} images x {rep} repeats")

@@ -77,6 +77,7 @@ class ImageProbe:
     format: str | None
     n_frames: int
     orientation: int  # EXIF orientation 1..8 (1 when absent or when orientation is not applied)
+    transparency: bool = False  # a transparent colour (PNG tRNS) in a mode without alpha channel
 
     @property
     def size(self) -> tuple[int, int]:
@@ -230,7 +231,7 @@ def probe_image_info(path: PathLike, exif_transpose: bool = True, max_pixels: in
         orientation = _orientation(im, loaded=False) if exif_transpose else 1
         n_frames = int(getattr(im, "n_frames", 1) or 1)
         w, h = _oriented_size(im.size, orientation)
-        return ImageProbe(w, h, im.mode, im.format, n_frames, orientation)
+        return ImageProbe(w, h, im.mode, im.format, n_frames, orientation, "transparency" in im.info)
     finally:
         im.close()
 
@@ -257,7 +258,7 @@ def verify_image(path: PathLike, exif_transpose: bool = True, max_pixels: int = 
                 raise _decode_error(p, e) from None
             orientation = _orientation(im, loaded=True) if exif_transpose else 1
             w, h = _oriented_size(full_size, orientation)
-            return ImageProbe(w, h, mode, im.format, n_frames, orientation)
+            return ImageProbe(w, h, mode, im.format, n_frames, orientation, "transparency" in im.info)
         finally:
             im.close()
 
@@ -307,6 +308,31 @@ def to_rgb(im: Image.Image, path: PathLike = "<image>") -> Image.Image:
         ) from None
 
 
+def _load_oriented(path: Path, exif_transpose: bool, max_pixels: int, warnings_out: list[str] | None) -> Image.Image:
+    """The first frame, fully decoded in its own mode and EXIF-oriented (when asked); detached from the file."""
+    with _truncated_images_are_errors():
+        im = _open(path, max_pixels)
+        try:
+            n_frames = int(getattr(im, "n_frames", 1) or 1)
+            if n_frames > 1:
+                im.seek(0)
+                if warnings_out is not None:
+                    warnings_out.append(
+                        f"{path}: animated image with {n_frames} frames; only the first frame is used. "
+                        "Export the frame you want as PNG to silence this."
+                    )
+            try:
+                im.load()
+            except Exception as e:
+                raise _decode_error(path, e) from None
+            orientation = _orientation(im, loaded=True) if exif_transpose else 1
+            out = im.transpose(_ORIENTATION_TRANSPOSE[orientation]) if orientation != 1 else im.copy()
+            out.info = {k: v for k, v in im.info.items() if k != "exif"}
+            return out
+        finally:
+            im.close()
+
+
 def load_image_rgb(
     path: PathLike,
     exif_transpose: bool = True,
@@ -322,28 +348,22 @@ def load_image_rgb(
     Raises DatasetError for anything unusable.
     """
     p = Path(path)
-    with _truncated_images_are_errors():
-        im = _open(p, max_pixels)
-        try:
-            n_frames = int(getattr(im, "n_frames", 1) or 1)
-            if n_frames > 1:
-                im.seek(0)
-                if warnings_out is not None:
-                    warnings_out.append(
-                        f"{p}: animated image with {n_frames} frames; only the first frame is used. "
-                        "Export the frame you want as PNG to silence this."
-                    )
-            try:
-                im.load()
-            except Exception as e:
-                raise _decode_error(p, e) from None
-            orientation = _orientation(im, loaded=True) if exif_transpose else 1
-            rgb = to_rgb(im, p)
-            if rgb is im:
-                rgb = im.copy()  # detach from the file handle we are about to close
-            if orientation != 1:
-                rgb = rgb.transpose(_ORIENTATION_TRANSPOSE[orientation])
-            rgb.info.pop("exif", None)
-            return rgb
-        finally:
-            im.close()
+    return to_rgb(_load_oriented(p, exif_transpose, max_pixels, warnings_out), p)
+
+
+def has_alpha(im: Image.Image) -> bool:
+    """True for modes with an alpha channel and for images with a transparent colour."""
+    return im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info
+
+
+def load_image_with_alpha(
+    path: PathLike, exif_transpose: bool = True, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB, alpha 'L' or None) for kohya's alpha_mask: the RGB is the stored colour with the alpha dropped, NOT
+    composited on white (kohya: ``convert("RGBA")`` and ``[:, :, :3]``); None when the image has no alpha."""
+    p = Path(path)
+    im = _load_oriented(p, exif_transpose, max_pixels, None)
+    if not has_alpha(im):
+        return to_rgb(im, p), None
+    rgba = im.convert("RGBA")
+    return rgba.convert("RGB"), rgba.getchannel("A")

@@ -32,8 +32,10 @@ import tomllib
 
 from .images import ACCEPTED_EXTENSIONS, DatasetError
 from .sources import (
+    MissingMask,
     ScanOptions,
     ScanResult,
+    attach_mask,
     normalize_caption_extension,
     resolve_dataset_path,
     scan_image_dir,
@@ -87,7 +89,8 @@ _SUBSET_ASCENDABLE = {
     "class_tokens",
     "cache_info",
 }
-_DB_SUBSET_ONLY = {"image_dir", "is_reg", "alpha_mask"}
+# conditioning_data_dir: kohya's ControlNet-style subset key, which with --masked_loss makes its images loss masks
+_DB_SUBSET_ONLY = {"image_dir", "is_reg", "alpha_mask", "conditioning_data_dir"}
 _FT_SUBSET_ONLY = {"metadata_file", "image_dir", "alpha_mask"}
 _DATASET_ASCENDABLE = {
     "batch_size",
@@ -106,9 +109,48 @@ _SUBSET_KEYS = _SUBSET_ASCENDABLE | _DB_SUBSET_ONLY | _FT_SUBSET_ONLY
 _DATASET_KEYS = _DATASET_ASCENDABLE | _SUBSET_ASCENDABLE | {"subsets"}
 _GENERAL_KEYS = _DATASET_ASCENDABLE | _SUBSET_ASCENDABLE
 _ALL_KEYS = _SUBSET_KEYS | _DATASET_KEYS | {"general", "datasets"}
-# Keys kohya only takes from the command line (argparse) or that we do not support.
-_CLI_ONLY = {"prior_loss_weight", "max_token_length", "debug_dataset", "train_data_dir", "reg_data_dir", "in_json"}
-_UNSUPPORTED = {"conditioning_data_dir": "ControlNet/masked-loss datasets are not supported by this trainer"}
+# Keys kohya only takes from the command line (argparse), with what sets them here instead.
+_CLI_ONLY = {
+    "prior_loss_weight": "the Loss & Noise node's prior_loss_weight",
+    "max_token_length": "'Cache Text' max_token_length (or the kohya training config 'Import kohya Config' reads)",
+    "debug_dataset": "the Buckets report and details_json",
+    "train_data_dir": "image_dir in [[datasets.subsets]], or the Images from Folder node",
+    "reg_data_dir": "a [[datasets.subsets]] with is_reg = true, or the reg_folder of Images from Folder",
+    "in_json": "metadata_file in [[datasets.subsets]]",
+    "masked_loss": "conditioning_data_dir or alpha_mask in [[datasets.subsets]] (a subset with masks trains masked)",
+}
+_UNSUPPORTED: dict[str, str] = {}
+
+#: kohya keys this reader accepts but does not offer: (the value that changes nothing, why and what to do instead).
+#: Any other value is refused with that message, so a config never trains differently from kohya without a word.
+NOT_OFFERED: dict[str, tuple[Any, str]] = {
+    "face_crop_aug_range": (
+        None,
+        "random face crops change every step and cannot be combined with the cached latents this trainer always "
+        "uses; remove the key and crop the images beforehand",
+    ),
+    "resize_interpolation": (
+        None,
+        "images are resized with kohya's default (area when shrinking, lanczos when enlarging); remove the key, "
+        "or resize the images to their bucket size beforehand",
+    ),
+    "network_multiplier": (
+        1.0,
+        "a per-dataset LoRA multiplier while training is not offered; remove the key (or train that dataset in its "
+        "own run)",
+    ),
+    "validation_split": (
+        0.0,
+        "a validation split is not offered by the dataset reader; remove the key (hold images out in a separate "
+        "folder instead)",
+    ),
+}
+#: kohya keys that do not change what kohya's SDXL LoRA training computes, so accepting them is exact.
+NO_EFFECT: dict[str, str] = {
+    "cache_info": "kohya caches image sizes with it to scan faster; this reader reads the headers itself",
+    "custom_attributes": "kohya's SDXL LoRA training reads only diff_output_preservation from it, which is refused",
+    "validation_seed": "it only seeds validation_split, which is 0 here",
+}
 
 #: kohya defaults for subset parameters (DreamBoothSubsetParams, with argparse's defaults where the
 #: dataclass default is a kohya typo such as ``(",",)``).
@@ -140,6 +182,7 @@ SUBSET_DEFAULTS: dict[str, Any] = {
     "caption_extension": ".caption",
     "cache_info": False,
     "alpha_mask": False,
+    "conditioning_data_dir": None,
 }
 
 #: kohya defaults for dataset parameters (DreamBoothDatasetParams).
@@ -169,7 +212,7 @@ BUCKET_KEYS: tuple[str, ...] = (
 )
 
 # Only subset-only keys that must not inherit from [general]/[[datasets]] (kohya's "distinct" keys).
-_NOT_INHERITED = {"image_dir", "metadata_file", "is_reg", "alpha_mask"}
+_NOT_INHERITED = {"image_dir", "metadata_file", "is_reg", "alpha_mask", "conditioning_data_dir"}
 
 #: How subsets are scanned by default: kohya reads only the files directly in a subset's image_dir.
 #: caption_extension and enable_wildcard always come from the subset itself.
@@ -273,6 +316,7 @@ _TYPES: dict[str, tuple[str, str, _Checker]] = {
             "class_tokens",
             "image_dir",
             "metadata_file",
+            "conditioning_data_dir",
         ),
         _STR,
     ),
@@ -301,6 +345,7 @@ class SubsetConfig:
     caption_extension: str
     params: dict[str, Any]  # every kohya subset parameter (kohya names), resolved
     dropped: str | None = None  # why kohya would not use this subset (no items are produced)
+    resolved_mask_dir: str | None = None  # conditioning_data_dir: the subset's mask images (masked loss)
 
     @property
     def name(self) -> str:
@@ -357,7 +402,7 @@ def _validate_table(
             elif key in _CLI_ONLY:
                 warnings.append(
                     f"{source}: {section}: key '{key}' is ignored: kohya only takes it from the command line "
-                    "(set it on the training node instead)."
+                    f"(kohya rejects it here); set it with {_CLI_ONLY[key]}."
                 )
             elif key in _ALL_KEYS:
                 if key in (_DB_SUBSET_ONLY | _FT_SUBSET_ONLY):
@@ -383,8 +428,22 @@ def _validate_table(
             raise DatasetError(
                 f"{source}: {section}: '{key}' must be {typename}, got {value!r}; write it like {key} = {example}."
             )
+        _refuse_if_not_offered(key, converted, section, source)
         clean[key] = converted
     return clean
+
+
+def _refuse_if_not_offered(key: str, value: Any, section: str, source: str) -> None:
+    """A kohya key whose value would make training differ from kohya, and which the pack does not offer: stop."""
+    if key in NOT_OFFERED:
+        neutral, why = NOT_OFFERED[key]
+        if value != neutral and not (key == "network_multiplier" and value == 1):
+            raise DatasetError(f"{source}: {section}: '{key} = {value!r}' is not supported: {why}.")
+    if key == "custom_attributes" and value.get("diff_output_preservation"):
+        raise DatasetError(
+            f"{source}: {section}: custom_attributes.diff_output_preservation (kohya's differential output "
+            "preservation) is not supported: remove it from custom_attributes."
+        )
 
 
 def _first_set(key: str, layers: list[dict[str, Any]], default: Any) -> Any:
@@ -521,6 +580,7 @@ def parse_dataset_config(
                     class_tokens=params["class_tokens"],
                     caption_extension=params["caption_extension"],
                     params=params,
+                    resolved_mask_dir=_resolve_path(params["conditioning_data_dir"], base),
                 )
             )
 
@@ -649,6 +709,13 @@ def _scan_metadata_subset(dataset: DatasetConfig, sub: SubsetConfig, options: Sc
         info = result.probe_image_file(path, options, listed_in=f" (listed in {meta.name} as '{key}')")
         if info is None:
             continue
+        try:
+            mask = attach_mask(path, info, options, Path(sub.resolved_image_dir or meta.parent))
+        except MissingMask:
+            raise DatasetError(
+                f"{path} (listed in {meta.name} as '{key}') has no mask in {options.mask_dir}; add a mask with the "
+                "image's name, or remove conditioning_data_dir."
+            ) from None
         caption = entry.get("caption") or ""
         tags = entry.get("tags")
         if not isinstance(caption, str) or (tags is not None and not isinstance(tags, str)):
@@ -673,8 +740,26 @@ def _scan_metadata_subset(dataset: DatasetConfig, sub: SubsetConfig, options: Sc
             image_key=key,  # kohya's image_key for fine-tuning data is the metadata key as written
             dataset_index=dataset.index,
             subset_index=sub.index,
+            mask=mask,
         )
     return result
+
+
+def _mask_options(options: ScanOptions, sub: SubsetConfig, section: str, source: str) -> ScanOptions:
+    """The scan options with the subset's loss mask: alpha_mask, or conditioning_data_dir (kohya masked_loss)."""
+    alpha = bool(sub.params.get("alpha_mask"))
+    mask_dir = sub.resolved_mask_dir
+    if alpha and mask_dir:
+        raise DatasetError(
+            f"{source}: {section} sets both alpha_mask and conditioning_data_dir; a subset's mask comes from one "
+            "of them: remove one."
+        )
+    if mask_dir and not Path(mask_dir).is_dir():
+        raise DatasetError(
+            f"conditioning_data_dir {mask_dir} of {section} in {source} does not exist or is not a folder "
+            f"('{sub.params['conditioning_data_dir']}' resolved against the dataset config's folder); fix it."
+        )
+    return replace(options, alpha_mask=alpha, mask_dir=mask_dir)
 
 
 _MAX_LISTED_SKIPS = 5  # skipped files named in the "no usable images" error (all of them are in the report)
@@ -750,7 +835,7 @@ def scan_dataset_toml(
                         f"('{sub.image_dir}' resolved against the dataset config's folder); fix image_dir."
                     )
                 subset_options = replace(
-                    options,
+                    _mask_options(options, sub, section, cfg.path),
                     caption_extension=sub.caption_extension,
                     enable_wildcard=bool(sub.params.get("enable_wildcard")),
                 )
@@ -765,7 +850,7 @@ def scan_dataset_toml(
                     subset_index=sub.index,
                 )
             else:
-                sub_result = _scan_metadata_subset(dataset, sub, options)
+                sub_result = _scan_metadata_subset(dataset, sub, _mask_options(options, sub, section, cfg.path))
             result.extend(sub_result)
             if not sub_result.items:
                 sub.dropped = "no usable images"

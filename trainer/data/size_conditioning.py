@@ -9,8 +9,9 @@ in BaseDataset.__getitem__ from the bucket selection, and by default we reproduc
    whose aspect ratio matches the bucket gets (0, 0) even when pixels were cut away.
 2. Flip: crop_left becomes ``int(bucket_w - crop_right)`` with the float crop_right = crop_left + fitted_w; this can
    differ by 1 from the unflipped left (e.g. 4 vs 5). crop_top never changes.
-3. enable_bucket=False + flip: crop_ltrb is (0, 0, 0, 0), so a flipped sample gets crop_left = target width
-   (time_ids ``(.., 0, 1024, ..)`` for a 1024x1024 image).
+3. enable_bucket=False: kohya's cached-latent path (this pack always caches) takes crop_ltrb from get_crop_ltrb too
+   (the resolution is the one bucket), so a flipped image of exactly the resolution keeps crop_left 0. (kohya's
+   uncached image path uses (0, 0, 0, 0) there, which gives a flipped sample crop_left = target width.)
 4. original size is the file's size before any resize; target is the bucket. All values go through int(), never
    round().
 

@@ -39,18 +39,22 @@ from .images import (
     ImageProbe,
     is_image_filename,
     load_image_rgb,
+    load_image_with_alpha,
     probe_image_info,
     to_rgb,
     verify_image,
 )
+from .masks import MaskSource, find_mask_file, load_mask_pixels, mask_pixels_from_weights
 from .text_files import read_utf8
 
 __all__ = [
     "DatasetError",
     "DatasetItem",
+    "MissingMask",
     "ScanOptions",
     "ScanResult",
     "UNSUPPORTED_IMAGE_EXTENSIONS",
+    "attach_mask",
     "items_from_images",
     "normalize_caption_extension",
     "parse_repeats_folder_name",
@@ -107,6 +111,15 @@ class ScanOptions:
     exif_transpose: bool = True  # apply EXIF orientation, as photo viewers do; kohya does not (False)
     enable_wildcard: bool = False  # kohya's enable_wildcard for caption files (a TOML subset's own value wins)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as possible decompression bombs
+    alpha_mask: bool = False  # kohya alpha_mask: the alpha channel is the loss mask (RGB not composited on white)
+    mask_dir: str | None = None  # a folder of mask images (kohya conditioning_data_dir): same stem, red channel
+
+    def __post_init__(self) -> None:
+        if self.alpha_mask and self.mask_dir:
+            raise DatasetError(
+                "alpha_mask and a mask folder are both set; a subset's mask comes from one of them: turn alpha_mask "
+                "off to use the mask images, or clear the mask folder to use the alpha channel."
+            )
 
 
 @dataclass
@@ -134,6 +147,7 @@ class DatasetItem:
     subset_index: int = 0  # which subset inside that dataset (caption-augmentation settings)
     exif_transpose: bool = True  # how image_size was measured; load with the same setting
     image_key: str | None = None  # identifier for in-memory images; files use their path
+    mask: MaskSource | None = None  # the loss mask (kohya masked_loss / alpha_mask); None: every pixel counts
 
     def __post_init__(self) -> None:
         if (self.image_path is None) == (self.image is None):
@@ -149,11 +163,22 @@ class DatasetItem:
         return f"{self.subset or 'images'}#{self.subset_index}"
 
     def load_rgb(self) -> Image.Image:
-        """The 8-bit RGB pixels, decoded with the same orientation rule the size was measured with."""
+        """The 8-bit RGB pixels, decoded with the same orientation rule the size was measured with.
+
+        With an alpha mask the colour is the stored one, alpha dropped (kohya), not composited on white."""
         if self.image is not None:
             return self.image
         assert self.image_path is not None
+        if self.mask is not None and self.mask.kind == "alpha":
+            return load_image_with_alpha(self.image_path, self.exif_transpose)[0]
         return load_image_rgb(self.image_path, self.exif_transpose)
+
+    def load_mask(self) -> Image.Image | None:
+        """The loss mask as 8-bit 'L' pixels at the image's size (checked), or None without a mask."""
+        if self.mask is None:
+            return None
+        label = self.image_path or self.key
+        return load_mask_pixels(self.mask, self.image_path, tuple(self.image_size), self.exif_transpose, label)
 
 
 def skip_line(path: str, reason: str) -> str:
@@ -417,6 +442,52 @@ def _summarize(paths: Sequence[str]) -> str:
     return shown
 
 
+class MissingMask(Exception):
+    """An image of a masked subset has no mask file (collected, then reported together)."""
+
+
+def _missing_masks_error(images: Sequence[str], options: ScanOptions) -> DatasetError:
+    return DatasetError(
+        f"{len(images)} image(s) have no mask in the mask folder {options.mask_dir} (a mask is a file with the "
+        f"image's name and an image extension; kohya refuses such a dataset too): {_summarize(images)}. Add their "
+        "masks, or move these images out of the masked dataset."
+    )
+
+
+_ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+
+
+def attach_mask(image: Path, probe: ImageProbe, options: ScanOptions, dataset_root: Path) -> MaskSource | None:
+    """The mask of one scanned image, checked as far as headers allow (the pixels are checked when cached).
+
+    ``alpha_mask``: the image's alpha (an image without alpha trains unmasked, as in kohya: a mask of ones; the
+    scanner says so). ``mask_dir``: ``<mask_dir>/<image's folder relative to dataset_root>/<stem>.<ext>``, else
+    ``<mask_dir>/<stem>.<ext>``; it must have the image's size. Raises MissingMask when there is none.
+    """
+    if options.alpha_mask:
+        return MaskSource("alpha")
+    if not options.mask_dir:
+        return None
+    mask_dir = Path(options.mask_dir)
+    folders = [mask_dir]
+    try:
+        relative = image.parent.relative_to(dataset_root)
+        if str(relative) not in ("", "."):
+            folders.insert(0, mask_dir / relative)
+    except ValueError:
+        pass
+    found = next((m for m in (find_mask_file(f, image, ACCEPTED_EXTENSIONS) for f in folders) if m), None)
+    if found is None:
+        raise MissingMask()
+    mask_probe = probe_image_info(found, exif_transpose=options.exif_transpose, max_pixels=options.max_pixels)
+    if mask_probe.size != probe.size:
+        raise DatasetError(
+            f"{image}: its mask {found} is {mask_probe.width}x{mask_probe.height} but the image is "
+            f"{probe.width}x{probe.height}; a mask must have exactly the image's size (save it at that size)."
+        )
+    return MaskSource("mask_image", path=str(found))
+
+
 def scan_image_dir(
     directory: PathLike,
     options: ScanOptions,
@@ -427,8 +498,12 @@ def scan_image_dir(
     subset: str | None = None,
     dataset_index: int = 0,
     subset_index: int = 0,
+    dataset_root: PathLike | None = None,
 ) -> ScanResult:
     """Scan one kohya subset folder (no ``N_name`` interpretation): images + sidecar captions.
+
+    Masks (``options.alpha_mask`` / ``options.mask_dir``): see attach_mask; ``dataset_root`` is the folder whose
+    layout the mask folder mirrors (default: this folder).
 
     Order is kohya's: full path strings sorted. Caption of an image without a caption file is
     ``class_tokens`` when given (kohya), else "". ``options.strict_captions`` turns a missing, empty
@@ -492,10 +567,20 @@ def scan_image_dir(
 
     missing: list[str] = []
     missing_hints: set[str] = set()
+    missing_masks: list[str] = []
+    no_alpha: list[str] = []
+    mask_root = Path(dataset_root) if dataset_root is not None else d
     for img in images:
         info = result.probe_image_file(img, options)
         if info is None:
             continue
+        try:
+            mask = attach_mask(img, info, options, mask_root)
+        except MissingMask:
+            missing_masks.append(str(img))
+            continue
+        if options.alpha_mask and info.mode not in _ALPHA_MODES and not info.transparency:
+            no_alpha.append(str(img))
         notes: list[str] = []
         missing_note: str | None = None  # per-item only; result.warnings gets one summary
 
@@ -573,8 +658,16 @@ def scan_image_dir(
             class_tokens=class_tokens,
             dataset_index=dataset_index,
             subset_index=subset_index,
+            mask=mask,
         )
 
+    if missing_masks:
+        raise _missing_masks_error(missing_masks, options)
+    if no_alpha:
+        result.warnings.append(
+            f"{len(no_alpha)} image(s) in {d} have no alpha channel, so with alpha_mask every pixel of them counts "
+            f"(kohya: a mask of ones): {_summarize(no_alpha)}. Save them as PNG with transparency to mask them."
+        )
     if missing:
         fallback = (
             f"the class tokens {class_tokens!r} are used as their caption"
@@ -610,6 +703,15 @@ def _no_images_error(root: Path, how: str, result: ScanResult, extra: str = "") 
     )
 
 
+def _mask_folder(options: ScanOptions, input_dir: PathLike | None) -> str | None:
+    """The mask folder resolved like the dataset folder, checked to exist; None without one."""
+    if not options.mask_dir or not str(options.mask_dir).strip():
+        return None
+    folder, how = resolve_dataset_path(options.mask_dir, input_dir)
+    _require_dir(folder, how, "mask folder")
+    return str(folder)
+
+
 def scan_folder(
     path: PathLike,
     input_dir: PathLike | None = None,
@@ -635,7 +737,7 @@ def scan_folder(
         )
     _require_dir(root, how)
     caption_extension = normalize_caption_extension(options.caption_extension)
-    options = replace(options, caption_extension=caption_extension)
+    options = replace(options, caption_extension=caption_extension, mask_dir=_mask_folder(options, input_dir))
     result = ScanResult()
 
     try:
@@ -706,6 +808,7 @@ def scan_folder(
                 is_reg=is_reg,
                 subset=d.name,
                 subset_index=subset_index,
+                dataset_root=root,
             )
             if not sub.items:
                 result.warnings.append(f"subfolder '{d.name}' of {root} contains no usable images; it is ignored.")
@@ -766,6 +869,8 @@ def scan_metadata_jsonl(
     base = meta.parent
     result = ScanResult()
     text = read_utf8(meta)
+    options = replace(options, mask_dir=_mask_folder(options, input_dir))
+    missing_masks: list[str] = []
 
     seen: dict[str, int] = {}
     missing_caption: list[str] = []
@@ -812,6 +917,11 @@ def scan_metadata_jsonl(
         info = result.probe_image_file(img, options, listed_in=f" (listed in {meta.name} line {line_no})")
         if info is None:
             continue
+        try:
+            mask = attach_mask(img, info, options, base)
+        except MissingMask:
+            missing_masks.append(str(img))
+            continue
         missing_note: str | None = None
         if caption is None or not caption.strip():
             missing_caption.append(name)
@@ -830,7 +940,10 @@ def scan_metadata_jsonl(
             is_reg=is_reg,
             caption_path=str(meta),
             caption_source="metadata" if caption and caption.strip() else "missing",
+            mask=mask,
         )
+    if missing_masks:
+        raise _missing_masks_error(missing_masks, options)
 
     if bad_lines:
         message = (
@@ -929,6 +1042,40 @@ def _array_to_rgb(arr: np.ndarray, index: int, notes: list[str]) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(u8), mode="RGB")
 
 
+def _flatten_masks(masks: Any) -> list[np.ndarray]:
+    """ComfyUI MASKs ([B,H,W] or [H,W], or a list of them) as a list of [H,W] float arrays."""
+    out: list[np.ndarray] = []
+    for m in masks if isinstance(masks, (list, tuple)) else [masks]:
+        arr = _as_numpy(m)
+        if arr.ndim == 3:
+            out.extend(list(arr))
+        elif arr.ndim == 2:
+            out.append(arr)
+        else:
+            raise DatasetError(f"a MASK must be shaped [batch, height, width], got shape {tuple(arr.shape)}.")
+    return out
+
+
+def _graph_mask(mask: np.ndarray, image_size: tuple[int, int], index: int, invert: bool) -> MaskSource:
+    """One MASK as the 8-bit loss mask of image ``index``, checked: its size and that some pixel counts."""
+    height, width = mask.shape
+    if (width, height) != tuple(image_size):
+        raise DatasetError(
+            f"image {index}: its mask is {width}x{height} but the image is {image_size[0]}x{image_size[1]}; give "
+            "each image its own mask at its size (Load Image outputs a 64x64 empty mask for an image without alpha)."
+        )
+    if not np.all(np.isfinite(mask)):
+        raise DatasetError(f"image {index}: its mask contains NaN or infinite values; fix the node that made it.")
+    pixels = mask_pixels_from_weights(mask, invert)
+    if not np.asarray(pixels).any():
+        meaning = "1 - mask" if invert else "the mask"
+        raise DatasetError(
+            f"image {index}: its mask gives every pixel weight 0 ({meaning}), so the image would train nothing; "
+            "fix the mask, or switch the mask meaning if it is inverted."
+        )
+    return MaskSource("pixels", pixels=pixels)
+
+
 def items_from_images(
     images: Any,
     captions: str | Sequence[str],
@@ -936,14 +1083,26 @@ def items_from_images(
     name: str = "images",
     num_repeats: int = 1,
     is_reg: bool = False,
+    masks: Any = None,
+    invert_masks: bool = True,
 ) -> ScanResult:
     """Items from images already in the graph: PIL images or float arrays [H,W,C] in 0..1
     (a ComfyUI IMAGE batch [B,H,W,C] is split). ``captions`` is one string for all images, or one
     per image (a single-element list also applies to all). Alpha is composited on white.
+
+    ``masks``: ComfyUI MASKs (float 0..1, [B,H,W] batches or a list), one per image in the same order, each of its
+    image's size; they become the loss masks. ``invert_masks``: the weight is 1 - mask (LoadImage's MASK is
+    1 - alpha, so opaque pixels train, as kohya's alpha_mask); off: the weight is the mask itself.
     """
     flat = _flatten_images(images)
     if not flat:
         raise DatasetError("no images given; connect at least one image.")
+    mask_list = _flatten_masks(masks) if masks is not None else None
+    if mask_list is not None and len(mask_list) != len(flat):
+        raise DatasetError(
+            f"got {len(flat)} image(s) but {len(mask_list)} mask(s); give one mask per image, in the same order "
+            "(e.g. the MASK output of the same Load Image node as each image)."
+        )
     if isinstance(captions, str):
         caption_list = [captions] * len(flat)
     else:
@@ -973,6 +1132,7 @@ def items_from_images(
         caption = cap.lstrip("\ufeff").strip()
         if not caption:
             notes.append(f"image {i}: empty caption.")
+        mask = _graph_mask(mask_list[i], rgb.size, i, invert_masks) if mask_list is not None else None
         result.items.append(
             DatasetItem(
                 image_path=None,
@@ -985,6 +1145,7 @@ def items_from_images(
                 warnings=notes,
                 caption_source="input",
                 image_key=f"{name}/{i:05d}",
+                mask=mask,
             )
         )
         result.warnings.extend(notes)

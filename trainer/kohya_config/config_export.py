@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..data.token_length import TokenLength
 from ..network.config import NetworkConfig
 from ..network.targets import SDXL_NUM_IN_OUT_BLOCKS, SDXL_NUM_MID_BLOCKS
 from ..run.config import TrainConfig
@@ -186,6 +187,17 @@ def _training(run: KohyaRun, out: KohyaArgs) -> None:
         a["full_bf16"] = True
     if train.gradient_checkpointing:
         a["gradient_checkpointing"] = True
+    _token_length(train.token_length or TokenLength(), out)
+
+
+def _token_length(token_length: TokenLength, out: KohyaArgs) -> None:
+    if token_length.comfyui_chunking:
+        out.not_carried.append(
+            "max_token_length 'ComfyUI chunking': kohya has no such encoding; the exported run uses kohya's default "
+            "(captions truncated to 75 tokens; max_token_length = 225 keeps up to 225)"
+        )
+    elif token_length.max_token_length is not None:
+        out.args["max_token_length"] = int(token_length.max_token_length)
 
 
 def _objective(run: KohyaRun, out: KohyaArgs) -> None:
@@ -201,6 +213,8 @@ def _objective(run: KohyaRun, out: KohyaArgs) -> None:
     for name in ("scale_v_pred_loss_like_noise_pred", "debiased_estimation_loss"):
         if getattr(loss, name):
             a[name] = True
+    if loss.prior_loss_weight != 1.0:
+        a["prior_loss_weight"] = float(loss.prior_loss_weight)
     if run.v_parameterization:
         a["v_parameterization"] = True
     for name in ("noise_offset", "adaptive_noise_scale", "ip_noise_gamma"):

@@ -18,6 +18,7 @@ import tomllib
 
 from ..data.images import DatasetError
 from ..data.text_files import read_utf8
+from ..data.token_length import TokenLength
 from ..network.config import KOHYA_NETWORK_ARGS, NetworkConfig, PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
@@ -43,7 +44,9 @@ _WHERE_THE_GRAPH_SETS_IT: dict[str, str] = {
     "v_parameterization": "the MODEL's own prediction type decides (Load Checkpoint)",
     "dataset_config": "load it with the 'Dataset from kohya TOML' node",
     "train_data_dir": "use 'Images from Folder' on that folder",
-    "reg_data_dir": "use a reg subset in a kohya TOML ('Dataset from kohya TOML')",
+    "reg_data_dir": "set reg_folder on 'Images from Folder' (or a reg subset in a kohya TOML)",
+    "masked_loss": "the dataset decides: a mask folder, alpha_mask or a MASK input on the image nodes (or "
+    "conditioning_data_dir / alpha_mask in a kohya TOML); images with a mask train masked",
     "in_json": "use 'Dataset from kohya TOML' with a metadata_file subset",
     "resolution": "set it on 'Buckets & Captions' (or in the dataset TOML)",
     "output_dir": "LoRAs are saved in ComfyUI's loras folder (the Train node's output_subfolder)",
@@ -94,9 +97,6 @@ _NOT_SUPPORTED: dict[str, str] = {
     "log_with": "the Train node writes CSV/JSONL logs",
     "base_weights": "merge base LoRAs with a LoraLoader before training",
     "base_weights_multiplier": "merge base LoRAs with a LoraLoader before training",
-    "masked_loss": "not offered yet",
-    "prior_loss_weight": "not offered yet",
-    "max_token_length": "not offered yet",
     "validation_split": "not offered yet",
 }
 
@@ -310,6 +310,7 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
         train_dtype=train_dtype,
         full_bf16=bool(keys.get("full_bf16", False)),
         gradient_checkpointing=bool(keys.get("gradient_checkpointing")),
+        token_length=_token_length(keys),
         loss=LossSettings(
             loss_type=keys.get("loss_type", "l2"),
             huber_schedule=keys.get("huber_schedule", "snr"),
@@ -319,6 +320,7 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
             scale_v_pred_loss_like_noise_pred=bool(keys.get("scale_v_pred_loss_like_noise_pred", False)),
             v_pred_like_loss=_as_float_or_none(keys.get("v_pred_like_loss")),
             debiased_estimation_loss=bool(keys.get("debiased_estimation_loss", False)),
+            prior_loss_weight=float(keys.get("prior_loss_weight", 1.0)),
         ),
         noise=NoiseSettings(
             noise_offset=_as_float_or_none(keys.get("noise_offset")),
@@ -332,6 +334,15 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
             ip_noise_gamma_random_strength=bool(keys.get("ip_noise_gamma_random_strength", False)),
         ),
     )
+
+
+def _token_length(keys: _Keys) -> TokenLength:
+    """kohya's max_token_length (absent: kohya's 75 tokens); 'Cache Text' must encode with the same one."""
+    value = keys.get("max_token_length")
+    try:
+        return TokenLength(None if value is None else int(value))
+    except (TypeError, ValueError):
+        raise KohyaConfigError(f"max_token_length {value!r}: kohya takes 150 or 225 (or none: 75 tokens)") from None
 
 
 def _checkpointing(keys: _Keys) -> CheckpointSettings:

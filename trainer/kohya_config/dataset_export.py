@@ -6,6 +6,11 @@ machine that trains, and kohya reads exactly the images and captions the graph t
 Images kohya would read differently (EXIF-rotated photos, transparency, formats kohya does not open, images that
 live only in the graph) are written as the PNG the pack trains on. Reg subsets keep the repeats the user gave them
 (kohya balances them again exactly as the pack did).
+
+Loss masks of every source (alpha channels, mask images, graph MASKs) are written as the alpha channel of an RGBA
+PNG under the colour the pack trains on, in a subset with kohya's ``alpha_mask = true``: kohya then resizes and
+crops each mask with its image as the pack does (kohya's own mask-image path, conditioning_data_dir, stretches a mask
+to the bucket instead) and needs no --masked_loss.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def _image_name(index: int, item: DatasetItem) -> str:
 def needs_reencode(item: DatasetItem) -> bool:
     """True when kohya would see other pixels in the file than the pack trains on: EXIF rotation, transparency
     (the pack puts it on white; kohya drops the alpha channel), modes other than RGB, or an extension kohya skips."""
-    if item.image_path is None:
+    if item.image_path is None or item.mask is not None:
         return True
     if os.path.splitext(item.image_path)[1].lower() not in KOHYA_IMAGE_EXTENSIONS:
         return True
@@ -119,6 +124,8 @@ def _part_config(part: DatasetPart, index: int, out: DatasetExport) -> dict[str,
         subset: dict[str, Any] = {"image_dir": folder, "num_repeats": int(first.num_repeats)}
         if first.is_reg:
             subset["is_reg"] = True
+        if any(item.mask is not None for item in members):
+            subset["alpha_mask"] = True
         subset["caption_extension"] = ".txt"
         subset.update(_subset_keys(part.subset_caption_options(subset_index), part.subset_flip_aug(subset_index)))
         subsets.append(subset)
@@ -135,6 +142,16 @@ def dataset_export(dataset: TrainingDataset) -> DatasetExport:
     """The dataset config and the files it needs (not written yet: ``write_dataset_files`` does that)."""
     out = DatasetExport(config={})
     out.config["datasets"] = [_part_config(part, i, out) for i, part in enumerate(dataset.parts)]
+    if any(item.mask is not None and item.mask.kind == "mask_image" for part in dataset.parts for item in part.scanned):
+        out.notes.append(
+            "mask images are written as the alpha channel of RGBA PNGs (kohya alpha_mask): kohya weighs them as "
+            "alpha / 255 where the pack maps the red channel through -1..1 (equal within float rounding)"
+        )
+    if any(item.mask is not None for part in dataset.parts for item in part.scanned):
+        out.notes.append(
+            "masked images: kohya resizes an RGBA image with its alpha (Pillow premultiplies it when enlarging), "
+            "so the colour of partly transparent pixels can differ slightly from the pack's"
+        )
     if any(item.exif_transpose is False for part in dataset.parts for item in part.scanned):
         out.notes.append("exif_transpose off: the images are written as stored (kohya ignores EXIF orientation too)")
     return out
@@ -151,5 +168,9 @@ def place_image(item: DatasetItem, target: Path) -> int:
             shutil.copyfile(item.image_path, target)
             return target.stat().st_size
     image: Image.Image = item.load_rgb()
+    mask = item.load_mask()
+    if mask is not None:  # kohya alpha_mask: the mask is the alpha channel, the colour the one the pack trains on
+        image = image.convert("RGB")
+        image.putalpha(mask)
     image.save(target, format="PNG")
     return target.stat().st_size

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 LORA_EXTENSION = ".safetensors"
-TEMP_SUFFIX = ".tmp"  # not in ComfyUI's supported_pt_extensions, so a temp file is never listed as a LoRA
 
 _MAX_COMPONENT_BYTES = 255  # file-name limit of ext4, NTFS, APFS
 _MAX_STEM_BYTES = 200  # leaves room for "_<run tag>_<n>.safetensors"

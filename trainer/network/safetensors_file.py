@@ -1,11 +1,8 @@
 """Writing and reading LoRA .safetensors files.
 
 * **Atomic writes** (``atomic_write_safetensors``): a LoraLoader, a file browser or a crash must never see half a
-  file. We write a hidden ``.tmp`` file in the same folder (an extension ComfyUI does not list), fsync it and then
-  publish it with one rename (or a hard link when replacing is not allowed, so two runs racing for one name cannot
-  clobber each other). ComfyUI's filename-list cache is invalidated only when a folder's ``os.path.getmtime``
-  changes; on coarse-timestamp filesystems a rename in the same clock tick as an earlier change leaves it equal, so
-  we make sure every folder we changed has a newer mtime afterwards (the file shows up without a restart).
+  file: the file is serialized in memory and written by ``trainer/atomic_files.write_atomic`` (hidden temp file,
+  fsync, one rename, folder mtimes moved on so ComfyUI lists it; a full disk says which file and how much space).
 
 The addnet hashes (``sshs_model_hash``, ``sshs_legacy_hash``) that A1111-style UIs index LoRAs by are computed
 here, over the exact bytes written.
@@ -15,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,7 +19,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from .file_names import TEMP_SUFFIX
+from ..atomic_files import write_atomic
 
 SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -35,107 +31,6 @@ _LEGACY_HASH_LENGTH = 0x10000
 # ---------------------------------------------------------------------------------------------------------------
 # writing and reading
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return os.stat(path).st_mtime  # the same float os.path.getmtime gives ComfyUI
-    except OSError:
-        return None
-
-
-def _make_dirs(directory: Path, touched: dict[Path, float]) -> None:
-    """``mkdir -p`` that records, for each folder whose entries it changes, its mtime before the change."""
-    missing: list[Path] = []
-    d = directory
-    while not d.is_dir():
-        if os.path.lexists(d):
-            raise NotADirectoryError(f"{d} exists and is not a folder")
-        missing.append(d)
-        if d.parent == d:
-            break
-        d = d.parent
-    for m in reversed(missing):
-        before = _mtime(m.parent)
-        if before is not None:
-            touched.setdefault(m.parent, before)
-        m.mkdir(exist_ok=True)
-
-
-def _advance_mtime(directory: Path, before: float) -> None:
-    """Make ``os.path.getmtime(directory)`` differ from ``before`` so ComfyUI's cached file list is rebuilt.
-
-    Needed only when the file system's timestamp did not move (same clock tick, coarse granularity): any listing
-    ComfyUI cached earlier saw an mtime <= ``before``, so a strictly newer one always invalidates it.
-    """
-    now = _mtime(directory)
-    if now is None or now > before:
-        return
-    try:
-        atime = os.stat(directory).st_atime
-        for step in (1e-3, 1.0, 2.0):  # 2 s covers FAT-like granularity
-            os.utime(directory, (atime, before + step))
-            after = _mtime(directory)
-            if after is not None and after > before:
-                return
-    except OSError:
-        pass  # not ours to change (e.g. read-only mount): the file is still written, a refresh will list it
-
-
-def _current_umask() -> int:
-    """The process umask, read without changing it where the OS allows (os.umask() sets it process-wide)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows needs write access to flush
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (POSIX); folders cannot be opened for fsync on Windows."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Move the finished temp file to its name in one step; without ``overwrite`` never replace an existing file."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # atomic and fails if the name exists, even when another run just took it
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass overwrite=True)") from None
-    except OSError:
-        # file systems without hard links (FAT, some network mounts): check then rename
-        if os.path.lexists(path):
-            raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass overwrite=True)") from None
-        os.replace(tmp, path)
-        return
-    os.unlink(tmp)
 
 
 def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -156,8 +51,9 @@ def atomic_write_safetensors(
 ) -> None:
     """Write ``tensors`` + ``metadata`` to ``path`` so that the file appears complete or not at all.
 
-    Missing parent folders are created. On any error the temp file is removed and ``path`` is untouched.
-    Without ``overwrite`` an existing ``path`` raises FileExistsError (checked again at publish time).
+    Serialized in memory first, so the bytes are written by ``atomic_files.write_atomic`` (a full disk is a
+    ``WriteFailed`` naming the file, the space needed and free). Missing parent folders are created. On any error
+    ``path`` is untouched. Without ``overwrite`` an existing ``path`` raises FileExistsError before serializing.
     """
     path = Path(path)
     meta = _check_metadata(metadata)
@@ -165,32 +61,7 @@ def atomic_write_safetensors(
         raise IsADirectoryError(f"{path} is a folder")
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass overwrite=True)")
-    directory = path.parent
-    touched: dict[Path, float] = {}
-    _make_dirs(directory, touched)
-    # hidden, not a LoRA extension, unique; the name is cut so that the temp name stays within 255 bytes
-    short = path.name.encode("utf-8")[:96].decode("utf-8", errors="ignore")
-    tmp = directory / f".{short}.{os.getpid()}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
-    before: float | None = None
-    try:
-        safetensors.torch.save_file(dict(tensors), str(tmp), metadata=meta)
-        if os.name == "posix":
-            # safetensors creates files 0600; a LoRA is shared like any model file (ComfyUI in another account or
-            # container), so give it the mode a plain open() would
-            os.chmod(tmp, 0o666 & ~_current_umask())
-        _fsync_file(tmp)
-        before = _mtime(directory)
-        _publish(tmp, path, overwrite)
-    finally:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-    _fsync_dir(directory)
-    if before is not None:
-        touched[directory] = before  # compare with the moment just before the rename, not before the temp file
-    for d, t in touched.items():
-        _advance_mtime(d, t)
+    write_atomic(path, safetensors.torch.save(dict(tensors), metadata=meta), overwrite=overwrite)
 
 
 def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:

@@ -20,7 +20,7 @@ import torch
 
 from ..data.size_conditioning import size_embedding
 from .ddpm_schedule import DDPMSchedule
-from .loss_weighting import LossSettings, compute_loss
+from .loss_weighting import LossSettings, compute_loss, reg_loss_weights
 from .noise import NoiseSettings, sample_noise_and_timesteps
 
 
@@ -54,12 +54,23 @@ class Batch:
     pooled: torch.Tensor  # [B, 1280]: CLIP-G projected pooled output
     time_ids: torch.Tensor  # [B, 6]: original_size_hw, crop_top_left, target_size_hw (stays on the host: the size
     # embedding is computed there, as kohya's numbers are)
-    loss_weights: torch.Tensor | None = None  # [B]: kohya's per-sample loss weight (1.0 unless reg images)
+    loss_weights: torch.Tensor | None = None  # [B]: per-sample loss weight; None: from is_reg and prior_loss_weight
+    loss_mask: torch.Tensor | None = None  # [B, 1, h, w]: kohya's masked loss at latent size (1 = pixel counts)
+    is_reg: tuple[bool, ...] = ()  # per sample: a regularization image (its loss is weighted by prior_loss_weight)
 
     def to(self, device: torch.device) -> Batch:
         """The batch on ``device`` (one copy per tensor; none when it is there already)."""
         weights = self.loss_weights.to(device) if self.loss_weights is not None else None
-        return Batch(self.latents.to(device), self.context.to(device), self.pooled.to(device), self.time_ids, weights)
+        mask = self.loss_mask.to(device) if self.loss_mask is not None else None
+        return Batch(
+            self.latents.to(device),
+            self.context.to(device),
+            self.pooled.to(device),
+            self.time_ids,
+            weights,
+            mask,
+            self.is_reg,
+        )
 
 
 @dataclass
@@ -93,5 +104,8 @@ def batch_loss(
         target = schedule.get_velocity(latents, sample.noise, sample.timesteps)
     else:
         target = sample.noise
-    loss = compute_loss(pred, target, sample.timesteps, schedule, loss_settings, batch.loss_weights)
+    weights = batch.loss_weights
+    if weights is None and any(batch.is_reg):
+        weights = reg_loss_weights(torch.tensor(batch.is_reg), loss_settings.prior_loss_weight).to(model.device)
+    loss = compute_loss(pred, target, sample.timesteps, schedule, loss_settings, weights, batch.loss_mask)
     return StepResult(loss=loss, timesteps=sample.drawn_timesteps)

@@ -4,10 +4,13 @@ Reduction order (train_network.NetworkTrainer.process_batch), reproduced by ``co
 
 1. element-wise loss ``conditional_loss(pred.float(), target.float(), loss_type, huber_c, reduction="none")``
    (huber_c is per sample, from ``huber_c_for_timesteps``);
-2. mean over every non-batch dim (C, H, W) -> one value per sample;
-3. times the per-sample dataset ``loss_weights`` (kohya's subset ``loss_weight``);
-4. ``post_process_loss``: min-SNR, scale-v, v-pred-like, debiased, in that order, each only when enabled;
-5. mean over the batch.
+2. times the latent-size loss mask, when the batch has one (kohya masked_loss / alpha_mask,
+   trainer/objective/masked_loss.py);
+3. mean over every non-batch dim (C, H, W) -> one value per sample;
+4. times the per-sample ``loss_weights`` (kohya's dataset sets ``prior_loss_weight`` for reg images, 1.0 otherwise:
+   ``reg_loss_weights``);
+5. ``post_process_loss``: min-SNR, scale-v, v-pred-like, debiased, in that order, each only when enabled;
+6. mean over the batch.
 
 The weights are per sample, so applying them after the spatial mean equals applying them before it.
 
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .ddpm_schedule import DDPMSchedule
+from .masked_loss import apply_masked_loss
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
@@ -48,6 +52,7 @@ class LossSettings:
     scale_v_pred_loss_like_noise_pred: bool = False
     v_pred_like_loss: float | None = None
     debiased_estimation_loss: bool = False
+    prior_loss_weight: float = 1.0  # kohya --prior_loss_weight: the loss weight of regularization (is_reg) images
 
     def __post_init__(self) -> None:
         for name in ("min_snr_gamma", "v_pred_like_loss"):
@@ -57,6 +62,8 @@ class LossSettings:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.huber_schedule not in HUBER_SCHEDULES:
             raise ValueError(f"huber_schedule must be one of {HUBER_SCHEDULES}, got {self.huber_schedule!r}")
+        if not math.isfinite(self.prior_loss_weight) or self.prior_loss_weight < 0:
+            raise ValueError(f"prior_loss_weight must be a number >= 0, got {self.prior_loss_weight!r}")
 
     def validate(self) -> None:
         """The combinations kohya's verify_training_args rejects. Not called by the math functions themselves,
@@ -209,6 +216,11 @@ def conditional_loss(
     raise ValueError(f"unsupported loss_type {loss_type!r}")
 
 
+def reg_loss_weights(is_reg: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """kohya's per-sample ``loss_weights``: prior_loss_weight for reg images, 1.0 for the others (float32)."""
+    return torch.tensor([prior_loss_weight if bool(r) else 1.0 for r in is_reg.tolist()], dtype=torch.float32)
+
+
 def compute_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -216,10 +228,16 @@ def compute_loss(
     schedule: DDPMSchedule,
     settings: LossSettings,
     loss_weights: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The scalar training loss of one batch, reduced exactly as kohya's process_batch (see module docstring)."""
+    """The scalar training loss of one batch, reduced exactly as kohya's process_batch (see module docstring).
+
+    ``loss_mask``: [B, 1, h, w] at latent size (trainer/objective/masked_loss.latent_loss_mask), or None.
+    """
     huber_c = huber_c_if_needed(timesteps, schedule, settings)
     loss = conditional_loss(pred.float(), target.float(), settings.loss_type, huber_c, reduction="none")
+    if loss_mask is not None:
+        loss = apply_masked_loss(loss, loss_mask)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     if loss_weights is not None:
         loss = loss * loss_weights.to(loss.device)

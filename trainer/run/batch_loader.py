@@ -15,8 +15,8 @@ from typing import Protocol
 
 import torch
 
-from ..data.captions import escape_for_comfy_tokenizer
 from ..data.dataset import BucketedImage, TrainingDataset, caption_for_step
+from ..data.token_length import TokenLength
 from ..objective.batch_loss import Batch
 
 
@@ -24,18 +24,23 @@ class LatentSource(Protocol):
     def latent(self, image: BucketedImage, flipped: bool) -> torch.Tensor:
         """Unscaled latent [4, h, w] of a bucketed image (flipped: of its mirrored pixels)."""
 
+    def loss_mask(self, image: BucketedImage, flipped: bool) -> torch.Tensor | None:
+        """Latent-size loss mask [h, w] of the image (kohya masked loss), or None when every pixel counts."""
+
 
 class TextSource(Protocol):
+    token_length: TokenLength  # how the captions were encoded; live captions are encoded the same way
+
     def encoding(self, image: BucketedImage) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [L, 2048], pooled [1280]) of the image's fixed caption."""
 
 
-# escaped captions -> one (context [L, 2048], pooled [1280]) each; for random captions and TE training
+# literal captions -> one (context [L, 2048], pooled [1280]) each; for random captions and TE training
 LiveEncoder = Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
-    """Stack per-sample contexts of 77*k tokens; different k are repeated to a common length.
+    """Stack per-sample contexts (77*k tokens with ComfyUI chunking); different k are repeated to a common length.
 
     Repeating a whole context sequence leaves cross-attention unchanged (the softmax sees each
     key/value the same number of times more), which is how ComfyUI batches conds of different length.
@@ -95,14 +100,14 @@ class CachedBatchSource:
         part_index, batch = self._batches(epoch)[index]
         part = self.dataset.parts[part_index]
         images: list[BucketedImage] = [part.images[k] for k in batch.keys]
-        latents, time_ids, captions, fixed = [], [], [], []
+        latents, time_ids, captions, fixed, masks = [], [], [], [], []
         for img in images:
             flipped = img.flip_aug and py_random.random() < 0.5
             latents.append(self.latents.latent(img, flipped))
+            masks.append(self.latents.loss_mask(img, flipped))
             time_ids.append(img.time_ids(flipped))
             if self.train_text_encoder or self.text is None or img.caption_options.is_random:
-                text = caption_for_step(img, py_random, epoch, step, self.max_train_steps)
-                captions.append(escape_for_comfy_tokenizer(text))
+                captions.append(caption_for_step(img, py_random, epoch, step, self.max_train_steps))
                 fixed.append(None)
             else:
                 captions.append(None)
@@ -117,9 +122,18 @@ class CachedBatchSource:
             ctx, pool = fixed[i] if fixed[i] is not None else live[live_idx.index(i)]
             contexts.append(ctx.reshape(-1, ctx.shape[-1]).to(self.device))
             pooled.append(pool.reshape(-1).to(self.device))
+        loss_mask = None
+        if any(m is not None for m in masks):
+            # kohya: in a batch with masks, an image without one gets a mask of ones
+            loss_mask = torch.stack(
+                [m if m is not None else torch.ones(lat.shape[1:]) for m, lat in zip(masks, latents)]
+            )
+            loss_mask = loss_mask.unsqueeze(1).to(self.device)
         return Batch(
             latents=torch.stack([latent.float() for latent in latents]).to(self.device),
             context=stack_contexts(contexts),
             pooled=torch.stack(pooled),
             time_ids=torch.tensor(time_ids, dtype=torch.long),
+            is_reg=tuple(img.item.is_reg for img in images),
+            loss_mask=loss_mask,
         )

@@ -2,20 +2,27 @@
 resumable state folders.
 
 Intermediate files are full kohya LoRAs with their step/epoch in name and metadata. Only files this
-run wrote are ever deleted by keep-last-N.
+run wrote are ever deleted by keep-last-N. A save that fails here (disk full, permissions) is a warning: training
+goes on and the report lists what was not saved, because losing the whole run to a missed intermediate file is
+worse than missing the file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import sweep_stale_temp_files
 from .loop import LoopState, StepRecord
 from .lora_output import SavedLora
 from .resume_state import save_state
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class RunArtifacts:
     fingerprint: dict
     intermediates: list[SavedLora] = field(default_factory=list)
     states: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # saves that failed; the run went on
     _last_epoch_saved: int = 0
 
     def on_step(self, record: StepRecord, result: Any) -> None:
@@ -60,11 +68,22 @@ class RunArtifacts:
         ):
             if epoch_done:
                 self._last_epoch_saved = state.epoch
-            saved = self.save_lora(f"step{record.step:06d}", record.step, state.epoch)
-            self.intermediates.append(saved)
-            self._prune()
+            try:
+                saved = self.save_lora(f"step{record.step:06d}", record.step, state.epoch)
+            except OSError as e:
+                self.warn(f"step {record.step}: the intermediate LoRA was not saved, training continues: {e}")
+            else:
+                self.intermediates.append(saved)
+                self._prune()
         if s.save_state_every_n_steps and record.step % s.save_state_every_n_steps == 0:
-            self.save_state(result)
+            try:
+                self.save_state(result)
+            except OSError as e:
+                self.warn(f"step {record.step}: the resumable state was not saved, training continues: {e}")
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("SDXL LoRA trainer: %s", message)
 
     def _prune(self) -> None:
         keep = self.settings.keep_last_n
@@ -90,11 +109,60 @@ class RunArtifacts:
             ema=result.ema.state_tensors() if result.ema is not None else None,
             ema_updates=result.ema.updates if result.ema is not None else 0,
         )
+        self._point_latest_at(folder)
+        self.states.append(folder)
+        return folder
+
+    def _point_latest_at(self, folder: Path) -> None:
         latest = self.state_root / "latest"
         tmp = self.state_root / ".latest.tmp"
         if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
         tmp.symlink_to(folder.name)
         os.replace(tmp, latest)
-        self.states.append(folder)
-        return folder
+
+
+# mkstemp names of state files written by earlier versions (no pid in the name): ``.state.json.k2j3h4g5.tmp``
+_OLD_STATE_TEMP = re.compile(r"^\.state\.(safetensors|json)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def sweep_run_leftovers(lora_folder: Path, states_root: Path, process_started: float) -> list[Path]:
+    """Remove what killed saves left behind: stale temp files next to the LoRAs, stale staging folders and temp files
+    in the state folders, and step folders emptied by that. Called when a run starts; returns what was removed.
+
+    Only this pack's hidden temp names are touched, and only when their writer is gone (atomic_files.is_stale_temp);
+    temps of earlier versions, which carry no pid, only when they are older than this process.
+    """
+    removed = sweep_stale_temp_files(lora_folder)
+    removed += sweep_stale_temp_files(states_root, depth=2)  # state/<run>/step-N/<file>
+    try:
+        runs = [p for p in states_root.iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        runs = []
+    for run_folder in runs:
+        for step in run_folder.glob("step-*"):
+            if step.is_symlink() or not step.is_dir():
+                continue
+            for leftover in step.iterdir():
+                try:
+                    if _OLD_STATE_TEMP.match(leftover.name) and leftover.stat().st_mtime < process_started:
+                        leftover.unlink()
+                        removed.append(leftover)
+                except OSError:
+                    pass
+            try:
+                step.rmdir()  # only succeeds when nothing is left in it
+                removed.append(step)
+            except OSError:
+                pass
+    return removed
+
+
+def process_start_time() -> float:
+    """When this process started (epoch seconds): temps without a pid older than this belong to a dead process."""
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid()).create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or refusing: nothing without a pid is swept
+        return 0.0

@@ -15,6 +15,7 @@ import torch
 
 from ..data.bucket_batches import max_train_steps_for_epochs
 from ..data.dataset import TrainingDataset
+from ..data.token_length import TokenLength
 from ..network.config import PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
@@ -34,6 +35,8 @@ class TrainConfig:
     ``learning_rate`` / ``loraplus_lr_ratio``: the run's values, used by every model part that sets none of its own
     (``unet``, ``clip_l``, ``clip_g``: kohya's unet_lr, text_encoder_lr and loraplus_*_lr_ratio per part).
     ``max_grad_norm``: clip the global gradient norm to this before each optimizer step; 0 disables (kohya).
+    ``token_length``: kohya's max_token_length when the run's settings name one (Import kohya Config does); None: the
+    'Cache Text' node's choice decides (see ``resolve_token_length``).
     """
 
     max_train_steps: int = 1600
@@ -57,6 +60,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     loss: LossSettings = field(default_factory=LossSettings)
     noise: NoiseSettings = field(default_factory=NoiseSettings)
+    token_length: TokenLength | None = None
 
     def __post_init__(self) -> None:
         for name in ("learning_rate", "max_grad_norm"):
@@ -73,6 +77,17 @@ class TrainConfig:
             raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
         if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
             raise ValueError("full_bf16 needs train_dtype bf16")
+
+    def resolve_token_length(self, cached: TokenLength | None) -> TokenLength:
+        """The run's token layout: the text cache's (``cached``, from 'Cache Text'), which must agree with the one the
+        run's settings name; kohya's default (75 tokens) when neither says."""
+        if cached is not None and self.token_length is not None and cached != self.token_length:
+            raise ValueError(
+                f"The text cache was encoded with max_token_length {cached.choice}, but the run's settings (the "
+                f"kohya config) use {self.token_length.choice}: set max_token_length to {self.token_length.choice} "
+                "on 'Cache Text' so the captions are encoded as that run encodes them."
+            )
+        return cached or self.token_length or TokenLength()
 
     def zero_learning_rate_error(self, trained_parts: Sequence[str] = PART_LR_INPUTS) -> str | None:
         """Why nothing would learn, or None: every trained part's learning rate is 0 (its own, or learning_rate

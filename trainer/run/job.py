@@ -1,6 +1,10 @@
 """One train-node run, start to finish: train, report progress, save intermediate files and states,
 render previews, save the final LoRA and its logs, and on Cancel save and stop.
 
+Failed saves never throw the training away: a failed intermediate LoRA, state or log is a warning in the report;
+a failed final save still returns the trained LoRA (MODEL/CLIP with it applied, LORA_MODEL) with the error in the
+report, so it can be saved elsewhere.
+
 The train node builds the settings from its widgets and runs a ``TrainJob``; everything that happens
 during the run lives here so the node stays a schema.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -20,12 +25,13 @@ from typing import Any
 import torch
 
 from ..comfyui import graph as comfy_graph
+from ..comfyui import sampling as comfy_sampling
 from ..comfyui import services as comfy_services
 from ..data.dataset import TrainingDataset
 from ..network.checkpoint_hashes import checkpoint_hashes
 from ..network.config import NetworkSetup
 from ..network.file_names import safe_relative_name
-from .checkpoints import CheckpointSettings, RunArtifacts
+from .checkpoints import CheckpointSettings, RunArtifacts, process_start_time, sweep_run_leftovers
 from .config import TrainConfig
 from .ema import EmaSettings
 from .events import RunEvents, RunObservers
@@ -39,6 +45,7 @@ from .lora_output import (
     network_metadata,
     run_tag,
     save_run_lora,
+    shipped_weights,
     training_metadata,
 )
 from .previews import PreviewRenderer, PreviewRequest
@@ -46,12 +53,18 @@ from .resume_state import StateError, load_state
 from .session import TrainResult, train
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
+STATES_FOLDER = ("sdxl_lora_trainer", "state")  # under ComfyUI's output folder: state/<run>/step-N
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class JobResult:
-    weights: dict[str, torch.Tensor]  # the trained LoRA, kohya keys (LORA_MODEL)
-    saved: SavedLora
+    weights: dict[str, torch.Tensor]  # the trained LoRA as the file holds it, kohya keys (LORA_MODEL)
+    model: Any  # the incoming MODEL with ``weights`` applied (a clone)
+    clip: Any  # the incoming CLIP with ``weights`` applied, or None without a CLIP
+    saved: SavedLora | None  # None when the final save failed (``save_error`` says why)
+    save_error: str | None
     state: LoopState
     steps_per_epoch: int
     report: str
@@ -78,7 +91,7 @@ class TrainJob(RunEvents):
         previews: PreviewRequest | None,
         node_id: str | None,
         ema: EmaSettings | None = None,
-        logging: LogSettings | None = None,
+        log_settings: LogSettings | None = None,
         prompt: Any = None,
         extra_pnginfo: Any = None,
     ) -> None:
@@ -88,7 +101,7 @@ class TrainJob(RunEvents):
         self.out = out
         self.checkpointing = checkpointing or CheckpointSettings()
         self.ema = ema
-        self.logging = logging
+        self.log_settings = log_settings
         self.node_id = node_id
         self.prompt = prompt
         self.extra_pnginfo = extra_pnginfo
@@ -98,19 +111,20 @@ class TrainJob(RunEvents):
         tag = run_tag(config.seed)
         self.lora_tag = out.lora_tag(tag)  # empty with overwrite: the exact name is reused
         self.loras_root = comfy_services.loras_directory()
+        self.states_root = Path(comfy_services.output_directory()).joinpath(*STATES_FOLDER)
         self.fingerprint = run_fingerprint(dataset, network.config, config, ema)
         self.renderer = PreviewRenderer(previews.settings, previews.clip, previews.vae) if previews else None
         self.train_te = network.config.train_te1 or network.config.train_te2
         self.artifacts = RunArtifacts(
             self.checkpointing,
             lambda suffix, step, epoch: self._save(f"-{suffix}", step, epoch),
-            Path(comfy_services.output_directory()) / "sdxl_lora_trainer" / "state" / f"{out.name}_{tag}",
+            self.states_root / f"{out.name}_{tag}",
             self.fingerprint,
         )
         self.run: TrainResult | None = None  # set when training starts
+        self.checkpoint: dict[str, str] = {}  # ss_sd_model_name and hashes, set when the job starts
         self.live_log: LiveLog | None = None  # set when execute starts
         self.observers: RunEvents = self
-        self.checkpoint: dict[str, str] = {}  # ss_sd_model_name and hashes, set when the job starts
 
     def execute(self, model: Any, clip: Any, latents: Any, text: Any) -> JobResult:
         """Train and save. Raises ComfyUI's interrupt after saving when the user cancelled."""
@@ -119,8 +133,9 @@ class TrainJob(RunEvents):
         if resume is not None:
             self._require_steps_left(ckpt.resume_from, resume["loop"].global_step)
         self.checkpoint = base_checkpoint_metadata(self.prompt, self.node_id)
+        self._sweep_leftovers()
         comfy_services.reset_interrupt_note()
-        self.live_log = LiveLog(self._log_folder(), self.logging, self._logged_config())
+        self.live_log = LiveLog(self._log_folder(), self.log_settings, self._logged_config())
         self.observers = RunObservers(self, self.live_log)
         try:
             return self._train_and_save(model, clip, latents, text, resume)
@@ -143,19 +158,46 @@ class TrainJob(RunEvents):
         )
         self.run = result
         state = result.state
-        saved = self._save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0))
-        write_logs(saved.path, state.history)
+        weights = self._main_weights()
+        saved, save_error, log_base = None, None, None
+        try:
+            saved = self._save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0), weights)
+            log_base = saved.path
+        except OSError as e:
+            save_error = f"the LoRA was NOT saved: {e}"
+            log_base = getattr(e, "path", None)
+            log.error("SDXL LoRA trainer: %s", save_error)
+        if log_base is not None:
+            self._write_logs(Path(log_base), state)
         if state.interrupted:
-            self._stop_cancelled(saved)
-        ema_is_main = result.ema is not None and self.ema.save_as == "main_file"
+            self._stop_cancelled(saved, save_error)
+        model_out, clip_out = comfy_sampling.apply_lora(model, clip, weights)
         return JobResult(
-            weights=result.ema.state_dict_kohya() if ema_is_main else result.network.state_dict_kohya(),
+            weights=weights,
+            model=model_out,
+            clip=clip_out if clip is not None else None,
             saved=saved,
+            save_error=save_error,
             state=state,
             steps_per_epoch=result.steps_per_epoch,
-            report=self._report(saved),
+            report=self._report(saved, save_error),
             previews=torch.cat(self.renderer.images) if self.renderer is not None and self.renderer.images else None,
         )
+
+    def _sweep_leftovers(self) -> None:
+        """Temp files and staging folders of saves killed in earlier runs (never those of a live writer)."""
+        lora_folder = Path(self.loras_root).joinpath(*[p for p in self.out.subfolder.strip().split("/") if p])
+        removed = sweep_run_leftovers(lora_folder, self.states_root, process_start_time())
+        if removed:
+            log.info("SDXL LoRA trainer: removed %d leftovers of interrupted saves: %s", len(removed), removed)
+
+    def _write_logs(self, lora_path: Path, state: LoopState) -> None:
+        """The CSV/JSONL logs (the TensorBoard log is live); a failure is a warning in the report, never a failed
+        run."""
+        try:
+            write_logs(lora_path, state.history)
+        except OSError as e:
+            self.artifacts.warn(f"the step log was not written: {e}")
 
     def _require_steps_left(self, state_folder: str, done: int) -> None:
         """A state at or past this run's last step has nothing left to train: say so before anything is saved (a
@@ -218,18 +260,26 @@ class TrainJob(RunEvents):
             self._render_previews(self.run.state.global_step)
 
     # -- saving and reporting ----------------------------------------------------------------------------------
-    def _save(self, suffix: str, step: int, epoch: int) -> SavedLora:
-        """The LoRA of this step; with an EMA also its averaged weights, as the file itself or an ``_ema`` file."""
+    def _main_weights(self) -> dict[str, torch.Tensor]:
+        """What the LoRA file and the node's outputs hold: the trained weights, or their EMA with save_as main_file."""
+        run = self.run
+        if run.ema is not None and self.ema.save_as == "main_file":
+            return shipped_weights(run.network, self.out, state=run.ema.state_dict_kohya())
+        return shipped_weights(run.network, self.out)
+
+    def _save(self, suffix: str, step: int, epoch: int, weights: dict[str, torch.Tensor] | None = None) -> SavedLora:
+        """The LoRA of this step (``weights``, default ``_main_weights``); with an EMA saved as an extra file, also
+        ``<lora>_ema.safetensors`` (a failure there is a warning: the LoRA itself was saved)."""
         run = self.run
 
-        def save(**kwargs: Any) -> SavedLora:
+        def save(tensors: dict[str, torch.Tensor], **kwargs: Any) -> SavedLora:
             return save_run_lora(
-                run.network,
+                tensors,
                 self.loras_root,
                 self.out,
                 run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
                 training=training_metadata(
-                    replace(self.config, train_dtype=run.train_dtype),
+                    replace(self.config, train_dtype=run.train_dtype, token_length=run.token_length),
                     run.optimizer,
                     run.steps_per_epoch,
                     run.total_steps,
@@ -247,13 +297,18 @@ class TrainJob(RunEvents):
                 **kwargs,
             )
 
+        main = weights if weights is not None else self._main_weights()
         if run.ema is None:
-            return save()
-        averaged = {"weights": run.ema.state_dict_kohya(), "extra_metadata": ema_metadata(self.ema, run.ema.updates)}
+            return save(main)
+        averaged_meta = ema_metadata(self.ema, run.ema.updates)
         if self.ema.save_as == "main_file":
-            return save(**averaged)
-        saved = save()
-        saved.companions.append(save(companion_of=saved, **averaged))
+            return save(main, extra_metadata=averaged_meta)
+        saved = save(main)
+        averaged = shipped_weights(run.network, self.out, state=run.ema.state_dict_kohya())
+        try:
+            saved.companions.append(save(averaged, extra_metadata=averaged_meta, companion_of=saved))
+        except OSError as e:
+            self.artifacts.warn(f"the EMA file of {saved.lora_name} was not saved: {e}")
         return saved
 
     def _render_previews(self, step: int) -> list[torch.Tensor]:
@@ -274,12 +329,15 @@ class TrainJob(RunEvents):
                 return []
             raise
 
-    def _stop_cancelled(self, saved: SavedLora) -> None:
+    def _stop_cancelled(self, saved: SavedLora | None, save_error: str | None) -> None:
         """Cancel: the LoRA is saved, the resumable state too (when asked); then ComfyUI's interrupt is raised."""
         state = self.run.state
-        where = f"LoRA saved as {saved.lora_name}"
+        where = f"LoRA saved as {saved.lora_name}" if saved is not None else save_error
         if self.checkpointing.save_state_on_cancel:
-            where += f"; resumable state in {self.artifacts.save_state(self.run)}"
+            try:
+                where += f"; resumable state in {self.artifacts.save_state(self.run)}"
+            except OSError as e:
+                where += f"; the resumable state was NOT saved: {e}"
         self.progress.update(
             state.global_step, self.run.total_steps, text=f"cancelled at step {state.global_step}; {where}"
         )
@@ -289,22 +347,29 @@ class TrainJob(RunEvents):
         )
         comfy_services.raise_interrupt()
 
-    def _report(self, saved: SavedLora) -> str:
+    def _report(self, saved: SavedLora | None, save_error: str | None) -> str:
         run, state = self.run, self.run.state
         final = state.history[-1].loss if state.history else float("nan")
         report = (
             f"trained {state.global_step} steps ({run.steps_per_epoch} per epoch) in "
-            f"{time.time() - self.started:.1f}s; final loss {final:.4f}\nsaved {saved.path}\n"
-            f"lora_name: {saved.lora_name}"
+            f"{time.time() - self.started:.1f}s; final loss {final:.4f}\n"
         )
-        if run.ema is not None:
-            where = "in this file" if self.ema.save_as == "main_file" else f"in {saved.companions[0].lora_name}"
-            report += f"\nEMA of the weights ({run.ema.updates} updates, decay {self.ema.decay}) {where}"
+        if saved is not None:
+            report += f"saved {saved.path}\nlora_name: {saved.lora_name}"
+        else:
+            report += (
+                f"ERROR: {save_error}\nThe trained LoRA is still on this node's model, clip and lora outputs: "
+                "connect 'lora' to ComfyUI's 'Save LoRA Weights' node to save it elsewhere (lora_name is empty)."
+            )
         if self.artifacts.intermediates:
             report += "\nintermediate: " + ", ".join(s.lora_name for s in self.artifacts.intermediates)
         if self.artifacts.states:
             report += f"\nstate: {self.artifacts.states[-1]}"
+        if run.ema is not None and saved is not None and (self.ema.save_as == "main_file" or saved.companions):
+            where = "in this file" if self.ema.save_as == "main_file" else f"in {saved.companions[0].lora_name}"
+            report += f"\nEMA of the weights ({run.ema.updates} updates, decay {self.ema.decay}) {where}"
         report += f"\nTensorBoard log: {self.live_log.folder} (tensorboard --logdir {self.loras_root})"
+        report += "".join(f"\nWARNING: {w}" for w in self.artifacts.warnings)
         return report + "".join(f"\n{note}" for note in [*run.notes, *self.live_log.notes])
 
     def _log_folder(self) -> Path:

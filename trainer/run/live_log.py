@@ -7,14 +7,17 @@ CSV/JSONL log, so folders sort by start time and ``tensorboard --logdir <loras f
 The log is a ``RunEvents`` observer: it hears each finished step (loss, kohya's loss/average, lr per parameter
 group, gradient norm), the sample previews and, when a validation loss is computed, that too. Scalar names follow
 kohya's TensorBoard logs (``loss/current``, ``loss/average``, ``lr/<group>``, ``lr/d*lr/<group>``), so runs of both
-tools read alike.
+tools read alike. A log that cannot be written (disk full, permissions) stops with a note in the train node's
+report; it never fails the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,13 +75,18 @@ class LiveLog(RunEvents):
     def __init__(self, folder: Path, settings: LogSettings | None = None, config: dict | None = None) -> None:
         self.folder = folder
         self.notes: list[str] = []
-        self.tensorboard = _summary_writer(folder)
-        if self.tensorboard is None:
+        try:
+            self.tensorboard = _summary_writer(folder)
+        except OSError as e:
+            self.tensorboard = None
+            self.notes.append(f"WARNING: no TensorBoard log: {folder} cannot be written ({e})")
+        if self.tensorboard is None and not self.notes:
             self.notes.append(
                 "no TensorBoard log: the tensorboard package is missing (pip install -r requirements.txt)"
             )
-        elif config:
-            self.tensorboard.add_text("config", f"```\n{json.dumps(config, indent=1, default=str)}\n```", 0)
+        elif self.tensorboard is not None and config:
+            with self._guard(None):
+                self.tensorboard.add_text("config", f"```\n{json.dumps(config, indent=1, default=str)}\n```", 0)
         self.wandb = None
         settings = settings or LogSettings()
         if settings.wandb_project:
@@ -99,22 +107,24 @@ class LiveLog(RunEvents):
         self._scalars(self.step_scalars(record), record.step)
 
     def previews_rendered(self, step: int, images: list[torch.Tensor]) -> None:
-        for i, image in enumerate(images):
-            pixels = (image[0].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            if self.tensorboard is not None:
-                self.tensorboard.add_image(f"preview/{i}", pixels.numpy(), step, dataformats="HWC")
-            if self.wandb is not None:
-                import wandb
+        pictures = [(image[0].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu() for image in images]
+        if self.tensorboard is not None:
+            with self._guard(step):
+                for i, pixels in enumerate(pictures):
+                    self.tensorboard.add_image(f"preview/{i}", pixels.numpy(), step, dataformats="HWC")
+                self.tensorboard.flush()
+        if self.wandb is not None:
+            import wandb
 
-                self.wandb.log({f"preview/{i}": wandb.Image(pixels.numpy())}, step=step)
-        self._flush()
+            self.wandb.log({f"preview/{i}": wandb.Image(p.numpy()) for i, p in enumerate(pictures)}, step=step)
 
     def validation_finished(self, step: int, loss: float) -> None:
         self._scalars({"loss/validation": loss}, step)
 
     def close(self) -> None:
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            with self._guard(None):
+                self.tensorboard.close()
             self.tensorboard = None
         if self.wandb is not None:
             self.wandb.finish()
@@ -144,15 +154,24 @@ class LiveLog(RunEvents):
 
     def _scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.tensorboard is not None:
-            for tag, value in scalars.items():
-                self.tensorboard.add_scalar(tag, value, step)
+            with self._guard(step):
+                for tag, value in scalars.items():
+                    self.tensorboard.add_scalar(tag, value, step)
+                self.tensorboard.flush()  # a few hundred bytes: TensorBoard shows the step now
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
-        self._flush()
 
-    def _flush(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.flush()  # a few hundred bytes: TensorBoard shows the step now
+    @contextlib.contextmanager
+    def _guard(self, step: int | None) -> Iterator[None]:
+        """A failed write stops the TensorBoard log with a note (the report's), never the run."""
+        try:
+            yield
+        except OSError as e:
+            where = f" at step {step}" if step is not None else ""
+            self.notes.append(f"WARNING: the TensorBoard log in {self.folder} stopped{where}: {e}")
+            writer, self.tensorboard = self.tensorboard, None
+            with contextlib.suppress(Exception):
+                writer.close()
 
 
 def _summary_writer(folder: Path) -> Any:

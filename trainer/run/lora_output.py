@@ -20,7 +20,7 @@ from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
 from ..network.file_names import safe_relative_name, unique_lora_path
 from ..network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag_frequency
-from ..network.safetensors_file import save_lora
+from ..network.safetensors_file import prepare_tensors, save_lora
 from .optimizers import optimizer_metadata_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -64,21 +64,25 @@ class SavedLora:
 def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
     images = ds.images
     dirs: dict[str, dict[str, int]] = {}
+    reg_dirs: dict[str, dict[str, int]] = {}  # kohya: reg subsets go to ss_reg_dataset_dirs
     captions: dict[str, list[str]] = {}
     for img in images:
         name = os.path.basename(img.item.source_dir or "") or img.item.subset or "images"
-        d = dirs.setdefault(name, {"n_repeats": img.item.num_repeats, "img_count": 0})
+        table = reg_dirs if img.item.is_reg else dirs
+        d = table.setdefault(name, {"n_repeats": img.item.num_repeats, "img_count": 0})
         d["img_count"] += 1
         captions.setdefault(name, []).append(img.item.caption)
     part = ds.parts[0]
+    image_counts = ds.image_counts()
     opts = images[0].caption_options
     counts: dict[tuple[int, int], int] = {}
     for bucket, _, with_repeats in ds.bucket_histogram():
         counts[bucket] = with_repeats
     ar_error = sum(abs(img.selection.ar_error) for img in images) / max(1, len(images))
     return {
-        "num_train_images": sum(i.item.num_repeats for i in images if not i.item.is_reg),
-        "num_reg_images": sum(i.item.num_repeats for i in images if i.item.is_reg),
+        # kohya's counters: num_reg_images counts the reg images given (x repeats), before its balancing
+        "num_train_images": image_counts["num_train_images"],
+        "num_reg_images": image_counts["num_reg_images"],
         "resolution": tuple(part.settings.resolution),
         "enable_bucket": part.settings.enable_bucket,
         "bucket_no_upscale": part.settings.bucket_no_upscale,
@@ -91,6 +95,7 @@ def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
         "caption_dropout_every_n_epochs": opts.caption_dropout_every_n_epochs,
         "caption_tag_dropout_rate": opts.caption_tag_dropout_rate,
         "dataset_dirs": dirs,
+        "reg_dataset_dirs": reg_dirs or None,
         "tag_frequency": tag_frequency(captions),
         "bucket_info": kohya_bucket_info(counts, ar_error) if part.settings.enable_bucket else None,
     }
@@ -134,6 +139,7 @@ def training_metadata(
         "lr_scheduler": run.lr_scheduler,
         "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[run.train_dtype],
         "cache_latents": True,
+        "max_token_length": run.token_length.max_token_length if run.token_length else None,
         "seed": run.seed,
         "noise_offset": run.noise.noise_offset,
         "multires_noise_iterations": run.noise.multires_noise_iterations,
@@ -145,6 +151,7 @@ def training_metadata(
         "optimizer": optimizer_metadata_name(optimizer, run.optimizer),
         "max_grad_norm": run.max_grad_norm,
         "min_snr_gamma": run.loss.min_snr_gamma,
+        "prior_loss_weight": run.loss.prior_loss_weight,
         "scale_weight_norms": run.scale_weight_norms,
         "debiased_estimation": run.loss.debiased_estimation_loss,
         "loss_type": run.loss.loss_type,
@@ -154,8 +161,20 @@ def training_metadata(
     }
 
 
+def shipped_weights(
+    network: AdapterNetwork, out: OutputSettings, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The LoRA exactly as the file holds it (cast to ``save_precision``, CPU copies); ``state``: the network's dict
+    with other weights (its EMA, ``AdapterEma.state_dict_kohya``) to ship instead of its own.
+
+    The train node applies these to its MODEL/CLIP outputs and hands them on as LORA_MODEL, so what a KSampler after
+    the train node shows is what a LoraLoader loading the file shows (what you test is what you ship).
+    """
+    return prepare_tensors(state if state is not None else network.state_dict_kohya(), SAVE_DTYPES[out.save_precision])
+
+
 def save_run_lora(
-    network: AdapterNetwork,
+    weights: dict[str, torch.Tensor],
     loras_root: str,
     out: OutputSettings,
     *,
@@ -168,12 +187,12 @@ def save_run_lora(
     prompt: dict | None = None,
     extra_pnginfo: dict | None = None,
     v_parameterization: bool = False,
-    weights: dict[str, torch.Tensor] | None = None,
     extra_metadata: dict[str, str] | None = None,
     companion_of: SavedLora | None = None,
 ) -> SavedLora:
-    """Save the run's LoRA (``weights``, default the network's own) under a new unique name, or, with
-    ``companion_of``, beside that file as ``<its stem>_ema.safetensors`` (the EMA file of the same save)."""
+    """Write ``weights`` (``shipped_weights``) under a new name in the loras folder, or, with ``companion_of``, beside
+    that file as ``<its stem>_ema.safetensors`` (the EMA of the same save); raises OSError when it cannot
+    (``atomic_files.WriteFailed`` names the file, the space needed and free)."""
     if companion_of is not None:
         path = companion_of.path.with_name(f"{companion_of.path.stem}_ema{companion_of.path.suffix}")
         stem, ext = os.path.splitext(companion_of.lora_name)
@@ -193,8 +212,7 @@ def save_run_lora(
     if v_parameterization:
         meta["ss_v_parameterization"] = "True"
     meta.update(extra_metadata or {})
-    tensors = weights if weights is not None else network.state_dict_kohya()
-    save_lora(tensors, path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
+    save_lora(weights, path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
     return SavedLora(path=Path(path), lora_name=rel)
 
 

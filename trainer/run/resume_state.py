@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from ..atomic_files import WriteFailed, temp_path, write_atomic
 from .loop import LoopState
 
 STATE_FORMAT = "sdxl_lora_trainer.state/1"
@@ -94,9 +96,12 @@ def save_state(
     ema: dict[str, torch.Tensor] | None = None,
     ema_updates: int = 0,
 ) -> Path:
-    """Write the state folder atomically (each file via temp + rename; tensors first)."""
+    """Write the state folder atomically: both files into a hidden staging folder, then one rename.
+
+    A save that fails (disk full: ``WriteFailed`` naming the state folder) leaves nothing behind; an existing folder
+    of the same step is replaced only once the new one is complete.
+    """
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {f"network.{k}": v.detach().cpu().contiguous() for k, v in network.items()}
     opt_tensors, opt_meta = split_optimizer_state(optimizer)
     tensors.update(opt_tensors)
@@ -114,9 +119,28 @@ def save_state(
         "loop": loop.to_json(),
         "ema": {"updates": ema_updates} if ema is not None else None,
     }
-    _atomic(out / TENSORS, lambda p: save_file(tensors, p))
-    _atomic(out / META, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    files = {TENSORS: safetensors_bytes(tensors), META: json.dumps(meta, indent=1).encode()}
+    staging = temp_path(out)
+    try:
+        for name, data in files.items():
+            write_atomic(staging / name, data)
+        _move_into_place(staging, out)
+    except WriteFailed as e:
+        raise e.shown_as(out / e.path.name, sum(len(d) for d in files.values())) from e.original
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the complete staging folder to ``out``; an older folder of that name is moved aside first."""
+    if not os.path.lexists(out):
+        os.rename(staging, out)
+        return
+    aside = temp_path(out)
+    os.rename(out, aside)
+    os.rename(staging, out)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _scheduler_state(state: dict | None) -> dict | None:
@@ -126,28 +150,30 @@ def _scheduler_state(state: dict | None) -> dict | None:
     return {k: v for k, v in state.items() if not callable(v)}
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def is_complete_state(folder: Path) -> bool:
+    """A folder that can be resumed: both files present (a save in progress or killed is a hidden staging folder)."""
+    return (folder / META).is_file() and (folder / TENSORS).is_file()
+
+
+def complete_states(run_folder: Path) -> list[Path]:
+    """The resumable step folders of one run's state folder, oldest step first (``latest`` and hidden ones left out)."""
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        children = sorted(p for p in Path(run_folder).iterdir() if p.name.startswith("step-") and not p.is_symlink())
+    except OSError:
+        return []
+    return [p for p in children if is_complete_state(p)]
 
 
 def load_state(folder: str | os.PathLike, fingerprint: dict | None = None) -> dict:
     """Read a state folder; with ``fingerprint`` refuse a state written for other run settings."""
     root = Path(folder)
     meta_path, tensor_path = root / META, root / TENSORS
-    if not meta_path.is_file() or not tensor_path.is_file():
+    if not is_complete_state(root):
+        nearby = complete_states(root.parent) if root.parent != root else []
+        hint = f" Complete states next to it: {', '.join(p.name for p in nearby)}." if nearby else ""
         raise StateError(
             f"{root} is not a training state folder (it needs {META} and {TENSORS}); pick the "
-            "folder a previous run saved its state to."
+            f"folder a previous run saved its state to.{hint}"
         )
     try:
         meta = json.loads(meta_path.read_text())

@@ -16,15 +16,17 @@ from typing import Any
 
 import torch
 
-from ..comfyui import encoders as comfy_encoders
+from ..cache.text import encode_caption
 from ..comfyui import kernels as comfy_kernels
 from ..comfyui import models as comfy_models
 from ..comfyui import training as comfy_training
 from ..data.dataset import TrainingDataset
+from ..data.token_length import TokenLength
 from ..network import build_network
 from ..network.base import AdapterNetwork
 from ..network.config import NetworkConfig
 from ..objective.ddpm_schedule import DDPMSchedule
+from ..objective.loss_weighting import LossSettings
 from .batch_loader import CachedBatchSource, LatentSource, TextSource
 from .config import DTYPES, TrainConfig
 from .ema import AdapterEma, EmaSettings
@@ -48,6 +50,7 @@ class TrainResult:
     group_names: list[str] = field(default_factory=list)
     ema: AdapterEma | None = None  # the averaged weights, when the run keeps an EMA
     train_dtype: str = "fp32"  # what "auto" resolved to
+    token_length: TokenLength = field(default_factory=TokenLength)  # how captions were / are encoded
     notes: list[str] = field(default_factory=list)  # what the run changed or chose, for the report
 
 
@@ -72,15 +75,19 @@ class ComfyDenoiser:
         return comfy_models.unet_forward(self.model, noisy_latents, timesteps, context, y, self.dtype)
 
 
-def live_text_encoder(clip: Any, with_grad: bool) -> Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Encode captions now: random captions (frozen encoders), or text-encoder training (``with_grad``)."""
+def live_text_encoder(
+    clip: Any, with_grad: bool, token_length: TokenLength | None = None
+) -> Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Encode literal captions now, with the run's token layout: random captions (frozen encoders), or text-encoder
+    training (``with_grad``)."""
+    token_length = token_length or TokenLength()
 
     def encode(captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
         with torch.set_grad_enabled(with_grad):
             for text in captions:
-                ctx, pooled = comfy_encoders.encode_text(clip, text)
-                out.append((ctx[0].float(), pooled[0].float()))
+                ctx, pooled = encode_caption(clip, text, token_length)
+                out.append((ctx.float(), pooled.float()))
         return out
 
     return encode
@@ -95,6 +102,24 @@ def _normal_tensors(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_normal_tensors(v) for v in obj]
     return obj
+
+
+def _dataset_loss_notes(dataset: TrainingDataset, loss: LossSettings) -> list[str]:
+    """What masks and reg images do to this run's loss, for the report (a setting without effect is said too)."""
+    counts = dataset.image_counts()
+    notes = []
+    if counts["masked_images"]:
+        notes.append(f"masked loss: {counts['masked_images']} of {len(dataset.images)} images have a loss mask")
+    if counts["reg_images"]:
+        notes.append(
+            f"regularization images: {counts['reg_images']}, their loss weighted by prior_loss_weight "
+            f"{loss.prior_loss_weight:g}"
+        )
+    elif loss.prior_loss_weight != 1.0:
+        notes.append(
+            f"prior_loss_weight {loss.prior_loss_weight:g} has no effect: the dataset has no regularization images"
+        )
+    return notes
 
 
 def train(
@@ -136,6 +161,7 @@ def train(
             f"EMA start_step {ema.start_step} is after the run's last step ({total}): nothing would be averaged. "
             "Lower start_step or train longer."
         )
+    token_length = config.resolve_token_length(text.token_length if text is not None else None)
     trained = (
         ("unet", network_config.train_unet),
         ("clip_l", network_config.train_te1),
@@ -189,7 +215,9 @@ def train(
             state = resume["loop"]
 
         needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
-        encoder = live_text_encoder(models.clip, with_grad=train_te) if clip is not None else None
+        encoder = None
+        if clip is not None:
+            encoder = live_text_encoder(models.clip, with_grad=train_te, token_length=token_length)
         source = CachedBatchSource(
             dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te, device=device
         )
@@ -212,7 +240,9 @@ def train(
             group_names=group_names,
             train_dtype=train_dtype,
             ema=averages,
+            token_length=token_length,
         )
+        result.notes.extend(_dataset_loss_notes(dataset, loss_settings))
         with contextlib.ExitStack() as stack:
             stack.enter_context(comfy_training.training_flag())
             kernel = stack.enter_context(comfy_kernels.differentiable_attention())
@@ -225,6 +255,7 @@ def train(
             stack.enter_context(comfy_kernels.gradient_checkpointing(unet, config.gradient_checkpointing))
             stack.enter_context(network.attach())
             result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
+            result.notes.append(f"captions: {token_length.describe()}")
             events.training_started(result)
             try:
                 result.state = run(

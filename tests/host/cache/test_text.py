@@ -1,7 +1,8 @@
 """trainer/cache/text.py on ComfyUI's own SDXL CLIP class (tiny CLIP-L + CLIP-G, real tokenizers, CPU).
 
-The reference for every cached encoding is what CLIPTextEncode computes for the escaped caption:
-``clip.encode_from_tokens(clip.tokenize(escaped), return_pooled=True)``. Encoder work is counted
+With ComfyUI chunking the reference for every cached encoding is what CLIPTextEncode computes for the escaped
+caption: ``clip.encode_from_tokens(clip.tokenize(escaped), return_pooled=True)``; kohya's default layout gives the
+same for captions of at most 75 tokens and truncates longer ones. Encoder work is counted
 with ENCODER_CALLS['clip'] (one call per caption), so invalidation is checked as an exact count.
 """
 
@@ -23,6 +24,9 @@ from sdxl_lora_trainer.trainer.data.buckets import BucketSettings
 from sdxl_lora_trainer.trainer.data.captions import CaptionOptions, escape_for_comfy_tokenizer, process_caption
 from sdxl_lora_trainer.trainer.data.dataset import bucket_images, training_dataset
 from sdxl_lora_trainer.trainer.data.sources import items_from_images, scan_folder
+from sdxl_lora_trainer.trainer.data.token_length import TokenLength
+
+COMFYUI_CHUNKING = TokenLength(comfyui_chunking=True)
 
 LONG = ", ".join(f"tag{i} word{i}" for i in range(60))  # well over 75 tokens: two or more chunks
 CAPTIONS = {
@@ -119,7 +123,7 @@ def _with_lora(clip, strength=1.0, seed=0):
 def test_cached_encodings_equal_comfyui_clip_text_encode(clip, store, folder):
     ds = _dataset(folder)
     with Calls() as calls:
-        cache = TextCache.build(ds, clip, store=store)
+        cache = TextCache.build(ds, clip, store=store, token_length=COMFYUI_CHUNKING)
     assert calls.n == 3 and cache.stats.encoded == 3  # "a dog" twice: encoded once
     for i, img in enumerate(ds.images):
         caption = CAPTIONS[img.key.rsplit("/", 1)[-1]]
@@ -190,13 +194,73 @@ def test_random_caption_options_make_images_live(clip, store, tmp_path):
     assert cache.report_json()["live_images"] == 2
 
 
-def test_encode_caption_live_matches_clip_text_encode(clip):
+@pytest.mark.parametrize("token_length", [COMFYUI_CHUNKING, None], ids=["comfyui", "kohya-default"])
+def test_encode_caption_live_matches_clip_text_encode(clip, token_length):
+    """A short caption: ComfyUI's chunking and kohya's default layout give CLIPTextEncode's numbers."""
     with Calls() as calls:
-        context, pooled = encode_caption_live(clip, "z, (y:2), x")
+        context, pooled = encode_caption_live(clip, "z, (y:2), x", token_length)
     assert calls.n == 1
     ref_c, ref_p = _direct(clip, "z, (y:2), x")
     assert torch.equal(context, ref_c) and torch.equal(pooled, ref_p)
     assert not context.is_inference() and not context.requires_grad  # usable in the training graph
+
+
+def _comfy_content_tokens(clip, text):
+    """The caption's tokens per encoder from ComfyUI's own tokenizer (its chunks joined, BOS/EOS/padding dropped)."""
+    out = {}
+    for key, chunks in clip.tokenize(escape_for_comfy_tokenizer(text)).items():
+        end = clip.tokenizer.clip_l.end_token
+        content = []
+        for chunk in chunks:
+            ids = [t for t, *_ in chunk]
+            stop = ids.index(end, 1)
+            content.extend(ids[1:stop])
+        out[key] = content
+    return out
+
+
+def test_kohya_default_truncates_long_captions_to_75_tokens(clip, store, folder):
+    """kohya's default: BOS + the first 75 tokens + EOS, one row (reference built from ComfyUI's tokenizer by hand);
+    shorter captions encode exactly as CLIPTextEncode; the report names the truncated caption and the count."""
+    ds = _dataset(folder)
+    cache = TextCache.build(ds, clip, store=store)
+    assert cache.token_length == TokenLength()
+    content = _comfy_content_tokens(clip, LONG)
+    assert len(content["l"]) > 75 and content["l"] == content["g"]
+    end = clip.tokenizer.clip_l.end_token
+    bos = clip.tokenizer.clip_l.start_token
+    row_l = [bos, *content["l"][:75], end]
+    row_g = [bos, *content["g"][:75], end]
+    with torch.inference_mode():
+        ref_c, ref_p = clip.encode_from_tokens(
+            {"l": [[(t, 1.0) for t in row_l]], "g": [[(t, 1.0) for t in row_g]]}, return_pooled=True
+        )
+    for i, img in enumerate(ds.images):
+        caption = CAPTIONS[img.key.rsplit("/", 1)[-1]]
+        context, pooled = cache.encoding(i)
+        assert context.shape[0] == 77
+        if caption == LONG:
+            assert torch.equal(context, ref_c[0]) and torch.equal(pooled, ref_p[0])
+        else:
+            want_c, want_p = _direct(clip, caption)
+            assert torch.equal(context, want_c) and torch.equal(pooled, want_p), caption
+    truncated = cache.report_json()["truncated"]
+    assert truncated == [{"image": ds.images[3].key, "tokens": len(content["l"]), "cut": len(content["l"]) - 75}]
+    text = cache.report_text()
+    assert "truncated: 1 captions are longer than 75 tokens" in text
+    assert f"{ds.images[3].key}: {len(content['l'])} tokens, {len(content['l']) - 75} cut" in text
+
+
+def test_token_length_is_part_of_the_key(clip, store, folder):
+    """Changing max_token_length re-encodes the long caption AND the short ones (the key says how it was encoded)."""
+    TextCache.build(_dataset(folder), clip, store=store)
+    with Calls() as calls:
+        wide = TextCache.build(_dataset(folder), clip, store=store, token_length=TokenLength(150))
+    assert calls.n == 3 and wide.encoding(3)[0].shape[0] == 152 and wide.encoding(0)[0].shape[0] == 152
+    assert [(t.limit, t.cut) for t in wide.truncated] == [(150, wide.truncated[0].tokens - 150)]
+    with Calls() as calls:
+        TextCache.build(_dataset(folder), clip, store=store, token_length=TokenLength(150))
+    assert calls.n == 0
 
 
 # -- re-use and invalidation ---------------------------------------------------------------------
@@ -360,11 +424,12 @@ def test_nan_text_encoding_is_an_error(store, folder, monkeypatch):
     import tiny_sdxl
 
     clip = tiny_sdxl.make_clip(seed=1)
-    monkeypatch.setattr(
-        comfy_encoders, "encode_text", lambda c, t: (torch.full((1, 77, 64), float("nan")), torch.zeros(1, 32))
-    )
-    with pytest.raises(tc.TextEncodingError, match="NaN"):
-        TextCache.build(_dataset(folder), clip, store=store)
+    nan = (torch.full((1, 77, 64), float("nan")), torch.zeros(1, 32))
+    monkeypatch.setattr(comfy_encoders, "encode_text", lambda c, t: nan)  # ComfyUI chunking
+    monkeypatch.setattr(comfy_encoders, "encode_token_rows", lambda c, rows: nan)  # kohya's layouts
+    for token_length in (COMFYUI_CHUNKING, TokenLength()):
+        with pytest.raises(tc.TextEncodingError, match="NaN"):
+            TextCache.build(_dataset(folder), clip, store=store, token_length=token_length)
 
 
 def test_report_and_size(clip, store, folder):

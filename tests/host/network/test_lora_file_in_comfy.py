@@ -13,7 +13,7 @@ import nodes
 import pytest
 import torch
 
-from sdxl_lora_trainer.trainer.network import safetensors_file
+from sdxl_lora_trainer.trainer import atomic_files
 from sdxl_lora_trainer.trainer.network.file_names import unique_lora_path
 from sdxl_lora_trainer.trainer.network.metadata import build_metadata
 from sdxl_lora_trainer.trainer.network.safetensors_file import read_lora, save_lora
@@ -106,13 +106,13 @@ def test_listed_even_when_the_folder_mtime_does_not_move(tiny, loras_dir, monkey
     sub.mkdir()
     folder_paths.get_filename_list("loras")
     frozen = os.stat(sub)  # the mtime ComfyUI just cached
-    real_publish = safetensors_file._publish
+    real_publish = atomic_files.publish
 
     def coarse_publish(tmp, path, overwrite):
         real_publish(tmp, path, overwrite)
         os.utime(path.parent, ns=(frozen.st_atime_ns, frozen.st_mtime_ns))  # temp file + rename in the same tick
 
-    monkeypatch.setattr(safetensors_file, "_publish", coarse_publish)
+    monkeypatch.setattr(atomic_files, "publish", coarse_publish)
     path, name = unique_lora_path(loras_dir, "sub", "tiny", "run2")
     save_lora(_kohya_lora(model, clip)[0], path, _metadata(), None)
     assert name in folder_paths.get_filename_list("loras")

@@ -457,3 +457,88 @@ def test_max_train_epochs_overrides_max_train_steps(ga, steps, singles):
     )
     assert result.total_steps == steps
     assert [r.epoch for r in result.state.history] == [1] * (steps // 2) + [2] * (steps // 2)
+
+
+@pytest.mark.parametrize("token_length", [None, 225], ids=["kohya-75", "kohya-225"])
+def test_live_captions_use_the_text_caches_token_length(token_length, monkeypatch):
+    """Captions encoded at train time (shuffled here) take Cache Text's max_token_length: contexts of 77 / 227, the
+    same as the cached ones, and a run's settings that name another layout are refused."""
+    from sdxl_lora_trainer.trainer.cache.stores import MemoryStore
+    from sdxl_lora_trainer.trainer.cache.text import TextCache
+    from sdxl_lora_trainer.trainer.data.token_length import TokenLength
+    from sdxl_lora_trainer.trainer.run import session as ts
+
+    long = ", ".join(f"tag{i} word{i}" for i in range(40))  # over 150 tokens
+    ds = tf.make_dataset(2, captions=[long, "a, b, c"], caption_options=CaptionOptions(shuffle_caption=True))
+    lat, _ = tf.sources(tf.inference_models(), ds)
+    with torch.inference_mode():
+        text = TextCache.build(
+            ds, tf.inference_models()[1], store=MemoryStore(64), token_length=TokenLength(token_length)
+        )
+    assert text.live_indices == [0, 1]
+    lengths = []
+    live = ts.live_text_encoder
+
+    def recording(clip, **kwargs):
+        encode = live(clip, **kwargs)
+
+        def wrapped(captions):
+            out = encode(captions)
+            lengths.extend(ctx.shape[0] for ctx, _ in out)
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(ts, "live_text_encoder", recording)
+    result = tf.run_train(ds, lat, text, NET, TrainConfig(max_train_steps=2))
+    assert lengths == [(token_length or 75) + 2] * 2
+    assert result.token_length == TokenLength(token_length)
+    with pytest.raises(ValueError, match="set max_token_length to 150 on 'Cache Text'"):
+        tf.run_train(ds, lat, text, NET, TrainConfig(max_train_steps=1, token_length=TokenLength(150)))
+
+
+# -- masked loss and regularization images ---------------------------------------------------------
+
+
+def _with_masks(latents, fill) -> tf.DictLatents:
+    """The same latents with a latent-size loss mask per (image, flip) made by ``fill(latent)``."""
+    return tf.DictLatents(table=latents.table, masks={key: fill(lat) for key, lat in latents.table.items()})
+
+
+def test_loss_mask_reaches_the_loss(pair):
+    ds, lat, txt = pair
+    config = TrainConfig(max_train_steps=2, seed=4)
+    plain = tf.run_train(ds, lat, txt, NET, config)
+    ones = tf.run_train(ds, _with_masks(lat, lambda t: torch.ones(t.shape[1:])), txt, NET, config)
+    half = tf.run_train(ds, _with_masks(lat, lambda t: torch.full(t.shape[1:], 0.5)), txt, NET, config)
+
+    def left_only(t):
+        mask = torch.zeros(t.shape[1:])
+        mask[:, : t.shape[2] // 2] = 1.0
+        return mask
+
+    left = tf.run_train(ds, _with_masks(lat, left_only), txt, NET, config)
+    losses = [[h.loss for h in r.state.history] for r in (plain, ones, half, left)]
+    assert losses[1] == losses[0]  # a mask of ones is exactly no mask (kohya's filler for unmasked images)
+    # the mask multiplies the element-wise loss before the mean: 0.5 everywhere halves the first step's loss exactly
+    assert losses[2][0] == losses[0][0] / 2
+    assert losses[3][0] != losses[0][0] and losses[3][1] != losses[0][1]
+    assert not any("masked loss" in note for note in plain.notes)
+
+
+def test_prior_loss_weight_weights_reg_samples(pair):
+    ds, lat, txt = pair
+    reg = replace(ds, parts=tuple(replace(p, images=tuple(_as_reg(img) for img in p.images)) for p in ds.parts))
+    config = TrainConfig(max_train_steps=1, seed=4)
+    plain = tf.run_train(ds, lat, txt, NET, config)
+    weighted = tf.run_train(reg, lat, txt, NET, replace(config, loss=LossSettings(prior_loss_weight=0.25)))
+    unweighted = tf.run_train(reg, lat, txt, NET, config)
+    assert unweighted.state.history[0].loss == plain.state.history[0].loss  # prior_loss_weight 1: no change
+    assert weighted.state.history[0].loss == pytest.approx(plain.state.history[0].loss * 0.25, rel=1e-6)
+    assert "regularization images: 2, their loss weighted by prior_loss_weight 0.25" in weighted.notes
+    no_reg = tf.run_train(ds, lat, txt, NET, replace(config, loss=LossSettings(prior_loss_weight=0.25)))
+    assert "prior_loss_weight 0.25 has no effect: the dataset has no regularization images" in no_reg.notes
+
+
+def _as_reg(img):
+    return replace(img, item=replace(img.item, is_reg=True))

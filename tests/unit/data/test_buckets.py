@@ -186,15 +186,30 @@ def test_no_upscale_area_reduction_rounds_half_up_to_step():
     assert sel.bucket == (1024, 1024) and sel.resized_size == (1024, 1024)
 
 
-def test_disabled_bucketing_requires_exact_size():
+def test_disabled_bucketing_resizes_and_centre_crops_like_kohyas_cache_path():
+    """enable_bucket=False: kohya's cache path (trim_and_resize_if_required) on a one-bucket list, numbers by hand.
+
+    select_bucket: scale = res_h / h if w/h > res_w/res_h else res_w / w; resized = int(side * scale + 0.5);
+    trim (resized - res) // 2; crop_ltrb = get_crop_ltrb(res, original): the original letterboxed inside res.
+    """
     selector = BucketSelector(BucketSettings(resolution=(1024, 1024), enable_bucket=False))
-    sel = selector.select((1024, 1024))
-    assert sel.bucket == (1024, 1024) and sel.resized_size == (1024, 1024)
-    assert sel.crop_ltrb == (0.0, 0.0, 0.0, 0.0) and sel.crop_offset == (0, 0)
-    with pytest.raises(ValueError, match="bucketing is disabled"):
-        selector.select((1000, 1000))
-    with pytest.raises(ValueError, match="bucketing is disabled"):
-        selector.select((2048, 2048))
+    same = selector.select((1024, 1024))
+    assert (same.bucket, same.resized_size, same.crop_offset) == ((1024, 1024), (1024, 1024), (0, 0))
+    assert same.crop_ltrb == (0.0, 0.0, 1024.0, 1024.0) and same.resample is None
+    small = selector.select((1000, 1000))  # scale 1024/1000: upscaled to exactly the resolution
+    assert (small.bucket, small.resized_size, small.crop_offset) == ((1024, 1024), (1024, 1024), (0, 0))
+    assert small.crop_ltrb == (0.0, 0.0, 1024.0, 1024.0)
+    wide = selector.select((2048, 1536))  # 4:3 > 1: scale = 1024/1536, 2048*2/3 = 1365.33 -> 1365, trim 341 // 2
+    assert (wide.bucket, wide.resized_size, wide.crop_offset) == ((1024, 1024), (1365, 1024), (170, 0))
+    assert wide.crop_ltrb == (0.0, 128.0, 1024.0, 896.0)  # 1024 / (4/3) = 768 tall, (1024 - 768) // 2 = 128
+    assert wide.ar_error == 1.0 - 2048 / 1536
+    tall = BucketSelector(BucketSettings(resolution=(1024, 768), enable_bucket=False)).select((800, 1200))
+    # 2/3 < 4/3: scale = 1024/800 = 1.28 -> (1024, 1536), trim (1536 - 768) // 2 = 384 from the top
+    assert (tall.bucket, tall.resized_size, tall.crop_offset) == ((1024, 768), (1024, 1536), (0, 384))
+    assert tall.crop_ltrb == (256.0, 0.0, 768.0, 768.0)  # 768 * 2/3 = 512 wide, (1024 - 512) // 2 = 256
+    # bucket_no_upscale is ignored without buckets (kohya builds BucketManager(no_upscale=False, ...))
+    no_upscale = BucketSettings(resolution=(1024, 1024), enable_bucket=False, bucket_no_upscale=True)
+    assert BucketSelector(no_upscale).select((2048, 1536)).resized_size == (1365, 1024)
 
 
 def test_selection_is_frozen():
@@ -298,6 +313,17 @@ def test_resize_and_crop_with_resize(size, resample):
     left, top = sel.crop_offset
     ref = ref.crop((left, top, left + sel.bucket[0], top + sel.bucket[1]))
     assert out.tobytes() == ref.tobytes()
+
+
+def test_resize_and_crop_without_buckets_covers_and_centre_crops():
+    """enable_bucket=False, 96x72 into 64x64: kohya scales by 64/72 to 85x64 (shrinking both ways: INTER_AREA, BOX
+    here) and trims (85 - 64) // 2 = 10 px on the left."""
+    sel = BucketSelector(BucketSettings(resolution=(64, 64), enable_bucket=False)).select((96, 72))
+    assert sel.resized_size == (85, 64) and sel.crop_offset == (10, 0) and sel.resample == Image.Resampling.BOX
+    img = _gradient((96, 72))
+    out = resize_and_crop(img, sel)
+    ref = img.resize((85, 64), resample=Image.Resampling.BOX).crop((10, 0, 74, 64))
+    assert out.size == (64, 64) and out.tobytes() == ref.tobytes()
 
 
 def test_resize_and_crop_rejects_wrong_image():

@@ -359,3 +359,10 @@ def test_fine_tuning_subset_skips_a_bad_image_or_raises_with_strict_images(tmp_p
     assert "0 bytes" in reason and reason.endswith("(listed in meta.json as 'empty.png')")
     with pytest.raises(DatasetError, match="0 bytes"):
         scan_dataset_toml(path, options=ScanOptions(strict_images=True))
+
+
+def test_max_token_length_in_a_dataset_toml_points_to_cache_text(tmp_path):
+    """kohya's dataset config rejects max_token_length (a training argument); the warning says where it goes."""
+    toml = '[general]\nmax_token_length = 225\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n'
+    cfg = load_dataset_toml(write(tmp_path / "ds.toml", toml))
+    assert any("'max_token_length' is ignored" in w and "'Cache Text'" in w for w in cfg.warnings), cfg.warnings

@@ -57,15 +57,46 @@ def test_bucket_case(golden, index):
 
 @pytest.mark.parametrize("index", range(len(NON_BUCKET_IDS)), ids=NON_BUCKET_IDS)
 def test_non_bucket_case(golden, index):
+    """The golden non-bucket cases come from kohya's UNCACHED image path, where crop_ltrb is (0, 0, 0, 0). The pack
+    always caches latents, and kohya's cache path (trim_and_resize_if_required) takes crop_ltrb from get_crop_ltrb:
+    the same numbers unflipped, while a flipped image's left crop is target_w - crop_right = 1024 - 1024.0 = 0 there
+    instead of the uncached path's 1024."""
     case = golden("time_ids")["non_bucket_cases"][index]
     assert case["enable_bucket"] is False
     settings = BucketSettings(resolution=tuple(case["resolution"]), enable_bucket=False)
     sel = BucketSelector(settings).select(tuple(case["image_size"]))
     cond = size_conditioning(sel, flipped=case["flipped"])
     assert cond.original_size_hw == tuple(case["original_size_hw"])
-    assert cond.crop_top_left == tuple(case["crop_top_left"])
     assert cond.target_size_hw == tuple(case["target_size_hw"])
-    assert cond.time_ids == tuple(case["time_ids"])
+    if not case["flipped"]:
+        assert cond.crop_top_left == tuple(case["crop_top_left"])
+        assert cond.time_ids == tuple(case["time_ids"])
+    else:
+        top, uncached_left = case["crop_top_left"]
+        assert uncached_left == case["target_size_hw"][1]  # the uncached path's quirk, recorded by kohya's code
+        assert sel.crop_ltrb[2] == case["target_size_hw"][1]  # the cache path's crop_right: the full width
+        assert cond.crop_top_left == (top, 0)
+
+
+def test_non_bucket_cache_path_time_ids_by_hand():
+    """enable_bucket=False with an image of another size: kohya's cached-latent time_ids, computed from its formulas.
+
+    original = the file's (H, W); crop_ltrb = get_crop_ltrb(resolution, original); flipped left = target_w -
+    crop_right; target = the resolution.
+    """
+    sel = BucketSelector(BucketSettings(resolution=(1024, 1024), enable_bucket=False)).select((2048, 1536))
+    # 1024x1024 vs 4:3: fitted 1024 x 768, top (1024 - 768) // 2 = 128, left 0, right 1024
+    assert size_conditioning(sel).time_ids == (1536, 2048, 128, 0, 1024, 1024)
+    assert size_conditioning(sel, flipped=True).time_ids == (1536, 2048, 128, 0, 1024, 1024)
+    sel = BucketSelector(BucketSettings(resolution=(1024, 768), enable_bucket=False)).select((800, 1200))
+    # 1024x768 vs 2:3: fitted 512 x 768, left (1024 - 512) // 2 = 256, right 768; flipped left 1024 - 768 = 256
+    assert size_conditioning(sel).time_ids == (1200, 800, 0, 256, 768, 1024)
+    assert size_conditioning(sel, flipped=True).time_ids == (1200, 800, 0, 256, 768, 1024)
+    sel = BucketSelector(BucketSettings(resolution=(1024, 768), enable_bucket=False)).select((900, 600))
+    # 3:2 > 4:3: fitted 1024 x 682.67, top (768 - 682.67) // 2 = 42; pixels: scale 768/600 -> 1152x768, trim 64 left
+    assert sel.resized_size == (1152, 768) and sel.crop_offset == (64, 0)
+    assert size_conditioning(sel).time_ids == (600, 900, 42, 0, 768, 1024)
+    assert size_conditioning(sel, true_crop=True).time_ids == (600, 900, 0, 64, 768, 1024)
 
 
 def test_flip_can_shift_crop_left_by_one(golden):
@@ -103,9 +134,9 @@ def test_true_crop_no_upscale_top():
     assert size_conditioning(sel, flipped=True, true_crop=True).crop_top_left == (20, 1)
 
 
-def test_true_crop_fixes_non_bucket_flip():
+def test_non_bucket_flip_of_an_image_of_the_resolution():
     sel = BucketSelector(BucketSettings(resolution=(1024, 1024), enable_bucket=False)).select((1024, 1024))
-    assert size_conditioning(sel, flipped=True).crop_top_left == (0, 1024)  # kohya quirk 3
+    assert size_conditioning(sel, flipped=True).crop_top_left == (0, 0)  # kohya's cache path: 1024 - 1024.0
     assert size_conditioning(sel, flipped=True, true_crop=True).crop_top_left == (0, 0)
 
 

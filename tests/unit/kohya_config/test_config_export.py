@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 from kohya_arguments import kohya_arguments, type_error
 
+from sdxl_lora_trainer.trainer.data.token_length import TokenLength
 from sdxl_lora_trainer.trainer.kohya_config.config_export import sample_prompts_text, to_kohya_args
 from sdxl_lora_trainer.trainer.kohya_config.config_import import from_kohya_args
 from sdxl_lora_trainer.trainer.kohya_config.run import CacheChoices, KohyaRun
@@ -84,12 +85,15 @@ CARRIED = {
     "bf16": train(train_dtype="bf16", full_bf16=True),
     "fp16": train(train_dtype="fp16"),
     "no_gradient_checkpointing": train(gradient_checkpointing=False),
+    "token_length": train(token_length=TokenLength(225)),
+    "max_token_length_150": train(token_length=TokenLength(150)),
     "loss_type": loss(loss_type="huber", huber_schedule="exponential", huber_c=0.2, huber_scale=2.0),
     "smooth_l1": loss(loss_type="smooth_l1"),
     "l1": loss(loss_type="l1"),
     "min_snr_gamma": loss(min_snr_gamma=5.0),
     "v_pred_like_loss": loss(v_pred_like_loss=0.3),
     "debiased_estimation_loss": loss(debiased_estimation_loss=True),
+    "prior_loss_weight": loss(prior_loss_weight=0.5),
     "noise_offset": noise(noise_offset=0.05, noise_offset_random_strength=True, adaptive_noise_scale=0.01),
     "multires_noise_iterations": noise(multires_noise_iterations=6, multires_noise_discount=0.4),
     "min_timestep": noise(min_timestep=100, max_timestep=900),
@@ -112,6 +116,7 @@ NOT_CARRIED = {
     "emb_block_lr": (net(block_lr_weight=tuple([0.5] + [1.0] * 22)), "time-embedding/out block"),
     "resume_from": (checkpoints(resume_from="/states/step100"), "resume_from"),
     "state_cadence": (checkpoints(save_every_n_steps=10, save_state_every_n_steps=30), "save_state_every_n_steps"),
+    "comfyui_chunking": (train(token_length=TokenLength(comfyui_chunking=True)), "ComfyUI chunking"),
     "preview_sampler": (
         replace(BASE, previews=PreviewSettings(prompts=("x",), sampler_name="res_multistep")),
         "preview sampler",
@@ -158,6 +163,7 @@ def _carried_view(run: KohyaRun) -> tuple:
             clip_g=PartSettings(),
             loraplus_lr_ratio=None,
             optimizer=OptimizerSettings(t.optimizer.optimizer_type),
+            token_length=t.token_length or TokenLength(),  # unset = kohya's default (import names it explicitly)
         ),
         (t.optimizer.canonical_type, t.optimizer.kwargs),
         t.part_settings(),
@@ -219,6 +225,13 @@ def test_rich_run_arguments():
     assert a["cache_latents_to_disk"] is True and a["cache_text_encoder_outputs"] is True
     assert a["sample_sampler"] == "dpmsolver++" and a["sample_every_n_steps"] == 25
     assert a["save_every_n_steps"] == 50 and a["save_state"] is True
+
+
+def test_max_token_length_is_kohyas_argument():
+    assert to_kohya_args(CARRIED["token_length"]).args["max_token_length"] == 225
+    assert "max_token_length" not in to_kohya_args(BASE).args  # kohya's default: 75 tokens
+    chunked = to_kohya_args(NOT_CARRIED["comfyui_chunking"][0])
+    assert "max_token_length" not in chunked.args
 
 
 def test_sample_prompts_use_kohya_prompt_options():

@@ -77,6 +77,19 @@ def test_absent_keys_take_kohyas_defaults():
     assert imported.network.network_dim == 16 and imported.network.network_alpha == 1.0
 
 
+def test_max_token_length_is_applied_and_absent_is_kohyas_75():
+    from sdxl_lora_trainer.trainer.data.token_length import TokenLength
+
+    assert from_kohya_args({"max_token_length": 225}).train.token_length == TokenLength(225)
+    assert from_kohya_args({}).train.token_length == TokenLength()  # kohya's default, not "whatever Cache Text says"
+    assert "max_token_length" in from_kohya_args({"max_token_length": 150}).applied
+    with pytest.raises(KohyaConfigError, match="max_token_length 100"):
+        from_kohya_args({"max_token_length": 100})
+    # a kohya LoRA's metadata: ss_max_token_length "225" / "None"
+    assert from_kohya_args(args_from_metadata({"ss_max_token_length": "225"})).train.token_length == TokenLength(225)
+    assert from_kohya_args(args_from_metadata({"ss_max_token_length": "None"})).train.token_length == TokenLength()
+
+
 def test_config_file_sections_are_flattened_like_kohya(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(
@@ -166,3 +179,11 @@ def test_our_own_metadata_reads_back_into_the_same_settings():
         "noise",
     ):
         assert getattr(t, name) == getattr(config, name), name
+
+
+def test_prior_loss_weight_is_applied_and_masked_loss_names_the_dataset():
+    imported = from_kohya_args({"prior_loss_weight": 0.3, "masked_loss": True, "reg_data_dir": "reg"})
+    assert imported.train.loss.prior_loss_weight == 0.3 and "prior_loss_weight" in imported.applied
+    why = dict(imported.not_applied)
+    assert "mask folder" in why["masked_loss"] and "alpha_mask" in why["masked_loss"]
+    assert "reg_folder" in why["reg_data_dir"]

@@ -160,3 +160,34 @@ def test_report_states_the_multi_gpu_schedule(tmp_path):
     assert "= 8 images" in report and "ceil(6 batches / 4 / 1) = 2" in report
     readme = (export.folder / "README.txt").read_text()
     assert "accelerate launch --num_processes N" in readme and "max_train_steps 40 is kept" in readme
+
+
+def test_masks_are_exported_as_kohya_alpha_masks_and_read_back_the_same(tmp_path):
+    """Graph MASKs and mask-folder masks become RGBA PNGs in an alpha_mask subset; the TOML reader (kohya's
+    alpha_mask) gets the same colour and the same 8-bit mask back."""
+    from sdxl_lora_trainer.trainer.data.assemble import with_reg_images
+    from sdxl_lora_trainer.trainer.data.sources import ScanOptions, scan_folder
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    mask = np.zeros((1, 64, 96), np.float32)
+    mask[0, :, :40] = 1.0  # LoadImage convention: 1 = transparent, so the right part trains
+    graph = items_from_images([Image.fromarray(pixels)], ["a cat"], masks=mask)
+    (tmp_path / "reg" / "1_cat").mkdir(parents=True)
+    (tmp_path / "masks").mkdir()
+    draw_image(tmp_path / "reg" / "1_cat" / "r.png", (96, 64), seed=5)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "masks" / "r.png")
+    reg = scan_folder(tmp_path / "reg", options=ScanOptions(mask_dir=str(tmp_path / "masks")))
+    settings = BucketSettings((64, 64), min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
+    dataset = dataset_from_scan(with_reg_images(graph, reg), settings, 1, CaptionOptions())
+    export = export_kohya_run(RUN, dataset, tmp_path / "out", "masked")
+    text = (export.folder / "dataset.toml").read_text()
+    assert text.count("alpha_mask = true") == 2 and "conditioning_data_dir" not in text
+    assert "masked_loss" not in (export.folder / "config.toml").read_text()  # alpha masks need no --masked_loss
+    back, _ = dataset_from_toml(str(export.folder / "dataset.toml"))
+    assert _registered(back) == _registered(dataset)
+    for original, copy in zip(dataset.images, back.images, strict=True):
+        assert copy.item.mask is not None and copy.item.mask.kind == "alpha"
+        assert np.array_equal(np.asarray(original.item.load_rgb()), np.asarray(copy.item.load_rgb()))
+        assert np.array_equal(np.asarray(original.item.load_mask()), np.asarray(copy.item.load_mask()))
+    assert any("alpha channel of RGBA PNGs" in line for line in export.lines)

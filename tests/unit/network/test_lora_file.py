@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from sdxl_lora_trainer.trainer.network import safetensors_file
+from sdxl_lora_trainer.trainer import atomic_files
 from sdxl_lora_trainer.trainer.network.file_names import safe_relative_name, unique_lora_path
 from sdxl_lora_trainer.trainer.network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag_frequency
 from sdxl_lora_trainer.trainer.network.safetensors_file import (
@@ -287,7 +287,7 @@ def test_existing_file_refused_before_serializing(tmp_path, monkeypatch):
     target = tmp_path / "x.safetensors"
     target.write_bytes(b"old")
     calls = []
-    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(safetensors.torch, "save", lambda *a, **k: calls.append(a))
     with pytest.raises(FileExistsError):
         atomic_write_safetensors(target, {"w": torch.ones(2)}, {})
     assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
@@ -307,13 +307,13 @@ def test_overwrite_true_replaces(tmp_path):
 def test_publish_never_clobbers_a_file_that_appeared_meanwhile(tmp_path, monkeypatch):
     """Two runs racing for one name: the check at the start passed, the name is taken before the rename."""
     target = tmp_path / "cat_r.safetensors"
-    real_save = safetensors.torch.save_file
+    real_write = atomic_files.write_temp
 
-    def save_then_competitor_writes(tensors, filename, metadata=None):
-        real_save(tensors, filename, metadata=metadata)
+    def write_then_competitor_writes(tmp, data):
+        real_write(tmp, data)
         target.write_bytes(b"competitor")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_then_competitor_writes)
+    monkeypatch.setattr(atomic_files, "write_temp", write_then_competitor_writes)
     with pytest.raises(FileExistsError):
         atomic_write_safetensors(target, {"w": torch.ones(2)}, {})
     assert target.read_bytes() == b"competitor"
@@ -325,17 +325,17 @@ def test_publish_never_clobbers_a_file_that_appeared_meanwhile(tmp_path, monkeyp
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_failed_serialization_leaves_no_temp_and_no_partial_file(tmp_path, monkeypatch):
+def test_failed_write_leaves_no_temp_and_no_partial_file(tmp_path, monkeypatch):
     seen = []
 
-    def partial_then_fail(tensors, filename, metadata=None):
-        seen.append(Path(filename))
-        Path(filename).write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"partial')  # half a file, then the crash
-        raise RuntimeError("disk full")
+    def partial_then_fail(tmp, data):
+        seen.append(Path(tmp))
+        Path(tmp).write_bytes(bytes(data[:20]))  # half a file, then the crash
+        raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", partial_then_fail)
+    monkeypatch.setattr(atomic_files, "write_temp", partial_then_fail)
     target = tmp_path / "sub" / "cat_r.safetensors"
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(OSError, match="could not write cat_r.safetensors in .*sub .*Input/output error"):
         save_lora(_lora_tensors(), target, {"ss_x": "1"})
     assert len(seen) == 1 and seen[0].parent == target.parent and seen[0] != target
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
@@ -345,11 +345,11 @@ def test_failed_write_keeps_the_old_file_when_overwriting(tmp_path, monkeypatch)
     target = tmp_path / "cat_r.safetensors"
     target.write_bytes(b"previous good file")
 
-    def fail(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"garbage")
-        raise OSError("I/O error")
+    def fail(tmp, data):
+        Path(tmp).write_bytes(b"garbage")
+        raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    monkeypatch.setattr(atomic_files, "write_temp", fail)
     with pytest.raises(OSError, match="I/O error"):
         atomic_write_safetensors(target, {"w": torch.ones(2)}, {}, overwrite=True)
     assert target.read_bytes() == b"previous good file"
@@ -360,25 +360,26 @@ def test_failed_rename_leaves_no_temp(tmp_path, monkeypatch):
     def broken_publish(tmp, path, overwrite):
         raise PermissionError("denied")
 
-    monkeypatch.setattr(safetensors_file, "_publish", broken_publish)
-    with pytest.raises(PermissionError):
+    monkeypatch.setattr(atomic_files, "publish", broken_publish)
+    with pytest.raises(OSError, match=r"could not write x.safetensors in .* \(denied;"):
         atomic_write_safetensors(tmp_path / "x.safetensors", {"w": torch.ones(2)}, {})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_temp_file_is_hidden_in_the_same_folder_and_not_a_lora_extension(tmp_path, monkeypatch):
-    real_save = safetensors.torch.save_file
+    real_write = atomic_files.write_temp
     seen = []
 
-    def spy(tensors, filename, metadata=None):
-        seen.append(Path(filename))
-        real_save(tensors, filename, metadata=metadata)
+    def spy(tmp, data):
+        seen.append(Path(tmp))
+        real_write(tmp, data)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    monkeypatch.setattr(atomic_files, "write_temp", spy)
     target = tmp_path / "cat_r.safetensors"
     atomic_write_safetensors(target, {"w": torch.ones(2)}, {})
     (tmp,) = seen
     assert tmp.parent == tmp_path and tmp.name.startswith(".") and tmp.suffix == ".tmp"
+    assert atomic_files.TEMP_NAME.match(tmp.name).group("pid") == str(os.getpid())
     assert not tmp.exists() and target.is_file()
 
 
@@ -411,7 +412,7 @@ def test_folder_mtime_moves_even_when_the_clock_tick_does_not(tmp_path, monkeypa
 
     ComfyUI's get_filename_list cache would then never see the new file; the writer must move the mtime on.
     """
-    real_publish = safetensors_file._publish
+    real_publish = atomic_files.publish
     recorded = {}
 
     def coarse_publish(tmp, path, overwrite):
@@ -420,7 +421,7 @@ def test_folder_mtime_moves_even_when_the_clock_tick_does_not(tmp_path, monkeypa
         real_publish(tmp, path, overwrite)
         os.utime(path.parent, ns=(st.st_atime_ns, st.st_mtime_ns))  # same tick: mtime unchanged
 
-    monkeypatch.setattr(safetensors_file, "_publish", coarse_publish)
+    monkeypatch.setattr(atomic_files, "publish", coarse_publish)
     atomic_write_safetensors(tmp_path / "x.safetensors", {"w": torch.ones(2)}, {})
     assert os.path.getmtime(tmp_path) > recorded["before"]
 

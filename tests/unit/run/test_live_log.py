@@ -187,3 +187,28 @@ def test_wandb_offline_run_holds_the_step_logs(tmp_path, monkeypatch):
     assert [(h["_step"], h["loss/current"]) for h in logged] == [(1, 0.9), (2, 0.5), (3, 0.7)]
     assert logged[-1]["lr/unet"] == pytest.approx(2e-4) and logged[-1]["grad/norm"] == pytest.approx(0.3)
     assert any(k.startswith("preview/0") and h["_step"] == 3 for h in history for k in h)  # the image, at step 3
+
+
+def test_a_log_that_cannot_be_written_stops_with_a_note_not_the_run(tmp_path, monkeypatch):
+    log = LiveLog(tmp_path / "run")
+    log.training_started(_run())
+    log.step_finished(_record(1, 0.5))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(log.tensorboard, "add_scalar", disk_full)
+    log.step_finished(_record(2, 0.4))  # no exception: the run goes on
+    log.step_finished(_record(3, 0.3))
+    log.previews_rendered(3, [torch.ones(1, 4, 4, 3)])
+    log.close()
+    assert log.tensorboard is None
+    assert len(log.notes) == 1 and "stopped at step 2" in log.notes[0] and "No space left" in log.notes[0]
+    assert _scalars(_accumulator(tmp_path / "run"), "loss/current") == [(1, pytest.approx(0.5))]
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    unwritable = LiveLog(blocked / "run")
+    unwritable.step_finished(_record(1, 0.5))
+    unwritable.close()
+    assert unwritable.tensorboard is None and "cannot be written" in unwritable.notes[0]

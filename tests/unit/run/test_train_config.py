@@ -63,6 +63,17 @@ def test_no_setting_is_stored_twice():
     assert not run_fields & {"unet_lr", "text_encoder_lr1", "text_encoder_lr2", "loraplus_unet_lr_ratio"}
 
 
+def test_token_length_comes_from_the_text_cache_and_must_agree_with_the_run():
+    from sdxl_lora_trainer.trainer.data.token_length import TokenLength
+
+    assert TrainConfig().resolve_token_length(None) == TokenLength()  # kohya's default
+    assert TrainConfig().resolve_token_length(TokenLength(150)) == TokenLength(150)  # Cache Text's choice
+    assert TrainConfig(token_length=TokenLength(225)).resolve_token_length(None) == TokenLength(225)  # live captions
+    assert TrainConfig(token_length=TokenLength(225)).resolve_token_length(TokenLength(225)) == TokenLength(225)
+    with pytest.raises(ValueError, match="encoded with max_token_length ComfyUI chunking.*set max_token_length to 75"):
+        TrainConfig(token_length=TokenLength()).resolve_token_length(TokenLength(comfyui_chunking=True))
+
+
 def test_every_trained_part_at_learning_rate_0_is_named():
     """learning_rate 0 and no per-part rate: the message names every input that would have to change."""
     zero = TrainConfig(learning_rate=0.0)

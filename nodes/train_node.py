@@ -302,16 +302,16 @@ class TrainLora(io.ComfyNode):
                 ),
                 CheckpointingSocket.Input("checkpointing", optional=True, tooltip="From 'Save Every N & Resume'."),
                 PreviewsSocket.Input("previews", optional=True, tooltip="From 'Sample Previews'."),
-                EmaSocket.Input("ema", optional=True, tooltip="From 'EMA': keep and save an EMA of the weights."),
-                LoggingSocket.Input(
-                    "logging", optional=True, tooltip="From 'Logging (W&B)'; the TensorBoard log is always written."
-                ),
                 TrainSettingsSocket.Input(
                     "train_settings",
                     optional=True,
                     tooltip="From 'Train Settings' or 'Import kohya Config': when connected, these are the run's "
                     "training settings and this node's training widgets (max_train_steps ... gradient_checkpointing) "
                     "are not used; the report says so.",
+                ),
+                EmaSocket.Input("ema", optional=True, tooltip="From 'EMA': keep and save an EMA of the weights."),
+                LoggingSocket.Input(
+                    "logging", optional=True, tooltip="From 'Logging (W&B)'; the TensorBoard log is always written."
                 ),
             ],
             outputs=[

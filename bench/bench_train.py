@@ -43,8 +43,10 @@ Usage:
     .venv/bin/python bench/bench_train.py --model tiny --steps 20 --res 128 --dtype fp32   # ~30 s
     .venv/bin/python bench/bench_train.py --model mid --steps 3 --res 512 --dtype fp32     # ~5 min, ~17 GiB peak
     .venv/bin/python bench/bench_train.py --model full --steps 3 --res 512 --dtype fp32    # ~11 min, ~17 GiB peak
-Options: --only ours|builtin, --builtin-checkpoint-depth D, --images N, --batch N, --bare-reps N,
---threads N (default 1), --mem-cap-gib G (default 22), --name NAME. See bench/README.md for measured figures.
+    .venv/bin/python bench/bench_train.py --model tiny --steps 8 --bare-reps 1 --optimizers AdamW,CAME,ADOPT
+Options: --only ours|builtin, --algo lora|loha|lokr|dora (ours), --optimizers A,B,... (ours once per optimizer, side
+by side), --builtin-checkpoint-depth D, --images N, --batch N, --bare-reps N, --threads N (default 1),
+--mem-cap-gib G (default 22), --name NAME. See bench/README.md for measured figures.
 Writes bench/out/<name>.json (default name: train_<model>_<dtype>_<res>).
 """
 
@@ -242,6 +244,10 @@ def make_data(n: int, res: int, ctx_dim: int, pooled_dim: int, seed: int = 1):
     return latents, texts
 
 
+#: optimizers that estimate their step size: run at learning rate 1.0 (what they expect)
+LEARNING_RATE_FREE = ("Prodigy", "ProdigyPlusScheduleFree", "DAdaptAdam")
+
+
 def worker_ours(args, result: dict) -> None:
     import torch
     from PIL import Image
@@ -254,6 +260,7 @@ def worker_ours(args, result: dict) -> None:
     from sdxl_lora_trainer.trainer.network.config import NetworkConfig
     from sdxl_lora_trainer.trainer.run.config import DTYPES, TrainConfig
     from sdxl_lora_trainer.trainer.run.events import RunEvents
+    from sdxl_lora_trainer.trainer.run.optimizers import OptimizerSettings
     from sdxl_lora_trainer.trainer.run.session import train
 
     t0 = time.perf_counter()
@@ -298,6 +305,7 @@ def worker_ours(args, result: dict) -> None:
         torch.randn((b, pooled_dim + 1536), generator=gen),
     )
     bare: list[float] = []
+    optimizer_s: list[float] = []
     marks: list[tuple[float, float]] = []  # (entered, left) on_step: a step is left[i-1] -> entered[i]
 
     def bare_fwd_bwd(res) -> float:
@@ -316,6 +324,15 @@ def worker_ours(args, result: dict) -> None:
 
         def training_started(self, run) -> None:
             self.run = run
+            step = run.optimizer.step
+
+            def timed_step(*a, **k):  # the optimizer's own share of a step (optimizers compared side by side)
+                start = time.perf_counter()
+                out = step(*a, **k)
+                optimizer_s.append(time.perf_counter() - start)
+                return out
+
+            run.optimizer.step = timed_step
 
         def step_finished(self, record) -> None:
             on_step(record, self.run.total_steps, self.run)
@@ -333,10 +350,18 @@ def worker_ours(args, result: dict) -> None:
         print(msg, flush=True)
         marks.append((entered, time.perf_counter()))
 
-    network = NetworkConfig(network_dim=8, network_alpha=1.0, train_unet=True, train_te1=False, train_te2=False)
-    config = TrainConfig(
-        max_train_steps=args.steps, learning_rate=1e-4, train_dtype=args.dtype, gradient_checkpointing=True, seed=42
+    network = NetworkConfig(
+        network_dim=8, network_alpha=1.0, train_unet=True, train_te1=False, train_te2=False, algo=args.algo
     )
+    config = TrainConfig(
+        max_train_steps=args.steps,
+        learning_rate=1.0 if args.optimizer in LEARNING_RATE_FREE else 1e-4,
+        optimizer=OptimizerSettings(args.optimizer),
+        train_dtype=args.dtype,
+        gradient_checkpointing=True,
+        seed=42,
+    )
+    result["optimizer"] = args.optimizer
     result["rss_before_train_gib"] = rss_bytes() / GIB
     sampler = RssSampler().start()
     t0 = time.perf_counter()
@@ -352,6 +377,7 @@ def worker_ours(args, result: dict) -> None:
     result["lora_params"] = sum(p.numel() for p in res.network.parameters())
     result["lora_modules"] = len(res.network.state_dict_kohya()) // 3
     result["bare_fwd_bwd_s"] = bare
+    result["optimizer_step_s"] = optimizer_s
     result["losses"] = [r.loss for r in res.state.history]
 
 
@@ -474,9 +500,9 @@ def worker_main(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_worker(which: str, args) -> dict:
+def run_worker(which: str, args, optimizer: str = "AdamW") -> dict:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    result_path = OUT_DIR / f".{args.name}_{which}.json"
+    result_path = OUT_DIR / f".{args.name}_{which}_{optimizer}.json"
     result_path.unlink(missing_ok=True)
     cap = int(args.mem_cap_gib * GIB)
 
@@ -498,6 +524,8 @@ def run_worker(which: str, args) -> dict:
         str(args.res),
         "--dtype",
         args.dtype,
+        "--algo",
+        args.algo,
         "--images",
         str(args.images),
         "--batch",
@@ -508,6 +536,8 @@ def run_worker(which: str, args) -> dict:
         str(args.threads),
         "--builtin-checkpoint-depth",
         str(args.builtin_checkpoint_depth),
+        "--optimizer",
+        optimizer,
     ]
     print(f"[{which}] {' '.join(cmd[1:])}  (RLIMIT_AS {args.mem_cap_gib} GiB)", flush=True)
     start = time.perf_counter()
@@ -547,6 +577,7 @@ def summarise(r: dict) -> dict:
         s["fwd_bwd_s"] = statistics.median(inner) if inner else None
         pairs = [steps[i + 1] / inner[i] for i in range(len(inner)) if i + 1 < len(steps)]
         s["min_fwd_bwd_s"] = min(inner) if inner else None
+        s["optimizer_step_s"] = median_after_first(r.get("optimizer_step_s") or [])
     else:
         inner = r.get("fwd_bwd_s") or []  # one fwd_bwd call inside each step (batch 1, no accumulation)
         s["fwd_bwd_s"] = median_after_first(inner)
@@ -572,8 +603,8 @@ def print_table(args, results: dict[str, dict]) -> None:
         f"RLIMIT_AS {args.mem_cap_gib} GiB"
     )
     header = (
-        f"{'trainer':<8} {'status':<7} {'s/step':>8} {'1st step':>8} {'fwd+bwd':>8} {'step/fb':>7} "
-        f"{'paired':>6} {'min':>6} {'RSS model':>9} {'RSS peak':>8} {'train pk':>8} {'call s':>7} "
+        f"{'trainer':<30} {'status':<7} {'s/step':>8} {'1st step':>8} {'fwd+bwd':>8} {'step/fb':>7} "
+        f"{'paired':>6} {'min':>6} {'opt.step':>8} {'RSS model':>9} {'RSS peak':>8} {'train pk':>8} {'call s':>7} "
         f"{'LoRA params':>11}"
     )
     print(header)
@@ -582,9 +613,10 @@ def print_table(args, results: dict[str, dict]) -> None:
         s = r["summary"]
         status = "ok" if r.get("ok") else ("OOM" if r.get("oom") else "FAILED")
         print(
-            f"{name:<8} {status:<7} {fmt(s['s_per_step'], '8.3f'):>8} {fmt(s['first_step_s'], '8.3f'):>8} "
+            f"{name:<30} {status:<7} {fmt(s['s_per_step'], '8.3f'):>8} {fmt(s['first_step_s'], '8.3f'):>8} "
             f"{fmt(s['fwd_bwd_s'], '8.3f'):>8} {fmt(s['step_over_fwd_bwd'], '7.3f'):>7} "
             f"{fmt(s['step_over_fwd_bwd_paired'], '6.3f'):>6} {fmt(s['step_over_fwd_bwd_min'], '6.3f'):>6} "
+            f"{fmt(s.get('optimizer_step_s'), '8.4f'):>8} "
             f"{fmt(r.get('rss_before_train_gib'), '8.2f'):>8}G {fmt(r.get('maxrss_gib'), '7.2f'):>7}G "
             f"{fmt(r.get('train_peak_rss_gib'), '7.2f'):>7}G {fmt(r.get('train_wall_s'), '7.1f'):>7} "
             f"{fmt(r.get('lora_params'), ',d'):>11}"
@@ -597,6 +629,7 @@ def print_table(args, results: dict[str, dict]) -> None:
         "(median); built-in = time inside its TrainSampler.fwd_bwd.\nstep/fb = s/step / fwd+bwd; paired = median of "
         "step / neighbouring fwd+bwd; min = fastest step / fastest fwd+bwd.\nRSS model = before training; RSS peak "
         "= ru_maxrss of the process; train pk = sampled while training; call s = wall time of train() / execute()."
+        "\nopt.step = ours: median time inside optimizer.step() (after the first step)."
     )
 
 
@@ -630,6 +663,14 @@ def main() -> int:
         "unit; 2 = ResBlock / SpatialTransformer level, the granularity ours uses)",
     )
     ap.add_argument("--only", choices=["ours", "builtin"], default=None)
+    ap.add_argument(
+        "--optimizers",
+        default=None,
+        help="comma-separated optimizer names (e.g. AdamW,CAME,ADOPT): ours once per optimizer, side by side "
+        "(implies --only ours; the learning-rate-free ones run at learning rate 1.0, the others at 1e-4)",
+    )
+    ap.add_argument("--optimizer", default="AdamW", help=argparse.SUPPRESS)
+    ap.add_argument("--algo", default="lora", help="our network algorithm (lora, loha, lokr, dora)")
     ap.add_argument("--name", default=None)
     ap.add_argument("--worker", choices=["ours", "builtin"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -646,7 +687,13 @@ def main() -> int:
     args.name = args.name or f"train_{args.model}_{args.dtype}_{args.res}"
 
     results: dict[str, dict] = {}
-    for which in ["ours", "builtin"] if args.only is None else [args.only]:
+    if args.optimizers:
+        for optimizer in [o.strip() for o in args.optimizers.split(",") if o.strip()]:
+            r = run_worker("ours", args, optimizer)
+            r["summary"] = summarise(r)
+            name = f"ours {optimizer}"
+            results[name if name not in results else f"{name} (again)"] = r  # repeat one to see the load drift
+    for which in [] if args.optimizers else ["ours", "builtin"] if args.only is None else [args.only]:
         r = run_worker(which, args)
         r["summary"] = summarise(r)
         results[which] = r

@@ -23,7 +23,9 @@ train_dtype auto = bf16 on Ampere and newer, gradient checkpointing, AdamW).
 | adamw8bit | --disable-dynamic-vram, AdamW8bit (only when bitsandbytes imports) | 8-bit optimizer states |
 
 Printed per run: pass/fail, s/it (median of the steps after the first, from the run's CSV log), the peak GPU
-memory the train node reports (torch's max allocated / reserved in the server process) and the error, if any.
+memory the train node reports (torch's max allocated / reserved in the server process), the memory plan's predicted
+peak from the same report (trainer/run/memory_plan.py; it includes a stated margin for the CUDA context, so it
+should sit a little above "allocated") and the error, if any.
 Writes ``bench/out/gpu_check.json``. Without CUDA (and without ``--smoke``) it says so and exits 0.
 """
 
@@ -203,6 +205,9 @@ def run_one(run: str, args: argparse.Namespace, total_vram_gib: float) -> dict[s
         peak = re.search(r"peak GPU memory: ([\d.]+) GiB allocated, ([\d.]+) GiB reserved", report)
         if peak:
             out["peak_allocated_gib"], out["peak_reserved_gib"] = float(peak.group(1)), float(peak.group(2))
+        planned = re.search(r"memory plan \(.*?\): ([\d.]+) GB peak", report)
+        if planned:  # the plan's GB are GiB (2**30), as torch's figures
+            out["planned_gib"] = float(planned.group(1))
     return out
 
 
@@ -304,7 +309,10 @@ def summary_line(r: dict[str, Any]) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    rows = ["| run | result | s/it | peak allocated GiB | peak reserved GiB |", "|---|---|---|---|---|"]
+    rows = [
+        "| run | result | s/it | peak allocated GiB | peak reserved GiB | memory plan GiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         result = (
             "skipped: " + r["skipped"]
@@ -314,7 +322,7 @@ def table(results: list[dict[str, Any]]) -> str:
         fmt = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)  # noqa: E731
         rows.append(
             f"| {r['run']} | {result} | {fmt(r.get('s_per_it'))} | {fmt(r.get('peak_allocated_gib'))} | "
-            f"{fmt(r.get('peak_reserved_gib'))} |"
+            f"{fmt(r.get('peak_reserved_gib'))} | {fmt(r.get('planned_gib'))} |"
         )
     return "\n".join(rows)
 

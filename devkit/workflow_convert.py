@@ -122,7 +122,11 @@ def widgets_to_inputs(node_info: Mapping[str, Any], values: list | dict | None, 
     out: dict[str, Any] = {}
     uploads = _uploads(node_info)
     i = 0
-    for name, control in widget_slots(node_info):
+    slots = widget_slots(node_info)
+    optional = set(node_info.get("input", {}).get("optional", {}))
+    for k, (name, control) in enumerate(slots):
+        if i >= len(values) and all(n in optional for n, _ in slots[k:]):
+            break  # a workflow saved before these optional inputs existed: they take their defaults
         if i >= len(values):
             raise ConversionError(
                 f"{node_label}: widgets_values has {len(values)} entries, too few for the widget "

@@ -11,6 +11,7 @@ NODE_MODULES: tuple[str, ...] = (
     "train_node",
     "train_settings_node",
     "kohya_nodes",
+    "memory_plan_node",
 )
 
 

@@ -93,7 +93,7 @@ class ImportKohyaConfig(io.ComfyNode):
         report = imported.report()
         train = imported.train
         return io.NodeOutput(
-            NetworkSetup(config=imported.network),
+            NetworkSetup(config=imported.network, loraplus=imported.loraplus),
             ObjectiveSettings(loss=train.loss, noise=train.noise),
             TrainSettings(train, source=imported.source),
             imported.checkpointing,
@@ -192,7 +192,7 @@ class ExportKohyaRun(io.ComfyNode):
                 text_encoder_outputs=True,
                 text_encoder_outputs_to_disk=bool(text.disk_dir),
             )
-        train = with_objective(train_settings.config, objective)
+        train = with_objective(train_settings.config, objective).with_loraplus(network.loraplus)
         run = KohyaRun(
             network=config,
             train=replace(

@@ -5,8 +5,18 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer.comfyui import services as comfy_services
-from ..trainer.network.config import NETWORK_ALGOS, NetworkConfig, NetworkSetup, rank_dropout_refusal
-from .common import CATEGORY
+from ..trainer.network.config import (
+    NETWORK_ALGOS,
+    LoraPlusRatios,
+    NetworkConfig,
+    NetworkSetup,
+    dropout_refusal,
+    loraplus_refusal,
+    rank_dropout_refusal,
+)
+from ..trainer.network.file_config import config_from_file, file_parts, start_from_refusal
+from ..trainer.network.safetensors_file import read_keys
+from .common import CATEGORY, range_problems, refuse_at_queue_time
 from .sockets import NetworkSocket
 
 NONE = "none"
@@ -97,18 +107,21 @@ class NetworkSettings(io.ComfyNode):
                     "start_from",
                     options=[NONE] + comfy_services.lora_file_names(),
                     default=NONE,
-                    tooltip="Continue training this LoRA file; its dims and alphas replace the ones "
-                    "above. Only kohya LoRA files (algo lora) for now.",
+                    tooltip="Continue training this file (kohya LoRA, or a LoHa / LoKr / DoRA file of this pack; "
+                    "algo must match it): its dims, alphas and LoKr factor replace the ones above, and it decides "
+                    "which parts exist. The train toggles decide which of them train: a part in the file whose "
+                    "toggle is off is applied frozen and saved back unchanged.",
                 ),
                 io.Combo.Input(
                     "algo",
                     options=list(NETWORK_ALGOS),
                     default="lora",
-                    tooltip="lora: kohya networks.lora. loha / lokr: LyCORIS's LoHa (Hadamard product) "
+                    tooltip="lora: kohya networks.lora. loha / lokr / dora: LyCORIS's LoHa (Hadamard product) "
                     "and LoKr (Kronecker product) modules from the lycoris-lora package, on the "
                     "same layers, saved with LyCORIS's keys (ComfyUI's LoraLoader reads them). "
                     "network_dim/alpha and conv_dim/alpha are their lora_dim/alpha; LoRA+ is "
-                    "lora only.",
+                    "lora and dora only. dora: DoRA, LyCORIS's LoCon with weight decomposition (dora_wd; the "
+                    "magnitude per input channel, the axis ComfyUI's LoraLoader normalises correctly).",
                 ),
                 io.Int.Input(
                     "lokr_factor",
@@ -118,18 +131,87 @@ class NetworkSettings(io.ComfyNode):
                     tooltip="LoKr only: LyCORIS's "
                     "Kronecker factor (lycoris-lora 'factor'); -1 = LyCORIS's automatic factorization.",
                 ),
+                io.Float.Input(
+                    "loraplus_lr_ratio",
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.5,
+                    optional=True,
+                    tooltip="LoRA+: lora_up learns at learning rate x this ratio (kohya loraplus_lr_ratio; the "
+                    "paper suggests 16). 0 = off, or the training settings' ratio. algo lora and dora.",
+                ),
+                io.Float.Input(
+                    "loraplus_unet_lr_ratio",
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.5,
+                    optional=True,
+                    tooltip="LoRA+ ratio of the U-Net only (kohya loraplus_unet_lr_ratio); 0 = loraplus_lr_ratio.",
+                ),
+                io.Float.Input(
+                    "loraplus_text_encoder_lr_ratio",
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.5,
+                    optional=True,
+                    tooltip="LoRA+ ratio of CLIP-L and CLIP-G (kohya loraplus_text_encoder_lr_ratio); "
+                    "0 = loraplus_lr_ratio.",
+                ),
             ],
             outputs=[NetworkSocket.Output(display_name="network", tooltip="Network settings for the train node.")],
         )
 
     @classmethod
-    def validate_inputs(cls, start_from: str = NONE, algo: str = "lora", rank_dropout: float = 0.0) -> bool | str:
+    def validate_inputs(
+        cls,
+        start_from: str = NONE,
+        algo: str = "lora",
+        rank_dropout: float = 0.0,
+        dropout: float = 0.0,
+        train_unet: bool = True,
+        train_clip_l: bool = False,
+        train_clip_g: bool = False,
+        loraplus_lr_ratio: float = 0.0,
+        loraplus_unet_lr_ratio: float = 0.0,
+        loraplus_text_encoder_lr_ratio: float = 0.0,
+    ) -> bool | str:
         """Naming start_from here makes ComfyUI skip its stale-list check: a LoRA saved by an earlier run of
         this server is accepted before the browser reloads the list; execute resolves it or says why not.
-        No **kwargs: with them ComfyUI would skip its min/max and option checks of every other input too."""
-        if isinstance(algo, str) and isinstance(rank_dropout, (int, float)):
-            return rank_dropout_refusal(algo, rank_dropout) or True
-        return True
+        A start_from file is checked against algo and the train toggles here, from its header, so a mismatch is
+        said when the prompt is queued, not after minutes of loading and caching.
+        No **kwargs: with them ComfyUI would skip its min/max and option checks of every other input too; the
+        min/max of the inputs named here are checked here (ComfyUI skips them), and all problems come in one message."""
+        ratios = (loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
+        problems = range_problems(
+            cls,
+            {
+                "rank_dropout": rank_dropout,
+                "dropout": dropout,
+                "loraplus_lr_ratio": loraplus_lr_ratio,
+                "loraplus_unet_lr_ratio": loraplus_unet_lr_ratio,
+                "loraplus_text_encoder_lr_ratio": loraplus_text_encoder_lr_ratio,
+            },
+        )
+        if not isinstance(algo, str):
+            return refuse_at_queue_time(problems)
+        if isinstance(rank_dropout, (int, float)) and (refusal := rank_dropout_refusal(algo, rank_dropout)):
+            problems.append(refusal)
+        if isinstance(dropout, (int, float)) and (refusal := dropout_refusal(algo, dropout)):
+            problems.append(refusal)
+        if all(isinstance(r, (int, float)) for r in ratios) and (refusal := loraplus_refusal(algo, any(ratios))):
+            problems.append(refusal)
+        toggles = (train_unet, train_clip_l, train_clip_g)
+        if isinstance(start_from, str) and start_from != NONE and all(isinstance(t, bool) for t in toggles):
+            try:
+                keys = read_keys(comfy_services.lora_file_path(start_from))
+            except Exception:  # noqa: BLE001 - not (yet) listed or unreadable: execute says why
+                keys = None
+            if keys is not None and (refusal := start_from_refusal(start_from, keys, algo, *toggles)):
+                problems.append(refusal)
+        return refuse_at_queue_time(problems)
 
     @classmethod
     def execute(
@@ -152,6 +234,9 @@ class NetworkSettings(io.ComfyNode):
         start_from: str,
         algo: str = "lora",
         lokr_factor: int = -1,
+        loraplus_lr_ratio: float = 0.0,
+        loraplus_unet_lr_ratio: float = 0.0,
+        loraplus_text_encoder_lr_ratio: float = 0.0,
     ) -> io.NodeOutput:
         common = {
             "dropout": dropout,
@@ -164,18 +249,14 @@ class NetworkSettings(io.ComfyNode):
         }
         initial = None
         if start_from != NONE:
-            if algo != "lora":
-                raise ValueError(
-                    f"start_from with algo {algo!r} is not supported yet: continuing training works "
-                    "for kohya LoRA files (algo lora) only."
-                )
             initial = comfy_services.load_safetensors(comfy_services.lora_file_path(start_from))
-            if any(k.rsplit(".", 1)[-1].startswith(("hada_", "lokr_")) for k in initial):
-                raise ValueError(
-                    f"{start_from} is a LyCORIS LoHa/LoKr file; continuing a LoHa/LoKr file is not "
-                    "supported yet (start_from works for kohya LoRA files only)."
-                )
-            config = NetworkConfig.from_kohya_state_dict(initial, **common)
+            refusal = start_from_refusal(start_from, initial, algo, train_unet, train_clip_l, train_clip_g)
+            if refusal:
+                raise ValueError(refusal)
+            toggles = {"unet": train_unet, "te1": train_clip_l, "te2": train_clip_g}
+            frozen = tuple(part for part in file_parts(initial) if not toggles[part])
+            common = {k: v for k, v in common.items() if not k.startswith("train_")}
+            config = config_from_file(initial, frozen_parts=frozen, **common)
         else:
             config = NetworkConfig(
                 network_dim=network_dim,
@@ -190,9 +271,15 @@ class NetworkSettings(io.ComfyNode):
                 factor=lokr_factor,
                 **common,
             )
-        if not (config.train_unet or config.train_te1 or config.train_te2):
+        if not any(config.trains(part) for part in ("unet", "te1", "te2")):
             raise ValueError("Nothing to train: enable train_unet, train_clip_l or train_clip_g.")
-        return io.NodeOutput(NetworkSetup(config=config, start_from=start_from, initial_weights=initial))
+        loraplus = LoraPlusRatios(loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
+        refusal = loraplus_refusal(config.algo, loraplus.any)
+        if refusal:
+            raise ValueError(refusal)
+        return io.NodeOutput(
+            NetworkSetup(config=config, start_from=start_from, initial_weights=initial, loraplus=loraplus)
+        )
 
 
 NODES = [NetworkSettings]

@@ -12,11 +12,16 @@ from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.objective.loss_weighting import LossSettings
 from ..trainer.objective.noise import NoiseSettings
 from ..trainer.report_images import loss_graph_image
-from ..trainer.run.config import TRAIN_DTYPES, TrainConfig
+from ..trainer.run.config import MEMORY_MODES, TRAIN_DTYPES, TrainConfig
 from ..trainer.run.job import TrainJob
 from ..trainer.run.lora_output import OutputSettings, output_name_error
-from ..trainer.run.optimizers import OPTIMIZER_TYPES, OptimizerSettings
-from ..trainer.run.schedulers import SCHEDULER_TYPES
+from ..trainer.run.optimizers import (
+    OPTIMIZER_TYPES,
+    OptimizerConfigError,
+    OptimizerSettings,
+    optimizer_settings_error,
+)
+from ..trainer.run.schedulers import SCHEDULER_TYPES, check_schedule
 from .common import CATEGORY, pil_to_image, range_problems, refuse_at_queue_time
 from .sockets import (
     CheckpointingSocket,
@@ -52,6 +57,9 @@ TRAINING_WIDGETS = (
     "train_dtype",
     "full_bf16",
     "gradient_checkpointing",
+    "lr_decay_steps",
+    "lr_scheduler_min_lr_ratio",
+    "lr_scheduler_args",
 )
 
 
@@ -76,6 +84,9 @@ def train_config_from_widgets(
     train_dtype: str,
     full_bf16: bool,
     gradient_checkpointing: bool,
+    lr_decay_steps: float = 0.0,
+    lr_scheduler_min_lr_ratio: float = 0.0,
+    lr_scheduler_args: str = "",
 ) -> TrainConfig:
     """The run's settings from the training widgets (loss and noise options come from the objective input)."""
     return TrainConfig(
@@ -90,6 +101,9 @@ def train_config_from_widgets(
         lr_warmup_steps=int(lr_warmup_steps) if lr_warmup_steps >= 1 else lr_warmup_steps,
         lr_scheduler_num_cycles=lr_scheduler_num_cycles,
         lr_scheduler_power=lr_scheduler_power,
+        lr_decay_steps=int(lr_decay_steps) if lr_decay_steps >= 1 else lr_decay_steps,
+        lr_scheduler_min_lr_ratio=lr_scheduler_min_lr_ratio,
+        lr_scheduler_args=lr_scheduler_args,
         gradient_accumulation_steps=gradient_accumulation_steps,
         max_grad_norm=max_grad_norm,
         scale_weight_norms=scale_weight_norms,
@@ -118,6 +132,32 @@ def learning_rate_problems(node: type, **rates: float | None) -> list[str]:
     )
     problem = config.zero_learning_rate_error()
     return [problem] if problem else []
+
+
+def optimizer_problems(
+    node: type,
+    optimizer: str | None,
+    optimizer_args: str | None,
+    lr_scheduler: str | None,
+    lr_scheduler_args: str | None,
+    lr_decay_steps: float | None,
+    lr_scheduler_min_lr_ratio: float | None,
+) -> list[str]:
+    """The optimizer and schedule widgets' problems at queue time: optimizer_args the optimizer's constructor cannot
+    take, schedule settings the schedule does not use (None: linked, or absent from an older prompt; checked at run
+    time). ComfyUI skips its own range check for these inputs, so it is done here."""
+    problems = range_problems(
+        node, {"lr_decay_steps": lr_decay_steps, "lr_scheduler_min_lr_ratio": lr_scheduler_min_lr_ratio}
+    )
+    if isinstance(optimizer, str) and isinstance(optimizer_args, str):
+        error = optimizer_settings_error(optimizer, optimizer_args)
+        problems += [error] if error else []
+    if isinstance(lr_scheduler, str) and not problems:
+        try:
+            check_schedule(lr_scheduler, lr_scheduler_args, lr_decay_steps, lr_scheduler_min_lr_ratio)
+        except OptimizerConfigError as error:
+            problems.append(str(error))
+    return problems
 
 
 def with_objective(config: TrainConfig, objective: ObjectiveSettings | None) -> TrainConfig:
@@ -197,12 +237,15 @@ class TrainLora(io.ComfyNode):
                     "optimizer",
                     options=list(OPTIMIZER_TYPES),
                     default="AdamW",
-                    tooltip="Optimizer (8-bit ones need bitsandbytes and CUDA).",
+                    tooltip="Optimizer (8-bit ones need bitsandbytes and CUDA). Prodigy, DAdaptAdam and "
+                    "ProdigyPlusScheduleFree set their own step size: use learning_rate 1.0. Schedule-free ones "
+                    "ignore lr_scheduler (optimizer_args warmup_steps=N for their warmup).",
                 ),
                 io.String.Input(
                     "optimizer_args",
                     default="",
-                    tooltip="key=value pairs, e.g. weight_decay=0.01 betas=0.9,0.99 (kohya optimizer_args).",
+                    tooltip="key=value pairs, e.g. weight_decay=0.01 betas=0.9,0.99 (kohya optimizer_args); "
+                    "checked against the optimizer's own arguments when the prompt is queued.",
                 ),
                 io.Combo.Input(
                     "lr_scheduler", options=list(SCHEDULER_TYPES), default="constant", tooltip="Learning-rate schedule."
@@ -216,7 +259,12 @@ class TrainLora(io.ComfyNode):
                     tooltip="Warmup steps; a value below 1 is a fraction of the total steps.",
                 ),
                 io.Int.Input(
-                    "lr_scheduler_num_cycles", default=1, min=1, max=1000, tooltip="Restarts for cosine_with_restarts."
+                    "lr_scheduler_num_cycles",
+                    default=1,
+                    min=1,
+                    max=1000,
+                    tooltip="Restarts for cosine_with_restarts; for cosine_with_min_lr and "
+                    "warmup_stable_decay the number of half cosines (kohya passes num_cycles / 2).",
                 ),
                 io.Float.Input(
                     "lr_scheduler_power",
@@ -309,6 +357,45 @@ class TrainLora(io.ComfyNode):
                     "training settings and this node's training widgets (max_train_steps ... gradient_checkpointing) "
                     "are not used; the report says so.",
                 ),
+                # appended after every older input: saved workflows keep their widget positions
+                io.Float.Input(
+                    "lr_decay_steps",
+                    default=0.0,
+                    min=0.0,
+                    max=1_000_000,
+                    step=1.0,
+                    optional=True,
+                    tooltip="warmup_stable_decay: the steps at the end in which the lr decays; a value below 1 is a "
+                    "fraction of the total steps (kohya lr_decay_steps).",
+                ),
+                io.Float.Input(
+                    "lr_scheduler_min_lr_ratio",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="cosine_with_min_lr, warmup_stable_decay, rex: the lr they end at, as a fraction of the "
+                    "learning rate (kohya lr_scheduler_min_lr_ratio).",
+                ),
+                io.String.Input(
+                    "lr_scheduler_args",
+                    default="",
+                    optional=True,
+                    tooltip="kohya lr_scheduler_args: piecewise_constant needs step_rules='1:100,0.5:200,0.1' "
+                    "(factor 1 until step 100, 0.5 until 200, then 0.1); warmup_stable_decay takes "
+                    "warmup_type/decay_type (linear, cosine, 1-sqrt).",
+                ),
+                io.Combo.Input(
+                    "memory_mode",
+                    options=list(MEMORY_MODES),
+                    default="auto",
+                    optional=True,
+                    tooltip="How ComfyUI places the frozen U-Net on the GPU. auto: it keeps free what the memory plan "
+                    "says a step needs and streams the weights that do not fit (slower, no out-of-memory). full: every "
+                    "weight on the GPU (fastest; needs the room). stream: as few weights resident as ComfyUI allows "
+                    "(least memory, slowest). No effect on the CPU.",
+                ),
                 EmaSocket.Input("ema", optional=True, tooltip="From 'EMA': keep and save an EMA of the weights."),
                 LoggingSocket.Input(
                     "logging", optional=True, tooltip="From 'Logging (W&B)'; the TensorBoard log is always written."
@@ -353,11 +440,18 @@ class TrainLora(io.ComfyNode):
         unet_lr: float | None = None,
         clip_l_lr: float | None = None,
         clip_g_lr: float | None = None,
+        optimizer: str | None = None,
+        optimizer_args: str | None = None,
+        lr_scheduler: str | None = None,
+        lr_scheduler_args: str | None = None,
+        lr_decay_steps: float | None = None,
+        lr_scheduler_min_lr_ratio: float | None = None,
         train_settings: object = NOT_CONNECTED,
     ) -> bool:
-        """Refuse, when the prompt is queued and not after a long run, unsafe names and learning rates that train
-        nothing (None: the input is linked; execute checks it then, still before training). The learning rates are
-        not used when train_settings is connected (the Train Settings node checks its own)."""
+        """Refuse, when the prompt is queued and not after a long run, unsafe names, learning rates that train
+        nothing, optimizer_args the optimizer cannot take and schedule settings the schedule does not use (None: the
+        input is linked; execute checks it then, still before training). The training widgets are not used when
+        train_settings is connected (the Train Settings node checks its own)."""
         problems = []
         if isinstance(output_name, str) and isinstance(output_subfolder, str):
             name_problem = output_name_error(output_subfolder, output_name)
@@ -365,6 +459,15 @@ class TrainLora(io.ComfyNode):
         if train_settings is NOT_CONNECTED:
             problems += learning_rate_problems(
                 cls, learning_rate=learning_rate, unet_lr=unet_lr, clip_l_lr=clip_l_lr, clip_g_lr=clip_g_lr
+            )
+            problems += optimizer_problems(
+                cls,
+                optimizer,
+                optimizer_args,
+                lr_scheduler,
+                lr_scheduler_args,
+                lr_decay_steps,
+                lr_scheduler_min_lr_ratio,
             )
         return refuse_at_queue_time(problems)
 
@@ -404,6 +507,10 @@ class TrainLora(io.ComfyNode):
         checkpointing=None,
         previews=None,
         train_settings=None,
+        lr_decay_steps: float = 0.0,
+        lr_scheduler_min_lr_ratio: float = 0.0,
+        lr_scheduler_args: str = "",
+        memory_mode: str = "auto",
         ema=None,
         logging=None,
     ) -> io.NodeOutput:
@@ -430,8 +537,11 @@ class TrainLora(io.ComfyNode):
                 train_dtype=train_dtype,
                 full_bf16=full_bf16,
                 gradient_checkpointing=gradient_checkpointing,
+                lr_decay_steps=lr_decay_steps,
+                lr_scheduler_min_lr_ratio=lr_scheduler_min_lr_ratio,
+                lr_scheduler_args=lr_scheduler_args,
             )
-        config = with_objective(config, objective)
+        config = replace(with_objective(config, objective).with_loraplus(network.loraplus), memory_mode=memory_mode)
         out = OutputSettings(
             name=output_name, subfolder=output_subfolder, save_precision=save_precision, overwrite=overwrite
         )

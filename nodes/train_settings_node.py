@@ -7,7 +7,13 @@ from comfy_api.latest import io
 from ..trainer.run.config import TrainSettings
 from .common import CATEGORY, refuse_at_queue_time
 from .sockets import TrainSettingsSocket
-from .train_node import TRAINING_WIDGETS, TrainLora, learning_rate_problems, train_config_from_widgets
+from .train_node import (
+    TRAINING_WIDGETS,
+    TrainLora,
+    learning_rate_problems,
+    optimizer_problems,
+    train_config_from_widgets,
+)
 
 
 def training_widget_inputs() -> list[io.Input]:
@@ -35,11 +41,27 @@ class TrainSettingsNode(io.ComfyNode):
         unet_lr: float | None = None,
         clip_l_lr: float | None = None,
         clip_g_lr: float | None = None,
+        optimizer: str | None = None,
+        optimizer_args: str | None = None,
+        lr_scheduler: str | None = None,
+        lr_scheduler_args: str | None = None,
+        lr_decay_steps: float | None = None,
+        lr_scheduler_min_lr_ratio: float | None = None,
     ) -> bool:
-        """The learning rates that would train nothing are refused when the prompt is queued, as on the Train node."""
+        """Learning rates that would train nothing, optimizer_args the optimizer cannot take and schedule settings
+        the schedule does not use are refused when the prompt is queued, as on the Train node."""
         return refuse_at_queue_time(
             learning_rate_problems(
                 cls, learning_rate=learning_rate, unet_lr=unet_lr, clip_l_lr=clip_l_lr, clip_g_lr=clip_g_lr
+            )
+            + optimizer_problems(
+                cls,
+                optimizer,
+                optimizer_args,
+                lr_scheduler,
+                lr_scheduler_args,
+                lr_decay_steps,
+                lr_scheduler_min_lr_ratio,
             )
         )
 

@@ -183,3 +183,24 @@ def test_a_dynamic_model_that_comfyui_cannot_reload_is_refused_clearly(comfy_gpu
     model.cached_patcher_init = None
     with pytest.raises(ValueError, match="--disable-dynamic-vram"):
         train((model, clip, None), *data())
+
+
+@pytest.mark.parametrize("memory_mode, streamed", [("auto", True), ("full", False), ("stream", True)])
+def test_the_memory_plan_decides_what_comfyui_streams(comfy_gpu, monkeypatch, want, memory_mode, streamed):
+    """The plan's step reaches ComfyUI as memory_required. As on NVIDIA (ComfyUI's MIN_WEIGHT_MEMORY_RATIO 0), a GPU
+    that holds the U-Net next to ComfyUI's inference reserve but not next to the planned step: ``auto`` streams part
+    of the U-Net to leave the step its room, ``full`` keeps every weight resident, ``stream`` streams. Each trains
+    the CPU's LoRA. The step is planned large (the tiny model's own step is smaller than ComfyUI's reserve, which
+    would hide the plan)."""
+    from sdxl_lora_trainer.trainer.run import session
+
+    monkeypatch.setattr(mm, "MIN_WEIGHT_MEMORY_RATIO", 0.0)
+    step = int(mm.minimum_inference_memory()) + UNET_BYTES
+    monkeypatch.setattr(session, "activation_bytes", lambda *args, **kwargs: step)
+    comfy_gpu(memory=small_gpu(1.5), vram_state="NORMAL_VRAM")
+    lowvram_at_step: list[bool] = []
+    watcher = tf.StepWatcher(on_step=lambda record, run: lowvram_at_step.append(run.models.model.model.model_lowvram))
+    got = train(models_on(DEVICE), *data(), config=replace(CONFIG, memory_mode=memory_mode), events=watcher)
+    assert got.memory_plan is not None and got.memory_plan.activations == step
+    assert_same_lora(lora_bytes(got), want["unet"])
+    assert lowvram_at_step == [streamed] * CONFIG.max_train_steps

@@ -90,7 +90,7 @@ def test_text_encoder_training_with_live_captions_matches_the_cpu(comfy_gpu):
     assert got.network.te1_loras and got.network.te2_loras
 
 
-@pytest.mark.parametrize("algo", ["loha", "lokr"])
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
 def test_lycoris_networks_match_the_cpu(comfy_gpu, algo):
     comfy_gpu()
     net = replace(NET, algo=algo, conv_dim=2, conv_alpha=1.0)

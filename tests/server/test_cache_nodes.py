@@ -78,7 +78,8 @@ def run_ok(server, prompt):
 
 
 def test_rerun_does_no_encoder_work_and_an_edit_reencodes_only_itself(server):
-    kohya_folder(server.base / "input" / "ds_cache", {"1_cat": [(64, 64), (64, 48), (48, 64)]})
+    # captions no other test uses: the server (and its in-memory caches) is shared by the whole session
+    kohya_folder(server.base / "input" / "ds_cache", {"1_rerun": [(64, 64), (64, 48), (48, 64)]})
     before = calls(server)
     run_ok(server, cache_prompt("ds_cache", False))
     first = calls(server)
@@ -91,7 +92,7 @@ def test_rerun_does_no_encoder_work_and_an_edit_reencodes_only_itself(server):
     assert second["vae"] == first["vae"], "latents were re-encoded although no image changed"
     assert second["clip"] - first["clip"] == 3
     # one edited caption file: only that caption is encoded again
-    (server.base / "input" / "ds_cache" / "1_cat" / "img_1.txt").write_text("a different caption")
+    (server.base / "input" / "ds_cache" / "1_rerun" / "img_1.txt").write_text("a different caption")
     run_ok(server, cache_prompt("ds_cache", False, caption_prefix="sks"))
     third = calls(server)
     assert third["vae"] == first["vae"] and third["clip"] - second["clip"] == 1

@@ -535,6 +535,42 @@ def test_continue_training_starts_from_the_file(server, object_info, folder_data
     assert np.abs(base - lora).max() > 0
 
 
+def test_continue_training_a_lora_with_text_encoders_applies_them_frozen(server, object_info, folder_dataset):
+    """kohya's default output holds the U-Net and both text encoders; the shipped continue_training example trains
+    the U-Net only. The file decides which parts exist, the toggles which train: the text-encoder modules are
+    applied as they are and saved back unchanged (this failed after loading: "264 LoRA modules ... match no
+    module")."""
+    first = ci_prompt(
+        object_info,
+        "train_then_test_sdxl_lora",
+        prefix="tefirst",
+        folder=folder_dataset,
+        steps=2,
+        seed=2,
+        output_name="te_first",
+    )
+    first = set_inputs(first, "SDXLLoraNetwork", network_dim=4, network_alpha=2.0, train_clip_l=True, train_clip_g=True)
+    start_name = lora_name_of(run_ok(server, first)[0], only_node(first, "SDXLLoraTrain"))
+    prompt = ci_prompt(
+        object_info, "continue_training", prefix="tecont", folder=folder_dataset, steps=2, output_name="te_cont"
+    )
+    network = only_node(prompt, "SDXLLoraNetwork")
+    assert not prompt[network]["inputs"]["train_clip_l"] and not prompt[network]["inputs"]["train_clip_g"]
+    prompt[network]["inputs"]["start_from"] = start_name
+    entry, log = run_ok(server, prompt)
+    loras_dir = server.base / "models" / "loras"
+    start = read_lora(loras_dir / start_name)
+    cont = read_lora(loras_dir / lora_name_of(entry, only_node(prompt, "SDXLLoraTrain")))
+    assert set(cont) == set(start)
+    te = [k for k in start if k.startswith(("lora_te1_", "lora_te2_"))]
+    assert te and all(np.array_equal(cont[k].float().numpy(), start[k].float().numpy()) for k in te)
+    ups = [k for k in start if k.startswith("lora_unet_") and k.endswith("lora_up.weight")]
+    assert any(not np.array_equal(cont[k].float().numpy(), start[k].float().numpy()) for k in ups)
+    assert_all_keys_loaded(log)
+
+    # (a toggle on for a part the file lacks, or another algo: refused at queue time, tests/server/test_network_node.py)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # names: escapes rejected, never overwrite, overwrite reuses
 # ---------------------------------------------------------------------------------------------------------------
@@ -646,6 +682,58 @@ def test_lycoris_rank_dropout_is_refused_at_queue_time(server, object_info, fold
     errors = json.loads(reply.split(": ", 1)[1])["node_errors"][network]["errors"]
     messages = " ".join(e["details"] for e in errors)
     assert "rank_dropout is not supported with algo 'loha'" in messages and "Set rank_dropout to 0" in messages
+    assert messages.count("rank_dropout is not supported") == 1, messages  # once, not on every input it names
+
+
+def test_network_inputs_out_of_range_are_refused_at_queue_time(server, object_info, folder_dataset):
+    """The Network node's validate_inputs names rank_dropout, dropout and the LoRA+ ratios, so ComfyUI skips their
+    min/max check: the node does it, all problems in one message."""
+    prompt, _ = training_only(object_info, folder_dataset, output_name="range")
+    prompt = set_inputs(prompt, "SDXLLoraNetwork", rank_dropout=1.5, loraplus_lr_ratio=-1.0)
+    network = only_node(prompt, "SDXLLoraNetwork")
+    with pytest.raises(ServerError) as err:
+        server.queue(prompt)
+    reply = str(err.value)
+    errors = json.loads(reply.split(": ", 1)[1])["node_errors"][network]["errors"]
+    messages = " ".join(e["details"] for e in errors)
+    assert (
+        "rank_dropout 1.5 is above its maximum" in messages
+        and "loraplus_lr_ratio -1.0 is below its minimum" in messages
+    )
+
+
+@pytest.mark.parametrize(
+    "inputs,fragments",
+    [
+        (
+            {"optimizer": "AdamW", "optimizer_args": "weight_decay=abc"},
+            ["optimizer_args", "weight_decay='abc' is text", "expects a number", "e.g. weight_decay=0.01"],
+        ),
+        (
+            {"optimizer": "AdamW", "optimizer_args": "betas=1"},
+            ["optimizer_args", "betas=1 is a number", "expects 2 numbers for betas", "e.g. betas=0.9,0.999"],
+        ),
+        (
+            {"optimizer": "CAME", "optimizer_args": "weight_decy=0.1"},
+            ["optimizer_args", "has no argument 'weight_decy'", "weight_decay"],
+        ),
+        (
+            {"lr_scheduler": "piecewise_constant", "lr_scheduler_args": ""},
+            ["needs lr_scheduler_args step_rules", "step_rules='1:100,0.5:200,0.1'"],
+        ),
+        ({"lr_scheduler": "cosine", "lr_scheduler_min_lr_ratio": 0.1}, ["lr_scheduler_min_lr_ratio 0.1 is only used"]),
+    ],
+)
+def test_optimizer_and_schedule_settings_are_refused_at_queue_time(
+    server, object_info, folder_dataset, inputs, fragments
+):
+    """Checked against the optimizer's own signature and the schedule when the prompt is queued, not mid-run."""
+    prompt, train = training_only(object_info, folder_dataset, output_name="optargs")
+    prompt[train]["inputs"].update(inputs)
+    errors = queue_refused(server, prompt)[train]["errors"]
+    assert len(errors) == 1, errors  # one message on the node
+    for fragment in fragments:
+        assert fragment in errors[0]["details"], (fragment, errors)
 
 
 def test_an_existing_file_is_never_overwritten(server, object_info, folder_dataset):

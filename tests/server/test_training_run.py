@@ -141,6 +141,36 @@ def test_resume_at_or_past_the_target_stops_and_a_raised_target_trains_on(server
     assert len(lora_files(server, "raised_*.safetensors")) == 1
 
 
+def lora_bytes(path: str) -> dict[str, bytes]:
+    import torch
+
+    return {k: bytes(v.contiguous().view(-1).view(torch.uint8).numpy()) for k, v in load_file(path).items()}
+
+
+def test_schedule_free_previews_and_intermediate_saves_do_not_change_the_run(server, folder):
+    """A schedule-free optimizer previews and saves its averaged weights, then trains on from exactly the point it
+    left: the intermediate file at step 2 is the final file of a 2-step run (its averaged weights), and the final
+    file of a run with previews and intermediate saves equals the one of a plain run, byte for byte."""
+
+    def schedule_free(name: str, steps: int) -> dict:
+        prompt = training_only(train_then_test(folder, steps=steps, seed=8, resolution=RES, lr=2e-3, output_name=name))
+        prompt["7"]["inputs"]["optimizer"] = "AdamWScheduleFree"  # constant lr: the first 2 steps of 4 are a 2-step run
+        return prompt
+
+    run(server, schedule_free("sf_two", 2))
+    run(server, schedule_free("sf_plain", 4))
+    busy = with_run_options(
+        schedule_free("sf_busy", 4), checkpointing={"save_every_n_steps": 2}, previews={"every_n_steps": 2}
+    )
+    run(server, busy)
+    [two] = lora_files(server, "sf_two_*.safetensors")
+    [plain] = lora_files(server, "sf_plain_*.safetensors")
+    [step2] = lora_files(server, "sf_busy_*-step000002.safetensors")
+    [final] = [f for f in lora_files(server, "sf_busy_*.safetensors") if "-step" not in f]
+    assert lora_bytes(step2) == lora_bytes(two)  # the averaged weights, not the training point
+    assert lora_bytes(final) == lora_bytes(plain)  # previews and saves left the training point as it was
+
+
 def test_full_disk_on_the_final_save_still_hands_the_trained_lora_on(server, folder):
     """The disk is full for this run's LoRA and logs (os.write raises ENOSPC for paths with the run's name, through
     the test node 'TestFullDiskFor'): the prompt still succeeds, the report says what was not saved and why, and the

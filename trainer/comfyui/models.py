@@ -58,6 +58,11 @@ def diffusion_model(model: Any) -> torch.nn.Module:
     return model.model.diffusion_model
 
 
+def unet_config(model: Any) -> dict[str, Any]:
+    """The U-Net's architecture as ComfyUI detected it (widths, context and ``y`` sizes)."""
+    return dict(model.model.model_config.unet_config)
+
+
 def text_encoders(clip: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(CLIP-L, CLIP-G) transformers of an SDXL CLIP: kohya's te1 and te2."""
     inner = getattr(clip, "cond_stage_model", None)
@@ -98,3 +103,20 @@ def unet_forward(
         y=y.to(device, dtype),
         transformer_options=options,
     ).float()
+
+
+def layer_weight(module: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """The weight ``module`` computes with, as float32 on ``device``, exactly as its own forward gets it.
+
+    A ComfyUI layer (comfy.ops) gets its weight from ``comfy.ops.cast_bias_weight``: fp8/fp16 storage cast up, a
+    quantized weight dequantized, and the patches ComfyUI applies at forward time (a LoRA merged upstream in a
+    low-VRAM load, weight wrappers) applied; a LoRA merged at a full load is already in the weight. A plain torch
+    layer: its weight. Never a tensor autograd tracks (the model is frozen).
+    """
+    if isinstance(getattr(module, "weight_function", None), list):
+        import comfy.ops
+
+        weight, _ = comfy.ops.cast_bias_weight(module, device=device, dtype=torch.float32)
+    else:
+        weight = module.weight.to(device=device, dtype=torch.float32)
+    return weight.detach()

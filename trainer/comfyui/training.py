@@ -173,19 +173,39 @@ def resolve_train_dtype(train_dtype: str, device: torch.device) -> str:
     return "fp32"
 
 
-def load_for_training(model: Any, memory_required: int = 0) -> torch.device:
+def load_for_training(model: Any, memory_required: int = 0, mode: str = "auto", weights: int = 0) -> torch.device:
     """Have ComfyUI load the MODEL on its device as it loads for sampling, and return the device.
 
     ComfyUI decides what fits: everything on a large GPU (and with --highvram / --gpu-only), and on a small one
     (or with --lowvram / --novram) the rest stays on the offload device and is streamed per layer, which the
     weight wrappers of ``training_models`` make safe for backward. ``memory_required``: what the step needs
-    besides the weights. Called before every U-Net forward: a no-op while the model is loaded, a reload after a
-    preview or a live caption encode made ComfyUI evict part of it.
+    besides the weights (the memory plan), which ComfyUI keeps free. ``mode`` "full" loads every weight whatever
+    the plan says; "stream" also asks for room for the ``weights`` themselves, so ComfyUI keeps as few resident as
+    it allows. On a CPU device ComfyUI always loads fully. Called before every U-Net forward: a no-op while the
+    model is loaded, a reload after a preview or a live caption encode made ComfyUI evict part of it.
     """
     import comfy.model_management as mm
 
-    mm.load_models_gpu([model], memory_required=memory_required)
+    if mode == "full":
+        mm.load_models_gpu([model], memory_required=memory_required, force_full_load=True)
+    else:
+        extra = weights if mode == "stream" else 0
+        mm.load_models_gpu([model], memory_required=memory_required + extra)
     return model.load_device
+
+
+def leave_room(model: Any, memory_required: int) -> None:
+    """Have ComfyUI offload as much of the loaded MODEL as it takes to leave ``memory_required`` free on its device;
+    the offloaded layers are then streamed per layer. ComfyUI's own ``free_memory``, with the free space
+    ``load_models_gpu`` would have asked for had it known the plan at the first load (the plan needs the loaded
+    model). Not on the CPU, and not under --highvram / --gpu-only, where ComfyUI keeps every weight on the GPU.
+    """
+    import comfy.model_management as mm
+
+    device = model.load_device
+    if device.type == "cpu" or mm.vram_state == mm.VRAMState.HIGH_VRAM:
+        return
+    mm.free_memory(max(mm.minimum_inference_memory(), memory_required + mm.extra_reserved_memory()), device)
 
 
 def free_other_models() -> None:

@@ -17,7 +17,7 @@ from ..data.token_length import TokenLength
 from ..network.config import NetworkConfig
 from ..network.targets import SDXL_NUM_IN_OUT_BLOCKS, SDXL_NUM_MID_BLOCKS
 from ..run.config import TrainConfig
-from ..run.optimizers import parse_optimizer_args
+from ..run.optimizers import KOHYA_OPTIMIZER_TYPES, optimizer_pip_name, parse_key_values, parse_optimizer_args
 from .run import KohyaRun
 
 #: the pack's sampler names -> kohya's --sample_sampler (kohya's k_* are the k-diffusion samplers ComfyUI uses)
@@ -65,10 +65,19 @@ def _block_lr_args(weights: Sequence[float], out: KohyaArgs) -> dict[str, str]:
     }
 
 
-def network_args(config: NetworkConfig, train: TrainConfig, out: KohyaArgs) -> list[str]:
+def network_args(config: NetworkConfig, train: TrainConfig, out: KohyaArgs | None = None) -> list[str]:
     """kohya's --network_args "key=value" strings for ``config`` and the run's LoRA+ ratios."""
+    return [f"{k}={v}" for k, v in network_args_dict(config, train, out).items()]
+
+
+def network_args_dict(config: NetworkConfig, train: TrainConfig, out: KohyaArgs | None = None) -> dict[str, str]:
+    """kohya's network_args as the key -> value strings kohya splits them into (``net_kwargs``, also what kohya
+    writes as ss_network_args). ``out`` collects what kohya cannot carry (None: not asked)."""
+    out = out if out is not None else KohyaArgs()
     args: dict[str, str] = {}
-    if config.algo != "lora":
+    if config.algo == "dora":  # LyCORIS's LoCon with weight decomposition, magnitude per input channel
+        args.update(algo="locon", dora_wd="True", wd_on_output="False")
+    elif config.algo != "lora":
         args["algo"] = config.algo
         if config.algo == "lokr":
             args["factor"] = str(config.factor)
@@ -98,7 +107,7 @@ def network_args(config: NetworkConfig, train: TrainConfig, out: KohyaArgs) -> l
     te_ratio = parts["clip_l"].loraplus_lr_ratio
     if te_ratio and te_ratio != train.loraplus_lr_ratio:
         args["loraplus_text_encoder_lr_ratio"] = repr(float(te_ratio))
-    return [f"{k}={v}" for k, v in args.items()]
+    return args
 
 
 def _optimizer_args(text: str) -> list[str]:
@@ -116,7 +125,13 @@ def _network(run: KohyaRun, out: KohyaArgs) -> None:
     a["network_args"] = network_args(config, run.train, out)
     if not a["network_args"]:
         del a["network_args"]
-    trained = (config.train_unet, config.train_te1, config.train_te2)
+    trained = (config.trains("unet"), config.trains("te1"), config.trains("te2"))
+    if config.frozen_parts:
+        labels = {"unet": "U-Net", "te1": "CLIP-L", "te2": "CLIP-G"}
+        out.not_carried.append(
+            f"{' + '.join(labels[p] for p in config.frozen_parts)} modules of the start_from file applied frozen: "
+            "kohya drops the modules of a part it does not train (not applied while training, not saved)"
+        )
     if trained == (True, False, False):
         a["network_train_unet_only"] = True
     elif trained == (False, True, True):
@@ -126,9 +141,9 @@ def _network(run: KohyaRun, out: KohyaArgs) -> None:
         out.not_carried.append(
             f"train only {' + '.join(names)}: kohya trains the U-Net, both text encoders, the U-Net only or the text "
             "encoders only; the exported run trains "
-            + ("the U-Net and both text encoders" if config.train_unet else "both text encoders")
+            + ("the U-Net and both text encoders" if trained[0] else "both text encoders")
         )
-        if not config.train_unet:
+        if not trained[0]:
             a["network_train_text_encoder_only"] = True
     if config.multiplier != 1.0:
         out.not_carried.append(f"network multiplier {config.multiplier}: kohya trains at multiplier 1.0")
@@ -157,20 +172,62 @@ def _learning_rates(train: TrainConfig, out: KohyaArgs) -> None:
         )
 
 
+def _steps_or_ratio(value: float) -> int | float:
+    """kohya's int_or_float arguments: a whole number of steps as int, a ratio below 1 as float."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _schedule(train: TrainConfig, out: KohyaArgs) -> None:
+    a = out.args
+    name = train.lr_scheduler
+    if name == "rex":
+        # kohya has no REX; its lr_scheduler_type imports any scheduler class: pytorch-optimizer's REXScheduler
+        a["lr_scheduler"] = "constant"
+        a["lr_scheduler_type"] = "pytorch_optimizer.lr_scheduler.rex.REXScheduler"
+        lr = float(train.learning_rate)
+        a["lr_scheduler_args"] = [
+            f"total_steps={int(train.max_train_steps)}",
+            f"max_lr={lr!r}",
+            f"min_lr={lr * float(train.lr_scheduler_min_lr_ratio)!r}",
+        ]
+        out.not_carried.append(
+            "lr_scheduler rex: kohya has no REX schedule; exported as pytorch-optimizer's REXScheduler "
+            "(lr_scheduler_type), which gives every parameter group the same lr, runs its first step at min_lr and "
+            "has no warmup"
+            + (f" (lr_warmup_steps {train.lr_warmup_steps} is not carried)" if train.lr_warmup_steps else "")
+        )
+        return
+    a["lr_scheduler"] = name
+    if train.lr_warmup_steps:
+        a["lr_warmup_steps"] = _steps_or_ratio(train.lr_warmup_steps)
+    if train.lr_decay_steps:
+        a["lr_decay_steps"] = _steps_or_ratio(train.lr_decay_steps)
+    if train.lr_scheduler_min_lr_ratio:
+        a["lr_scheduler_min_lr_ratio"] = float(train.lr_scheduler_min_lr_ratio)
+    scheduler_args = [f"{k}={v!r}" for k, v in parse_key_values(train.lr_scheduler_args, "lr_scheduler_args").items()]
+    if scheduler_args:
+        a["lr_scheduler_args"] = scheduler_args
+
+
 def _training(run: KohyaRun, out: KohyaArgs) -> None:
     train, a = run.train, out.args
     a["max_train_steps"] = int(train.max_train_steps)
     if train.max_train_epochs > 0:
         a["max_train_epochs"] = int(train.max_train_epochs)
     _learning_rates(train, out)
-    a["optimizer_type"] = train.optimizer.canonical_type
+    optimizer = train.optimizer.canonical_type
+    # kohya has short names for its own optimizers and imports any other from a class path
+    a["optimizer_type"] = KOHYA_OPTIMIZER_TYPES.get(optimizer, optimizer)
+    if optimizer in KOHYA_OPTIMIZER_TYPES or optimizer == "DAdaptAdam":
+        package = optimizer_pip_name(optimizer)
+        out.notes.append(
+            f"optimizer {optimizer}: kohya imports it from the {package} package; install it into kohya's Python "
+            f"(pip install {package})"
+        )
     optimizer_args = _optimizer_args(train.optimizer.optimizer_args)
     if optimizer_args:
         a["optimizer_args"] = optimizer_args
-    a["lr_scheduler"] = train.lr_scheduler
-    if train.lr_warmup_steps:
-        warmup = train.lr_warmup_steps
-        a["lr_warmup_steps"] = int(warmup) if float(warmup).is_integer() else float(warmup)
+    _schedule(train, out)
     if train.lr_scheduler_num_cycles != 1:
         a["lr_scheduler_num_cycles"] = int(train.lr_scheduler_num_cycles)
     if train.lr_scheduler_power != 1.0:
@@ -187,6 +244,11 @@ def _training(run: KohyaRun, out: KohyaArgs) -> None:
         a["full_bf16"] = True
     if train.gradient_checkpointing:
         a["gradient_checkpointing"] = True
+    if train.memory_mode != "auto":
+        out.not_carried.append(
+            f"memory_mode {train.memory_mode}: kohya's SDXL LoRA training keeps the whole U-Net on each GPU "
+            "(no weight streaming); give each process a GPU that holds it"
+        )
     _token_length(train.token_length or TokenLength(), out)
 
 

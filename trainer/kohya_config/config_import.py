@@ -19,7 +19,7 @@ import tomllib
 from ..data.images import DatasetError
 from ..data.text_files import read_utf8
 from ..data.token_length import TokenLength
-from ..network.config import KOHYA_NETWORK_ARGS, NetworkConfig, PartSettings
+from ..network.config import KOHYA_NETWORK_ARGS, LoraPlusRatios, NetworkConfig, PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from ..run.checkpoints import CheckpointSettings
@@ -90,10 +90,7 @@ _NOT_SUPPORTED: dict[str, str] = {
     "deepspeed": "single-process training inside ComfyUI",
     "fused_backward_pass": "not offered",
     "lr_scheduler_type": "only the built-in schedules",
-    "lr_scheduler_args": "only the built-in schedules",
-    "lr_decay_steps": "only the built-in schedules",
     "lr_scheduler_timescale": "only the built-in schedules",
-    "lr_scheduler_min_lr_ratio": "only the built-in schedules",
     "log_with": "the Train node writes CSV/JSONL logs",
     "base_weights": "merge base LoRAs with a LoraLoader before training",
     "base_weights_multiplier": "merge base LoRAs with a LoraLoader before training",
@@ -115,6 +112,9 @@ class KohyaImport:
     train: TrainConfig
     checkpointing: CheckpointSettings
     source: str = ""
+    #: kohya's loraplus_* network_args, also in ``train``'s part settings: the Network output carries them too,
+    #: so a graph that takes only the imported network trains with the same LoRA+
+    loraplus: LoraPlusRatios = LoraPlusRatios()
     applied: list[str] = field(default_factory=list)
     not_applied: list[tuple[str, str]] = field(default_factory=list)
 
@@ -222,6 +222,11 @@ def _as_float_or_none(v: Any) -> float | None:
     return None if v in (None, "", "None") else float(v)
 
 
+def _true(value: Any) -> bool:
+    """A LyCORIS boolean network_arg as LyCORIS's str_bool reads it: anything but "false" (any case) is true."""
+    return str(value).strip().lower() != "false"
+
+
 def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkConfig, dict[str, float]]:
     module = keys.get("network_module", "networks.lora")
     raw_args = keys.get("network_args", []) or []
@@ -234,14 +239,29 @@ def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkCo
             raise KohyaConfigError(f"network_args: {token!r} is not key=value")
         network_args[k.strip()] = v.strip()
     loraplus = {k: float(network_args.pop(k)) for k in list(network_args) if k.startswith("loraplus_")}
+    # kohya's train_network copies --network_dropout into network_args as "dropout" (for LyCORIS, which reads its
+    # dropout there), so ss_network_args holds it; it is the network dropout, not an argument of its own
+    args_dropout = _as_float_or_none(network_args.pop("dropout", None))
     if module == "networks.lora":
         algo = "lora"
     elif module == "lycoris.kohya":
         algo = network_args.pop("algo", "lora")
-        if algo not in ("loha", "lokr"):
+        dora = _true(network_args.pop("dora_wd", "False"))
+        on_output = _true(network_args.pop("wd_on_output", "True"))
+        if algo in ("lora", "locon") and dora:
+            if on_output:
+                raise KohyaConfigError(
+                    "network_args dora_wd=True with wd_on_output=True (LyCORIS's default): ComfyUI's LoraLoader "
+                    "normalises an output-axis DoRA by the norm of the base weight alone, so such a file does not "
+                    "load as it was trained; the pack trains DoRA with wd_on_output=False. Set wd_on_output=False."
+                )
+            algo = "dora"
+        elif dora:
+            raise KohyaConfigError(f"network_args dora_wd=True with algo={algo!r}: the pack's DoRA is algo=locon")
+        if algo not in ("loha", "lokr", "dora"):
             raise KohyaConfigError(
-                f"network_args algo={algo!r} (lycoris.kohya): the pack trains LyCORIS loha and lokr; use algo=loha "
-                "or algo=lokr, or network_module networks.lora"
+                f"network_args algo={algo!r} (lycoris.kohya): the pack trains LyCORIS loha, lokr and locon with "
+                "dora_wd=True (DoRA); use one of them, or network_module networks.lora"
             )
     else:
         raise KohyaConfigError(
@@ -255,7 +275,7 @@ def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkCo
     config = NetworkConfig.from_kohya_kwargs(
         keys.get("network_dim", 4),
         keys.get("network_alpha"),
-        _as_float_or_none(keys.get("network_dropout")),
+        _as_float_or_none(keys.get("network_dropout")) if keys.has("network_dropout") else args_dropout,
         train_unet=not keys.get("network_train_text_encoder_only", False),
         train_te1=not keys.get("network_train_unet_only", False),
         train_te2=not keys.get("network_train_unet_only", False),
@@ -264,6 +284,11 @@ def _network(keys: _Keys, not_applied: list[tuple[str, str]]) -> tuple[NetworkCo
     if algo != "lora":
         config = replace(config, algo=algo, factor=factor)
     return config, loraplus
+
+
+def _key_value_list(raw: Any) -> str:
+    """kohya's nargs="*" key=value arguments (a list, or one string in a TOML) as the pack's one string."""
+    return " ".join(raw) if isinstance(raw, list) else str(raw or "")
 
 
 def _optimizer(keys: _Keys) -> OptimizerSettings:
@@ -275,9 +300,7 @@ def _optimizer(keys: _Keys) -> OptimizerSettings:
         canonical = canonical_optimizer_type(name)
     except ValueError as e:
         raise KohyaConfigError(f"optimizer_type {name!r}: {e}") from None
-    raw = keys.get("optimizer_args", []) or []
-    text = " ".join(raw) if isinstance(raw, list) else str(raw)
-    return OptimizerSettings(canonical, text)
+    return OptimizerSettings(canonical, _key_value_list(keys.get("optimizer_args", [])))
 
 
 def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
@@ -303,6 +326,9 @@ def _train(keys: _Keys, loraplus: dict[str, float]) -> TrainConfig:
         lr_warmup_steps=warmup,
         lr_scheduler_num_cycles=int(keys.get("lr_scheduler_num_cycles", 1)),
         lr_scheduler_power=float(keys.get("lr_scheduler_power", 1.0)),
+        lr_decay_steps=keys.get("lr_decay_steps", 0),
+        lr_scheduler_min_lr_ratio=float(keys.get("lr_scheduler_min_lr_ratio", 0.0)),
+        lr_scheduler_args=_key_value_list(keys.get("lr_scheduler_args", [])),
         gradient_accumulation_steps=int(keys.get("gradient_accumulation_steps", 1)),
         max_grad_norm=float(keys.get("max_grad_norm", 1.0)),
         scale_weight_norms=_as_float_or_none(keys.get("scale_weight_norms")),
@@ -385,6 +411,11 @@ def from_kohya_args(args: Mapping[str, Any], source: str = "kohya settings") -> 
         else:
             not_applied.append((key, f"not an argument this pack knows (kohya's value: {value!r})"))
     return KohyaImport(
+        loraplus=LoraPlusRatios(
+            loraplus.get("loraplus_lr_ratio"),
+            loraplus.get("loraplus_unet_lr_ratio"),
+            loraplus.get("loraplus_text_encoder_lr_ratio"),
+        ),
         network=network,
         train=train,
         checkpointing=checkpointing,

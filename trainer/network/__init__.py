@@ -23,6 +23,7 @@ NETWORK_CLASSES: dict[str, tuple[str, str]] = {
     "lora": ("lora", "LoRANetwork"),
     "loha": ("loha", "LohaNetwork"),
     "lokr": ("lokr", "LokrNetwork"),
+    "dora": ("dora", "DoraNetwork"),
 }
 
 
@@ -41,7 +42,10 @@ def build_network(
     te1 = te2 = None
     if config.train_te1 or config.train_te2:
         if clip is None:
-            raise ValueError("Training the text encoders needs the CLIP input connected.")
+            raise ValueError(
+                "The network has text-encoder modules (train_clip_l / train_clip_g, or a start_from file with "
+                "lora_te1_ / lora_te2_ keys): connect the CLIP input of the train node."
+            )
         clip_l, clip_g = comfy_models.text_encoders(clip)
         te1 = clip_l if config.train_te1 else None
         te2 = clip_g if config.train_te2 else None

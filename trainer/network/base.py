@@ -147,6 +147,14 @@ class AdapterNetwork(torch.nn.Module, Generic[ModuleT]):
     def te2_loras(self) -> list[ModuleT]:
         return self._with_prefix(PREFIX_TE2)
 
+    @property
+    def trained_loras(self) -> list[ModuleT]:
+        """The modules that train: all but those of the config's ``frozen_parts``."""
+        frozen = set(self.config.frozen_parts) if self.config is not None else set()
+        parts = {"unet": self.unet_loras, "te1": self.te1_loras, "te2": self.te2_loras}
+        skipped = {id(m) for part in frozen for m in parts[part]}
+        return [m for m in self.loras if id(m) not in skipped]
+
     def set_multiplier(self, multiplier: float) -> None:
         for m in self.loras:
             m.multiplier = float(multiplier)
@@ -228,12 +236,18 @@ class AdapterNetwork(torch.nn.Module, Generic[ModuleT]):
         text_encoder_lr: when CLIP-L and CLIP-G have the same settings the two TEs share one group ("textencoder")
         exactly as kohya; otherwise they get "textencoder 1" and "textencoder 2" groups (as kohya's multi-TE
         networks do). With block lr weights (argument, else the config's) the U-Net is grouped per block index in
-        order of appearance, lr = unet lr * weight[block], described "unet_block{idx}".
+        order of appearance, lr = unet lr * weight[block], described "unet_block{idx}". The modules of the config's
+        ``frozen_parts`` get no group and no gradient.
         """
         for name, part in (("unet", unet), ("clip_l", clip_l), ("clip_g", clip_g)):
             if part.learning_rate is None:
                 raise ValueError(f"param_groups: {name} has no learning_rate (fill in the run's: with_run_defaults)")
         self.requires_grad_(True)
+        frozen = set(self.config.frozen_parts) if self.config is not None else set()
+        for part, modules in (("unet", self.unet_loras), ("te1", self.te1_loras), ("te2", self.te2_loras)):
+            if part in frozen:  # applied as loaded, never given to the optimizer
+                for m in modules:
+                    m.requires_grad_(False)
         groups: list[dict] = []
         descs: list[str] = []
 
@@ -251,7 +265,8 @@ class AdapterNetwork(torch.nn.Module, Generic[ModuleT]):
                 groups.append({"params": params, "lr": group_lr})
                 descs.append(label + (" plus" if kind == "plus" else ""))
 
-        te1, te2 = self.te1_loras, self.te2_loras
+        te1 = [] if "te1" in frozen else self.te1_loras
+        te2 = [] if "te2" in frozen else self.te2_loras
         if te1 and te2 and clip_l != clip_g:
             assemble(te1, clip_l.learning_rate, clip_l.loraplus_lr_ratio, "textencoder 1")
             assemble(te2, clip_g.learning_rate, clip_g.loraplus_lr_ratio, "textencoder 2")
@@ -259,7 +274,7 @@ class AdapterNetwork(torch.nn.Module, Generic[ModuleT]):
             te = clip_l if te1 else clip_g
             assemble(te1 + te2, te.learning_rate, te.loraplus_lr_ratio, "textencoder")
 
-        unet_loras = self.unet_loras
+        unet_loras = [] if "unet" in frozen else self.unet_loras
         weights = (
             block_lr_weight if block_lr_weight is not None else (self.config.block_lr_weight if self.config else None)
         )
@@ -282,7 +297,7 @@ class AdapterNetwork(torch.nn.Module, Generic[ModuleT]):
         for the device; the statistics stay on the device until ``read()``."""
         norms: list[torch.Tensor] = []
         ratios: list[torch.Tensor] = []
-        for m in self.loras:
+        for m in self.trained_loras:  # frozen modules stay as loaded
             norm, ratio = self.scale_to_max_norm(m, max_norm)
             norms.append(norm)
             ratios.append(ratio)

@@ -147,6 +147,30 @@ def rank_dropout_refusal(algo: str, rank_dropout: float | None) -> str | None:
     return None
 
 
+def dropout_refusal(algo: str, dropout: float | None) -> str | None:
+    """Why the neuron ``dropout`` cannot be used with ``algo``, or None. (The Network node asks at queue time too.)"""
+    if algo == "dora" and dropout:
+        return (
+            "dropout is not supported with algo 'dora': LyCORIS's DoRA ignores the neuron dropout (it adapts the "
+            "weight, not the activations). Set dropout to 0 (module_dropout works), or use algo lora."
+        )
+    return None
+
+
+#: the algorithms whose modules have a ``lora_up`` for LoRA+ to scale
+LORAPLUS_ALGOS = ("lora", "dora")
+
+
+def loraplus_refusal(algo: str, any_ratio: bool) -> str | None:
+    """Why LoRA+ ratios cannot be used with ``algo``, or None. (The Network node asks at queue time too.)"""
+    if any_ratio and algo not in LORAPLUS_ALGOS:
+        return (
+            f"LoRA+ (loraplus_*_lr_ratio) is not supported with algo {algo!r}: it scales lora_up, which "
+            f"{algo} modules do not have. Set the loraplus ratios to 0, or use algo {' or '.join(LORAPLUS_ALGOS)}."
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """kohya's create_network arguments for SDXL (network_dim/alpha, neuron_dropout and network_args).
@@ -184,8 +208,11 @@ class NetworkConfig:
     train_te2: bool = True
     multiplier: float = 1.0
     module_dims: tuple[tuple[str, int, float], ...] | None = None
-    algo: str = "lora"  # "lora" (kohya's LoRA, lora.py) | "loha" | "lokr" (LyCORIS modules, loha.py / lokr.py)
+    algo: str = "lora"  # "lora" (kohya's LoRA, lora.py) | "loha" | "lokr" | "dora" (LyCORIS modules, loha.py ...)
     factor: int = -1  # LoKr's Kronecker factor (LyCORIS ``factor``); -1 = LyCORIS's automatic factorization
+    #: parts ("unet", "te1", "te2") whose modules the network has (train_* on) but does not train: a continued
+    #: file's part the node's toggle leaves off is applied as it is and saved back unchanged
+    frozen_parts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def put(name: str, value) -> None:
@@ -193,7 +220,7 @@ class NetworkConfig:
 
         if self.algo not in NETWORK_ALGOS:
             raise ValueError(f"algo must be one of {list(NETWORK_ALGOS)}, got {self.algo!r}")
-        refusal = rank_dropout_refusal(self.algo, self.rank_dropout)
+        refusal = rank_dropout_refusal(self.algo, self.rank_dropout) or dropout_refusal(self.algo, self.dropout)
         if refusal:
             raise ValueError(refusal)
         if not isinstance(self.factor, int) or (self.factor != -1 and self.factor < 1):
@@ -241,6 +268,20 @@ class NetworkConfig:
                 put(name, None)
         if self.module_dims is not None:
             put("module_dims", tuple((str(n), int(d), float(a)) for n, d, a in self.module_dims))
+        put("frozen_parts", tuple(sorted(set(self.frozen_parts))))
+        has = {"unet": self.train_unet, "te1": self.train_te1, "te2": self.train_te2}
+        bad = [p for p in self.frozen_parts if not has.get(p)]
+        if bad:
+            raise ValueError(f"frozen_parts {bad}: only parts the network has (train_unet/te1/te2 on) can be frozen")
+
+    def trains(self, part: str) -> bool:
+        """Whether the network trains ``part`` ("unet", "te1", "te2"): it has modules there and they are not frozen."""
+        has = {"unet": self.train_unet, "te1": self.train_te1, "te2": self.train_te2}[part]
+        return has and part not in self.frozen_parts
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        return self.trains("te1") or self.trains("te2")
 
     @property
     def block_mode(self) -> bool:
@@ -368,12 +409,43 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class LoraPlusRatios:
+    """LoRA+ as the Network node sets it, with kohya's network_args names: lora_up learns at lr * ratio.
+
+    ``lr_ratio`` (kohya loraplus_lr_ratio) for every part, ``unet_lr_ratio`` / ``text_encoder_lr_ratio`` (kohya
+    loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio; the text-encoder ratio is CLIP-L's and CLIP-G's) for one
+    part. None or 0 (the node's widgets): not set here, the training settings' ratio (if any) applies. The run's
+    PartSettings receive them (``TrainConfig.with_loraplus``).
+    """
+
+    lr_ratio: float | None = None
+    unet_lr_ratio: float | None = None
+    text_encoder_lr_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("lr_ratio", "unet_lr_ratio", "text_encoder_lr_ratio"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            ):
+                raise ValueError(f"loraplus_{name} must be a finite number >= 0 (0 = not set), got {value!r}")
+            if value == 0:
+                object.__setattr__(self, name, None)
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.lr_ratio, self.unet_lr_ratio, self.text_encoder_lr_ratio))
+
+
+@dataclass(frozen=True)
 class NetworkSetup:
-    """The Network node's value: the network to train, and the LoRA file it continues from (read once), if any."""
+    """The Network node's value: the network to train, its LoRA+ ratios, and the LoRA file it continues from (read
+    once), if any."""
 
     config: NetworkConfig
     start_from: str = "none"
     initial_weights: Mapping[str, torch.Tensor] | None = None
+    loraplus: LoraPlusRatios = LoraPlusRatios()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import AdapterNetwork, MaxNormStats, ModuleT, NetworkT
-from .config import NetworkConfig, PartSettings
+from .config import NetworkConfig, PartSettings, loraplus_refusal
 from .targets import TargetModule
 
 
@@ -74,8 +74,6 @@ class LycorisNetwork(AdapterNetwork[ModuleT]):
     ) -> NetworkT:
         """AdapterNetwork.build with the init seeded by ``generator.initial_seed()``: LyCORIS draws from the global
         RNG, which is forked so the caller's state is untouched."""
-        if config.module_dims is not None:
-            raise ValueError("per-module dims from a file (module_dims) are only supported for algo 'lora'")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(generator.initial_seed())
             return super().build(unet, te1, te2, config, generator)
@@ -126,6 +124,7 @@ class LycorisNetwork(AdapterNetwork[ModuleT]):
     ) -> tuple[list[dict], list[str]]:
         """AdapterNetwork.param_groups without LoRA+, which raises: it scales lora_up, which LoHa/LoKr do not have
         (LyCORIS's kohya wrapper would silently apply no ratio)."""
-        if any(part.loraplus_lr_ratio for part in (unet, clip_l, clip_g)):
-            raise ValueError("LoRA+ (loraplus_*_lr_ratio) only applies to algo 'lora': LoHa/LoKr have no lora_up")
+        refusal = loraplus_refusal(self.algo, any(part.loraplus_lr_ratio for part in (unet, clip_l, clip_g)))
+        if refusal:
+            raise ValueError(refusal)
         return super().param_groups(unet, clip_l, clip_g, block_lr_weight=block_lr_weight)

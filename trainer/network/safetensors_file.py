@@ -134,3 +134,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (kohya's ss_* and modelspec.* keys), without loading tensors."""
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def read_keys(path: str | Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header only (no tensor is loaded)."""
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())

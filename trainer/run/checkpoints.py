@@ -20,6 +20,7 @@ from typing import Any
 from ..atomic_files import sweep_stale_temp_files
 from .loop import LoopState, StepRecord
 from .lora_output import SavedLora
+from .optimizers import training_point
 from .resume_state import save_state
 
 log = logging.getLogger(__name__)
@@ -98,17 +99,19 @@ class RunArtifacts:
     def save_state(self, result: Any) -> Path:
         state: LoopState = result.state
         folder = self.state_root / f"step-{state.global_step:06d}"
-        save_state(
-            folder,
-            network=result.network.state_dict_kohya(),
-            optimizer=result.optimizer.state_dict(),
-            scheduler=result.scheduler.state_dict() if result.scheduler is not None else None,
-            scaler=result.scaler.state_dict() if result.scaler is not None else None,
-            loop=state,
-            fingerprint=self.fingerprint,
-            ema=result.ema.state_tensors() if result.ema is not None else None,
-            ema_updates=result.ema.updates if result.ema is not None else 0,
-        )
+        # after training a schedule-free optimizer holds its averaged weights; the state holds the training point
+        with training_point(result.optimizer, result.training_point):
+            save_state(
+                folder,
+                network=result.network.state_dict_kohya(),
+                optimizer=result.optimizer.state_dict(),
+                scheduler=result.scheduler.state_dict() if result.scheduler is not None else None,
+                scaler=result.scaler.state_dict() if result.scaler is not None else None,
+                loop=state,
+                fingerprint=self.fingerprint,
+                ema=result.ema.state_tensors() if result.ema is not None else None,
+                ema_updates=result.ema.updates if result.ema is not None else 0,
+            )
         self._point_latest_at(folder)
         self.states.append(folder)
         return folder

@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..data.bucket_batches import max_train_steps_for_epochs
 from ..data.dataset import TrainingDataset
 from ..data.token_length import TokenLength
-from ..network.config import PartSettings
+from ..network.config import LoraPlusRatios, PartSettings
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from .optimizers import OptimizerSettings
+from .schedulers import check_schedule
 
 #: the learning-rate input of each model part (0 there = the run's learning_rate)
 PART_LR_INPUTS = {"unet": "unet_lr", "clip_l": "clip_l_lr", "clip_g": "clip_g_lr"}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_DTYPES = ("auto", *DTYPES)  # auto: what the training device computes well (comfyui/training.resolve_train_dtype)
+MEMORY_MODES = ("auto", "full", "stream")  # comfyui/training.load_for_training
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class TrainConfig:
     lr_warmup_steps: float = 0
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    lr_decay_steps: float = 0  # warmup_stable_decay: the decay steps at the end (a count, or a ratio below 1)
+    lr_scheduler_min_lr_ratio: float = 0.0  # cosine_with_min_lr, warmup_stable_decay, rex: the final lr / lr
+    lr_scheduler_args: str = ""  # kohya's key=value list: step_rules (piecewise_constant), warmup/decay_type (wsd)
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     scale_weight_norms: float | None = None
@@ -58,6 +63,9 @@ class TrainConfig:
     train_dtype: str = "fp32"  # or "auto"
     full_bf16: bool = False
     gradient_checkpointing: bool = True
+    #: how ComfyUI places the frozen U-Net: "auto" (it streams what does not fit next to the memory plan's step),
+    #: "full" (every weight on the device), "stream" (as few resident weights as ComfyUI allows: least memory)
+    memory_mode: str = "auto"
     loss: LossSettings = field(default_factory=LossSettings)
     noise: NoiseSettings = field(default_factory=NoiseSettings)
     token_length: TokenLength | None = None
@@ -75,8 +83,11 @@ class TrainConfig:
                 object.__setattr__(self, name, None)
         if self.train_dtype not in TRAIN_DTYPES:
             raise ValueError(f"train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
+        if self.memory_mode not in MEMORY_MODES:
+            raise ValueError(f"memory_mode must be one of {list(MEMORY_MODES)}, got {self.memory_mode!r}")
         if self.full_bf16 and self.train_dtype not in ("bf16", "auto"):
             raise ValueError("full_bf16 needs train_dtype bf16")
+        check_schedule(self.lr_scheduler, self.lr_scheduler_args, self.lr_decay_steps, self.lr_scheduler_min_lr_ratio)
 
     def resolve_token_length(self, cached: TokenLength | None) -> TokenLength:
         """The run's token layout: the text cache's (``cached``, from 'Cache Text'), which must agree with the one the
@@ -112,6 +123,24 @@ class TrainConfig:
             name: getattr(self, name).with_run_defaults(self.learning_rate, self.loraplus_lr_ratio)
             for name in ("unet", "clip_l", "clip_g")
         }
+
+    def with_loraplus(self, ratios: LoraPlusRatios) -> TrainConfig:
+        """These settings with the Network node's LoRA+ ratios: each ratio it sets replaces this config's (the run's
+        ratio, the U-Net's, both text encoders'); one it leaves unset keeps this config's value."""
+        if not ratios.any:
+            return self
+
+        def part(settings: PartSettings, ratio: float | None) -> PartSettings:
+            return settings if ratio is None else replace(settings, loraplus_lr_ratio=ratio)
+
+        te = ratios.text_encoder_lr_ratio
+        return replace(
+            self,
+            loraplus_lr_ratio=ratios.lr_ratio if ratios.lr_ratio is not None else self.loraplus_lr_ratio,
+            unet=part(self.unet, ratios.unet_lr_ratio),
+            clip_l=part(self.clip_l, te),
+            clip_g=part(self.clip_g, te),
+        )
 
     def total_steps(self, dataset: TrainingDataset) -> int:
         """Optimizer steps of the run: max_train_steps, or kohya's count for max_train_epochs when it is set."""

@@ -48,6 +48,7 @@ from .lora_output import (
     shipped_weights,
     training_metadata,
 )
+from .optimizers import averaged_weights
 from .previews import PreviewRenderer, PreviewRequest
 from .resume_state import StateError, load_state
 from .session import TrainResult, train
@@ -265,7 +266,8 @@ class TrainJob(RunEvents):
         run = self.run
         if run.ema is not None and self.ema.save_as == "main_file":
             return shipped_weights(run.network, self.out, state=run.ema.state_dict_kohya())
-        return shipped_weights(run.network, self.out)
+        with averaged_weights(run.optimizer):  # a schedule-free optimizer saves its averaged weights
+            return shipped_weights(run.network, self.out)
 
     def _save(self, suffix: str, step: int, epoch: int, weights: dict[str, torch.Tensor] | None = None) -> SavedLora:
         """The LoRA of this step (``weights``, default ``_main_weights``); with an EMA saved as an extra file, also
@@ -288,7 +290,7 @@ class TrainJob(RunEvents):
                 )
                 | self.checkpoint,
                 dataset=dataset_metadata(self.dataset),
-                network_meta=network_metadata(self.network.config),
+                network_meta=network_metadata(self.network.config, self.config),
                 step=step,
                 epoch=epoch,
                 prompt=self.prompt,
@@ -317,7 +319,8 @@ class TrainJob(RunEvents):
         run = self.run
         averaged = run.ema is not None and self.ema.use_for_previews
         try:
-            with run.ema.swapped_in() if averaged else contextlib.nullcontext():
+            # previews show a schedule-free optimizer's averaged weights, or the EMA when asked
+            with averaged_weights(run.optimizer), run.ema.swapped_in() if averaged else contextlib.nullcontext():
                 images = self.renderer.render(
                     run.models.model, run.network, training_clip=run.models.clip if self.train_te else None
                 )
@@ -405,6 +408,16 @@ def preview_frame(images: list[torch.Tensor]):
     return ("JPEG", Image.fromarray(arr), 512)
 
 
+def _schedule_shape(config: TrainConfig) -> dict:
+    """The newer schedule settings, only when set: states saved before they existed stay resumable."""
+    shape = {
+        "lr_decay_steps": config.lr_decay_steps,
+        "lr_scheduler_min_lr_ratio": config.lr_scheduler_min_lr_ratio,
+        "lr_scheduler_args": config.lr_scheduler_args,
+    }
+    return {key: value for key, value in shape.items() if value}
+
+
 def ema_metadata(settings: EmaSettings, updates: int) -> dict[str, str]:
     """What a file holding averaged weights says about them (not a kohya key: kohya's LoRA training has no EMA)."""
     return {
@@ -431,6 +444,7 @@ def run_fingerprint(dataset, network_config, config: TrainConfig, ema: EmaSettin
         "learning_rate": config.learning_rate,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "lr_scheduler": config.lr_scheduler,
+        **_schedule_shape(config),
         "train_dtype": config.train_dtype,
         "loss": repr(config.loss),
         "noise": repr(config.noise),

@@ -21,6 +21,7 @@ from ..network.config import NetworkConfig
 from ..network.file_names import safe_relative_name, unique_lora_path
 from ..network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag_frequency
 from ..network.safetensors_file import prepare_tensors, save_lora
+from .config import TrainConfig
 from .optimizers import optimizer_metadata_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -101,21 +102,19 @@ def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
     }
 
 
-def network_metadata(config: NetworkConfig) -> dict[str, Any]:
-    args = {}
-    if config.conv_dim:
-        args["conv_dim"] = config.conv_dim
-        args["conv_alpha"] = config.conv_alpha
-    for name in ("rank_dropout", "module_dropout"):
-        if getattr(config, name):
-            args[name] = getattr(config, name)
+def network_metadata(config: NetworkConfig, train: TrainConfig | None = None) -> dict[str, Any]:
+    """kohya's ss_network_* values. ``args`` is what kohya writes as ss_network_args: the network_args strings
+    (config_export's ``network_args_dict``, the one place that formats them, LoRA+ ratios of ``train`` included)
+    plus, as kohya's train_network adds for LyCORIS whenever network_args are given and the dims do not come
+    from a file, ``"dropout"``: the network_dropout value itself (None or a number, not a string)."""
+    from ..kohya_config.config_export import network_args_dict
+
+    args: dict[str, Any] = dict(network_args_dict(config, train if train is not None else TrainConfig()))
+    if args and config.module_dims is None:
+        args["dropout"] = config.dropout
     meta = {"dim": config.network_dim, "alpha": config.network_alpha, "dropout": config.dropout}
     if config.algo != "lora":
-        # what LyCORIS's kohya wrapper records: network_module lycoris.kohya, network_args algo (and factor)
-        meta["module"] = "lycoris.kohya"
-        args["algo"] = config.algo
-        if config.algo == "lokr":
-            args["factor"] = config.factor
+        meta["module"] = "lycoris.kohya"  # what LyCORIS's kohya wrapper records (network_args carry algo, factor)
     meta["args"] = args or None
     return meta
 

@@ -11,17 +11,23 @@ optimizers this pack offers, re-implemented here (no sd-scripts code):
   ``relative_step`` the optimizer is built with ``lr=None`` (transformers refuses a manual lr then), per-group
   learning rates are dropped, and the scheduler is always ``AdafactorSchedule(optimizer, learning_rate)`` (kohya
   rewrites ``--lr_scheduler`` to ``adafactor:<lr>``), which only reports Adafactor's internal step size.
-* Schedule-free optimizers (AdamWScheduleFree) are put in train mode right after construction. They must be
-  switched to eval mode (``optimizer_eval_mode``) before sampling, validating or SAVING the LoRA, and back with
-  ``optimizer_train_mode`` before the next step: in train mode the parameters hold the interpolated "y" point, not the
-  averaged weights. kohya gives them a dummy scheduler (the lr is never scheduled; use ``warmup_steps=N`` in
-  optimizer_args for their built-in warmup), and so do we.
-* 8-bit optimizers come from bitsandbytes and need CUDA.
+* Schedule-free optimizers (AdamWScheduleFree, ProdigyPlusScheduleFree) are put in train mode right after
+  construction. Previews and saved LoRAs use their averaged (eval-mode) weights: ``averaged_weights`` around a preview
+  or an intermediate save, ``switch_to_averaged_weights`` once training is over. In train mode the parameters hold
+  the interpolated "y" point; eval and train are interpolations that do not undo each other bit for bit, so the
+  exact training point is kept and put back (a run with previews trains like one without; a resumable state holds
+  the point training continues from). kohya gives them a dummy scheduler (the lr is never scheduled; use
+  ``warmup_steps=N`` in optimizer_args for their built-in warmup), and so do we.
+* CAME, ADOPT and AdEMAMix come from pytorch-optimizer, ProdigyPlusScheduleFree from prodigy-plus-schedule-free,
+  DAdaptAdam from dadaptation (kohya's own DAdaptAdam). kohya has no short name for the first ones; it takes the
+  class path (``KOHYA_OPTIMIZER_TYPES``), and ss_optimizer holds the class's full path, as kohya writes it.
+* 8-bit optimizers (AdamW8bit, Lion8bit, PagedAdamW8bit, AdEMAMix8bit) come from bitsandbytes and need CUDA.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import logging
 import re
@@ -31,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .optimizer_arg_types import arg_type_problems
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +52,55 @@ OPTIMIZER_TYPES: tuple[str, ...] = (
     "Prodigy",
     "Adafactor",
     "AdamWScheduleFree",
+    "CAME",
+    "ADOPT",
+    "AdEMAMix",
+    "AdEMAMix8bit",
+    "ProdigyPlusScheduleFree",
+    "DAdaptAdam",
 )
-_EIGHT_BIT = {"AdamW8bit": "AdamW8bit", "Lion8bit": "Lion8bit", "PagedAdamW8bit": "PagedAdamW8bit"}
-# kohya's bitsandbytes version notes: Lion8bit appeared in 0.38.0, the paged optimizers in 0.39.0.
-_EIGHT_BIT_MIN_VERSION = {"AdamW8bit": "0.35.0", "Lion8bit": "0.38.0", "PagedAdamW8bit": "0.39.0"}
+_EIGHT_BIT = {
+    "AdamW8bit": "AdamW8bit",
+    "Lion8bit": "Lion8bit",
+    "PagedAdamW8bit": "PagedAdamW8bit",
+    "AdEMAMix8bit": "AdEMAMix8bit",
+}
+# kohya's bitsandbytes version notes: Lion8bit appeared in 0.38.0, the paged optimizers in 0.39.0; AdEMAMix8bit
+# in 0.44.0 (bitsandbytes' changelog).
+_EIGHT_BIT_MIN_VERSION = {
+    "AdamW8bit": "0.35.0",
+    "Lion8bit": "0.38.0",
+    "PagedAdamW8bit": "0.39.0",
+    "AdEMAMix8bit": "0.44.0",
+}
 
-_NON_CUDA_CHOICES = "AdamW, Lion, Prodigy, Adafactor or AdamWScheduleFree"
+#: the optimizers taken from one PyPI package: name -> (module, class, pip name)
+_PACKAGED: dict[str, tuple[str, str, str]] = {
+    "Lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+    "Prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "Adafactor": ("transformers.optimization", "Adafactor", "transformers"),
+    "AdamWScheduleFree": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
+    "CAME": ("pytorch_optimizer", "CAME", "pytorch-optimizer"),
+    "ADOPT": ("pytorch_optimizer", "ADOPT", "pytorch-optimizer"),
+    "AdEMAMix": ("pytorch_optimizer", "AdEMAMix", "pytorch-optimizer"),
+    "ProdigyPlusScheduleFree": ("prodigyplus", "ProdigyPlusScheduleFree", "prodigy-plus-schedule-free"),
+    "DAdaptAdam": ("dadaptation", "DAdaptAdam", "dadaptation"),
+}
+
+#: kohya's --optimizer_type for the optimizers kohya has no short name of its own for: the class path its
+#: get_optimizer imports (any other optimizer's kohya name is the pack's name)
+KOHYA_OPTIMIZER_TYPES: dict[str, str] = {
+    "CAME": "pytorch_optimizer.CAME",
+    "ADOPT": "pytorch_optimizer.ADOPT",
+    "AdEMAMix": "pytorch_optimizer.AdEMAMix",
+    "AdEMAMix8bit": "bitsandbytes.optim.AdEMAMix8bit",
+    "ProdigyPlusScheduleFree": "prodigyplus.ProdigyPlusScheduleFree",
+}
+
+#: optimizers that estimate the step size themselves: the learning rate is a multiplier around 1.0
+_LEARNING_RATE_FREE = ("Prodigy", "DAdaptAdam", "ProdigyPlusScheduleFree")
+
+_NON_CUDA_CHOICES = "AdamW, Lion, Prodigy, Adafactor, AdamWScheduleFree, CAME, ADOPT, AdEMAMix or DAdaptAdam"
 
 
 class OptimizerConfigError(ValueError):
@@ -114,7 +165,7 @@ def _unbalanced(raw: str) -> bool:
     return final_depth != 0 or still_quoted or any(depth < 0 for _, depth, _ in states)
 
 
-def _convert_value(key: str, raw: str) -> Any:
+def _convert_value(key: str, raw: str, what: str = "optimizer_args") -> Any:
     """A Python literal as kohya reads it, plus unquoted words and lowercase true/false/none.
 
     WHY the extras: kohya's literal_eval rejects ``true`` or ``adam``; passing the string "false" on would be truthy,
@@ -134,7 +185,7 @@ def _convert_value(key: str, raw: str) -> Any:
     if _BAREWORD.fullmatch(raw):
         return raw
     raise OptimizerConfigError(
-        f"optimizer_args: cannot read the value of {key!r}: {raw!r}. Use a Python literal such as 0.01, 1e-3, "
+        f"{what}: cannot read the value of {key!r}: {raw!r}. Use a Python literal such as 0.01, 1e-3, "
         f"(0.9, 0.999), True or 'text'."
     )
 
@@ -145,12 +196,15 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
     Values go through ``ast.literal_eval``; ``betas=0.9,0.999`` is a tuple, as in kohya. Raises OptimizerConfigError
     naming the offending token.
     """
+    return parse_key_values(text, "optimizer_args")
+
+
+def parse_key_values(text: str | None, what: str) -> dict[str, Any]:
+    """kohya's ``key=value`` arguments (optimizer_args, lr_scheduler_args) as one string -> keyword arguments."""
     if text is None:
         return {}
     if not isinstance(text, str):
-        raise OptimizerConfigError(
-            f"optimizer_args must be a string like 'weight_decay=0.01 betas=0.9,0.999', got {text!r}"
-        )
+        raise OptimizerConfigError(f"{what} must be a string like 'weight_decay=0.01 betas=0.9,0.999', got {text!r}")
     stripped = text.strip(_SEPARATORS)
     if not stripped:
         return {}
@@ -160,7 +214,7 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
         end = starts[0] if starts else len(stripped)
         bad = stripped[:end].strip(_SEPARATORS).split()[0] if stripped[:end].strip(_SEPARATORS) else stripped[:end]
         raise OptimizerConfigError(
-            f"optimizer_args: expected key=value, got {bad!r} (example: 'weight_decay=0.01 betas=0.9,0.999')"
+            f"{what}: expected key=value, got {bad!r} (example: 'weight_decay=0.01 betas=0.9,0.999')"
         )
 
     result: dict[str, Any] = {}
@@ -172,17 +226,17 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
         key = match.group(1)
         raw = token[match.end() :].strip(_SEPARATORS)
         if not raw:
-            raise OptimizerConfigError(f"optimizer_args: {token!r} has no value after '='")
+            raise OptimizerConfigError(f"{what}: {token!r} has no value after '='")
         if _unbalanced(raw):
-            raise OptimizerConfigError(f"optimizer_args: unbalanced brackets or quotes in {token!r}")
+            raise OptimizerConfigError(f"{what}: unbalanced brackets or quotes in {token!r}")
         if key in result:
-            raise OptimizerConfigError(f"optimizer_args: {key!r} is given twice")
-        if key in ("lr", "params"):
+            raise OptimizerConfigError(f"{what}: {key!r} is given twice")
+        if what == "optimizer_args" and key in ("lr", "params"):
             raise OptimizerConfigError(
                 f"optimizer_args: {key!r} cannot be set here; the learning rate comes from learning_rate "
                 f"(and the per-network learning rates)"
             )
-        result[key] = _convert_value(key, raw)
+        result[key] = _convert_value(key, raw, what)
     return result
 
 
@@ -197,6 +251,11 @@ def canonical_optimizer_type(name: str) -> str:
     for known in OPTIMIZER_TYPES:
         if known.lower() == lowered:
             return known
+    if "." in lowered:  # kohya's class path ("pytorch_optimizer.CAME") or ss_optimizer's full one (…came.CAME)
+        package, class_name = lowered.split(".")[0], lowered.rsplit(".", 1)[-1]
+        for known in OPTIMIZER_TYPES:
+            if known.lower() == class_name and package == _package_of(known):
+                return known
     raise OptimizerConfigError(f"unknown optimizer_type {name!r}; choose one of: {', '.join(OPTIMIZER_TYPES)}")
 
 
@@ -209,8 +268,7 @@ class OptimizerSettings:
     optimizer_args: str = ""
 
     def __post_init__(self) -> None:
-        canonical_optimizer_type(self.optimizer_type)
-        parse_optimizer_args(self.optimizer_args)
+        check_optimizer_args(canonical_optimizer_type(self.optimizer_type), parse_optimizer_args(self.optimizer_args))
 
     @property
     def canonical_type(self) -> str:
@@ -220,6 +278,29 @@ class OptimizerSettings:
     def kwargs(self) -> dict[str, Any]:
         """The parsed optimizer_args (before kohya's Adafactor adjustments; see resolve_optimizer_kwargs)."""
         return parse_optimizer_args(self.optimizer_args)
+
+
+def check_optimizer_args(optimizer_type: str, kwargs: dict[str, Any]) -> None:
+    """Refuse optimizer_args the optimizer's constructor cannot take (unknown names, wrong value types), all of them
+    in one message. Skipped when the optimizer's package is missing here: building it says what to install."""
+    if not kwargs:
+        return
+    try:
+        cls = optimizer_class(optimizer_type)
+    except OptimizerUnavailableError:
+        return
+    problems = arg_type_problems(cls, optimizer_type, kwargs)
+    if problems:
+        raise OptimizerConfigError("optimizer_args: " + "; ".join(problems))
+
+
+def optimizer_settings_error(optimizer_type: Any, optimizer_args: Any) -> str | None:
+    """The message for a node's optimizer/optimizer_args widgets, or None when they can be used (queue-time check)."""
+    try:
+        OptimizerSettings(optimizer_type, optimizer_args)
+    except OptimizerConfigError as error:
+        return str(error)
+    return None
 
 
 def resolve_optimizer_kwargs(settings: OptimizerSettings) -> dict[str, Any]:
@@ -272,19 +353,32 @@ def _bitsandbytes_class(optimizer_type: str) -> type:
     return cls
 
 
-def _optimizer_class(optimizer_type: str) -> type:
+def _package_of(optimizer_type: str) -> str:
+    """The top-level package an optimizer's class comes from (what a kohya class path starts with)."""
+    if optimizer_type in _EIGHT_BIT:
+        return "bitsandbytes"
+    if optimizer_type in _PACKAGED:
+        return _PACKAGED[optimizer_type][0].split(".")[0]
+    return "torch"
+
+
+def optimizer_pip_name(optimizer_type: str) -> str | None:
+    """The PyPI package an optimizer comes from (None for torch's own)."""
+    if optimizer_type in _EIGHT_BIT:
+        return "bitsandbytes"
+    return _PACKAGED[optimizer_type][2] if optimizer_type in _PACKAGED else None
+
+
+def optimizer_class(optimizer_type: str) -> type:
+    """The class ``optimizer_type`` (kohya's spelling) is built from; raises OptimizerUnavailableError naming what
+    to install when its package (or CUDA, for the 8-bit ones) is missing."""
     if optimizer_type == "AdamW":
         return torch.optim.AdamW
     if optimizer_type in _EIGHT_BIT:
         return _bitsandbytes_class(optimizer_type)
-    if optimizer_type == "Lion":
-        return _import_optional("lion_pytorch", "lion-pytorch", optimizer_type).Lion
-    if optimizer_type == "Prodigy":
-        return _import_optional("prodigyopt", "prodigyopt", optimizer_type).Prodigy
-    if optimizer_type == "Adafactor":
-        return _import_optional("transformers.optimization", "transformers", optimizer_type).Adafactor
-    if optimizer_type == "AdamWScheduleFree":
-        return _import_optional("schedulefree", "schedulefree", optimizer_type).AdamWScheduleFree
+    if optimizer_type in _PACKAGED:
+        module, class_name, pip_name = _PACKAGED[optimizer_type]
+        return getattr(_import_optional(module, pip_name, optimizer_type), class_name)
     raise OptimizerConfigError(
         f"unknown optimizer_type {optimizer_type!r}; choose one of: {', '.join(OPTIMIZER_TYPES)}"
     )
@@ -296,6 +390,12 @@ def _materialize_params(param_groups: Iterable[Any]) -> list[Any]:
     if not items:
         raise OptimizerConfigError("no trainable parameters were given to the optimizer")
     return items
+
+
+def _first_group_lr(params: list[Any], default: float) -> float:
+    """kohya's "actual_lr": the first group's lr when groups are given, else the run's."""
+    first = params[0]
+    return first.get("lr", default) if isinstance(first, dict) else default
 
 
 def _group_lrs(params: list[Any], default: float) -> set[float]:
@@ -315,14 +415,18 @@ def build_optimizer(
     kwargs = resolve_optimizer_kwargs(settings)
     params = _materialize_params(param_groups)
     lr: float | None = learning_rate
-    cls = _optimizer_class(optimizer_type)
+    cls = optimizer_class(optimizer_type)
 
-    if optimizer_type == "Prodigy":
-        # WHY: Prodigy estimates the step size itself; lr is a multiplier around 1.0 and only one lr is honoured.
-        if lr <= 0.1:
-            logger.warning("Prodigy: learning_rate %s is very low; Prodigy expects a learning rate around 1.0", lr)
-        if len(_group_lrs(params, lr)) > 1:
-            logger.warning("Prodigy: several learning rates were given; only the first group's takes effect")
+    if optimizer_type in _LEARNING_RATE_FREE:
+        # WHY: these estimate the step size themselves; lr is a multiplier around 1.0 (kohya warns the same way).
+        first_lr = _first_group_lr(params, lr)
+        if first_lr <= 0.1:
+            logger.warning(
+                "%s: learning_rate %s is very low; it expects a learning rate around 1.0", optimizer_type, first_lr
+            )
+        if optimizer_type != "ProdigyPlusScheduleFree" and len(_group_lrs(params, lr)) > 1:
+            # ProdigyPlusScheduleFree keeps one step-size estimate per group (split_groups); the others share one
+            logger.warning("%s: several learning rates were given; only the first group's takes effect", optimizer_type)
     elif optimizer_type == "Adafactor":
         if kwargs["relative_step"]:
             if lr != 0.0:
@@ -363,17 +467,75 @@ def optimizer_metadata_name(optimizer: torch.optim.Optimizer, settings: Optimize
 
 
 def is_schedule_free(optimizer: Any) -> bool:
-    """True for the schedulefree package's optimizers (they keep two weight sets and need train/eval switching)."""
-    return type(optimizer).__module__.split(".")[0] == "schedulefree"
+    """True for schedule-free optimizers (they keep two weight sets and need train/eval switching). kohya's test:
+    the optimizer's name ends with "ScheduleFree" (schedulefree's, ProdigyPlusScheduleFree, pytorch-optimizer's)."""
+    return type(optimizer).__name__.lower().endswith("schedulefree") and callable(getattr(optimizer, "eval", None))
+
+
+def _in_train_mode(optimizer: Any) -> bool:
+    return any(group.get("train_mode", False) for group in optimizer.param_groups)
+
+
+def _params(optimizer: Any) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def optimizer_train_mode(optimizer: Any) -> None:
     """Switch a schedule-free optimizer to train mode (before optimizer steps); no-op for other optimizers."""
-    if is_schedule_free(optimizer) and callable(getattr(optimizer, "train", None)):
+    if is_schedule_free(optimizer):
         optimizer.train()
 
 
 def optimizer_eval_mode(optimizer: Any) -> None:
     """Switch a schedule-free optimizer to eval mode (before sampling/validation/saving); no-op otherwise."""
-    if is_schedule_free(optimizer) and callable(getattr(optimizer, "eval", None)):
+    if is_schedule_free(optimizer):
+        optimizer.eval()
+
+
+@torch.no_grad()
+def switch_to_averaged_weights(optimizer: Any) -> list[torch.Tensor] | None:
+    """Put a schedule-free optimizer in eval mode for good (training is over) and return the exact training point
+    (the parameters before the switch) for ``training_point``; None for other optimizers or when already in eval.
+
+    WHY keep the point: eval and train mode are interpolations that do not undo each other bit for bit, and a
+    resumable state must hold the very parameters training continues from."""
+    if not is_schedule_free(optimizer) or not _in_train_mode(optimizer):
+        return None
+    point = [p.detach().clone() for p in _params(optimizer)]
+    optimizer.eval()
+    return point
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: Any) -> Iterator[None]:
+    """Inside: a schedule-free optimizer's parameters are its averaged (eval-mode) weights, the ones to preview and
+    save. After: train mode with exactly the parameters from before, so a run with intermediate saves or previews
+    trains bit for bit like one without. A no-op for other optimizers and in eval mode."""
+    point = switch_to_averaged_weights(optimizer)
+    try:
+        yield
+    finally:
+        if point is not None:
+            _restore_training_point(optimizer, point)
+
+
+@torch.no_grad()
+def _restore_training_point(optimizer: Any, point: list[torch.Tensor]) -> None:
+    optimizer.train()
+    for param, value in zip(_params(optimizer), point, strict=True):
+        param.copy_(value)
+
+
+@contextlib.contextmanager
+def training_point(optimizer: Any, point: list[torch.Tensor] | None) -> Iterator[None]:
+    """Inside: the optimizer in train mode at the exact ``point`` ``switch_to_averaged_weights`` returned (what a
+    resumable state saves); after: eval mode again, with the same averaged weights (eval from the same point is the
+    same computation). A no-op when ``point`` is None."""
+    if point is None:
+        yield
+        return
+    _restore_training_point(optimizer, point)
+    try:
+        yield
+    finally:
         optimizer.eval()

@@ -63,6 +63,8 @@ def _from_json(v: Any) -> Any:
 
 
 def split_optimizer_state(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (per-parameter state, and per-group ones such as ProdigyPlusScheduleFree's running sums) for
+    safetensors; everything else for JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for pid, entry in opt_state["state"].items():
@@ -72,16 +74,29 @@ def split_optimizer_state(opt_state: dict) -> tuple[dict[str, torch.Tensor], dic
                 tensors[f"optimizer.{pid}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[str(pid)][name] = _json_value(value)
-    return tensors, {"state": scalars, "param_groups": _json_value(opt_state["param_groups"])}
+    groups = []
+    for index, group in enumerate(opt_state["param_groups"]):
+        plain = {}
+        for name, value in group.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer_group.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain[name] = value
+        groups.append(plain)
+    return tensors, {"state": scalars, "param_groups": _json_value(groups)}
 
 
 def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {int(pid): dict(_from_json(v)) for pid, v in meta["state"].items()}
+    groups: list[dict] = _from_json(meta["param_groups"])
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": _from_json(meta["param_groups"])}
+        elif key.startswith("optimizer_group."):
+            _, index, name = key.split(".", 2)
+            groups[int(index)][name] = value
+    return {"state": state, "param_groups": groups}
 
 
 def save_state(

@@ -10,7 +10,7 @@ which are undone on exit, also on error or cancel.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,7 +32,9 @@ from .config import DTYPES, TrainConfig
 from .ema import AdapterEma, EmaSettings
 from .events import RunEvents
 from .loop import LoopSettings, LoopState, run
-from .optimizers import build_optimizer, optimizer_eval_mode
+from .memory_plan import MemoryPlan, StepShape, activation_bytes, largest_step_shape
+from .memory_plan import plan as memory_plan_of
+from .optimizers import build_optimizer, switch_to_averaged_weights
 from .schedulers import build_scheduler
 
 
@@ -52,6 +54,10 @@ class TrainResult:
     train_dtype: str = "fp32"  # what "auto" resolved to
     token_length: TokenLength = field(default_factory=TokenLength)  # how captions were / are encoded
     notes: list[str] = field(default_factory=list)  # what the run changed or chose, for the report
+    # a schedule-free optimizer's exact training point once the run switched it to its averaged weights (what a
+    # resumable state saved after training must hold; optimizers.training_point)
+    training_point: list[torch.Tensor] | None = None
+    memory_plan: MemoryPlan | None = None
 
 
 class ComfyDenoiser:
@@ -61,9 +67,10 @@ class ComfyDenoiser:
     live caption encode made ComfyUI evict some of it on a small GPU.
     """
 
-    def __init__(self, model: Any, dtype: torch.dtype) -> None:
+    def __init__(self, model: Any, dtype: torch.dtype, placement: Placement | None = None) -> None:
         self.model = model
         self.dtype = dtype
+        self.placement = placement or Placement()
         self.prediction_type = comfy_models.prediction_type(model)
         self.latent_scale = comfy_models.latent_scale_factor(model)
         self.device = model.load_device
@@ -71,8 +78,65 @@ class ComfyDenoiser:
     def __call__(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
-        comfy_training.load_for_training(self.model)
+        self.placement.load(self.model)
         return comfy_models.unet_forward(self.model, noisy_latents, timesteps, context, y, self.dtype)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What ComfyUI is told when it loads the U-Net for training: the memory plan's step (kept free) and the
+    run's memory_mode."""
+
+    memory_required: int = 0
+    mode: str = "auto"
+    weights: int = 0  # the frozen weights' bytes ("stream" asks for room for them too)
+
+    def load(self, model: Any) -> torch.device:
+        return comfy_training.load_for_training(model, self.memory_required, self.mode, self.weights)
+
+    def leave_room(self, model: Any) -> None:
+        """Once the plan is known (after the first load): offload what the plan's step needs room for."""
+        if self.mode != "full":
+            comfy_training.leave_room(model, self.memory_required + (self.weights if self.mode == "stream" else 0))
+
+
+def plan_memory(
+    models: Any,
+    params: list[torch.Tensor],
+    frozen: list[torch.nn.Module],
+    shape: StepShape,
+    network_config: NetworkConfig,
+    config: TrainConfig,
+    train_dtype: str,
+) -> MemoryPlan:
+    """The run's memory plan, from one shape-only pass of its real step (inside the training context: LoRA
+    attached, checkpointing and attention kernel in place)."""
+    dtype = DTYPES[train_dtype]
+
+    def unet_call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return comfy_models.unet_forward(models.model, x, t, context, y, dtype)
+
+    shape = replace(shape, context_dim=_context_dim(models.model), adm_dim=_adm_dim(models.model))
+    activations = activation_bytes(unet_call, params, shape, dtype, models.device)
+    checkpointing = "gradient checkpointing" if config.gradient_checkpointing else "no gradient checkpointing"
+    return memory_plan_of(
+        setting=f"{shape.describe()}, rank {network_config.network_dim}, {train_dtype}, {checkpointing}, "
+        f"{config.optimizer.canonical_type}",
+        frozen=frozen,
+        params=params,
+        optimizer=config.optimizer,
+        learning_rate=config.learning_rate,
+        activations=activations,
+        cuda=models.device.type == "cuda",
+    )
+
+
+def _context_dim(model: Any) -> int:
+    return int(comfy_models.unet_config(model).get("context_dim") or 2048)
+
+
+def _adm_dim(model: Any) -> int:
+    return int(comfy_models.unet_config(model).get("adm_in_channels") or 2816)
 
 
 def live_text_encoder(
@@ -102,6 +166,49 @@ def _normal_tensors(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_normal_tensors(v) for v in obj]
     return obj
+
+
+@contextlib.contextmanager
+def training_block(
+    network: AdapterNetwork, unet: torch.nn.Module, text_encoders: list[torch.nn.Module], checkpointing: bool
+) -> Iterator[tuple[str, list[str]]]:
+    """The context a training step runs in (and the memory plan's pass with it): ComfyUI's training flag, kernels
+    that have a backward, gradient checkpointing, the LoRA hooks. Yields the attention kernel and what was changed
+    for the report; undone on exit."""
+    notes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(comfy_training.training_flag())
+        kernel = stack.enter_context(comfy_kernels.differentiable_attention())
+        if stack.enter_context(comfy_training.full_precision_accumulation()):
+            notes.append("fp16 accumulation (--fast fp16_accumulation) was switched off while training")
+        if stack.enter_context(comfy_kernels.differentiable_layers(unet, *text_encoders)):
+            notes.append("cublas_ops layers (--fast cublas_ops) trained through ComfyUI's plain path")
+        if text_encoders:
+            stack.enter_context(comfy_kernels.differentiable_text_encoders(*text_encoders))
+        stack.enter_context(comfy_kernels.gradient_checkpointing(unet, checkpointing))
+        stack.enter_context(network.attach())
+        yield kernel, notes
+
+
+def plan_without_training(
+    model: Any, clip: Any, network_config: NetworkConfig, config: TrainConfig, shape: StepShape
+) -> MemoryPlan:
+    """The memory plan of a run with these settings at this batch shape, without training: the run's own set-up
+    (training clones, ComfyUI's load, the LoRA on the device, the training context) and the plan's shape-only pass."""
+    comfy_models.require_sdxl(model)
+    train_te = network_config.train_te1 or network_config.train_te2
+    if train_te and clip is None:
+        raise ValueError("Training the text encoders needs the CLIP input connected.")
+    with torch.inference_mode(False), comfy_training.training_models(model, clip, train_te) as models:
+        train_dtype = comfy_training.resolve_train_dtype(config.train_dtype, models.device)
+        network = build_network(models.model, models.clip, network_config, config.seed)
+        network.to(models.device, torch.bfloat16 if config.full_bf16 else torch.float32)
+        Placement(mode=config.memory_mode).load(models.model)
+        unet = comfy_models.diffusion_model(models.model)
+        text_encoders = list(comfy_models.text_encoders(models.clip)) if train_te else []
+        params = [p for p in network.parameters() if p.requires_grad]
+        with training_block(network, unet, text_encoders, config.gradient_checkpointing):
+            return plan_memory(models, params, [unet, *text_encoders], shape, network_config, config, train_dtype)
 
 
 def _dataset_loss_notes(dataset: TrainingDataset, loss: LossSettings) -> list[str]:
@@ -155,7 +262,10 @@ def train(
     if total < 1:
         raise ValueError("Set max_train_steps or max_train_epochs to at least 1.")
     if train_te and clip is None:
-        raise ValueError("Training the text encoders needs the CLIP input connected.")
+        raise ValueError(
+            "The network has text-encoder modules (train_clip_l / train_clip_g, or a start_from file with "
+            "lora_te1_ / lora_te2_ keys): connect the CLIP input of the train node."
+        )
     if ema is not None and ema.start_step > total:
         raise ValueError(
             f"EMA start_step {ema.start_step} is after the run's last step ({total}): nothing would be averaged. "
@@ -163,9 +273,9 @@ def train(
         )
     token_length = config.resolve_token_length(text.token_length if text is not None else None)
     trained = (
-        ("unet", network_config.train_unet),
-        ("clip_l", network_config.train_te1),
-        ("clip_g", network_config.train_te2),
+        ("unet", network_config.trains("unet")),
+        ("clip_l", network_config.trains("te1")),
+        ("clip_g", network_config.trains("te2")),
     )
     no_learning = config.zero_learning_rate_error([part for part, on in trained if on])
     if no_learning:
@@ -186,6 +296,7 @@ def train(
         network.to(device, torch.bfloat16 if config.full_bf16 else torch.float32)
         network.train()
         groups, group_names = network.param_groups(**config.part_settings())
+        initial_lrs = [g["lr"] for g in groups]  # before a schedule's warmup changes them
         optimizer = build_optimizer(groups, config.optimizer, config.learning_rate, max_grad_norm=config.max_grad_norm)
         scheduler = build_scheduler(
             optimizer,
@@ -195,6 +306,9 @@ def train(
             num_cycles=config.lr_scheduler_num_cycles,
             power=config.lr_scheduler_power,
             initial_lr=config.learning_rate,
+            decay_steps=config.lr_decay_steps,
+            min_lr_ratio=config.lr_scheduler_min_lr_ratio,
+            args=config.lr_scheduler_args,
         )
         scaler = torch.amp.GradScaler(device.type) if train_dtype == "fp16" else None
         averages = AdapterEma(network, ema) if ema is not None else None
@@ -215,15 +329,19 @@ def train(
             state = resume["loop"]
 
         needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
+        # text-encoder modules that are applied frozen (a continued file's) need live encoding, but no gradient
         encoder = None
         if clip is not None:
-            encoder = live_text_encoder(models.clip, with_grad=train_te, token_length=token_length)
+            encoder = live_text_encoder(
+                models.clip, with_grad=network_config.trains_text_encoders, token_length=token_length
+            )
         source = CachedBatchSource(
             dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te, device=device
         )
         if not needs_clip:
             comfy_training.free_other_models()
-        comfy_training.load_for_training(models.model)
+        placement = Placement(mode=config.memory_mode)
+        placement.load(models.model)
         unet = comfy_models.diffusion_model(models.model)
         text_encoders = list(comfy_models.text_encoders(models.clip)) if train_te else []
         params = [p for g in groups for p in g["params"]]
@@ -243,23 +361,38 @@ def train(
             token_length=token_length,
         )
         result.notes.extend(_dataset_loss_notes(dataset, loss_settings))
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(comfy_training.training_flag())
-            kernel = stack.enter_context(comfy_kernels.differentiable_attention())
-            if stack.enter_context(comfy_training.full_precision_accumulation()):
-                result.notes.append("fp16 accumulation (--fast fp16_accumulation) was switched off while training")
-            if stack.enter_context(comfy_kernels.differentiable_layers(unet, *text_encoders)):
-                result.notes.append("cublas_ops layers (--fast cublas_ops) trained through ComfyUI's plain path")
-            if train_te:
-                stack.enter_context(comfy_kernels.differentiable_text_encoders(*text_encoders))
-            stack.enter_context(comfy_kernels.gradient_checkpointing(unet, config.gradient_checkpointing))
-            stack.enter_context(network.attach())
+        with training_block(network, unet, text_encoders, config.gradient_checkpointing) as (kernel, notes):
+            result.notes.extend(notes)
             result.notes.append(f"trained on {device} in {train_dtype} with {kernel}")
+            result.notes.append(
+                "parameter groups (kohya's names): "
+                + ", ".join(f"{name} lr {group_lr:g}" for name, group_lr in zip(group_names, initial_lrs))
+            )
             result.notes.append(f"captions: {token_length.describe()}")
+            try:
+                result.memory_plan = plan_memory(
+                    models,
+                    params,
+                    [unet, *text_encoders],
+                    largest_step_shape(dataset),
+                    network_config,
+                    config,
+                    train_dtype,
+                )
+            except Exception as e:  # the plan only informs ComfyUI's placement; a failure must not stop the run
+                result.notes.append(f"memory plan: not available ({type(e).__name__}: {e}); ComfyUI placed the U-Net")
+            else:
+                result.notes.extend(result.memory_plan.lines())
+                placement = replace(
+                    placement,
+                    memory_required=result.memory_plan.besides_weights,
+                    weights=result.memory_plan.frozen_weights,
+                )
+                placement.leave_room(models.model)
             events.training_started(result)
             try:
                 result.state = run(
-                    ComfyDenoiser(models.model, dtype),
+                    ComfyDenoiser(models.model, dtype, placement),
                     source,
                     params,
                     optimizer,
@@ -283,7 +416,7 @@ def train(
                 if not result.state.interrupted:
                     events.training_finished()
             finally:
-                optimizer_eval_mode(optimizer)
+                result.training_point = switch_to_averaged_weights(optimizer)
         network.eval()
         if device.type == "cuda":
             result.notes.append(

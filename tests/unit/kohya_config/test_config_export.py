@@ -11,7 +11,7 @@ from sdxl_lora_trainer.trainer.data.token_length import TokenLength
 from sdxl_lora_trainer.trainer.kohya_config.config_export import sample_prompts_text, to_kohya_args
 from sdxl_lora_trainer.trainer.kohya_config.config_import import from_kohya_args
 from sdxl_lora_trainer.trainer.kohya_config.run import CacheChoices, KohyaRun
-from sdxl_lora_trainer.trainer.network.config import NetworkConfig, PartSettings
+from sdxl_lora_trainer.trainer.network.config import LoraPlusRatios, NetworkConfig, PartSettings
 from sdxl_lora_trainer.trainer.objective.loss_weighting import LossSettings
 from sdxl_lora_trainer.trainer.objective.noise import NoiseSettings
 from sdxl_lora_trainer.trainer.run.checkpoints import CheckpointSettings
@@ -62,6 +62,7 @@ CARRIED = {
     "text_encoders_only": net(train_unet=False),
     "loha": net(algo="loha", conv_dim=2, conv_alpha=1.0),
     "lokr": net(algo="lokr", factor=4),
+    "dora": net(algo="dora", conv_dim=2, conv_alpha=1.0, module_dropout=0.1),
     "max_train_steps": train(max_train_steps=123),
     "max_train_epochs": train(max_train_epochs=7),
     "learning_rate": train(learning_rate=3e-4),
@@ -74,6 +75,16 @@ CARRIED = {
     ),
     "optimizer": train(optimizer=OptimizerSettings("Lion", "weight_decay=0.01 betas=0.9,0.99")),
     "optimizer_strings": train(optimizer=OptimizerSettings("Adafactor", "relative_step=False scale_parameter=False")),
+    "lr_scheduler_min_lr_ratio": train(lr_scheduler="cosine_with_min_lr", lr_scheduler_min_lr_ratio=0.1),
+    "lr_decay_steps": train(lr_scheduler="warmup_stable_decay", lr_decay_steps=0.2, lr_scheduler_min_lr_ratio=0.05),
+    "lr_scheduler_args": train(lr_scheduler="piecewise_constant", lr_scheduler_args="step_rules='1:10,0.5:20,0.1'"),
+    "wsd_shapes": train(lr_scheduler="warmup_stable_decay", lr_decay_steps=30, lr_scheduler_args="decay_type='linear'"),
+    "optimizer_came": train(optimizer=OptimizerSettings("CAME", "weight_decay=0.01 betas=(0.9, 0.999, 0.9999)")),
+    "optimizer_adopt": train(optimizer=OptimizerSettings("ADOPT", "weight_decay=0.01")),
+    "optimizer_ademamix": train(optimizer=OptimizerSettings("AdEMAMix", "alpha=4.0")),
+    "optimizer_ademamix8bit": train(optimizer=OptimizerSettings("AdEMAMix8bit")),
+    "optimizer_prodigy_plus": train(optimizer=OptimizerSettings("ProdigyPlusScheduleFree", "d_coef=2.0")),
+    "optimizer_dadapt_adam": train(optimizer=OptimizerSettings("DAdaptAdam", "decouple=True")),
     "lr_scheduler": train(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=3),
     "lr_scheduler_power": train(lr_scheduler="polynomial", lr_scheduler_power=2.0),
     "lr_warmup_steps": train(lr_warmup_steps=50),
@@ -106,6 +117,7 @@ CARRIED = {
 
 #: settings kohya has no argument for: exported with a "not carried over" line naming them
 NOT_CARRIED = {
+    "memory_mode": (train(memory_mode="stream"), "memory_mode stream"),
     "multiplier": (net(multiplier=0.5), "multiplier"),
     "clip_l_only": (net(train_te2=False), "train only"),
     "separate_te_lrs": (train(clip_l=PartSettings(1e-5), clip_g=PartSettings(2e-5)), "CLIP-G learning rate"),
@@ -113,8 +125,13 @@ NOT_CARRIED = {
         train(clip_l=PartSettings(loraplus_lr_ratio=2.0), clip_g=PartSettings(loraplus_lr_ratio=4.0)),
         "LoRA+ ratio per text encoder",
     ),
+    "frozen_parts": (
+        net(module_dims=(("lora_unet_a", 4, 1.0), ("lora_te1_b", 4, 1.0)), frozen_parts=("te1", "te2")),
+        "CLIP-L + CLIP-G modules of the start_from file applied frozen",
+    ),
     "emb_block_lr": (net(block_lr_weight=tuple([0.5] + [1.0] * 22)), "time-embedding/out block"),
     "resume_from": (checkpoints(resume_from="/states/step100"), "resume_from"),
+    "rex": (train(lr_scheduler="rex", lr_scheduler_min_lr_ratio=0.1), "kohya has no REX schedule"),
     "state_cadence": (checkpoints(save_every_n_steps=10, save_state_every_n_steps=30), "save_state_every_n_steps"),
     "comfyui_chunking": (train(token_length=TokenLength(comfyui_chunking=True)), "ComfyUI chunking"),
     "preview_sampler": (
@@ -227,6 +244,51 @@ def test_rich_run_arguments():
     assert a["save_every_n_steps"] == 50 and a["save_state"] is True
 
 
+@pytest.mark.parametrize(
+    "name,kohya_type,package",
+    [
+        ("optimizer", "Lion", None),
+        ("optimizer_came", "pytorch_optimizer.CAME", "pytorch-optimizer"),
+        ("optimizer_adopt", "pytorch_optimizer.ADOPT", "pytorch-optimizer"),
+        ("optimizer_ademamix", "pytorch_optimizer.AdEMAMix", "pytorch-optimizer"),
+        ("optimizer_ademamix8bit", "bitsandbytes.optim.AdEMAMix8bit", "bitsandbytes"),
+        ("optimizer_prodigy_plus", "prodigyplus.ProdigyPlusScheduleFree", "prodigy-plus-schedule-free"),
+        ("optimizer_dadapt_adam", "DAdaptAdam", "dadaptation"),
+    ],
+)
+def test_optimizer_type_is_what_kohya_get_optimizer_imports(name, kohya_type, package):
+    """kohya has short names for its own optimizers and imports any other from a "module.Class" path."""
+    out = to_kohya_args(CARRIED[name])
+    assert out.args["optimizer_type"] == kohya_type
+    if package:  # a package kohya's requirements do not install
+        assert any(f"pip install {package}" in note for note in out.notes), out.notes
+
+
+def test_schedule_arguments_are_kohya_arguments():
+    a = to_kohya_args(CARRIED["lr_scheduler_args"]).args
+    assert a["lr_scheduler"] == "piecewise_constant" and a["lr_scheduler_args"] == ["step_rules='1:10,0.5:20,0.1'"]
+    a = to_kohya_args(CARRIED["lr_decay_steps"]).args
+    assert (a["lr_scheduler"], a["lr_decay_steps"], a["lr_scheduler_min_lr_ratio"]) == (
+        "warmup_stable_decay",
+        0.2,
+        0.05,
+    )
+
+
+def test_rex_goes_through_kohya_lr_scheduler_type():
+    run, _ = NOT_CARRIED["rex"]
+    a = to_kohya_args(run).args
+    assert a["lr_scheduler_type"] == "pytorch_optimizer.lr_scheduler.rex.REXScheduler"
+    table = kohya_arguments()
+    assert not [e for name, value in a.items() if (e := type_error(name, value, table[name]))]
+    lr = run.train.learning_rate
+    assert a["lr_scheduler_args"] == [
+        f"total_steps={run.train.max_train_steps}",
+        f"max_lr={lr!r}",
+        f"min_lr={lr * 0.1!r}",
+    ]
+
+
 def test_max_token_length_is_kohyas_argument():
     assert to_kohya_args(CARRIED["token_length"]).args["max_token_length"] == 225
     assert "max_token_length" not in to_kohya_args(BASE).args  # kohya's default: 75 tokens
@@ -242,3 +304,24 @@ def test_sample_prompts_use_kohya_prompt_options():
         "a dog --n blurry --w 832 --h 1216 --s 20 --l 7.0 --d 5",
         "a cat --n blurry --w 832 --h 1216 --s 20 --l 7.0 --d 6",
     ]
+
+
+@pytest.mark.parametrize(
+    "ratios",
+    [LoraPlusRatios(16.0), LoraPlusRatios(16.0, 8.0, 4.0), LoraPlusRatios(None, 8.0), LoraPlusRatios(None, None, 2.0)],
+    ids=["all", "each", "unet", "text_encoders"],
+)
+def test_network_node_loraplus_reads_back_as_the_same_ratios(ratios):
+    """The Network node's LoRA+ ratios (folded into the run's settings as the Train and Export nodes do) export as
+    kohya's loraplus_* network_args and import back into the same ratios, on the imported Network output too."""
+    run = replace(BASE, train=BASE.train.with_loraplus(ratios))
+    exported = to_kohya_args(run)
+    assert not exported.not_carried, exported.not_carried
+    args = dict(a.split("=", 1) for a in exported.args["network_args"])
+    for name in ("lr_ratio", "unet_lr_ratio", "text_encoder_lr_ratio"):
+        value = getattr(ratios, name)
+        assert args.get(f"loraplus_{name}") == (None if value is None else repr(value)), args
+    imported = from_kohya_args(exported.args)
+    assert imported.train.part_settings() == run.train.part_settings()
+    assert imported.loraplus == ratios
+    assert BASE.train.with_loraplus(imported.loraplus).part_settings() == run.train.part_settings()

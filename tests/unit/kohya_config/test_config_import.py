@@ -3,6 +3,7 @@ metadata of the pack's own files reads back into the settings that made them."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -133,7 +134,31 @@ def _our_metadata(network: NetworkConfig, config: TrainConfig) -> dict[str, str]
     optimizer = build_optimizer([param], config.optimizer, config.learning_rate)
     training = training_metadata(config, optimizer, 10, config.max_train_steps, time.time(), "mine")
     dataset = {"resolution": (1024, 1024), "num_train_images": 10, "dataset_dirs": {}, "tag_frequency": {}}
-    return build_metadata(training, dataset, network_metadata(network), step=config.max_train_steps, epoch=1)
+    return build_metadata(training, dataset, network_metadata(network, config), step=config.max_train_steps, epoch=1)
+
+
+@pytest.mark.parametrize(
+    "optimizer,args",
+    [
+        ("CAME", "weight_decay=0.01 betas=(0.9, 0.999, 0.9999)"),
+        ("ADOPT", "weight_decay=0.01"),
+        ("AdEMAMix", "alpha=4.0"),
+        ("ProdigyPlusScheduleFree", "d_coef=2.0"),
+        ("DAdaptAdam", "decouple=True"),
+    ],
+)
+def test_new_optimizers_read_back_from_ss_optimizer(optimizer, args):
+    config = TrainConfig(learning_rate=1.0, optimizer=OptimizerSettings(optimizer, args))
+    metadata = _our_metadata(NetworkConfig(), config)
+    assert metadata["ss_optimizer"].split("(")[0].endswith("." + optimizer)  # kohya's module.Class
+    t = from_kohya_args(args_from_metadata(metadata)).train
+    assert (t.optimizer.canonical_type, t.optimizer.kwargs) == (optimizer, config.optimizer.kwargs)
+
+
+def test_kohya_class_path_optimizer_type_is_imported():
+    imported = from_kohya_args({"optimizer_type": "pytorch_optimizer.CAME", "optimizer_args": ["weight_decay=0.02"]})
+    assert imported.train.optimizer.canonical_type == "CAME"
+    assert imported.train.optimizer.kwargs == {"weight_decay": 0.02}
 
 
 def test_our_own_metadata_reads_back_into_the_same_settings():
@@ -179,6 +204,57 @@ def test_our_own_metadata_reads_back_into_the_same_settings():
         "noise",
     ):
         assert getattr(t, name) == getattr(config, name), name
+
+
+BLOCK_DIMS = "0," + ",".join(["8"] * 21) + ",0"
+BLOCK_LR = "1," + ",".join(["0.5"] * 21) + ",1"
+
+
+def test_ss_network_args_hold_block_dims_lr_weights_and_loraplus_as_kohya_strings():
+    """kohya writes json.dumps(net_kwargs): every network_args value as the string it was given, plus the
+    "dropout" entry its train_network adds (the network_dropout value itself)."""
+    network = NetworkConfig(
+        network_dim=8,
+        network_alpha=4.0,
+        conv_dim=2,
+        conv_alpha=1.0,
+        block_dims=BLOCK_DIMS,
+        block_alphas=",".join(["2"] * 23),
+        conv_block_dims="0," + ",".join(["2"] * 21) + ",0",
+        conv_block_alphas=",".join(["1"] * 23),
+        block_lr_weight=BLOCK_LR,
+        module_dropout=0.1,
+        dropout=0.05,
+    )
+    config = TrainConfig(loraplus_lr_ratio=16.0, unet=PartSettings(None, 8.0))
+    args = json.loads(_our_metadata(network, config)["ss_network_args"])
+    assert args.pop("dropout") == 0.05
+    assert all(isinstance(v, str) for v in args.values()), args
+    assert args["block_dims"] == BLOCK_DIMS
+    assert args["block_alphas"] == ",".join(["2.0"] * 23)
+    assert args["conv_block_dims"] == "0," + ",".join(["2"] * 21) + ",0"
+    assert args["conv_block_alphas"] == ",".join(["1.0"] * 23)
+    assert args["down_lr_weight"] == ",".join(["0.5"] * 9) and args["mid_lr_weight"] == "0.5,0.5,0.5"
+    assert args["up_lr_weight"] == ",".join(["0.5"] * 9)
+    assert (args["conv_dim"], args["conv_alpha"], args["module_dropout"]) == ("2", "1.0", "0.1")
+    assert (args["loraplus_lr_ratio"], args["loraplus_unet_lr_ratio"]) == ("16.0", "8.0")
+
+    imported = from_kohya_args(args_from_metadata(_our_metadata(network, config)))
+    assert imported.network == network
+    assert imported.train.part_settings() == config.part_settings()
+    assert not [k for k, _ in imported.not_applied if k.startswith("network_args")]
+
+
+def test_ss_network_args_absent_without_network_args_and_dropout_alone_is_not_one():
+    meta = _our_metadata(NetworkConfig(dropout=0.1), TrainConfig())
+    assert "ss_network_args" not in meta and meta["ss_network_dropout"] == "0.1"
+
+
+def test_lycoris_dora_reads_as_algo_dora_and_an_output_axis_dora_is_refused():
+    args = {"network_module": "lycoris.kohya", "network_args": ["algo=locon", "dora_wd=True", "wd_on_output=False"]}
+    assert from_kohya_args(args).network.algo == "dora"
+    with pytest.raises(ValueError, match="Set wd_on_output=False"):
+        from_kohya_args({"network_module": "lycoris.kohya", "network_args": ["algo=locon", "dora_wd=True"]})
 
 
 def test_prior_loss_weight_is_applied_and_masked_loss_names_the_dataset():

@@ -154,7 +154,7 @@ def _our_metadata(config: TrainConfig, network: NetworkConfig, checkpoint: dict[
     """The metadata the train node writes, from the same functions and objects (run/job.py's _save)."""
     optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], config.optimizer, config.learning_rate)
     training = training_metadata(config, optimizer, 3, config.max_train_steps, time.time(), "mine") | checkpoint
-    return build_metadata(training, dataset_metadata(_dataset()), network_metadata(network), step=12, epoch=4)
+    return build_metadata(training, dataset_metadata(_dataset()), network_metadata(network, config), step=12, epoch=4)
 
 
 def _walk(metadata: dict[str, str]) -> list[str]:

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
+import re
 import sys
 
 import pytest
 import torch
 
+from sdxl_lora_trainer.trainer.run.config import TrainConfig
 from sdxl_lora_trainer.trainer.run.optimizers import (
     OPTIMIZER_TYPES,
     OptimizerConfigError,
     OptimizerSettings,
     OptimizerUnavailableError,
+    averaged_weights,
     build_optimizer,
     canonical_optimizer_type,
     is_schedule_free,
@@ -27,15 +31,19 @@ from sdxl_lora_trainer.trainer.run.optimizers import (
     optimizer_train_mode,
     parse_optimizer_args,
     resolve_optimizer_kwargs,
+    switch_to_averaged_weights,
+    training_point,
 )
+from sdxl_lora_trainer.trainer.run.resume_state import _scheduler_state, join_optimizer_state, split_optimizer_state
 from sdxl_lora_trainer.trainer.run.schedulers import (
     SCHEDULER_TYPES,
     ScheduleFreeDummyScheduler,
     build_scheduler,
+    check_schedule,
     resolve_warmup_steps,
 )
 
-EIGHT_BIT = ("AdamW8bit", "Lion8bit", "PagedAdamW8bit")
+EIGHT_BIT = ("AdamW8bit", "Lion8bit", "PagedAdamW8bit", "AdEMAMix8bit")
 HAS_CUDA_BNB = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
 
@@ -166,10 +174,42 @@ def test_unknown_optimizer_lists_choices():
         ("ADAFACTOR", "Adafactor"),
         ("pagedadamw8bit", "PagedAdamW8bit"),
         ("lion8BIT", "Lion8bit"),
+        ("came", "CAME"),
+        ("adopt", "ADOPT"),
+        ("ademamix", "AdEMAMix"),
+        ("AdEMAMix8BIT", "AdEMAMix8bit"),
+        ("prodigyplusschedulefree", "ProdigyPlusScheduleFree"),
+        ("dadaptadam", "DAdaptAdam"),
     ],
 )
 def test_names_are_case_insensitive(given, expected):
     assert canonical_optimizer_type(given) == expected
+
+
+@pytest.mark.parametrize(
+    "given,expected",
+    [
+        # kohya's --optimizer_type class paths (train_util.get_optimizer imports them)
+        ("pytorch_optimizer.CAME", "CAME"),
+        ("pytorch_optimizer.ADOPT", "ADOPT"),
+        ("pytorch_optimizer.AdEMAMix", "AdEMAMix"),
+        ("bitsandbytes.optim.AdEMAMix8bit", "AdEMAMix8bit"),
+        ("prodigyplus.ProdigyPlusScheduleFree", "ProdigyPlusScheduleFree"),
+        # the full class paths kohya writes into ss_optimizer
+        ("pytorch_optimizer.optimizer.came.CAME", "CAME"),
+        ("prodigyplus.prodigy_plus_schedulefree.ProdigyPlusScheduleFree", "ProdigyPlusScheduleFree"),
+        ("dadaptation.dadapt_adam.DAdaptAdam", "DAdaptAdam"),
+        ("torch.optim.adamw.AdamW", "AdamW"),
+        ("schedulefree.adamw_schedulefree.AdamWScheduleFree", "AdamWScheduleFree"),
+    ],
+)
+def test_kohya_class_paths_are_understood(given, expected):
+    assert canonical_optimizer_type(given) == expected
+
+
+def test_class_path_from_another_package_is_refused():
+    with pytest.raises(OptimizerConfigError, match="unknown optimizer_type"):
+        canonical_optimizer_type("torch.optim.CAME")
 
 
 # --- each optimizer constructs, steps, and receives its args ----------------------------------------------------
@@ -348,6 +388,111 @@ def test_adafactor_schedule_rejects_warmup_and_wrong_optimizer():
         build_scheduler(adamw, "adafactor", 100)
 
 
+# --- the optimizers from pytorch-optimizer, prodigy-plus-schedule-free and dadaptation ---------------------------
+
+#: (name, learning rate, optimizer_args, the class path kohya writes into ss_optimizer)
+NEW_OPTIMIZERS = [
+    ("CAME", 1e-3, "weight_decay=0.01 betas=(0.9, 0.999, 0.9999)", "pytorch_optimizer.optimizer.came.CAME"),
+    ("ADOPT", 1e-3, "weight_decay=0.01 betas=(0.9, 0.9999)", "pytorch_optimizer.optimizer.adopt.ADOPT"),
+    ("AdEMAMix", 1e-3, "weight_decay=0.01 alpha=4.0", "pytorch_optimizer.optimizer.ademamix.AdEMAMix"),
+    (
+        "ProdigyPlusScheduleFree",
+        1.0,
+        "weight_decay=0.01 d_coef=2.0",
+        "prodigyplus.prodigy_plus_schedulefree.ProdigyPlusScheduleFree",
+    ),
+    ("DAdaptAdam", 1.0, "weight_decay=0.01 decouple=True", "dadaptation.dadapt_adam.DAdaptAdam"),
+]
+
+
+@pytest.mark.parametrize("optimizer_type,lr,args,kohya_class", NEW_OPTIMIZERS)
+def test_new_optimizers_build_take_args_and_step(optimizer_type, lr, args, kohya_class):
+    p = tiny_param()
+    settings = OptimizerSettings(optimizer_type, args)
+    opt = build_optimizer([p], settings, lr)
+    assert f"{type(opt).__module__}.{type(opt).__name__}" == kohya_class
+    group = opt.param_groups[0]
+    assert group["lr"] == lr
+    for key, value in settings.kwargs.items():
+        assert group[key] == value, key
+    for _ in range(3):
+        before = take_step(opt, p)
+    assert not torch.equal(before, p.detach())
+    assert torch.isfinite(p).all()
+    # kohya's ss_optimizer: module.Class(k=v,...)
+    assert (
+        optimizer_metadata_name(opt, settings)
+        == kohya_class + "(" + ",".join(f"{k}={v}" for k, v in settings.kwargs.items()) + ")"
+    )
+
+
+def test_prodigy_plus_schedule_free_is_schedule_free():
+    p = tiny_param()
+    opt = build_optimizer([p], OptimizerSettings("ProdigyPlusScheduleFree"), 1.0)
+    assert is_schedule_free(opt)
+    assert opt.param_groups[0]["train_mode"] is True
+
+
+@pytest.mark.parametrize("optimizer_type,lr", [("AdamWScheduleFree", 0.05), ("ProdigyPlusScheduleFree", 1.0)])
+def test_averaged_weights_restore_the_training_point_bit_for_bit(optimizer_type, lr):
+    p, twin = tiny_param(), tiny_param()
+    opt = build_optimizer([p], OptimizerSettings(optimizer_type), lr)
+    reference = build_optimizer([twin], OptimizerSettings(optimizer_type), lr)
+    for _ in range(3):
+        take_step(opt, p)
+        take_step(reference, twin)
+    y = p.detach().clone()
+    with averaged_weights(opt):  # around a preview or an intermediate save
+        assert opt.param_groups[0]["train_mode"] is False
+        x = p.detach().clone()
+        assert not torch.equal(x, y)
+    assert opt.param_groups[0]["train_mode"] is True
+    assert torch.equal(p.detach(), y)  # the plain train() lerp would not give y back exactly
+    for _ in range(2):  # and training goes on exactly as without the switch
+        take_step(opt, p)
+        take_step(reference, twin)
+    assert torch.equal(p.detach(), twin.detach())
+
+    point = switch_to_averaged_weights(opt)  # training over: eval mode for good, the training point kept
+    averaged = p.detach().clone()
+    assert opt.param_groups[0]["train_mode"] is False and torch.equal(point[0], twin.detach())
+    with training_point(opt, point):  # what a resumable state saved after training holds
+        assert opt.param_groups[0]["train_mode"] is True
+        assert torch.equal(p.detach(), twin.detach())
+    assert opt.param_groups[0]["train_mode"] is False
+    assert torch.equal(p.detach(), averaged)
+
+
+def test_mode_switches_are_noops_for_other_optimizers():
+    p = tiny_param()
+    opt = build_optimizer([p], OptimizerSettings("CAME"), 1e-3)
+    take_step(opt, p)
+    before = p.detach().clone()
+    with averaged_weights(opt):
+        assert torch.equal(p.detach(), before)
+    assert switch_to_averaged_weights(opt) is None
+    with training_point(opt, None):
+        pass
+    assert torch.equal(p.detach(), before)
+
+
+def test_group_tensors_of_the_optimizer_state_survive_the_state_files():
+    # ProdigyPlusScheduleFree keeps running sums as tensors in its param groups; JSON cannot hold them
+    p = tiny_param()
+    opt = build_optimizer([p], OptimizerSettings("ProdigyPlusScheduleFree"), 1.0)
+    take_step(opt, p)
+    state = opt.state_dict()
+    assert any(isinstance(v, torch.Tensor) for v in state["param_groups"][0].values())
+    tensors, meta = split_optimizer_state(state)
+    back = join_optimizer_state(tensors, meta)
+    assert back["param_groups"][0].keys() == state["param_groups"][0].keys()
+    for key, value in state["param_groups"][0].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(back["param_groups"][0][key], value)
+        else:
+            assert back["param_groups"][0][key] == value, key
+
+
 def test_metadata_name_like_kohya():
     opt = build_optimizer([tiny_param()], OptimizerSettings("AdamW", "weight_decay=0.1 betas=0.9,0.99"), 1e-3)
     name = optimizer_metadata_name(opt, OptimizerSettings("AdamW", "weight_decay=0.1 betas=0.9,0.99"))
@@ -366,6 +511,11 @@ def test_metadata_name_like_kohya():
         ("Lion", "lion_pytorch", "lion-pytorch"),
         ("AdamWScheduleFree", "schedulefree", "schedulefree"),
         ("Prodigy", "prodigyopt", "prodigyopt"),
+        ("CAME", "pytorch_optimizer", "pytorch-optimizer"),
+        ("ADOPT", "pytorch_optimizer", "pytorch-optimizer"),
+        ("AdEMAMix", "pytorch_optimizer", "pytorch-optimizer"),
+        ("ProdigyPlusScheduleFree", "prodigyplus", "prodigy-plus-schedule-free"),
+        ("DAdaptAdam", "dadaptation", "dadaptation"),
     ],
 )
 def test_missing_package_says_what_to_install(monkeypatch, optimizer_type, module, pip_name):
@@ -403,9 +553,10 @@ def test_8bit_constructs_and_steps_on_cuda(optimizer_type):
     import bitsandbytes as bnb
 
     p = torch.nn.Parameter(torch.randn(64, 64, device="cuda"))  # >= 4096 elements so the 8-bit state is used
-    opt = build_optimizer([p], OptimizerSettings(optimizer_type, "weight_decay=0.07 betas=(0.85, 0.97)"), 1e-3)
+    betas = (0.85, 0.97, 0.999) if optimizer_type == "AdEMAMix8bit" else (0.85, 0.97)  # AdEMAMix: a slow beta3
+    opt = build_optimizer([p], OptimizerSettings(optimizer_type, f"weight_decay=0.07 betas={betas}"), 1e-3)
     assert type(opt) is getattr(bnb.optim, optimizer_type)
-    assert opt.param_groups[0]["weight_decay"] == 0.07 and opt.param_groups[0]["betas"] == (0.85, 0.97)
+    assert opt.param_groups[0]["weight_decay"] == 0.07 and tuple(opt.param_groups[0]["betas"]) == betas
     before = p.detach().clone()
     (p**2).sum().backward()
     opt.step()
@@ -544,6 +695,133 @@ def test_polynomial(power):
     seen = lr_curve("polynomial", N, W, power=power)
     assert_curve(seen, lambda s: expect_polynomial(s, power))
     assert seen[N] == pytest.approx(1e-7, rel=1e-9)
+
+
+# kohya passes lr_scheduler_num_cycles / 2 to cosine_with_min_lr and warmup_stable_decay: 1 = half a cosine wave
+MIN = 0.1
+
+
+def expect_cosine_with_min_lr(s, m=MIN, w=W, n=N):
+    if s < w:
+        return warm(s, w)
+    progress = (s - w) / max(1, n - w)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - m) + m)
+
+
+def expect_wsd(s, m=MIN, w=W, decay=20, n=N):
+    stable_end = n - decay
+    if s < w:
+        return warm(s, w) * (1 - m) + m  # transformers' WSD warms up from the min ratio
+    if s < stable_end:
+        return 1.0
+    if s < n:
+        progress = (s - stable_end) / decay
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - m) + m
+    return m
+
+
+def expect_rex(s, m=MIN, w=W, n=N):
+    if s < w:
+        return warm(s, w)
+    p = min(1.0, (s - w) / (n - w))
+    return m + (1 - m) * (1 - p) / (1 - p / 2)
+
+
+def test_cosine_with_min_lr():
+    seen = lr_curve("cosine_with_min_lr", N, W, min_lr_ratio=MIN)
+    assert_curve(seen[: N + 1], expect_cosine_with_min_lr)
+    assert seen[N] == pytest.approx(BASE_LR * MIN) and seen[55] == pytest.approx(BASE_LR * (1 + MIN) / 2)
+
+
+def test_cosine_with_min_lr_zero_is_cosine():
+    assert lr_curve("cosine_with_min_lr", N, W)[: N + 1] == pytest.approx(lr_curve("cosine", N, W)[: N + 1])
+
+
+@pytest.mark.parametrize("decay", [20, 0.2])  # a step count, or a ratio of the training steps
+def test_warmup_stable_decay(decay):
+    seen = lr_curve("warmup_stable_decay", N, W, min_lr_ratio=MIN, decay_steps=decay)
+    assert_curve(seen, expect_wsd)
+    assert seen[W : N - 20] == [BASE_LR] * (N - 20 - W)  # the stable part
+
+
+def test_warmup_stable_decay_shapes_from_scheduler_args():
+    seen = lr_curve("warmup_stable_decay", N, 0, decay_steps=20, args="decay_type=linear")
+    assert seen[N - 10] == pytest.approx(BASE_LR * 0.5) and seen[N] == 0.0
+
+
+def test_warmup_stable_decay_needs_decay_steps():
+    opt = torch.optim.SGD([tiny_param()], lr=BASE_LR)
+    with pytest.raises(OptimizerConfigError, match="needs lr_decay_steps > 0"):
+        build_scheduler(opt, "warmup_stable_decay", N, W)
+    with pytest.raises(OptimizerConfigError, match="exceed"):
+        build_scheduler(opt, "warmup_stable_decay", N, 60, decay_steps=50)
+
+
+def test_rex():
+    seen = lr_curve("rex", N, W, min_lr_ratio=MIN)
+    assert_curve(seen, expect_rex)
+    # REX's shape: halfway through the decay it is still 2/3 of the way up (linear would be 1/2)
+    assert seen[55] == pytest.approx(BASE_LR * (MIN + (1 - MIN) * 2 / 3))
+    assert seen[N] == pytest.approx(BASE_LR * MIN)
+
+
+def test_piecewise_constant_follows_diffusers_rules():
+    seen = lr_curve("piecewise_constant", N, 0, args="step_rules='1:10,0.5:40,0.1'")
+    expected = [1.0] * 10 + [0.5] * 30 + [0.1] * (N + 6 - 40)
+    assert_curve(seen, lambda s: expected[s])
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("cosine_with_min_lr", {"min_lr_ratio": MIN}),
+        ("warmup_stable_decay", {"min_lr_ratio": MIN, "decay_steps": 20}),
+        ("rex", {"min_lr_ratio": MIN}),
+        ("piecewise_constant", {"args": "step_rules='1:10,0.5:40,0.1'", "warmup": 0}),
+    ],
+)
+def test_new_schedules_resume_from_their_json_state_and_scale_each_group(name, kwargs):
+    warmup = kwargs.pop("warmup", W)
+
+    def make():
+        a, b = tiny_param(), tiny_param()
+        opt = torch.optim.SGD([{"params": [a], "lr": 1e-4}, {"params": [b], "lr": 4e-4}], lr=1e-4)
+        return opt, build_scheduler(opt, name, N, warmup, **kwargs)
+
+    opt, sched = make()
+    for _ in range(33):
+        opt.step()
+        sched.step()
+    saved = json.loads(json.dumps(_scheduler_state(sched.state_dict())))
+    opt2, sched2 = make()
+    sched2.load_state_dict(saved)
+    for _ in range(30):
+        for o, sc in ((opt, sched), (opt2, sched2)):
+            o.step()
+            sc.step()
+        assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    ratio = opt.param_groups[1]["lr"] / opt.param_groups[0]["lr"]
+    assert ratio == pytest.approx(4.0)  # a factor of each group's own lr
+
+
+@pytest.mark.parametrize(
+    "name,args,decay,ratio,fragment",
+    [
+        ("piecewise_constant", "", 0, 0.0, "needs lr_scheduler_args step_rules"),
+        ("piecewise_constant", "step_rules='1:x,0.1'", 0, 0.0, "factor:step pairs"),
+        ("cosine", "step_rules='1:10,0.1'", 0, 0.0, "'step_rules' is not an argument of 'cosine'"),
+        ("warmup_stable_decay", "decay_type=square", 10, 0.0, "decay_type='square'"),
+        ("cosine", "", 0, 0.1, "lr_scheduler_min_lr_ratio 0.1 is only used by"),
+        ("rex", "", 0, 1.5, "from 0 to 1"),
+        ("linear", "", 10, 0.0, "lr_decay_steps 10 is only used by warmup_stable_decay"),
+        ("exponential", "", 0, 0.0, "unknown lr_scheduler"),
+    ],
+)
+def test_schedule_settings_are_checked_before_training(name, args, decay, ratio, fragment):
+    with pytest.raises(OptimizerConfigError, match=re.escape(fragment)):
+        check_schedule(name, args, decay, ratio)
+    with pytest.raises(OptimizerConfigError, match=re.escape(fragment)):
+        TrainConfig(lr_scheduler=name, lr_scheduler_args=args, lr_decay_steps=decay, lr_scheduler_min_lr_ratio=ratio)
 
 
 def test_warmup_fraction_in_scheduler():

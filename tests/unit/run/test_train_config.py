@@ -63,6 +63,19 @@ def test_no_setting_is_stored_twice():
     assert not run_fields & {"unet_lr", "text_encoder_lr1", "text_encoder_lr2", "loraplus_unet_lr_ratio"}
 
 
+def test_network_node_loraplus_replaces_only_the_ratios_it_sets():
+    from sdxl_lora_trainer.trainer.network.config import LoraPlusRatios
+
+    base = TrainConfig(learning_rate=1e-4, loraplus_lr_ratio=4, clip_l=PartSettings(loraplus_lr_ratio=2))
+    assert base.with_loraplus(LoraPlusRatios(0, 0, 0)) is base  # 0 = not set on the Network node
+    parts = base.with_loraplus(LoraPlusRatios(16)).part_settings()
+    assert [parts[p].loraplus_lr_ratio for p in ("unet", "clip_l", "clip_g")] == [16, 2, 16]
+    parts = base.with_loraplus(LoraPlusRatios(None, 8, 3)).part_settings()
+    assert [parts[p].loraplus_lr_ratio for p in ("unet", "clip_l", "clip_g")] == [8, 3, 3]
+    with pytest.raises(ValueError, match="loraplus_unet_lr_ratio"):
+        LoraPlusRatios(None, -1.0)
+
+
 def test_token_length_comes_from_the_text_cache_and_must_agree_with_the_run():
     from sdxl_lora_trainer.trainer.data.token_length import TokenLength
 

@@ -26,7 +26,9 @@ from .common import CATEGORY, pil_to_image, range_problems, refuse_at_queue_time
 from .sockets import (
     CheckpointingSocket,
     DatasetSocket,
+    EmaSocket,
     LatentCacheSocket,
+    LoggingSocket,
     NetworkSocket,
     ObjectiveSocket,
     PreviewsSocket,
@@ -401,6 +403,10 @@ class TrainLora(io.ComfyNode):
                     tooltip="From 'Validation': how often the validation loss is computed, or a separate validation "
                     "dataset. Without it, a dataset with a validation_split is validated every epoch.",
                 ),
+                EmaSocket.Input("ema", optional=True, tooltip="From 'EMA': keep and save an EMA of the weights."),
+                LoggingSocket.Input(
+                    "logging", optional=True, tooltip="From 'Logging (W&B)'; the TensorBoard log is always written."
+                ),
             ],
             outputs=[
                 io.Model.Output(
@@ -518,6 +524,8 @@ class TrainLora(io.ComfyNode):
         lr_scheduler_args: str = "",
         memory_mode: str = "auto",
         validation=None,
+        ema=None,
+        logging=None,
     ) -> io.NodeOutput:
         if train_settings is not None:
             config = train_settings.config
@@ -557,6 +565,8 @@ class TrainLora(io.ComfyNode):
             out=out,
             checkpointing=checkpointing,
             previews=previews,
+            ema=ema,
+            log_settings=logging,
             node_id=cls.hidden.unique_id,
             prompt=cls.hidden.prompt,
             extra_pnginfo=cls.hidden.extra_pnginfo,

@@ -3,8 +3,9 @@ steps, max-norm, progress, cancel and NaN checks, in kohya's order (train_networ
 
 Per micro-batch: loss (trainer/objective/batch_loss.py) / gradient_accumulation_steps, backward. When the
 accumulation group is full, or the epoch's last batch arrives (accelerate syncs at the end of the
-dataloader), clip gradients to ``max_grad_norm``, step the optimizer and the scheduler once, zero
-the gradients, apply max-norm regularisation (``scale_weight_norms``) and count one step.
+dataloader), clip gradients to ``max_grad_norm`` (their norm goes to the step's record), step the
+optimizer and the scheduler once, zero the gradients, apply max-norm regularisation
+(``scale_weight_norms``) and count one step.
 
 Every random draw comes from state this module owns: a torch.Generator (on the host) for noise,
 timesteps and batch order, a random.Random for kohya's Python-side draws, and, inside a ``fork_rng``,
@@ -80,6 +81,7 @@ class StepRecord:
     lr: float
     timestep_mean: float
     seconds: float
+    grad_norm: float | None = None  # of all trained weights, before clipping (None in states saved before it)
 
 
 @dataclass
@@ -194,6 +196,13 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(lr)
 
 
+def _grad_norm(params: Sequence[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+    """The gradients' total norm (a device tensor: read with the losses), clipped to ``max_grad_norm`` when set."""
+    if max_grad_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
 def run(
     model: Denoiser,
     data: BatchSource,
@@ -209,6 +218,7 @@ def run(
     max_norm: Callable[[float], Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     validator: Validator | None = None,
+    after_optimizer_step: Callable[[int], Any] | None = None,
 ) -> LoopState:
     """Train until ``settings.max_train_steps`` optimizer steps, a cancel, or divergence.
 
@@ -218,7 +228,8 @@ def run(
     ``params`` are the trainable tensors (for clipping); ``max_norm(value)`` applies kohya's
     max-norm regularisation when ``scale_weight_norms`` is set. With an fp16 ``scaler`` the loss is
     scaled for backward, gradients are unscaled before clipping, and the scheduler only steps when
-    the optimizer really stepped (what accelerate does).
+    the optimizer really stepped (what accelerate does). ``after_optimizer_step(step)`` runs after each
+    optimizer step and max-norm, before the step is reported (the EMA update).
     """
     events = events or RunEvents()
     state = state or LoopState()
@@ -272,7 +283,12 @@ def run(
                     state.batch_in_epoch += 1
                     last_of_epoch = state.batch_in_epoch == num_batches
                     if micro_in_group == ga or last_of_epoch:
-                        losses = torch.stack(group_losses).float().cpu().tolist()  # the step's one sync
+                        if scaler is not None:
+                            scaler.unscale_(optimizer)
+                        grad_norm = _grad_norm(params, settings.max_grad_norm)
+                        stacked = torch.stack(group_losses).float()
+                        readout = torch.cat([stacked, grad_norm.float().reshape(1).to(stacked.device)])
+                        *losses, norm = readout.cpu().tolist()  # the step's one sync
                         bad = next((v for v in losses if not math.isfinite(v)), None)
                         if bad is not None:
                             optimizer.zero_grad(set_to_none=True)
@@ -283,10 +299,6 @@ def run(
                                 "look wrong."
                             )
                         stepped = True
-                        if scaler is not None:
-                            scaler.unscale_(optimizer)
-                        if settings.max_grad_norm:
-                            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                         if scaler is not None:
                             before = scaler.get_scale()
                             scaler.step(optimizer)
@@ -300,6 +312,8 @@ def run(
                         if settings.scale_weight_norms and max_norm is not None:
                             max_norm(settings.scale_weight_norms)
                         state.global_step += 1
+                        if after_optimizer_step is not None:
+                            after_optimizer_step(state.global_step)
                         now = time.perf_counter()
                         record = StepRecord(
                             step=state.global_step,
@@ -308,6 +322,7 @@ def run(
                             lr=_current_lr(optimizer),
                             timestep_mean=sum(group_timesteps) / len(group_timesteps),
                             seconds=now - started,
+                            grad_norm=norm,
                         )
                         started = now
                         state.history.append(record)

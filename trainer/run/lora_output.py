@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ def output_name_error(subfolder: str, name: str) -> str | None:
 class SavedLora:
     path: Path
     lora_name: str  # what LoraLoader's lora_name expects (relative to the loras folder)
+    companions: list[SavedLora] = field(default_factory=list)  # files of the same save (the EMA file)
 
 
 def validation_metadata(ds: TrainingDataset, request: ValidationRequest | None) -> dict[str, Any]:
@@ -187,13 +188,16 @@ def training_metadata(
     }
 
 
-def shipped_weights(network: AdapterNetwork, out: OutputSettings) -> dict[str, torch.Tensor]:
-    """The LoRA exactly as the file holds it (cast to ``save_precision``, CPU copies).
+def shipped_weights(
+    network: AdapterNetwork, out: OutputSettings, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The LoRA exactly as the file holds it (cast to ``save_precision``, CPU copies); ``state``: the network's dict
+    with other weights (its EMA, ``AdapterEma.state_dict_kohya``) to ship instead of its own.
 
     The train node applies these to its MODEL/CLIP outputs and hands them on as LORA_MODEL, so what a KSampler after
     the train node shows is what a LoraLoader loading the file shows (what you test is what you ship).
     """
-    return prepare_tensors(network.state_dict_kohya(), SAVE_DTYPES[out.save_precision])
+    return prepare_tensors(state if state is not None else network.state_dict_kohya(), SAVE_DTYPES[out.save_precision])
 
 
 def save_run_lora(
@@ -210,10 +214,18 @@ def save_run_lora(
     prompt: dict | None = None,
     extra_pnginfo: dict | None = None,
     v_parameterization: bool = False,
+    extra_metadata: dict[str, str] | None = None,
+    companion_of: SavedLora | None = None,
 ) -> SavedLora:
-    """Write ``weights`` (``shipped_weights``) under a new name in the loras folder; raises OSError when it cannot
+    """Write ``weights`` (``shipped_weights``) under a new name in the loras folder, or, with ``companion_of``, beside
+    that file as ``<its stem>_ema.safetensors`` (the EMA of the same save); raises OSError when it cannot
     (``atomic_files.WriteFailed`` names the file, the space needed and free)."""
-    path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
+    if companion_of is not None:
+        path = companion_of.path.with_name(f"{companion_of.path.stem}_ema{companion_of.path.suffix}")
+        stem, ext = os.path.splitext(companion_of.lora_name)
+        rel = f"{stem}_ema{ext}"
+    else:
+        path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
     meta = build_metadata(
         training,
         dataset,
@@ -226,6 +238,7 @@ def save_run_lora(
     )
     if v_parameterization:
         meta["ss_v_parameterization"] = "True"
+    meta.update(extra_metadata or {})
     save_lora(weights, path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
     return SavedLora(path=Path(path), lora_name=rel)
 

@@ -190,9 +190,15 @@ def train_then_test(
 
 
 def with_run_options(
-    prompt: dict[str, Any], *, checkpointing: dict[str, Any] | None = None, previews: dict[str, Any] | None = None
+    prompt: dict[str, Any],
+    *,
+    checkpointing: dict[str, Any] | None = None,
+    previews: dict[str, Any] | None = None,
+    ema: dict[str, Any] | None = None,
+    logging: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Add 'Save Every N & Resume' (node 20) and/or 'Sample Previews' (node 21) to a train_then_test prompt."""
+    """Add 'Save Every N & Resume' (node 20), 'Sample Previews' (node 21), 'EMA' (node 22) and/or 'Logging (W&B)'
+    (node 23) to a train_then_test prompt."""
     out = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
     if checkpointing is not None:
         inputs = {
@@ -224,6 +230,21 @@ def with_run_options(
         inputs.update(previews)
         out["21"] = {"class_type": "SDXLLoraPreviews", "inputs": inputs}
         out["7"]["inputs"]["previews"] = ["21", 0]
+    if ema is not None:
+        inputs = {
+            "decay": 0.999,
+            "warmup_power": 0.0,
+            "update_every_n_steps": 1,
+            "start_step": 0,
+            "save_as": "extra_file",
+            "use_for_previews": True,
+        }
+        inputs.update(ema)
+        out["22"] = {"class_type": "SDXLLoraEMA", "inputs": inputs}
+        out["7"]["inputs"]["ema"] = ["22", 0]
+    if logging is not None:
+        out["23"] = {"class_type": "SDXLLoraLogging", "inputs": {"wandb_project": "", "wandb_run_name": "", **logging}}
+        out["7"]["inputs"]["logging"] = ["23", 0]
     return out
 
 

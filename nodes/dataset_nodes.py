@@ -325,6 +325,25 @@ class Buckets(io.ComfyNode):
                 ),
                 io.String.Input("caption_prefix", default="", tooltip="Text put before every caption."),
                 io.String.Input("caption_suffix", default="", tooltip="Text put after every caption."),
+                io.Float.Input(
+                    "validation_split",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Share of each subset's images held out for the validation loss (kohya validation_split; "
+                    "reg images are never held out). They are cached but never trained on. 0 = none.",
+                ),
+                io.Int.Input(
+                    "validation_seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    optional=True,
+                    control_after_generate=io.ControlAfterGenerate.fixed,
+                    tooltip="Seed of kohya's shuffle that picks the held-out images (kohya validation_seed).",
+                ),
             ],
             outputs=[
                 DatasetSocket.Output(
@@ -361,6 +380,8 @@ class Buckets(io.ComfyNode):
         caption_tag_dropout_rate: float,
         caption_prefix: str,
         caption_suffix: str,
+        validation_split: float = 0.0,
+        validation_seed: int = 0,
     ) -> io.NodeOutput:
         settings = BucketSettings(
             (resolution_width, resolution_height),
@@ -379,7 +400,16 @@ class Buckets(io.ComfyNode):
             caption_dropout_rate=caption_dropout_rate,
             caption_tag_dropout_rate=caption_tag_dropout_rate,
         )
-        ds = dataset_from_scan(images, settings, batch_size, options, flip_aug, crop_conditioning == "true crop")
+        ds = dataset_from_scan(
+            images,
+            settings,
+            batch_size,
+            options,
+            flip_aug,
+            crop_conditioning == "true crop",
+            validation_split=validation_split,
+            validation_seed=validation_seed,
+        )
         return dataset_outputs(ds)
 
 

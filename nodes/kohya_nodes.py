@@ -21,6 +21,7 @@ from ..trainer.network.safetensors_file import read_metadata
 from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.run.checkpoints import CheckpointSettings
 from ..trainer.run.config import TrainSettings
+from ..trainer.run.validation import ValidationRequest
 from .common import CATEGORY
 from .sockets import (
     CheckpointingSocket,
@@ -31,6 +32,7 @@ from .sockets import (
     PreviewsSocket,
     TextCacheSocket,
     TrainSettingsSocket,
+    ValidationSocket,
 )
 from .train_node import with_objective
 
@@ -67,6 +69,11 @@ class ImportKohyaConfig(io.ComfyNode):
                 TrainSettingsSocket.Output(display_name="train_settings"),
                 CheckpointingSocket.Output(display_name="checkpointing"),
                 io.String.Output(display_name="report"),
+                ValidationSocket.Output(
+                    display_name="validation",
+                    tooltip="kohya's validate_every_n_steps/epochs, max_validation_steps and validation_seed, for the "
+                    "Train node's validation input (validation_split is set on the dataset node).",
+                ),
             ],
         )
 
@@ -98,6 +105,7 @@ class ImportKohyaConfig(io.ComfyNode):
             TrainSettings(train, source=imported.source),
             imported.checkpointing,
             report,
+            ValidationRequest(settings=imported.validation),
             ui={"text": [report]},
         )
 
@@ -149,6 +157,9 @@ class ExportKohyaRun(io.ComfyNode):
                     tooltip="From 'Cache Text': fixed captions let kohya cache text too; its max_token_length is "
                     "exported.",
                 ),
+                ValidationSocket.Input(
+                    "validation", optional=True, tooltip="From 'Validation': kohya's validate_every_n_* arguments."
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="folder", tooltip="The exported run folder."),
@@ -173,6 +184,7 @@ class ExportKohyaRun(io.ComfyNode):
         previews=None,
         latents=None,
         text=None,
+        validation=None,
     ) -> io.NodeOutput:
         source = comfy_graph.model_source(cls.hidden.prompt, cls.hidden.unique_id) if model is not None else None
         config = network.config
@@ -207,6 +219,7 @@ class ExportKohyaRun(io.ComfyNode):
             checkpoint_path=source.checkpoint_path if source else None,
             base_weights=tuple((path, strength) for _, path, strength in source.loras) if source else (),
             v_parameterization=model is not None and comfy_models.prediction_type(model) == "v_prediction",
+            validation=validation,
         )
         export = export_kohya_run(run, dataset, comfy_services.output_directory(), export_name, num_processes)
         lines = export.report().split("\n")

@@ -1,4 +1,5 @@
-"""Optional inputs of the train node: intermediate saves / resumable state, and sample previews."""
+"""Optional inputs of the train node: intermediate saves / resumable state, sample previews, validation loss, EMA
+of the weights, logging to Weights & Biases."""
 
 from __future__ import annotations
 
@@ -6,9 +7,21 @@ from comfy_api.latest import io
 
 from ..trainer.comfyui import sampling as comfy_sampling
 from ..trainer.run.checkpoints import CheckpointSettings
+from ..trainer.run.ema import EMA_SAVE_AS, EmaSettings
+from ..trainer.run.live_log import LogSettings, wandb_project_error
 from ..trainer.run.previews import PreviewRequest, PreviewSettings
+from ..trainer.run.validation import ValidationRequest, ValidationSettings
 from .common import CATEGORY
-from .sockets import CheckpointingSocket, PreviewsSocket
+from .sockets import (
+    CheckpointingSocket,
+    DatasetSocket,
+    EmaSocket,
+    LatentCacheSocket,
+    LoggingSocket,
+    PreviewsSocket,
+    TextCacheSocket,
+    ValidationSocket,
+)
 
 
 class CheckpointOptions(io.ComfyNode):
@@ -162,4 +175,207 @@ class PreviewOptions(io.ComfyNode):
         return io.NodeOutput(PreviewRequest(settings=settings, clip=clip, vae=vae))
 
 
-NODES = [CheckpointOptions, PreviewOptions]
+class ValidationOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDXLLoraValidation",
+            display_name="SDXL LoRA: Validation",
+            category=CATEGORY,
+            description="kohya's validation loss: the training loss on held-out images (the dataset's "
+            "validation_split, or a separate validation dataset connected here) at 4 fixed timesteps with fixed noise, "
+            "without gradients or dropout. Drawn live as a second series on the Train node's chart, written to its "
+            "logs and the LoRA's metadata; training itself is unchanged. Without this node a dataset with a "
+            "validation_split is validated at the end of every epoch (kohya's default).",
+            inputs=[
+                io.Int.Input(
+                    "validate_every_n_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Also validate after every N-th optimizer step (kohya validate_every_n_steps); 0 = only at "
+                    "the end of epochs.",
+                ),
+                io.Int.Input(
+                    "validate_every_n_epochs",
+                    default=1,
+                    min=1,
+                    max=100_000,
+                    tooltip="Validate at the end of every N-th epoch (kohya validate_every_n_epochs; the last epoch "
+                    "counts even when it is cut short by max_train_steps).",
+                ),
+                io.Int.Input(
+                    "max_validation_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Use only the first N validation batches (kohya max_validation_steps); 0 = all.",
+                ),
+                io.Int.Input(
+                    "validation_seed",
+                    default=-1,
+                    min=-1,
+                    max=2**31 - 1,
+                    control_after_generate=io.ControlAfterGenerate.fixed,
+                    tooltip="Seed of the validation noise (kohya validation_seed); -1 = the training seed. The "
+                    "held-out images are chosen by the dataset node's own validation_seed.",
+                ),
+                DatasetSocket.Input(
+                    "dataset",
+                    optional=True,
+                    tooltip="A separate validation dataset (each image counts once), instead of the training "
+                    "dataset's validation_split. Needs its own 'Cache Latents' (and 'Cache Text').",
+                ),
+                LatentCacheSocket.Input("latents", optional=True, tooltip="'Cache Latents' of the validation dataset."),
+                TextCacheSocket.Input("text", optional=True, tooltip="'Cache Text' of the validation dataset."),
+            ],
+            outputs=[ValidationSocket.Output(display_name="validation", tooltip="Connect to the train node.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, validation_seed: int | None = None, **_: object) -> bool | str:
+        if isinstance(validation_seed, int) and validation_seed < -1:
+            return f"validation_seed must be -1 (the training seed) or a seed >= 0, got {validation_seed}"
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        validate_every_n_steps: int,
+        validate_every_n_epochs: int,
+        max_validation_steps: int,
+        validation_seed: int,
+        dataset=None,
+        latents=None,
+        text=None,
+    ) -> io.NodeOutput:
+        if dataset is not None and latents is None:
+            raise ValueError(
+                "SDXL LoRA: Validation: the validation dataset needs its latents; connect 'Cache Latents' of that "
+                "dataset to this node's latents input."
+            )
+        if latents is not None and dataset is None:
+            raise ValueError(
+                "SDXL LoRA: Validation: latents are connected without their dataset; connect the validation dataset "
+                "too (or disconnect latents to validate on the training dataset's validation_split)."
+            )
+        settings = ValidationSettings(
+            validate_every_n_steps=validate_every_n_steps,
+            validate_every_n_epochs=validate_every_n_epochs,
+            max_validation_steps=max_validation_steps,
+            validation_seed=validation_seed,
+        )
+        return io.NodeOutput(ValidationRequest(settings=settings, dataset=dataset, latents=latents, text=text))
+
+
+class EmaOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDXLLoraEMA",
+            display_name="SDXL LoRA: EMA",
+            category=CATEGORY,
+            description="Keeps an exponential moving average of the LoRA weights (fp32) while training and saves it "
+            "as an extra <lora>_ema.safetensors file or as the LoRA itself; resumable states include it.",
+            inputs=[
+                io.Float.Input(
+                    "decay",
+                    default=0.999,
+                    min=0.0,
+                    max=0.999999,
+                    step=0.0001,
+                    round=False,
+                    tooltip="ema = decay * ema + (1 - decay) * weights per update; 0.999 averages about the last "
+                    "1000 updates.",
+                ),
+                io.Float.Input(
+                    "warmup_power",
+                    default=0.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.01,
+                    round=False,
+                    tooltip="0 = full decay from the first update. > 0: the decay of update t is "
+                    "min(decay, 1 - (1 + t)^-power), so early updates follow the weights (2/3 long runs, 3/4 short).",
+                ),
+                io.Int.Input(
+                    "update_every_n_steps", default=1, min=1, max=100_000, tooltip="Average every N optimizer steps."
+                ),
+                io.Int.Input(
+                    "start_step",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="First optimizer step that is averaged (the average starts as a copy of the weights "
+                    "there); 0 = from the first step.",
+                ),
+                io.Combo.Input(
+                    "save_as",
+                    options=list(EMA_SAVE_AS),
+                    default="extra_file",
+                    tooltip="extra_file: the LoRA as trained plus <lora>_ema.safetensors beside it (also for "
+                    "intermediate saves); main_file: the LoRA file (and the train node's outputs) hold the EMA.",
+                ),
+                io.Boolean.Input("use_for_previews", default=True, tooltip="Sample previews render the EMA weights."),
+            ],
+            outputs=[EmaSocket.Output(display_name="ema", tooltip="Connect to the train node.")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        decay: float,
+        warmup_power: float,
+        update_every_n_steps: int,
+        start_step: int,
+        save_as: str,
+        use_for_previews: bool,
+    ) -> io.NodeOutput:
+        return io.NodeOutput(
+            EmaSettings(
+                decay=decay,
+                warmup_power=warmup_power,
+                update_every_n_steps=update_every_n_steps,
+                start_step=start_step,
+                save_as=save_as,
+                use_for_previews=use_for_previews,
+            )
+        )
+
+
+class LoggingOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDXLLoraLogging",
+            display_name="SDXL LoRA: Logging (W&B)",
+            category=CATEGORY,
+            description="Every run writes a live TensorBoard log "
+            "(models/loras/<subfolder>/logs/<time>_<name>_s<seed>); this node also logs the run to a Weights & Biases "
+            "project (needs the wandb package and `wandb login`, or WANDB_MODE=offline).",
+            inputs=[
+                io.String.Input(
+                    "wandb_project",
+                    default="",
+                    tooltip="Weights & Biases project to log to; empty = TensorBoard only.",
+                ),
+                io.String.Input(
+                    "wandb_run_name", default="", tooltip="The run's name in W&B; empty = its log folder's name."
+                ),
+            ],
+            outputs=[LoggingSocket.Output(display_name="logging", tooltip="Connect to the train node.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, wandb_project: str | None = None) -> bool | str:
+        """A project without the wandb package fails when queued, not after loading the models."""
+        if isinstance(wandb_project, str):
+            return wandb_project_error(wandb_project) or True
+        return True
+
+    @classmethod
+    def execute(cls, wandb_project: str, wandb_run_name: str) -> io.NodeOutput:
+        return io.NodeOutput(LogSettings(wandb_project=wandb_project, wandb_run_name=wandb_run_name))
+
+
+NODES = [CheckpointOptions, PreviewOptions, ValidationOptions, EmaOptions, LoggingOptions]

@@ -16,7 +16,10 @@ from ..trainer.network.config import NetworkSetup
 from ..trainer.objective.batch_loss import ObjectiveSettings
 from ..trainer.run.checkpoints import CheckpointSettings
 from ..trainer.run.config import TrainSettings
+from ..trainer.run.ema import EmaSettings
+from ..trainer.run.live_log import LogSettings
 from ..trainer.run.previews import PreviewRequest
+from ..trainer.run.validation import ValidationRequest
 
 
 @io.comfytype(io_type="SDXL_LORA_IMAGES")
@@ -80,3 +83,24 @@ class TrainSettingsSocket(io.ComfyTypeIO):
     """The run's training settings (steps, learning rates, optimizer, schedule, precision, seed)."""
 
     Type = TrainSettings
+
+
+@io.comfytype(io_type="SDXL_LORA_VALIDATION")
+class ValidationSocket(io.ComfyTypeIO):
+    """When the validation loss is computed, its noise seed, and optionally a separate validation dataset."""
+
+    Type = ValidationRequest
+
+
+@io.comfytype(io_type="SDXL_LORA_EMA")
+class EmaSocket(io.ComfyTypeIO):
+    """EMA of the trained weights: decay, warm-up, update interval, start step, how it is saved."""
+
+    Type = EmaSettings
+
+
+@io.comfytype(io_type="SDXL_LORA_LOGGING")
+class LoggingSocket(io.ComfyTypeIO):
+    """Where the run logs besides its TensorBoard folder (a Weights & Biases project)."""
+
+    Type = LogSettings

@@ -26,12 +26,15 @@ from .common import CATEGORY, pil_to_image, range_problems, refuse_at_queue_time
 from .sockets import (
     CheckpointingSocket,
     DatasetSocket,
+    EmaSocket,
     LatentCacheSocket,
+    LoggingSocket,
     NetworkSocket,
     ObjectiveSocket,
     PreviewsSocket,
     TextCacheSocket,
     TrainSettingsSocket,
+    ValidationSocket,
 )
 
 #: the Train node's widgets that make up the run's TrainConfig (the 'Train Settings' node offers the same ones)
@@ -394,6 +397,16 @@ class TrainLora(io.ComfyNode):
                     "weight on the GPU (fastest; needs the room). stream: as few weights resident as ComfyUI allows "
                     "(least memory, slowest). No effect on the CPU.",
                 ),
+                ValidationSocket.Input(
+                    "validation",
+                    optional=True,
+                    tooltip="From 'Validation': how often the validation loss is computed, or a separate validation "
+                    "dataset. Without it, a dataset with a validation_split is validated every epoch.",
+                ),
+                EmaSocket.Input("ema", optional=True, tooltip="From 'EMA': keep and save an EMA of the weights."),
+                LoggingSocket.Input(
+                    "logging", optional=True, tooltip="From 'Logging (W&B)'; the TensorBoard log is always written."
+                ),
             ],
             outputs=[
                 io.Model.Output(
@@ -420,6 +433,11 @@ class TrainLora(io.ComfyNode):
                 io.Image.Output(
                     display_name="previews",
                     tooltip="All sample previews of the run (empty 64x64 black image without the previews input).",
+                ),
+                io.LossMap.Output(
+                    display_name="validation_loss",
+                    tooltip="Validation loss per validation, in order (for 'Plot Loss Graph'); empty without "
+                    "validation images. The steps are in the report and the logs.",
                 ),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
@@ -505,6 +523,9 @@ class TrainLora(io.ComfyNode):
         lr_scheduler_min_lr_ratio: float = 0.0,
         lr_scheduler_args: str = "",
         memory_mode: str = "auto",
+        validation=None,
+        ema=None,
+        logging=None,
     ) -> io.NodeOutput:
         if train_settings is not None:
             config = train_settings.config
@@ -544,9 +565,12 @@ class TrainLora(io.ComfyNode):
             out=out,
             checkpointing=checkpointing,
             previews=previews,
+            ema=ema,
+            log_settings=logging,
             node_id=cls.hidden.unique_id,
             prompt=cls.hidden.prompt,
             extra_pnginfo=cls.hidden.extra_pnginfo,
+            validation=validation,
         )
         result = job.execute(model, clip, latents, text)
         history = result.state.history
@@ -566,6 +590,7 @@ class TrainLora(io.ComfyNode):
             graph,
             report,
             images,
+            {"loss": [r.loss for r in result.state.validation_history]},
             ui={"text": [report]},
         )
 

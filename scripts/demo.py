@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a real SDXL .safetensors (default: $SDXL_CHECKPOINT, else the tiny test model)",
     )
     ap.add_argument("--base-dir", type=Path, default=DEFAULT_BASE, help="ComfyUI base directory (kept)")
-    ap.add_argument("--steps", type=int, help="training steps (default 20 tiny / 100 real)")
+    ap.add_argument("--steps", type=int, help="training steps (default 60 tiny / 100 real)")
     ap.add_argument("--resolution", type=int, help="training and sampling size (default 64 tiny / 1024 real)")
-    ap.add_argument("--sample-steps", type=int, help="KSampler steps (default 4 tiny / 25 real)")
+    ap.add_argument("--sample-steps", type=int, help="KSampler steps (default 20 tiny / 25 real)")
     ap.add_argument("--seed", type=int, default=42, help="training seed")
     ap.add_argument(
         "--cpu",
@@ -105,12 +106,37 @@ def mean_abs_difference(a: Path, b: Path) -> float:
     return float(np.abs(x - y).mean())
 
 
+def training_image_for(prompt: Mapping[str, dict], dataset: Path) -> Path | None:
+    """The dataset image whose caption is the LoRA KSampler's positive prompt (what an overfit LoRA reproduces)."""
+    lora_model = set(nodes_of(prompt, "LoraLoader"))
+    for n in nodes_of(prompt, "KSampler"):
+        inputs = prompt[n]["inputs"]
+        if isinstance(inputs.get("model"), list) and inputs["model"][0] in lora_model:
+            text = prompt[inputs["positive"][0]]["inputs"].get("text")
+            for caption in sorted(dataset.rglob("*.txt")):
+                if caption.read_text(encoding="utf-8").strip() == str(text).strip():
+                    image = caption.with_suffix(".png")
+                    return image if image.is_file() else None
+    return None
+
+
+def mse_to(image: Path, target: Path) -> float:
+    """Pixel MSE (0..1 scale) of ``image`` to ``target`` resized to its size (the demo trains at that resolution)."""
+    import numpy as np
+    from PIL import Image
+
+    x = Image.open(image).convert("RGB")
+    y = Image.open(target).convert("RGB").resize(x.size, Image.BOX)
+    difference = (np.asarray(x, dtype=np.float32) - np.asarray(y, dtype=np.float32)) / 255.0
+    return float((difference**2).mean())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     real = args.checkpoint is not None
-    steps = args.steps or (100 if real else 20)
+    steps = args.steps or (100 if real else 60)
     resolution = args.resolution or (1024 if real else 64)
-    sample_steps = args.sample_steps or (25 if real else 4)
+    sample_steps = args.sample_steps or (25 if real else 20)
     base = args.base_dir.resolve()
     base.mkdir(parents=True, exist_ok=True)
 
@@ -146,9 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                 steps=steps,
                 resolution=resolution,
                 sample_steps=sample_steps,
-                learning_rate=1e-3,
+                learning_rate=1e-2,
                 seed=args.seed,
             )
+            # the tiny U-Net learns an image through its convolutions much faster than through attention alone, and
+            # cfg 1 samples what the LoRA learned without the negative prompt's pull (as the learning-proof test)
+            prompt[only_node(prompt, "SDXLLoraNetwork")]["inputs"].update(conv_dim=8, conv_alpha=8.0)
+            for n in nodes_of(prompt, "KSampler"):
+                prompt[n]["inputs"].update(cfg=1.0)
         model = f"{ckpt_name} ({'CPU' if cpu else 'GPU'})" if real else "the tiny test SDXL"
         print(f"training {steps} steps at {resolution}px on {model} with {dataset} ...", flush=True)
         started = time.time()
@@ -174,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         if len(saves.get("base", [])) == 1 and len(saves.get("with_lora", [])) == 1:
             diff = mean_abs_difference(saves["base"][0], saves["with_lora"][0])
             print(f"base vs LoRA:    mean absolute pixel difference {diff:.2f} (same seed, prompt and latent)")
+            target = training_image_for(prompt, dataset)
+            if target is not None:
+                without, with_lora = mse_to(saves["base"][0], target), mse_to(saves["with_lora"][0], target)
+                print(
+                    f"learned:         pixel MSE to the training image with this caption ({target.name}): without "
+                    f"LoRA {without:.4f}, with LoRA {with_lora:.4f} ({without / max(with_lora, 1e-12):.2f}x closer)"
+                )
         print(f"server log:      {server.log_path}")
         print(f"base directory:  {base} (kept; open it with ComfyUI's --base-directory to browse)")
         if not_loaded:

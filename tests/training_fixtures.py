@@ -57,6 +57,8 @@ def make_dataset(
     caption_options: CaptionOptions | None = None,
     resolution: int = 64,
     image_seed: int = 0,
+    validation_split: float = 0.0,
+    validation_seed: int = 0,
 ) -> TrainingDataset:
     images = [draw(size, image_seed + i) for i in range(n)]
     caps = list(captions) if captions is not None else [DEFAULT_CAPTIONS[i % len(DEFAULT_CAPTIONS)] for i in range(n)]
@@ -64,7 +66,15 @@ def make_dataset(
     settings = BucketSettings(
         resolution=(resolution, resolution), min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32
     )
-    return dataset_from_scan(scan, settings, batch_size, caption_options or CaptionOptions(), flip_aug=flip_aug)
+    return dataset_from_scan(
+        scan,
+        settings,
+        batch_size,
+        caption_options or CaptionOptions(),
+        flip_aug=flip_aug,
+        validation_split=validation_split,
+        validation_seed=validation_seed,
+    )
 
 
 def _key(image) -> str:
@@ -103,7 +113,7 @@ def encode_latents(vae, dataset: TrainingDataset) -> DictLatents:
     """Every image (and its mirror) through ComfyUI's VAE.encode, as IMAGE pixels [1,H,W,3] in 0..1."""
     out = DictLatents()
     with torch.inference_mode():
-        for img in dataset.images:
+        for img in dataset.cached_images:
             pil = resize_and_crop(img.item.load_rgb(), img.selection)
             for flipped in (False, True):
                 p = ImageOps.mirror(pil) if flipped else pil
@@ -116,7 +126,7 @@ def encode_text(clip, dataset: TrainingDataset) -> DictText:
     """Each image's fixed caption through CLIPTextEncode's path (escaped as the engine escapes it)."""
     out = DictText()
     with torch.inference_mode():
-        for img in dataset.images:
+        for img in dataset.cached_images:
             ctx, pooled = comfy_encoders.encode_text(clip, escape_for_comfy_tokenizer(img.item.caption))
             out.table[img.key] = (ctx[0].float(), pooled[0].float())
     return out

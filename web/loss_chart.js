@@ -2,6 +2,8 @@
 //
 // The train node sends "sdxl_lora_trainer.progress" over ComfyUI's websocket after every optimizer step:
 //   {node, step, total, loss, lr, it_s, eta_s, epoch}
+// and after a step that was validated: {node, validation: true, step, epoch, val_loss, kind}, drawn as a second
+// series (magenta line with a dot per validation) on the loss axis.
 // Only the node whose (execution) id equals `node` is updated. A run starting over (step 1, or any step not
 // after the last one seen) clears the chart; a resumed run (next step) continues it; {cancelled: true} marks it. Drawn: raw loss (thin blue), its trailing moving average (orange,
 // the same 25-step window as the pack's loss_graph image) and the learning rate (green, own right axis), with
@@ -23,6 +25,7 @@ const COLORS = {
   loss: "#5aa9ff",
   smooth: "#ffa23a",
   lr: "#4cd07d",
+  val: "#ff5ad2",
 };
 
 const num = (v) => (v === null || v === undefined || v === "" ? NaN : Number(v));
@@ -89,6 +92,8 @@ export class LossChart {
     this.losses = [];
     this.smoothed = [];
     this.lrs = [];
+    this.valSteps = [];
+    this.valLosses = [];
     this.last = null;
     this.cancelled = false;
     this.requestDraw();
@@ -101,6 +106,14 @@ export class LossChart {
     if (detail.cancelled) {
       // The train node's cancel notice ({cancelled: true, step, message}): keep the curve, say so.
       if (this.last) this.cancelled = true;
+      this.requestDraw();
+      return true;
+    }
+    if (detail.validation) {
+      // The validation loss of a step already drawn (or, for a resumed chart, of a step before it).
+      if (this.last && step > this.last.step) return false;
+      this.valSteps.push(step);
+      this.valLosses.push(num(detail.val_loss));
       this.requestDraw();
       return true;
     }
@@ -178,7 +191,8 @@ export class LossChart {
     if (this.last) {
       ctx.textAlign = "right";
       ctx.fillStyle = c.smooth;
-      ctx.fillText(`loss ${fmtLoss(this.last.loss)}  avg ${fmtLoss(this.smoothed[this.smoothed.length - 1])}`, cssW - 6, 4);
+      const val = this.valLosses.length ? `  val ${fmtLoss(this.valLosses[this.valLosses.length - 1])}` : "";
+      ctx.fillText(`loss ${fmtLoss(this.last.loss)}  avg ${fmtLoss(this.smoothed[this.smoothed.length - 1])}${val}`, cssW - 6, 4);
     }
 
     const left = 46;
@@ -194,7 +208,7 @@ export class LossChart {
     ctx.strokeRect(left + 0.5, top + 0.5, pw - 1, ph - 1);
 
     const n = this.steps.length;
-    const lossRange = range(this.losses);
+    const lossRange = range(this.losses.concat(this.valLosses));
     if (!n) return; // the header says "waiting for training…"
     if (!lossRange) {
       ctx.fillStyle = c.dim;
@@ -271,6 +285,7 @@ export class LossChart {
     if (lrRange) series(this.lrs, lrRange, c.lr, 1.5, false);
     series(this.losses, lossRange, c.loss, 1, true);
     series(this.smoothed, lossRange, c.smooth, 2, false);
+    this.drawValidation(ctx, X, yOf(lossRange), { left, top, pw, ph });
 
     // Axis labels: loss on the left, lr on the right, steps below.
     ctx.textBaseline = "middle";
@@ -291,6 +306,31 @@ export class LossChart {
     ctx.fillText(`${this.steps[0]}`, left, top + ph + 3);
     ctx.textAlign = "right";
     ctx.fillText(`step ${this.steps[n - 1]}`, left + pw, top + ph + 3);
+  }
+
+  // The validation series: a line through the finite validation losses and a dot on each.
+  drawValidation(ctx, X, Y, box) {
+    const points = [];
+    for (let i = 0; i < this.valSteps.length; i++) {
+      if (finite(this.valLosses[i])) points.push([X(this.valSteps[i]), Y(this.valLosses[i])]);
+    }
+    if (!points.length) return;
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(box.left, box.top, box.pw, box.ph);
+    ctx.clip();
+    ctx.strokeStyle = this.colors.val;
+    ctx.fillStyle = this.colors.val;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    points.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+    ctx.stroke();
+    for (const [x, y] of points) {
+      ctx.beginPath();
+      ctx.arc(x, y, 3, 0, Math.PI * 2);
+      ctx.fill();
+    }
+    ctx.restore();
   }
 
   destroy() {

@@ -194,15 +194,17 @@ async function pageChartStats(nodeId) {
     const res = Math.hypot(p[0] - a * d[0], p[1] - a * d[1], p[2] - a * d[2]);
     return a >= 0.35 && a <= 1.15 && res <= 40;
   };
-  const counts = { total: iw * ih, non_bg: 0, loss: 0, smooth: 0, lr: 0 };
+  const counts = { total: iw * ih, non_bg: 0, loss: 0, smooth: 0, lr: 0, val: 0 };
   for (let i = 0; i < data.length; i += 4) {
     if (Math.max(Math.abs(data[i] - cols.bg[0]), Math.abs(data[i + 1] - cols.bg[1]), Math.abs(data[i + 2] - cols.bg[2])) > 6) counts.non_bg++;
     if (on(i, cols.loss)) counts.loss++;
     if (on(i, cols.smooth)) counts.smooth++;
     if (on(i, cols.lr)) counts.lr++;
+    if (on(i, cols.val)) counts.val++;
   }
   return {
     counts, points: chart.steps.length, steps: [...chart.steps], losses: [...chart.losses], status: chart.status(),
+    val_steps: [...chart.valSteps], val_losses: [...chart.valLosses],
     plot: chart.plot, canvas: [chart.canvas.width, chart.canvas.height], colors: chart.colors,
     css: [chart.element.clientWidth, chart.element.clientHeight], dpr: window.devicePixelRatio,
   };
@@ -331,6 +333,11 @@ async function main() {
       await page.evaluate(pageDispatch, [ev(2, 0.25), ev(3, 0.25), ev(4, null, { lr: null, it_s: 0, eta_s: null })]);
       report.after_degenerate = await page.evaluate(pageChartStats, trainId);
       await chartCanvas.asElement().screenshot({ path: out("chart_degenerate.png") });
+      // Validation losses of steps already drawn: a second series, on the loss axis, without a reset.
+      const val = (step, val_loss) => ({ node: report.train_node_id, validation: true, step, epoch: 1, val_loss, kind: "step" });
+      await page.evaluate(pageDispatch, [val(2, 0.4), val(4, 0.1)]);
+      report.after_validation = await page.evaluate(pageChartStats, trainId);
+      await chartCanvas.asElement().screenshot({ path: out("chart_validation.png") });
       // The train node's cancel notice: the curve stays, the header says so.
       await page.evaluate(pageDispatch, [{ node: report.train_node_id, cancelled: true, step: 4, message: "LoRA saved as x" }]);
       report.after_cancel = await page.evaluate(pageChartStats, trainId);

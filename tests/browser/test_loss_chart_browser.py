@@ -262,6 +262,14 @@ def test_no_node_lies_under_the_train_node_with_its_chart(run):
     )
 
 
+def test_validation_events_draw_a_second_series_without_resetting_the_chart(run):
+    val = run["after_validation"]
+    assert val["val_steps"] == [2, 4] and val["val_losses"] == [0.4, 0.1]
+    assert val["steps"] == [1, 2, 3, 4]  # the training series is kept
+    assert val["counts"]["val"] >= 20, val["counts"]  # a line from step 2 to 4 and two dots
+    assert run["after_degenerate"]["counts"]["val"] == 0, run["after_degenerate"]["counts"]
+
+
 def test_chart_ignores_other_nodes_resets_on_a_new_run_survives_degenerate_data_and_cancel(run):
     _chart_ok(run)
     steps = [p["step"] for p in run["events"]["progress"]]

@@ -29,7 +29,7 @@ class DatasetCache:
         disk_dir: str | None,
     ) -> None:
         self.dataset = dataset
-        self._index = ImageIndex(dataset.images)
+        self._index = ImageIndex(dataset.cached_images)
         self._entries = entries
         self.stats = stats
         self.warnings = warnings

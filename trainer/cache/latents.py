@@ -297,7 +297,7 @@ class LatentCache(DatasetCache):
         items: CachedItems[_Unit] = CachedItems(store, disk, _validate_latent, "latent")
         unit_keys: dict[tuple[int, bool], str] = {}
         hash_memo: dict[Any, str] = {}
-        for index, img in enumerate(dataset.images):
+        for index, img in enumerate(dataset.cached_images):
             image_hash = _image_source_hash(img, hash_memo)
             mask_hash = _mask_source_hash(img, hash_memo)
             for flipped in (False, True) if img.flip_aug else (False,):

@@ -260,7 +260,7 @@ class TextCache(DatasetCache):
         live: list[int] = []
         truncated: list[TruncatedCaption] = []
         token_counts: dict[str, int] = {}
-        for i, img in enumerate(dataset.images):
+        for i, img in enumerate(dataset.cached_images):
             if img.caption_options.is_random:
                 live.append(i)
                 continue

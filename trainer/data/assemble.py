@@ -17,6 +17,7 @@ from .dataset import DatasetPart, TrainingDataset, bucket_images, training_datas
 from .kohya_toml import KOHYA_SUBSET_SCAN, DatasetTomlConfig, scan_dataset_toml
 from .registration import Subset, register_dreambooth, register_finetuning
 from .sources import DatasetItem, ScanResult
+from .validation_split import split_dataset_items
 
 CAPTION_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(CaptionOptions))
 
@@ -89,11 +90,28 @@ def dataset_from_scan(
     flip_aug: bool = False,
     true_crop: bool = False,
     seed: int = 0,
+    validation_split: float = 0.0,
+    validation_seed: int = 0,
 ) -> TrainingDataset:
-    """One dataset from a folder / metadata / graph-images scan, with one set of options for all images."""
-    registered = register_items(scan)
+    """One dataset from a folder / metadata / graph-images scan, with one set of options for all images.
+
+    ``validation_split`` holds out that share of every non-reg subset (kohya's split with ``validation_seed``)."""
+    split = split_dataset_items(scan.items, validation_split, validation_seed)
+    train_scan = ScanResult(items=split.train, skipped=list(scan.skipped), warnings=list(scan.warnings) + split.notes)
+    registered = register_items(train_scan)
     part = bucket_images(registered, settings, batch_size, caption_options, flip_aug, true_crop, scan.items)
-    return training_dataset([part], [registered], seed)
+    if validation_split:
+        part = dataclasses.replace(part, validation_split=validation_split, validation_seed=validation_seed)
+    held_out = ScanResult(items=split.validation)
+    validation = bucket_images(held_out, settings, batch_size, caption_options, flip_aug, true_crop)
+    return training_dataset(
+        [part],
+        [registered, ScanResult(skipped=held_out.skipped)],
+        seed,
+        validation_parts=[validation],
+        validation_split=validation_split,
+        validation_seed=validation_seed if validation_split else None,
+    )
 
 
 def dataset_from_toml(
@@ -110,6 +128,8 @@ def dataset_from_toml(
     options = dataclasses.replace(KOHYA_SUBSET_SCAN, strict_captions=strict_captions, exif_transpose=exif_transpose)
     config, scan = scan_dataset_toml(path, input_dir, options, fallbacks=fallbacks)
     parts: list[DatasetPart] = []
+    validation_parts: list[DatasetPart] = []
+    splits: list[tuple[float, int]] = []  # (validation_split, validation_seed) of each dataset that splits
     scans: list[ScanResult] = []
     for ds in config.datasets:
         items = [it for it in scan.items if it.dataset_index == ds.index]
@@ -138,10 +158,43 @@ def dataset_from_toml(
         )
         options = {sub.index: caption_options_from_kohya(sub.params) for sub in ds.subsets}
         flips = {sub.index: bool(sub.params.get("flip_aug")) for sub in ds.subsets}
-        part_scan = register_items(ScanResult(items=items), dreambooth=ds.is_dreambooth)
-        parts.append(
-            bucket_images(part_scan, settings, int(b["batch_size"]), options, flips, true_crop, items, ds.is_dreambooth)
+        split_share = float(ds.params.get("validation_split") or 0.0)
+        if split_share and not ds.is_dreambooth:
+            raise ValueError(
+                f"{where}validation_split works on image_dir subsets only (kohya would validate a metadata_file "
+                "dataset on its own training images); remove it and connect a separate validation dataset to the "
+                "'Validation' node instead."
+            )
+        split_seed = ds.params.get("validation_seed")
+        if split_share:
+            if split_seed is None:
+                split_seed = seed
+                scan.warnings.append(
+                    f"{where}validation_seed is not set: kohya would shuffle with its run's random state; the split "
+                    f"uses seed {seed} here (set validation_seed to make kohya split the same way)"
+                )
+            splits.append((split_share, split_seed))
+        split = split_dataset_items(items, split_share, split_seed or 0, where)
+        scan.warnings.extend(split.notes)
+        part_scan = register_items(ScanResult(items=split.train), dreambooth=ds.is_dreambooth)
+        part = bucket_images(
+            part_scan, settings, int(b["batch_size"]), options, flips, true_crop, items, ds.is_dreambooth
         )
+        if split_share:
+            part = dataclasses.replace(part, validation_split=split_share, validation_seed=split_seed)
+        parts.append(part)
         scans.append(part_scan)
+        held_out = ScanResult(items=split.validation)
+        validation_parts.append(bucket_images(held_out, settings, int(b["batch_size"]), options, flips, true_crop))
+        scans.append(ScanResult(skipped=held_out.skipped))
     scans.append(ScanResult(skipped=scan.skipped, warnings=scan.warnings))
-    return training_dataset(parts, scans, seed), config
+    share, split_seed = splits[0] if len(set(splits)) == 1 else (0.0, None)
+    dataset = training_dataset(
+        parts,
+        scans,
+        seed,
+        validation_parts=validation_parts,
+        validation_split=share,
+        validation_seed=split_seed,
+    )
+    return dataset, config

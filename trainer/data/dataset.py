@@ -6,6 +6,9 @@ around, and its report says exactly what kohya would train on.
 
 A kohya TOML can hold several ``[[datasets]]`` with their own bucket settings and batch size; each
 becomes one ``DatasetPart``. Batches never mix parts or buckets (kohya's DatasetGroup).
+
+Images held out by a ``validation_split`` form ``validation_parts`` (kohya's validation DatasetGroup: same bucket
+settings and batch size, each image once). They are cached with the training images and never trained on.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class DatasetPart:
     caption_options: OptionsBySubset = CaptionOptions()
     flip_aug: FlipBySubset = False
     dreambooth: bool = True
+    validation_split: float = 0.0  # kohya's dataset parameter: the share of ``scanned`` held out for validation
+    validation_seed: int | None = None
 
     def subset_caption_options(self, subset_index: int) -> CaptionOptions:
         opts = self.caption_options
@@ -88,11 +93,24 @@ class TrainingDataset:
     skipped: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()
     seed: int = 0
+    validation_parts: tuple[DatasetPart, ...] = ()  # the images a validation_split held out, per part
+    validation_split: float = 0.0  # as set for the dataset (kohya's dataset parameter), for metadata and export
+    validation_seed: int | None = None
 
     # -- counts ------------------------------------------------------------------------------
     @property
     def images(self) -> list[BucketedImage]:
+        """The training images."""
         return [img for part in self.parts for img in part.images]
+
+    @property
+    def validation_images(self) -> list[BucketedImage]:
+        return [img for part in self.validation_parts for img in part.images]
+
+    @property
+    def cached_images(self) -> list[BucketedImage]:
+        """Every image the caches encode: the training images, then the validation images."""
+        return self.images + self.validation_images
 
     def num_batches(self) -> int:
         """Batches per epoch = kohya's len(train_dataloader)."""
@@ -149,6 +167,8 @@ class TrainingDataset:
             "num_images_with_repeats": sum(img.item.num_repeats for img in self.images),
             **self.image_counts(),
             "batches_per_epoch": self.num_batches(),
+            "num_validation_images": len(self.validation_images),
+            "validation_images": [img.item.image_path or img.key for img in self.validation_images],
             "parts": [
                 {
                     "resolution": list(p.settings.resolution),
@@ -211,6 +231,12 @@ class TrainingDataset:
             s[0] += 1
         for name, (n, rep) in subsets.items():
             lines.append(f"  subset {name}: {n} images x {rep} repeats")
+        if self.validation_parts:
+            lines.append(
+                f"{len(self.validation_images)} validation images held out (validation_split {self.validation_split}, "
+                f"validation_seed {self.validation_seed}), "
+                f"{sum(p.num_batches() for p in self.validation_parts)} validation batches"
+            )
         lines.append("buckets (W x H: images / with repeats):")
         for (w, h), n, r in self.bucket_histogram():
             lines.append(f"  {w} x {h}: {n} / {r}")
@@ -277,12 +303,26 @@ def bucket_images(
     )
 
 
-def training_dataset(parts: Sequence[DatasetPart], scans: Sequence[ScanResult], seed: int = 0) -> TrainingDataset:
+def training_dataset(
+    parts: Sequence[DatasetPart],
+    scans: Sequence[ScanResult],
+    seed: int = 0,
+    *,
+    validation_parts: Sequence[DatasetPart] = (),
+    validation_split: float = 0.0,
+    validation_seed: int | None = None,
+) -> TrainingDataset:
     """Combine parts; fails with a clear message when nothing is left to train on."""
     skipped = [s for scan in scans for s in scan.skipped]
     warnings = [w for scan in scans for w in scan.warnings]  # items' own notes are in there already
     ds = TrainingDataset(
-        parts=tuple(p for p in parts if p.images), skipped=tuple(skipped), warnings=tuple(warnings), seed=seed
+        parts=tuple(p for p in parts if p.images),
+        skipped=tuple(skipped),
+        warnings=tuple(warnings),
+        seed=seed,
+        validation_parts=tuple(p for p in validation_parts if p.images),
+        validation_split=validation_split,
+        validation_seed=validation_seed,
     )
     if not ds.parts:
         reasons = "; ".join(skip_line(p, r) for p, r in skipped[:5])

@@ -139,17 +139,11 @@ NOT_OFFERED: dict[str, tuple[Any, str]] = {
         "a per-dataset LoRA multiplier while training is not offered; remove the key (or train that dataset in its "
         "own run)",
     ),
-    "validation_split": (
-        0.0,
-        "a validation split is not offered by the dataset reader; remove the key (hold images out in a separate "
-        "folder instead)",
-    ),
 }
 #: kohya keys that do not change what kohya's SDXL LoRA training computes, so accepting them is exact.
 NO_EFFECT: dict[str, str] = {
     "cache_info": "kohya caches image sizes with it to scan faster; this reader reads the headers itself",
     "custom_attributes": "kohya's SDXL LoRA training reads only diff_output_preservation from it, which is refused",
-    "validation_seed": "it only seeds validation_split, which is 0 here",
 }
 
 #: kohya defaults for subset parameters (DreamBoothSubsetParams, with argparse's defaults where the

@@ -379,6 +379,28 @@ def sample_prompts_text(run: KohyaRun) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _validation(run: KohyaRun, out: KohyaArgs) -> None:
+    """kohya's validation arguments; the split itself is in dataset.toml (validation_split per dataset)."""
+    request, a = run.validation, out.args
+    if request is None:
+        return
+    settings = request.settings
+    for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "validation_seed"):
+        value = getattr(settings, name)
+        if value is not None:
+            a[name] = int(value)
+    if settings.validation_seed is not None:
+        out.notes.append(
+            "validation_seed: kohya also splits datasets that set no validation_seed of their own with it (the "
+            "exported dataset.toml always sets one)"
+        )
+    if request.dataset is not None:
+        out.not_carried.append(
+            "the separate validation dataset of the 'Validation' node: kohya validates only on a validation_split "
+            "of the training datasets"
+        )
+
+
 def to_kohya_args(run: KohyaRun) -> KohyaArgs:
     """Every setting of ``run`` as kohya arguments, plus what kohya cannot take and what it computes differently."""
     out = KohyaArgs()
@@ -393,6 +415,7 @@ def to_kohya_args(run: KohyaRun) -> KohyaArgs:
     _caching(run, out)
     _saving(run, out)
     _previews(run, out)
+    _validation(run, out)
     out.args["dataset_config"] = "dataset.toml"
     out.args["sdpa"] = True
     out.args["logging_dir"] = "logs"

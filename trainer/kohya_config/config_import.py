@@ -25,6 +25,7 @@ from ..objective.noise import NoiseSettings
 from ..run.checkpoints import CheckpointSettings
 from ..run.config import TrainConfig
 from ..run.optimizers import OptimizerSettings, canonical_optimizer_type
+from ..run.validation import ValidationSettings
 from .config_export import MIXED_PRECISIONS
 
 #: kohya's defaults for the keys whose default differs from the pack's (train_util.add_training_arguments)
@@ -76,6 +77,8 @@ _WHERE_THE_GRAPH_SETS_IT: dict[str, str] = {
     "output_name": "set output_name on the Train node",
     "save_precision": "set save_precision on the Train node",
     "save_model_as": "the pack saves .safetensors",
+    "validation_split": "set validation_split on 'Buckets & Captions' (or in the dataset TOML): it is a dataset "
+    "setting in the graph",
 }
 
 #: keys of kohya features this pack does not have
@@ -94,7 +97,6 @@ _NOT_SUPPORTED: dict[str, str] = {
     "log_with": "the Train node writes CSV/JSONL logs",
     "base_weights": "merge base LoRAs with a LoraLoader before training",
     "base_weights_multiplier": "merge base LoRAs with a LoraLoader before training",
-    "validation_split": "not offered yet",
 }
 
 _IGNORED_WHEN_DEFAULT = {"no_metadata": False, "log_config": False}
@@ -111,6 +113,7 @@ class KohyaImport:
     network: NetworkConfig
     train: TrainConfig
     checkpointing: CheckpointSettings
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     source: str = ""
     #: kohya's loraplus_* network_args, also in ``train``'s part settings: the Network output carries them too,
     #: so a graph that takes only the imported network trains with the same LoRA+
@@ -159,7 +162,7 @@ _METADATA_DESCRIPTIVE = {
     "color_aug", "random_crop", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
     "face_crop_aug_range", "sd_model_name", "sd_model_hash", "new_sd_model_hash", "new_vae_hash", "vae_name",
     "vae_hash", "sd_scripts_commit_hash", "cache_latents", "training_comment", "v2", "base_model_version",
-    "sd_vae_name", "sd_vae_hash", "new_sd_vae_hash", "datasets",
+    "sd_vae_name", "sd_vae_hash", "new_sd_vae_hash", "datasets", "num_validation_images",
 }  # fmt: skip
 
 
@@ -389,6 +392,24 @@ def _checkpointing(keys: _Keys) -> CheckpointSettings:
     )
 
 
+def _validation(keys: _Keys) -> ValidationSettings:
+    """kohya's validation arguments (validation_split is the dataset's, see _WHERE_THE_GRAPH_SETS_IT)."""
+
+    def count(key: str) -> int | None:
+        value = keys.get(key)
+        return None if value is None else int(value)
+
+    if not keys.args.get("validation_split"):
+        keys.get("validation_split")  # 0 or unset: no validation images, nothing the graph must do
+
+    return ValidationSettings(
+        validate_every_n_steps=count("validate_every_n_steps"),
+        validate_every_n_epochs=count("validate_every_n_epochs"),
+        max_validation_steps=count("max_validation_steps"),
+        validation_seed=count("validation_seed"),
+    )
+
+
 def from_kohya_args(args: Mapping[str, Any], source: str = "kohya settings") -> KohyaImport:
     """The pack's settings for kohya arguments ``args`` (absent keys: kohya's defaults)."""
     keys = _Keys(args)
@@ -396,6 +417,7 @@ def from_kohya_args(args: Mapping[str, Any], source: str = "kohya settings") -> 
     network, loraplus = _network(keys, not_applied)
     train = _train(keys, loraplus)
     checkpointing = _checkpointing(keys)
+    validation = _validation(keys)
     for key in keys.args:
         if key in keys.used:
             continue
@@ -419,6 +441,7 @@ def from_kohya_args(args: Mapping[str, Any], source: str = "kohya settings") -> 
         network=network,
         train=train,
         checkpointing=checkpointing,
+        validation=validation,
         source=source,
         applied=list(keys.used),
         not_applied=not_applied,

@@ -103,6 +103,9 @@ def _part_config(part: DatasetPart, index: int, out: DatasetExport) -> dict[str,
             bucket_reso_steps=int(s.bucket_reso_steps),
             bucket_no_upscale=bool(s.bucket_no_upscale),
         )
+    if part.validation_split:
+        # kohya redoes the split from the same seed over the same order (the file names keep the pack's order)
+        table.update(validation_split=float(part.validation_split), validation_seed=int(part.validation_seed or 0))
     if part.true_crop:
         out.notes.append(
             "crop_conditioning 'true crop': kohya always trains with its own crop_top_left numbers (the exported run "

@@ -8,6 +8,7 @@ from ..network.config import NetworkConfig
 from ..run.checkpoints import CheckpointSettings
 from ..run.config import TrainConfig
 from ..run.previews import PreviewSettings
+from ..run.validation import ValidationRequest
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,4 @@ class KohyaRun:
     checkpoint_path: str | None = None
     base_weights: tuple[tuple[str, float], ...] = ()  # LoRAs merged into the MODEL before training: (path, strength)
     v_parameterization: bool = False
+    validation: ValidationRequest | None = None  # the 'Validation' node's settings (None: kohya's defaults)

@@ -90,10 +90,11 @@ class RunArtifacts:
         keep = self.settings.keep_last_n
         while keep and len(self.intermediates) > keep:
             old = self.intermediates.pop(0)
-            try:
-                os.remove(old.path)
-            except FileNotFoundError:
-                pass
+            for path in (old.path, *(c.path for c in old.companions)):
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
 
     def save_state(self, result: Any) -> Path:
         state: LoopState = result.state
@@ -108,6 +109,8 @@ class RunArtifacts:
                 scaler=result.scaler.state_dict() if result.scaler is not None else None,
                 loop=state,
                 fingerprint=self.fingerprint,
+                ema=result.ema.state_tensors() if result.ema is not None else None,
+                ema_updates=result.ema.updates if result.ema is not None else 0,
             )
         self._point_latest_at(folder)
         self.states.append(folder)

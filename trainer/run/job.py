@@ -11,13 +11,14 @@ during the run lives here so the node stays a schema.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,13 @@ from ..comfyui import services as comfy_services
 from ..data.dataset import TrainingDataset
 from ..network.checkpoint_hashes import checkpoint_hashes
 from ..network.config import NetworkSetup
+from ..network.file_names import safe_relative_name
 from .checkpoints import CheckpointSettings, RunArtifacts, process_start_time, sweep_run_leftovers
 from .config import TrainConfig
-from .events import RunEvents
-from .logs import write_logs, write_tensorboard
+from .ema import EmaSettings
+from .events import RunEvents, RunObservers
+from .live_log import LiveLog, LogSettings, new_log_dir
+from .logs import write_logs
 from .loop import LoopState, StepRecord
 from .lora_output import (
     OutputSettings,
@@ -43,11 +47,13 @@ from .lora_output import (
     save_run_lora,
     shipped_weights,
     training_metadata,
+    validation_metadata,
 )
 from .optimizers import averaged_weights
 from .previews import PreviewRenderer, PreviewRequest
 from .resume_state import StateError, load_state
 from .session import TrainResult, train
+from .validation import ValidationRecord, ValidationRequest
 
 PROGRESS_EVENT = "sdxl_lora_trainer.progress"
 STATES_FOLDER = ("sdxl_lora_trainer", "state")  # under ComfyUI's output folder: state/<run>/step-N
@@ -87,14 +93,20 @@ class TrainJob(RunEvents):
         checkpointing: CheckpointSettings | None,
         previews: PreviewRequest | None,
         node_id: str | None,
+        ema: EmaSettings | None = None,
+        log_settings: LogSettings | None = None,
         prompt: Any = None,
         extra_pnginfo: Any = None,
+        validation: ValidationRequest | None = None,
     ) -> None:
         self.dataset = dataset
+        self.validation = validation
         self.network = network
         self.config = config
         self.out = out
         self.checkpointing = checkpointing or CheckpointSettings()
+        self.ema = ema
+        self.log_settings = log_settings
         self.node_id = node_id
         self.prompt = prompt
         self.extra_pnginfo = extra_pnginfo
@@ -105,7 +117,7 @@ class TrainJob(RunEvents):
         self.lora_tag = out.lora_tag(tag)  # empty with overwrite: the exact name is reused
         self.loras_root = comfy_services.loras_directory()
         self.states_root = Path(comfy_services.output_directory()).joinpath(*STATES_FOLDER)
-        self.fingerprint = run_fingerprint(dataset, network.config, config)
+        self.fingerprint = run_fingerprint(dataset, network.config, config, ema)
         self.renderer = PreviewRenderer(previews.settings, previews.clip, previews.vae) if previews else None
         self.train_te = network.config.train_te1 or network.config.train_te2
         self.artifacts = RunArtifacts(
@@ -116,6 +128,8 @@ class TrainJob(RunEvents):
         )
         self.run: TrainResult | None = None  # set when training starts
         self.checkpoint: dict[str, str] = {}  # ss_sd_model_name and hashes, set when the job starts
+        self.live_log: LiveLog | None = None  # set when execute starts
+        self.observers: RunEvents = self
 
     def execute(self, model: Any, clip: Any, latents: Any, text: Any) -> JobResult:
         """Train and save. Raises ComfyUI's interrupt after saving when the user cancelled."""
@@ -126,6 +140,14 @@ class TrainJob(RunEvents):
         self.checkpoint = base_checkpoint_metadata(self.prompt, self.node_id)
         self._sweep_leftovers()
         comfy_services.reset_interrupt_note()
+        self.live_log = LiveLog(self._log_folder(), self.log_settings, self._logged_config())
+        self.observers = RunObservers(self, self.live_log)
+        try:
+            return self._train_and_save(model, clip, latents, text, resume)
+        finally:
+            self.live_log.close()
+
+    def _train_and_save(self, model: Any, clip: Any, latents: Any, text: Any, resume: dict | None) -> JobResult:
         result = train(
             model,
             clip,
@@ -136,11 +158,13 @@ class TrainJob(RunEvents):
             self.config,
             initial_weights=self.network.initial_weights,
             resume=resume,
-            events=self,
+            events=self.observers,
+            validation=self.validation,
+            ema=self.ema,
         )
         self.run = result
         state = result.state
-        weights = shipped_weights(result.network, self.out)
+        weights = self._main_weights()
         saved, save_error, log_base = None, None, None
         try:
             saved = self._save("", state.global_step, state.epoch + (1 if state.batch_in_epoch else 0), weights)
@@ -174,15 +198,12 @@ class TrainJob(RunEvents):
             log.info("SDXL LoRA trainer: removed %d leftovers of interrupted saves: %s", len(removed), removed)
 
     def _write_logs(self, lora_path: Path, state: LoopState) -> None:
-        """The CSV/JSONL/TensorBoard logs; a failure is a warning in the report, never a failed run."""
+        """The CSV/JSONL logs (the TensorBoard log is live); a failure is a warning in the report, never a failed
+        run."""
         try:
-            write_logs(lora_path, state.history)
+            write_logs(lora_path, state.history, state.validation_history)
         except OSError as e:
             self.artifacts.warn(f"the step log was not written: {e}")
-        try:
-            write_tensorboard(lora_path.parent / f"{lora_path.stem}.tensorboard", state.history)
-        except OSError as e:
-            self.artifacts.warn(f"the TensorBoard log was not written: {e}")
 
     def _require_steps_left(self, state_folder: str, done: int) -> None:
         """A state at or past this run's last step has nothing left to train: say so before anything is saved (a
@@ -218,7 +239,7 @@ class TrainJob(RunEvents):
         self.artifacts.on_step(record, self.run)
         preview = None
         if self.renderer is not None and self.renderer.due(record.step) and record.step < total:
-            preview = preview_frame(self._render_previews())
+            preview = preview_frame(self._render_previews(record.step))
         self.progress.update(
             record.step,
             total,
@@ -240,16 +261,41 @@ class TrainJob(RunEvents):
             },
         )
 
+    def validation_finished(self, record: ValidationRecord) -> None:
+        """The validation loss as a second series of the node's live chart."""
+        self.progress.event(
+            PROGRESS_EVENT,
+            {
+                "node": self.node_id,
+                "validation": True,
+                "step": record.step,
+                "epoch": record.epoch,
+                "val_loss": _finite(record.loss),
+                "kind": record.kind,
+            },
+        )
+
     def training_finished(self) -> None:
         if self.renderer is not None:
-            self._render_previews()
+            self._render_previews(self.run.state.global_step)
 
     # -- saving and reporting ----------------------------------------------------------------------------------
-    def _save(self, suffix: str, step: int, epoch: int, weights: dict[str, torch.Tensor] | None = None) -> SavedLora:
+    def _main_weights(self) -> dict[str, torch.Tensor]:
+        """What the LoRA file and the node's outputs hold: the trained weights, or their EMA with save_as main_file."""
         run = self.run
+        if run.ema is not None and self.ema.save_as == "main_file":
+            return shipped_weights(run.network, self.out, state=run.ema.state_dict_kohya())
         with averaged_weights(run.optimizer):  # a schedule-free optimizer saves its averaged weights
+            return shipped_weights(run.network, self.out)
+
+    def _save(self, suffix: str, step: int, epoch: int, weights: dict[str, torch.Tensor] | None = None) -> SavedLora:
+        """The LoRA of this step (``weights``, default ``_main_weights``); with an EMA saved as an extra file, also
+        ``<lora>_ema.safetensors`` (a failure there is a warning: the LoRA itself was saved)."""
+        run = self.run
+
+        def save(tensors: dict[str, torch.Tensor], **kwargs: Any) -> SavedLora:
             return save_run_lora(
-                weights if weights is not None else shipped_weights(run.network, self.out),
+                tensors,
                 self.loras_root,
                 self.out,
                 run_tag=self.lora_tag + suffix if self.lora_tag else suffix.lstrip("-"),
@@ -260,26 +306,46 @@ class TrainJob(RunEvents):
                     run.total_steps,
                     self.started,
                     self.out.name,
+                    validation=validation_metadata(self.dataset, self.validation),
                 )
                 | self.checkpoint,
-                dataset=dataset_metadata(self.dataset),
+                dataset=dataset_metadata(self.dataset, self.validation),
                 network_meta=network_metadata(self.network.config, self.config),
                 step=step,
                 epoch=epoch,
                 prompt=self.prompt,
                 extra_pnginfo=self.extra_pnginfo,
                 v_parameterization=run.prediction_type == "v_prediction",
+                **kwargs,
             )
 
-    def _render_previews(self) -> list[torch.Tensor]:
-        """Previews inside the run, with the MODEL/CLIP it trains through; a Cancel pressed meanwhile is remembered so
-        the loop stops and saves."""
-        run = self.run
+        main = weights if weights is not None else self._main_weights()
+        if run.ema is None:
+            return save(main)
+        averaged_meta = ema_metadata(self.ema, run.ema.updates)
+        if self.ema.save_as == "main_file":
+            return save(main, extra_metadata=averaged_meta)
+        saved = save(main)
+        averaged = shipped_weights(run.network, self.out, state=run.ema.state_dict_kohya())
         try:
-            with averaged_weights(run.optimizer):  # previews show a schedule-free optimizer's averaged weights
-                return self.renderer.render(
+            saved.companions.append(save(averaged, extra_metadata=averaged_meta, companion_of=saved))
+        except OSError as e:
+            self.artifacts.warn(f"the EMA file of {saved.lora_name} was not saved: {e}")
+        return saved
+
+    def _render_previews(self, step: int) -> list[torch.Tensor]:
+        """Previews inside the run, with the MODEL/CLIP it trains through (and the EMA weights when asked), told to
+        the run's observers (the live log); a Cancel pressed meanwhile is remembered so the loop stops and saves."""
+        run = self.run
+        averaged = run.ema is not None and self.ema.use_for_previews
+        try:
+            # previews show a schedule-free optimizer's averaged weights, or the EMA when asked
+            with averaged_weights(run.optimizer), run.ema.swapped_in() if averaged else contextlib.nullcontext():
+                images = self.renderer.render(
                     run.models.model, run.network, training_clip=run.models.clip if self.train_te else None
                 )
+            self.observers.previews_rendered(step, images)
+            return images
         except BaseException as e:  # noqa: BLE001 - only ComfyUI's interrupt is swallowed
             if comfy_services.is_interrupt(e):
                 comfy_services.note_interrupt()
@@ -318,12 +384,36 @@ class TrainJob(RunEvents):
                 f"ERROR: {save_error}\nThe trained LoRA is still on this node's model, clip and lora outputs: "
                 "connect 'lora' to ComfyUI's 'Save LoRA Weights' node to save it elsewhere (lora_name is empty)."
             )
+        if state.validation_history:
+            last = state.validation_history[-1]
+            best = min(state.validation_history, key=lambda r: r.loss)
+            report += (
+                f"\nvalidation loss {last.loss:.4f} at step {last.step} ({len(state.validation_history)} validations; "
+                f"lowest {best.loss:.4f} at step {best.step})"
+            )
         if self.artifacts.intermediates:
             report += "\nintermediate: " + ", ".join(s.lora_name for s in self.artifacts.intermediates)
         if self.artifacts.states:
             report += f"\nstate: {self.artifacts.states[-1]}"
+        if run.ema is not None and saved is not None and (self.ema.save_as == "main_file" or saved.companions):
+            where = "in this file" if self.ema.save_as == "main_file" else f"in {saved.companions[0].lora_name}"
+            report += f"\nEMA of the weights ({run.ema.updates} updates, decay {self.ema.decay}) {where}"
+        report += f"\nTensorBoard log: {self.live_log.folder} (tensorboard --logdir {self.loras_root})"
         report += "".join(f"\nWARNING: {w}" for w in self.artifacts.warnings)
-        return report + "".join(f"\n{note}" for note in run.notes)
+        return report + "".join(f"\n{note}" for note in [*run.notes, *self.live_log.notes])
+
+    def _log_folder(self) -> Path:
+        """``logs/<start time>_<name>_s<seed>`` in the LoRA's folder, beside its CSV/JSONL log."""
+        subfolders = safe_relative_name(self.out.subfolder, self.out.name).split("/")[:-1]
+        root = Path(self.loras_root, *subfolders, "logs")
+        return new_log_dir(root, self.out.name, self.config.seed, self.started)
+
+    def _logged_config(self) -> dict:
+        """The run's settings as the logs' config (TensorBoard text, W&B config)."""
+        config = {"train": asdict(self.config), "network": asdict(self.network.config)}
+        if self.ema is not None:
+            config["ema"] = asdict(self.ema)
+        return config
 
 
 def base_checkpoint_metadata(prompt: Any, node_id: str | None) -> dict[str, str]:
@@ -355,7 +445,22 @@ def _schedule_shape(config: TrainConfig) -> dict:
     return {key: value for key, value in shape.items() if value}
 
 
-def run_fingerprint(dataset, network_config, config: TrainConfig) -> dict:
+def ema_metadata(settings: EmaSettings, updates: int) -> dict[str, str]:
+    """What a file holding averaged weights says about them (not a kohya key: kohya's LoRA training has no EMA)."""
+    return {
+        "sdxl_lora_trainer.ema": json.dumps(
+            {
+                "decay": settings.decay,
+                "warmup_power": settings.warmup_power,
+                "update_every_n_steps": settings.update_every_n_steps,
+                "start_step": settings.start_step,
+                "updates": updates,
+            }
+        )
+    }
+
+
+def run_fingerprint(dataset, network_config, config: TrainConfig, ema: EmaSettings | None = None) -> dict:
     """What must be equal for a saved state to be resumed (max steps may change)."""
     data = json.dumps([[i.key, list(i.selection.bucket), i.item.caption, i.item.num_repeats] for i in dataset.images])
     return {
@@ -370,4 +475,6 @@ def run_fingerprint(dataset, network_config, config: TrainConfig) -> dict:
         "train_dtype": config.train_dtype,
         "loss": repr(config.loss),
         "noise": repr(config.noise),
+        # only with an EMA, so states saved without one (and before EMA existed) keep their fingerprint
+        **({"ema": [ema.decay, ema.warmup_power, ema.update_every_n_steps, ema.start_step]} if ema else {}),
     }

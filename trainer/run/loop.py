@@ -3,8 +3,9 @@ steps, max-norm, progress, cancel and NaN checks, in kohya's order (train_networ
 
 Per micro-batch: loss (trainer/objective/batch_loss.py) / gradient_accumulation_steps, backward. When the
 accumulation group is full, or the epoch's last batch arrives (accelerate syncs at the end of the
-dataloader), clip gradients to ``max_grad_norm``, step the optimizer and the scheduler once, zero
-the gradients, apply max-norm regularisation (``scale_weight_norms``) and count one step.
+dataloader), clip gradients to ``max_grad_norm`` (their norm goes to the step's record), step the
+optimizer and the scheduler once, zero the gradients, apply max-norm regularisation
+(``scale_weight_norms``) and count one step.
 
 Every random draw comes from state this module owns: a torch.Generator (on the host) for noise,
 timesteps and batch order, a random.Random for kohya's Python-side draws, and, inside a ``fork_rng``,
@@ -34,6 +35,7 @@ from ..objective.ddpm_schedule import DDPMSchedule
 from ..objective.loss_weighting import LossSettings
 from ..objective.noise import NoiseSettings
 from .events import RunEvents
+from .validation import ValidationRecord, Validator
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,6 +81,7 @@ class StepRecord:
     lr: float
     timestep_mean: float
     seconds: float
+    grad_norm: float | None = None  # of all trained weights, before clipping (None in states saved before it)
 
 
 @dataclass
@@ -93,6 +96,7 @@ class LoopState:
     device_rng: torch.Tensor | None = None  # the training device's global RNG (dropout masks on a GPU)
     py_random: Any = None
     history: list[StepRecord] = field(default_factory=list)
+    validation_history: list[ValidationRecord] = field(default_factory=list)
     interrupted: bool = False
 
     def to_json(self) -> dict:
@@ -103,6 +107,7 @@ class LoopState:
             "py_random": _py_state_to_json(self.py_random),
             "interrupted": self.interrupted,
             "history": [vars(r) for r in self.history],
+            "validation_history": [vars(r) for r in self.validation_history],
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -122,6 +127,7 @@ class LoopState:
             device_rng=tensors.get("device_rng"),
             py_random=_py_state_from_json(data["py_random"]),
             history=[StepRecord(**r) for r in data["history"]],
+            validation_history=[ValidationRecord(**r) for r in data.get("validation_history", [])],
             interrupted=False,
         )
 
@@ -190,6 +196,13 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(lr)
 
 
+def _grad_norm(params: Sequence[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+    """The gradients' total norm (a device tensor: read with the losses), clipped to ``max_grad_norm`` when set."""
+    if max_grad_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
 def run(
     model: Denoiser,
     data: BatchSource,
@@ -204,13 +217,19 @@ def run(
     events: RunEvents | None = None,
     max_norm: Callable[[float], Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    validator: Validator | None = None,
+    after_optimizer_step: Callable[[int], Any] | None = None,
 ) -> LoopState:
     """Train until ``settings.max_train_steps`` optimizer steps, a cancel, or divergence.
+
+    ``validator`` computes the validation loss after the steps and epochs its settings name (trainer/run/validation.py);
+    each result goes to ``state.validation_history`` and ``events.validation_finished``.
 
     ``params`` are the trainable tensors (for clipping); ``max_norm(value)`` applies kohya's
     max-norm regularisation when ``scale_weight_norms`` is set. With an fp16 ``scaler`` the loss is
     scaled for backward, gradients are unscaled before clipping, and the scheduler only steps when
-    the optimizer really stepped (what accelerate does).
+    the optimizer really stepped (what accelerate does). ``after_optimizer_step(step)`` runs after each
+    optimizer step and max-norm, before the step is reported (the EMA update).
     """
     events = events or RunEvents()
     state = state or LoopState()
@@ -264,7 +283,12 @@ def run(
                     state.batch_in_epoch += 1
                     last_of_epoch = state.batch_in_epoch == num_batches
                     if micro_in_group == ga or last_of_epoch:
-                        losses = torch.stack(group_losses).float().cpu().tolist()  # the step's one sync
+                        if scaler is not None:
+                            scaler.unscale_(optimizer)
+                        grad_norm = _grad_norm(params, settings.max_grad_norm)
+                        stacked = torch.stack(group_losses).float()
+                        readout = torch.cat([stacked, grad_norm.float().reshape(1).to(stacked.device)])
+                        *losses, norm = readout.cpu().tolist()  # the step's one sync
                         bad = next((v for v in losses if not math.isfinite(v)), None)
                         if bad is not None:
                             optimizer.zero_grad(set_to_none=True)
@@ -275,10 +299,6 @@ def run(
                                 "look wrong."
                             )
                         stepped = True
-                        if scaler is not None:
-                            scaler.unscale_(optimizer)
-                        if settings.max_grad_norm:
-                            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                         if scaler is not None:
                             before = scaler.get_scale()
                             scaler.step(optimizer)
@@ -292,6 +312,8 @@ def run(
                         if settings.scale_weight_norms and max_norm is not None:
                             max_norm(settings.scale_weight_norms)
                         state.global_step += 1
+                        if after_optimizer_step is not None:
+                            after_optimizer_step(state.global_step)
                         now = time.perf_counter()
                         record = StepRecord(
                             step=state.global_step,
@@ -300,18 +322,38 @@ def run(
                             lr=_current_lr(optimizer),
                             timestep_mean=sum(group_timesteps) / len(group_timesteps),
                             seconds=now - started,
+                            grad_norm=norm,
                         )
                         started = now
                         state.history.append(record)
                         micro_in_group = 0
                         group_losses, group_timesteps = [], []
+                        finished_epoch = None
                         if state.batch_in_epoch >= num_batches:
                             state.epoch += 1
                             state.batch_in_epoch = 0
+                            finished_epoch = state.epoch
+                        elif state.global_step >= settings.max_train_steps:
+                            finished_epoch = state.epoch + 1  # kohya validates the last, partial epoch too
+                        group_start = (state.epoch, state.batch_in_epoch)  # a cancel from here keeps this step
                         snapshot()
                         # the host may sample previews here, which reseeds the global RNG that the
                         # dropout masks are drawn from: the stream continues as if it had not run
                         events.step_finished(record)
+                        if validator is not None:
+                            kinds = validator.due(state.global_step, finished_epoch)
+                            if kinds:
+                                began = time.perf_counter()
+                                checked = ValidationRecord(
+                                    step=state.global_step,
+                                    epoch=record.epoch,
+                                    loss=validator.loss(state.global_step),
+                                    kind="+".join(kinds),
+                                    seconds=time.perf_counter() - began,
+                                )
+                                state.validation_history.append(checked)
+                                events.validation_finished(checked)
+                                started += checked.seconds  # the next step's time is its own
                         rngs.restore(state)
                 if state.interrupted:
                     break

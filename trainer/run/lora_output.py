@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from ..network.metadata import ModelCard, build_metadata, kohya_bucket_info, tag
 from ..network.safetensors_file import prepare_tensors, save_lora
 from .config import TrainConfig
 from .optimizers import optimizer_metadata_name
+from .validation import ValidationRequest, ValidationSettings
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -59,9 +60,29 @@ def output_name_error(subfolder: str, name: str) -> str | None:
 class SavedLora:
     path: Path
     lora_name: str  # what LoraLoader's lora_name expects (relative to the loras folder)
+    companions: list[SavedLora] = field(default_factory=list)  # files of the same save (the EMA file)
 
 
-def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
+def validation_metadata(ds: TrainingDataset, request: ValidationRequest | None) -> dict[str, Any]:
+    """kohya's ss_validation_* keys: the validation arguments (kohya's None where unset) and the dataset's split."""
+    settings = request.settings if request is not None else ValidationSettings()
+    return {
+        "validation_seed": settings.validation_seed,
+        "validation_split": ds.validation_split,
+        "max_validation_steps": settings.max_validation_steps,
+        "validate_every_n_epochs": settings.validate_every_n_epochs,
+        "validate_every_n_steps": settings.validate_every_n_steps,
+    }
+
+
+def num_validation_images(ds: TrainingDataset, request: ValidationRequest | None) -> int:
+    """kohya's ss_num_validation_images: the held-out images (each counted once), or the separate dataset's."""
+    if request is not None and request.dataset is not None:
+        return len(request.dataset.images)
+    return len(ds.validation_images)
+
+
+def dataset_metadata(ds: TrainingDataset, validation: ValidationRequest | None = None) -> dict[str, Any]:
     images = ds.images
     dirs: dict[str, dict[str, int]] = {}
     reg_dirs: dict[str, dict[str, int]] = {}  # kohya: reg subsets go to ss_reg_dataset_dirs
@@ -83,6 +104,7 @@ def dataset_metadata(ds: TrainingDataset) -> dict[str, Any]:
         # kohya's counters: num_reg_images counts the reg images given (x repeats), before its balancing
         "num_train_images": image_counts["num_train_images"],
         "num_reg_images": image_counts["num_reg_images"],
+        "num_validation_images": num_validation_images(ds, validation),
         "resolution": tuple(part.settings.resolution),
         "enable_bucket": part.settings.enable_bucket,
         "bucket_no_upscale": part.settings.bucket_no_upscale,
@@ -119,10 +141,17 @@ def network_metadata(config: NetworkConfig, train: TrainConfig | None = None) ->
 
 
 def training_metadata(
-    run: Any, optimizer: Any, steps_per_epoch: int, total_steps: int, started_at: float, output_name: str
+    run: Any,
+    optimizer: Any,
+    steps_per_epoch: int,
+    total_steps: int,
+    started_at: float,
+    output_name: str,
+    validation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``run`` is the TrainConfig."""
+    """``run`` is the TrainConfig; ``validation`` the ss_validation_* values (``validation_metadata``)."""
     return {
+        **(validation or {}),
         "training_started_at": started_at,
         "output_name": output_name,
         "learning_rate": run.learning_rate,
@@ -159,13 +188,16 @@ def training_metadata(
     }
 
 
-def shipped_weights(network: AdapterNetwork, out: OutputSettings) -> dict[str, torch.Tensor]:
-    """The LoRA exactly as the file holds it (cast to ``save_precision``, CPU copies).
+def shipped_weights(
+    network: AdapterNetwork, out: OutputSettings, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The LoRA exactly as the file holds it (cast to ``save_precision``, CPU copies); ``state``: the network's dict
+    with other weights (its EMA, ``AdapterEma.state_dict_kohya``) to ship instead of its own.
 
     The train node applies these to its MODEL/CLIP outputs and hands them on as LORA_MODEL, so what a KSampler after
     the train node shows is what a LoraLoader loading the file shows (what you test is what you ship).
     """
-    return prepare_tensors(network.state_dict_kohya(), SAVE_DTYPES[out.save_precision])
+    return prepare_tensors(state if state is not None else network.state_dict_kohya(), SAVE_DTYPES[out.save_precision])
 
 
 def save_run_lora(
@@ -182,10 +214,18 @@ def save_run_lora(
     prompt: dict | None = None,
     extra_pnginfo: dict | None = None,
     v_parameterization: bool = False,
+    extra_metadata: dict[str, str] | None = None,
+    companion_of: SavedLora | None = None,
 ) -> SavedLora:
-    """Write ``weights`` (``shipped_weights``) under a new name in the loras folder; raises OSError when it cannot
+    """Write ``weights`` (``shipped_weights``) under a new name in the loras folder, or, with ``companion_of``, beside
+    that file as ``<its stem>_ema.safetensors`` (the EMA of the same save); raises OSError when it cannot
     (``atomic_files.WriteFailed`` names the file, the space needed and free)."""
-    path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
+    if companion_of is not None:
+        path = companion_of.path.with_name(f"{companion_of.path.stem}_ema{companion_of.path.suffix}")
+        stem, ext = os.path.splitext(companion_of.lora_name)
+        rel = f"{stem}_ema{ext}"
+    else:
+        path, rel = unique_lora_path(loras_root, out.subfolder, out.name, run_tag, overwrite=out.overwrite)
     meta = build_metadata(
         training,
         dataset,
@@ -198,6 +238,7 @@ def save_run_lora(
     )
     if v_parameterization:
         meta["ss_v_parameterization"] = "True"
+    meta.update(extra_metadata or {})
     save_lora(weights, path, meta, SAVE_DTYPES[out.save_precision], overwrite=out.overwrite)
     return SavedLora(path=Path(path), lora_name=rel)
 

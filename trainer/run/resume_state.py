@@ -3,8 +3,9 @@
 A state folder holds ``state.safetensors`` (LoRA weights, optimizer tensors, RNG states) and
 ``state.json`` (counters, optimizer hyper-parameters and scalar state, scheduler and grad-scaler
 state, the loop's Python RNG state and loss history, and a fingerprint of the run settings that
-must not change on resume). Both are written atomically, tensors first, so a folder is either the
-old state or the new one.
+must not change on resume). A run with an EMA adds its fp32 averages (``ema.*`` tensors) and its
+update count. Both files are written atomically, tensors first, so a folder is either the old state
+or the new one.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def save_state(
     scaler: dict | None,
     loop: LoopState,
     fingerprint: dict,
+    ema: dict[str, torch.Tensor] | None = None,
+    ema_updates: int = 0,
 ) -> Path:
     """Write the state folder atomically: both files into a hidden staging folder, then one rename.
 
@@ -120,6 +123,8 @@ def save_state(
     for name, t in loop.tensors().items():
         if t is not None:
             tensors[f"rng.{name}"] = t
+    for name, t in (ema or {}).items():
+        tensors[f"ema.{name}"] = t.detach().cpu().contiguous()
     meta = {
         "format": STATE_FORMAT,
         "fingerprint": fingerprint,
@@ -127,6 +132,7 @@ def save_state(
         "scheduler": _json_value(_scheduler_state(scheduler)),
         "scaler": _json_value(scaler),
         "loop": loop.to_json(),
+        "ema": {"updates": ema_updates} if ema is not None else None,
     }
     files = {TENSORS: safetensors_bytes(tensors), META: json.dumps(meta, indent=1).encode()}
     staging = temp_path(out)
@@ -204,10 +210,17 @@ def load_state(folder: str | os.PathLike, fingerprint: dict | None = None) -> di
     network = {k[len("network.") :]: v for k, v in tensors.items() if k.startswith("network.")}
     rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
     loop = LoopState.from_saved(meta["loop"], rng)
+    ema = None
+    if meta.get("ema") is not None:
+        ema = {
+            "tensors": {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")},
+            "updates": meta["ema"]["updates"],
+        }
     return {
         "network": network,
         "optimizer": join_optimizer_state(tensors, meta["optimizer"]),
         "scheduler": _from_json(meta["scheduler"]),
         "scaler": _from_json(meta["scaler"]),
         "loop": loop,
+        "ema": ema,
     }

@@ -29,12 +29,14 @@ from ..objective.ddpm_schedule import DDPMSchedule
 from ..objective.loss_weighting import LossSettings
 from .batch_loader import CachedBatchSource, LatentSource, TextSource
 from .config import DTYPES, TrainConfig
+from .ema import AdapterEma, EmaSettings
 from .events import RunEvents
 from .loop import LoopSettings, LoopState, run
 from .memory_plan import MemoryPlan, StepShape, activation_bytes, largest_step_shape
 from .memory_plan import plan as memory_plan_of
 from .optimizers import build_optimizer, switch_to_averaged_weights
 from .schedulers import build_scheduler
+from .validation import ValidationRequest, ValidationSettings, Validator, validation_source
 
 
 @dataclass
@@ -49,6 +51,7 @@ class TrainResult:
     scheduler: Any = None
     scaler: Any = None
     group_names: list[str] = field(default_factory=list)
+    ema: AdapterEma | None = None  # the averaged weights, when the run keeps an EMA
     train_dtype: str = "fp32"  # what "auto" resolved to
     token_length: TokenLength = field(default_factory=TokenLength)  # how captions were / are encoded
     notes: list[str] = field(default_factory=list)  # what the run changed or chose, for the report
@@ -239,12 +242,18 @@ def train(
     initial_weights: dict | None = None,
     resume: dict | None = None,
     events: RunEvents | None = None,
+    validation: ValidationRequest | None = None,
+    ema: EmaSettings | None = None,
 ) -> TrainResult:
     """Train a LoRA on ``model`` (and ``clip``). ``resume`` = trainer/run/resume_state.load_state output.
 
+    ``validation``: how often and on what the validation loss is computed (trainer/run/validation.py); without it a
+    dataset with held-out images (validation_split) is validated at the end of every epoch, as kohya does.
+
     ``events`` hears about the run (see trainer/run/events.py): it gets the TrainResult when training starts,
     inside the training context (LoRA attached), is told after every optimizer step (the state is then complete,
-    so it can save the LoRA or a resumable state) and once after the last step.
+    so it can save the LoRA or a resumable state) and once after the last step. ``ema``: keep an EMA of the
+    weights (trainer/run/ema.py), updated after each optimizer step before ``events`` hears of it.
     """
     events = events or RunEvents()
     comfy_models.require_sdxl(model)
@@ -261,6 +270,11 @@ def train(
         raise ValueError(
             "The network has text-encoder modules (train_clip_l / train_clip_g, or a start_from file with "
             "lora_te1_ / lora_te2_ keys): connect the CLIP input of the train node."
+        )
+    if ema is not None and ema.start_step > total:
+        raise ValueError(
+            f"EMA start_step {ema.start_step} is after the run's last step ({total}): nothing would be averaged. "
+            "Lower start_step or train longer."
         )
     token_length = config.resolve_token_length(text.token_length if text is not None else None)
     trained = (
@@ -302,6 +316,7 @@ def train(
             args=config.lr_scheduler_args,
         )
         scaler = torch.amp.GradScaler(device.type) if train_dtype == "fp16" else None
+        averages = AdapterEma(network, ema) if ema is not None else None
         state = None
         if resume is not None:
             resume = _normal_tensors(resume)  # read inside the node, i.e. under inference mode
@@ -311,6 +326,11 @@ def train(
                 scheduler.load_state_dict(resume["scheduler"])
             if scaler is not None and resume.get("scaler") is not None:
                 scaler.load_state_dict(resume["scaler"])
+            if averages is not None:
+                saved_ema = resume.get("ema")
+                if saved_ema is None:
+                    raise ValueError("the resumed state has no EMA weights; resume it without the EMA input")
+                averages.load_state(saved_ema["tensors"], saved_ema["updates"])
             state = resume["loop"]
 
         needs_clip = train_te or text is None or any(i.caption_options.is_random for i in dataset.images)
@@ -323,6 +343,18 @@ def train(
         source = CachedBatchSource(
             dataset, latents, text, encoder, config.seed, total, train_text_encoder=train_te, device=device
         )
+        held_out = validation_source(
+            dataset,
+            validation,
+            latents,
+            text,
+            live_text_encoder(models.clip, with_grad=False, token_length=token_length) if clip is not None else None,
+            total,
+            train_te,
+            device,
+        )
+        if held_out is not None and (train_te or any(i.caption_options.is_random for i in held_out.dataset.images)):
+            needs_clip = True
         if not needs_clip:
             comfy_training.free_other_models()
         placement = Placement(mode=config.memory_mode)
@@ -342,6 +374,7 @@ def train(
             scaler=scaler,
             group_names=group_names,
             train_dtype=train_dtype,
+            ema=averages,
             token_length=token_length,
         )
         result.notes.extend(_dataset_loss_notes(dataset, loss_settings))
@@ -373,10 +406,28 @@ def train(
                     weights=result.memory_plan.frozen_weights,
                 )
                 placement.leave_room(models.model)
+            denoiser = ComfyDenoiser(models.model, dtype, placement)
+            validator = None
+            if held_out is not None:
+                validator = Validator(
+                    denoiser,
+                    held_out,
+                    validation.settings if validation is not None else ValidationSettings(),
+                    config.seed,
+                    schedule,
+                    config.noise,
+                    loss_settings,
+                    network,
+                    optimizer,
+                )
+                result.notes.append(
+                    f"validation: {len(held_out.dataset.images)} images in {validator.num_batches} batches x "
+                    f"timesteps {validator.timesteps}, noise seed {validator.seed}"
+                )
             events.training_started(result)
             try:
                 result.state = run(
-                    ComfyDenoiser(models.model, dtype, placement),
+                    denoiser,
                     source,
                     params,
                     optimizer,
@@ -395,6 +446,8 @@ def train(
                     events=events,
                     max_norm=network.apply_max_norm,
                     scaler=scaler,
+                    validator=validator,
+                    after_optimizer_step=averages.after_step if averages is not None else None,
                 )
                 if not result.state.interrupted:
                     events.training_finished()

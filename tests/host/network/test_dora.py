@@ -170,12 +170,13 @@ def test_max_norm_and_param_groups_with_loraplus(tiny):
 
 
 def test_dropout_is_refused_for_dora():
+    from sdxl_lora_trainer.nodes.common import QueueTimeError
     from sdxl_lora_trainer.nodes.network_node import NetworkSettings
 
     with pytest.raises(ValueError, match="dropout is not supported with algo 'dora'"):
         config(dropout=0.1)
-    message = NetworkSettings.validate_inputs(algo="dora", dropout=0.1)
-    assert isinstance(message, str) and "Set dropout to 0" in message
+    with pytest.raises(QueueTimeError, match="Set dropout to 0"):  # at queue time, one message on the node
+        NetworkSettings.validate_inputs(algo="dora", dropout=0.1)
     assert NetworkSettings.validate_inputs(algo="dora", dropout=0.0, loraplus_lr_ratio=16.0) is True
 
 

@@ -180,12 +180,13 @@ def test_max_norm_is_lycoris_own_formula(tiny, algo):
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_rank_dropout_is_refused_for_lycoris(algo):
+    from sdxl_lora_trainer.nodes.common import QueueTimeError
     from sdxl_lora_trainer.nodes.network_node import NetworkSettings
 
     with pytest.raises(ValueError, match=f"rank_dropout is not supported with algo '{algo}'.*Set rank_dropout to 0"):
         config(algo, rank_dropout=0.1)
-    message = NetworkSettings.validate_inputs(algo=algo, rank_dropout=0.1)  # at queue time
-    assert isinstance(message, str) and "Set rank_dropout to 0" in message
+    with pytest.raises(QueueTimeError, match="Set rank_dropout to 0"):  # at queue time, one message on the node
+        NetworkSettings.validate_inputs(algo=algo, rank_dropout=0.1)
     assert NetworkSettings.validate_inputs(algo="lora", rank_dropout=0.1) is True
 
 

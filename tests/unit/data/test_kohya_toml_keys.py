@@ -158,6 +158,8 @@ def test_every_kohya_key_is_implemented_or_refused_by_name(root, key):
             assert getattr(part.settings, key) == got
         if key == "batch_size":
             assert part.batch_size == 2
+        if key == "validation_split":  # kohya's split of each subset (trainer/data/validation_split.py)
+            assert part.validation_split == 0.1 and ds.validation_split == 0.1
     else:
         assert sub.params[key] != kohya_toml.SUBSET_DEFAULTS[key]
         part = ds.parts[0]

@@ -18,6 +18,7 @@ from sdxl_lora_trainer.trainer.run.checkpoints import CheckpointSettings
 from sdxl_lora_trainer.trainer.run.config import TrainConfig
 from sdxl_lora_trainer.trainer.run.optimizers import OptimizerSettings
 from sdxl_lora_trainer.trainer.run.previews import PreviewSettings
+from sdxl_lora_trainer.trainer.run.validation import ValidationRequest, ValidationSettings
 
 BASE = KohyaRun(NetworkConfig(network_dim=8, network_alpha=4.0), TrainConfig(), output_name="mine")
 BLOCKS = tuple([1.0] + [0.5] * 9 + [1.0, 0.0, 1.0] + [2.0] * 9 + [1.0])
@@ -41,6 +42,10 @@ def noise(**kw) -> KohyaRun:
 
 def checkpoints(**kw) -> KohyaRun:
     return replace(BASE, checkpointing=CheckpointSettings(**kw))
+
+
+def validation(**kw) -> KohyaRun:
+    return replace(BASE, validation=ValidationRequest(ValidationSettings(**kw)))
 
 
 #: one run per setting the export carries, each with that setting away from its default
@@ -113,6 +118,10 @@ CARRIED = {
     "save_every_n_epochs": checkpoints(save_every_n_epochs=2, keep_last_n=2),
     "save_state": checkpoints(save_every_n_steps=50, save_state_every_n_steps=50),
     "save_state_on_cancel": checkpoints(save_state_on_cancel=False),
+    "validate_every_n_steps": validation(validate_every_n_steps=50),
+    "validate_every_n_epochs": validation(validate_every_n_epochs=2),
+    "max_validation_steps": validation(max_validation_steps=3),
+    "validation_seed": validation(validation_seed=9),
 }
 
 #: settings kohya has no argument for: exported with a "not carried over" line naming them
@@ -137,6 +146,10 @@ NOT_CARRIED = {
     "preview_sampler": (
         replace(BASE, previews=PreviewSettings(prompts=("x",), sampler_name="res_multistep")),
         "preview sampler",
+    ),
+    "validation_dataset": (
+        replace(BASE, validation=ValidationRequest(dataset=object())),  # any dataset: kohya cannot take one
+        "separate validation dataset",
     ),
 }
 
@@ -187,6 +200,7 @@ def _carried_view(run: KohyaRun) -> tuple:
         run.checkpointing
         if run.checkpointing.save_state_every_n_steps in (0, run.checkpointing.save_every_n_steps)
         else None,
+        run.validation.settings if run.validation is not None else ValidationSettings(),
     )
 
 
@@ -196,7 +210,12 @@ def test_each_setting_reads_back_unchanged(name):
     exported = to_kohya_args(run)
     assert not exported.not_carried, exported.not_carried
     imported = from_kohya_args(exported.args)
-    back = KohyaRun(imported.network, imported.train, checkpointing=imported.checkpointing)
+    back = KohyaRun(
+        imported.network,
+        imported.train,
+        checkpointing=imported.checkpointing,
+        validation=ValidationRequest(imported.validation),
+    )
     assert _carried_view(back) == _carried_view(run)
 
 
@@ -222,7 +241,7 @@ def test_the_walk_covers_every_field():
                          "save_state_every_n_steps"}  # fmt: skip
     names = {
         f.name
-        for cls in (NetworkConfig, TrainConfig, LossSettings, NoiseSettings, CheckpointSettings)
+        for cls in (NetworkConfig, TrainConfig, LossSettings, NoiseSettings, CheckpointSettings, ValidationSettings)
         for f in fields(cls)
     }
     missing = sorted(n for n in names if n not in covered and n not in decided_elsewhere)

@@ -263,3 +263,30 @@ def test_prior_loss_weight_is_applied_and_masked_loss_names_the_dataset():
     why = dict(imported.not_applied)
     assert "mask folder" in why["masked_loss"] and "alpha_mask" in why["masked_loss"]
     assert "reg_folder" in why["reg_data_dir"]
+
+
+def test_validation_settings_and_metadata_read_back():
+    from sdxl_lora_trainer.trainer.run.validation import ValidationSettings
+
+    settings = ValidationSettings(
+        validate_every_n_steps=25, validate_every_n_epochs=2, max_validation_steps=4, validation_seed=11
+    )
+    imported = from_kohya_args({name: getattr(settings, name) for name in vars(settings)})
+    assert imported.validation == settings and not imported.not_applied
+    # kohya's validation_split is a dataset setting in the graph: named, with where to set it
+    split = from_kohya_args({"validation_split": 0.1})
+    assert [key for key, _ in split.not_applied] == ["validation_split"]
+    assert "Buckets & Captions" in split.not_applied[0][1]
+    # the ss_validation_* metadata the pack writes reads back into the same settings
+    config = TrainConfig(max_train_steps=10)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], config.optimizer, config.learning_rate)
+    training = training_metadata(
+        config, optimizer, 10, 10, time.time(), "mine", validation={**vars(settings), "validation_split": 0.25}
+    )
+    dataset = {"resolution": (1024, 1024), "num_train_images": 10, "num_validation_images": 3, "dataset_dirs": {}}
+    dataset["tag_frequency"] = {}
+    meta = build_metadata(training, dataset, network_metadata(NetworkConfig()), step=10, epoch=1)
+    assert (meta["ss_validation_split"], meta["ss_num_validation_images"]) == ("0.25", "3")
+    back = from_kohya_args(args_from_metadata(meta))
+    assert back.validation == settings
+    assert "validation_split" in [key for key, _ in back.not_applied]

@@ -42,7 +42,10 @@ class Source:
     """trainer/run/batch_loader's LatentSource and TextSource over dicts."""
 
     def __init__(self, latents: dict, texts: dict) -> None:
+        from sdxl_lora_trainer.trainer.data.token_length import TokenLength
+
         self.latents, self.texts = latents, texts
+        self.token_length = TokenLength()  # kohya's default layout: one 77-token row, as the random encodings are
 
     def latent(self, image, flipped):
         return self.latents[image.key]

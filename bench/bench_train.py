@@ -257,6 +257,7 @@ def worker_ours(args, result: dict) -> None:
     from sdxl_lora_trainer.trainer.data.buckets import BucketSettings
     from sdxl_lora_trainer.trainer.data.captions import CaptionOptions
     from sdxl_lora_trainer.trainer.data.sources import items_from_images
+    from sdxl_lora_trainer.trainer.data.token_length import TokenLength
     from sdxl_lora_trainer.trainer.network.config import NetworkConfig
     from sdxl_lora_trainer.trainer.run.config import DTYPES, TrainConfig
     from sdxl_lora_trainer.trainer.run.events import RunEvents
@@ -289,6 +290,8 @@ def worker_ours(args, result: dict) -> None:
             return None
 
     class Text:  # trainer/run/batch_loader.TextSource
+        token_length = TokenLength()  # kohya's default layout: one 77-token row, as the random encodings are
+
         def __init__(self) -> None:
             self.table = {img.key: texts[i] for i, img in enumerate(dataset.images)}
 

@@ -120,6 +120,36 @@ def training_image_for(prompt: Mapping[str, dict], dataset: Path) -> Path | None
     return None
 
 
+def add_latent_probes(prompt: dict, target: Path, base: Path, resolution: int) -> None:
+    """Save what each KSampler sampled and the training image's latent (VAEEncode at the training size, what the
+    latent cache holds) as .latent files, so the demo compares latents as the learning-proof test does."""
+    from PIL import Image
+
+    name = "sdxl_lora_demo_target.png"
+    Image.open(target).convert("RGB").resize((resolution, resolution), Image.BOX).save(base / "input" / name)
+    lora_models = set(nodes_of(prompt, "LoraLoader"))
+    vae = next(prompt[n]["inputs"]["vae"] for n in nodes_of(prompt, "VAEDecode"))
+    for n in nodes_of(prompt, "KSampler"):
+        kind = "lora" if prompt[n]["inputs"]["model"][0] in lora_models else "base"
+        prompt[f"probe_{kind}"] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": [n, 0], "filename_prefix": f"sdxl_lora_demo/{kind}"},
+        }
+    prompt["probe_image"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    prompt["probe_encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["probe_image", 0], "vae": vae}}
+    prompt["probe_target"] = {
+        "class_type": "SaveLatent",
+        "inputs": {"samples": ["probe_encode", 0], "filename_prefix": "sdxl_lora_demo/target"},
+    }
+
+
+def probe_latent(base: Path, kind: str):
+    from safetensors.torch import load_file
+
+    files = sorted((base / "output" / "sdxl_lora_demo").glob(f"{kind}_*.latent"), key=lambda p: p.stat().st_mtime)
+    return load_file(str(files[-1]))["latent_tensor"].float() if files else None
+
+
 def mse_to(image: Path, target: Path) -> float:
     """Pixel MSE (0..1 scale) of ``image`` to ``target`` resized to its size (the demo trains at that resolution)."""
     import numpy as np
@@ -180,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             prompt[only_node(prompt, "SDXLLoraNetwork")]["inputs"].update(conv_dim=8, conv_alpha=8.0)
             for n in nodes_of(prompt, "KSampler"):
                 prompt[n]["inputs"].update(cfg=1.0)
+        target = training_image_for(prompt, dataset)
+        if target is not None:
+            add_latent_probes(prompt, target, base, resolution)
         model = f"{ckpt_name} ({'CPU' if cpu else 'GPU'})" if real else "the tiny test SDXL"
         print(f"training {steps} steps at {resolution}px on {model} with {dataset} ...", flush=True)
         started = time.time()
@@ -205,13 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         if len(saves.get("base", [])) == 1 and len(saves.get("with_lora", [])) == 1:
             diff = mean_abs_difference(saves["base"][0], saves["with_lora"][0])
             print(f"base vs LoRA:    mean absolute pixel difference {diff:.2f} (same seed, prompt and latent)")
-            target = training_image_for(prompt, dataset)
             if target is not None:
                 without, with_lora = mse_to(saves["base"][0], target), mse_to(saves["with_lora"][0], target)
                 print(
-                    f"learned:         pixel MSE to the training image with this caption ({target.name}): without "
+                    f"learned (pixels): MSE to the training image with this caption ({target.name}): without "
                     f"LoRA {without:.4f}, with LoRA {with_lora:.4f} ({without / max(with_lora, 1e-12):.2f}x closer)"
                 )
+                latents = {kind: probe_latent(base, kind) for kind in ("base", "lora", "target")}
+                if all(v is not None and v.shape == latents["target"].shape for v in latents.values()):
+                    l_base = float(((latents["base"] - latents["target"]) ** 2).mean())
+                    l_lora = float(((latents["lora"] - latents["target"]) ** 2).mean())
+                    print(
+                        f"learned (latents): MSE of the sampled latent to the training image's latent: without "
+                        f"LoRA {l_base:.4f}, with LoRA {l_lora:.4f} ({l_base / max(l_lora, 1e-12):.2f}x closer)"
+                    )
         print(f"server log:      {server.log_path}")
         print(f"base directory:  {base} (kept; open it with ComfyUI's --base-directory to browse)")
         if not_loaded:

@@ -194,6 +194,32 @@ def load_for_training(model: Any, memory_required: int = 0, mode: str = "auto", 
     return model.load_device
 
 
+#: ComfyUI's module-level caches that a forward can fill: the reusable cast buffers of weights streamed through
+#: offload streams, and the largest weight cast so far (which sizes them)
+_CAST_BUFFER_CACHES = ("STREAM_CAST_BUFFERS", "STREAM_AIMDO_CAST_BUFFERS")
+_CAST_SIZE_RECORDS = ("LARGEST_CASTED_WEIGHT", "LARGEST_AIMDO_CASTED_WEIGHT")
+
+
+@contextlib.contextmanager
+def shape_only_pass() -> Iterator[None]:
+    """Around a forward on FakeTensorMode tensors (the memory plan's pass): ComfyUI keeps the cast buffers of streamed
+    weights in module globals and reuses them in the next forward, so a buffer made during the pass would be a fake
+    tensor inside the real steps. Puts ComfyUI's caches back exactly as they were."""
+    import comfy.model_management as mm
+
+    caches = {name: dict(getattr(mm, name)) for name in _CAST_BUFFER_CACHES if hasattr(mm, name)}
+    records = {name: getattr(mm, name) for name in _CAST_SIZE_RECORDS if hasattr(mm, name)}
+    try:
+        yield
+    finally:
+        for name, saved in caches.items():
+            cache = getattr(mm, name)
+            cache.clear()
+            cache.update(saved)
+        for name, saved in records.items():
+            setattr(mm, name, saved)
+
+
 def leave_room(model: Any, memory_required: int) -> None:
     """Have ComfyUI offload as much of the loaded MODEL as it takes to leave ``memory_required`` free on its device;
     the offloaded layers are then streamed per layer. ComfyUI's own ``free_memory``, with the free space

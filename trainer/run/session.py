@@ -118,7 +118,8 @@ def plan_memory(
         return comfy_models.unet_forward(models.model, x, t, context, y, dtype)
 
     shape = replace(shape, context_dim=_context_dim(models.model), adm_dim=_adm_dim(models.model))
-    activations = activation_bytes(unet_call, params, shape, dtype, models.device)
+    with comfy_training.shape_only_pass():
+        activations = activation_bytes(unet_call, params, shape, dtype, models.device)
     checkpointing = "gradient checkpointing" if config.gradient_checkpointing else "no gradient checkpointing"
     return memory_plan_of(
         setting=f"{shape.describe()}, rank {network_config.network_dim}, {train_dtype}, {checkpointing}, "

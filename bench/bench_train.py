@@ -44,9 +44,10 @@ Usage:
     .venv/bin/python bench/bench_train.py --model mid --steps 3 --res 512 --dtype fp32     # ~5 min, ~17 GiB peak
     .venv/bin/python bench/bench_train.py --model full --steps 3 --res 512 --dtype fp32    # ~11 min, ~17 GiB peak
     .venv/bin/python bench/bench_train.py --model tiny --steps 8 --bare-reps 1 --optimizers AdamW,CAME,ADOPT
-Options: --only ours|builtin, --algo lora|loha|lokr|dora (ours), --optimizers A,B,... (ours once per optimizer, side
-by side), --builtin-checkpoint-depth D, --images N, --batch N, --bare-reps N, --threads N (default 1),
---mem-cap-gib G (default 22), --name NAME. See bench/README.md for measured figures.
+Options: --only ours|builtin, --algo lora|loha|lokr|dora or a list such as lora,dora (ours once per algorithm,
+side by side), --optimizers A,B,... (ours once per optimizer, side by side), --builtin-checkpoint-depth D,
+--images N, --batch N, --bare-reps N, --threads N (default 1), --mem-cap-gib G (default 22), --name NAME.
+See bench/README.md for measured figures.
 Writes bench/out/<name>.json (default name: train_<model>_<dtype>_<res>).
 """
 
@@ -507,6 +508,10 @@ def run_worker(which: str, args, optimizer: str = "AdamW") -> dict:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     result_path = OUT_DIR / f".{args.name}_{which}_{optimizer}.json"
     result_path.unlink(missing_ok=True)
+    if which == "kohya":
+        from kohya_trainer import run_kohya
+
+        return run_kohya(args, result_path)
     cap = int(args.mem_cap_gib * GIB)
 
     def limit() -> None:
@@ -636,6 +641,22 @@ def print_table(args, results: dict[str, dict]) -> None:
     )
 
 
+def print_ratios(results: dict[str, dict], trainers: list[str], rounds: int) -> None:
+    """ours' s/step over each other trainer's, round by round (a round's runs saw about the same machine load)."""
+    if "ours" not in trainers:
+        return
+    for other in [t for t in trainers if t != "ours"]:
+        ratios = []
+        for round_ in range(1, rounds + 1):
+            suffix = "" if rounds == 1 else f" #{round_}"
+            ours, theirs = results[f"ours{suffix}"]["summary"], results[f"{other}{suffix}"]["summary"]
+            if ours["s_per_step"] and theirs["s_per_step"]:
+                ratios.append(ours["s_per_step"] / theirs["s_per_step"])
+        if ratios:
+            listed = ", ".join(f"{r:.3f}" for r in ratios)
+            print(f"ours / {other} s/step, round by round: {listed} (median {statistics.median(ratios):.3f})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["tiny", "mid", "full"], default="tiny")
@@ -667,13 +688,32 @@ def main() -> int:
     )
     ap.add_argument("--only", choices=["ours", "builtin"], default=None)
     ap.add_argument(
+        "--trainers",
+        default=None,
+        help="comma-separated trainers run in turn, e.g. ours,kohya,builtin (default: ours,builtin; kohya: "
+        "sd-scripts' sdxl_train_network.py, see bench/kohya_trainer.py)",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="run the trainers in turn this many times (interleaved)")
+    ap.add_argument("--sd-scripts", default=str(ROOT / "bench/out/kohya/sd-scripts"), help="kohya's checkout")
+    ap.add_argument("--kohya-deps", default=str(ROOT / "bench/out/kohya/deps"), help="its packages (pip --target)")
+    ap.add_argument(
+        "--kohya-checkpoint",
+        default=str(ROOT / "bench/out/kohya/random_sdxl_fp16.safetensors"),
+        help="the random full-size SDXL as a checkpoint for kohya (written there once when missing)",
+    )
+    ap.add_argument(
         "--optimizers",
         default=None,
         help="comma-separated optimizer names (e.g. AdamW,CAME,ADOPT): ours once per optimizer, side by side "
         "(implies --only ours; the learning-rate-free ones run at learning rate 1.0, the others at 1e-4)",
     )
     ap.add_argument("--optimizer", default="AdamW", help=argparse.SUPPRESS)
-    ap.add_argument("--algo", default="lora", help="our network algorithm (lora, loha, lokr, dora)")
+    ap.add_argument(
+        "--algo",
+        default="lora",
+        help="our network algorithm (lora, loha, lokr, dora); comma-separated (e.g. lora,dora): ours once per "
+        "algorithm, side by side (implies --only ours)",
+    )
     ap.add_argument("--name", default=None)
     ap.add_argument("--worker", choices=["ours", "builtin"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -696,11 +736,28 @@ def main() -> int:
             r["summary"] = summarise(r)
             name = f"ours {optimizer}"
             results[name if name not in results else f"{name} (again)"] = r  # repeat one to see the load drift
-    for which in [] if args.optimizers else ["ours", "builtin"] if args.only is None else [args.only]:
-        r = run_worker(which, args)
-        r["summary"] = summarise(r)
-        results[which] = r
+    algos = [a.strip() for a in args.algo.split(",") if a.strip()]
+    if len(algos) > 1 and not args.optimizers:
+        for algo in algos:
+            r = run_worker("ours", argparse.Namespace(**{**vars(args), "algo": algo}))
+            r["summary"] = summarise(r)
+            results[f"ours {algo}"] = r
+    trainers = (
+        []
+        if args.optimizers or len(algos) > 1
+        else [t.strip() for t in args.trainers.split(",") if t.strip()]
+        if args.trainers
+        else ["ours", "builtin"]
+        if args.only is None
+        else [args.only]
+    )
+    for round_ in range(1, args.rounds + 1):
+        for which in trainers:
+            r = run_worker(which, args)
+            r["summary"] = summarise(r)
+            results[which if args.rounds == 1 else f"{which} #{round_}"] = r
     print_table(args, results)
+    print_ratios(results, trainers, args.rounds)
     import torch  # only for the version string (after the workers, so the parent stays small while they run)
 
     report = {

@@ -380,6 +380,8 @@ class StandInDevice(TorchDispatchMode):
             return self._to(func, args, kwargs)
         if func is _aten.copy_.default:
             return self._copy_(args[0], args[1], kwargs)
+        if func is _aten.set_.source_Tensor and _is_standin(args[0]) and _is_standin(args[1]):
+            return self._set_(args[0], args[1])
         if func in _SYNCING:
             self.transfers.syncs += 1
 
@@ -441,6 +443,16 @@ class StandInDevice(TorchDispatchMode):
             self.transfers.device_to_host += 1
             self.transfers.syncs += 1
         _unwrap(dst).copy_(_unwrap(src), **kwargs)
+        return dst
+
+    @staticmethod
+    def _set_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """``dst.set_(src)``: ``dst`` becomes a tensor over ``src``'s memory, as on CUDA (the wrapper's own shape
+        and strides follow ``src``'s; its values are a CPU tensor sharing ``src``'s)."""
+        elem = _unwrap(src)
+        dst.elem = _unwrap(dst).set_(elem)
+        with torch._C._DisableTorchDispatch():
+            _aten.set_.source_Tensor(dst, src)
         return dst
 
     @staticmethod

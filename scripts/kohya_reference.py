@@ -317,7 +317,7 @@ def roundtrip_continue(workdir: str, lora_file: str) -> dict:
     return found
 
 
-def _run_watched(command: list[str], limit_gib: float, **kwargs) -> tuple[int, float]:
+def run_watched(command: list[str], limit_gib: float, **kwargs) -> tuple[int, float]:
     """Run ``command``; kill it when its anonymous memory (RssAnon) passes ``limit_gib`` (the machine is shared).
     Returns (exit status, peak RssAnon GiB). Not RLIMIT_AS: kohya maps the whole checkpoint file and the CPU kernels
     reserve more than they touch, so address space says little about the memory a run takes from others."""
@@ -351,7 +351,7 @@ def roundtrip(sd_scripts: str, workdir: str, steps: int, memory_gib: float) -> N
     sd_scripts = os.path.abspath(sd_scripts)
     comfy_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     me = os.path.abspath(__file__)
-    rc, _ = _run_watched([sys.executable, me, "_roundtrip_prepare", workdir, str(steps)], memory_gib, env=comfy_env)
+    rc, _ = run_watched([sys.executable, me, "_roundtrip_prepare", workdir, str(steps)], memory_gib, env=comfy_env)
     if rc != 0:
         raise SystemExit(f"exporting the run failed (exit {rc})")
     with open(os.path.join(workdir, "export_folder.txt"), encoding="utf-8") as f:
@@ -374,7 +374,7 @@ def roundtrip(sd_scripts: str, workdir: str, steps: int, memory_gib: float) -> N
     log_path = os.path.join(workdir, "kohya_train.log")
     started = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
-        returncode, kohya_peak = _run_watched(command, memory_gib, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+        returncode, kohya_peak = run_watched(command, memory_gib, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.monotonic() - started
     with open(log_path, encoding="utf-8", errors="replace") as f:
         log_text = f.read()
@@ -384,7 +384,7 @@ def roundtrip(sd_scripts: str, workdir: str, steps: int, memory_gib: float) -> N
     rates = [rate for seg in progress for rate in re.findall(r"(\d+(?:\.\d+)?)s/it", seg)]
     lora_file = os.path.join(folder, "output", f"{ROUNDTRIP_NAME}.safetensors")
     out_json = os.path.join(workdir, "continued.json")
-    rc, continue_peak = _run_watched(
+    rc, continue_peak = run_watched(
         [sys.executable, me, "_roundtrip_continue", workdir, lora_file, out_json], memory_gib, env=comfy_env
     )
     if rc != 0:

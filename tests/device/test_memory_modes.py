@@ -19,6 +19,7 @@ import torch
 import training_fixtures as tf
 from device_helpers import CPU, assert_same_lora, data, lora_bytes, math_attention, models_on
 from standin_device import DEVICE
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig
 from sdxl_lora_trainer.trainer.run.config import TrainConfig
@@ -204,3 +205,52 @@ def test_the_memory_plan_decides_what_comfyui_streams(comfy_gpu, monkeypatch, wa
     assert got.memory_plan is not None and got.memory_plan.activations == step
     assert_same_lora(lora_bytes(got), want["unet"])
     assert lowvram_at_step == [streamed] * CONFIG.max_train_steps
+
+
+class ResidentWeightCopies(TorchDispatchMode):
+    """Counts copies made on the device of frozen weights that already are on the device (``.to``, ``clone``,
+    ``copy_`` from a frozen parameter): what a forward makes when a weight wrapper sits on a resident layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        source = {
+            torch.ops.aten._to_copy.default: args[0] if args else None,
+            torch.ops.aten.clone.default: args[0] if args else None,
+            torch.ops.aten.copy_.default: args[1] if len(args) > 1 else None,
+        }.get(func)
+        result = args[0] if func is torch.ops.aten.copy_.default else out
+        if (
+            isinstance(source, torch.nn.Parameter)
+            and not source.requires_grad
+            and source.device == DEVICE
+            and isinstance(result, torch.Tensor)
+            and result.device == DEVICE
+        ):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("mode", ["highvram", "normal", "lowvram_streams", "gpu_only"])
+def test_resident_weights_are_used_in_place_not_copied_per_forward(comfy_gpu, want, mode):
+    """A step copies no frozen weight that is already on the device: the loaded weights are used in place (an alias
+    that autograd may save replaces an inference tensor once per run), and only streamed layers get ComfyUI's cast
+    copy. The old way, a weight wrapper on every layer, copied the whole U-Net in each forward and recompute."""
+    spec = dict(MODES[mode])
+    fraction = spec.pop("memory_fraction", None)
+    gpu = comfy_gpu(memory=small_gpu(fraction) if fraction else 8 << 30, **spec)
+    counter = ResidentWeightCopies()
+    per_step: list[int] = []
+
+    def count(record, run):
+        per_step.append(counter.count)
+
+    with counter:
+        got = train(models_on(DEVICE, gpu_only=gpu.gpu_only), *data(), events=tf.StepWatcher(on_step=count))
+    assert_same_lora(lora_bytes(got), want["unet"])
+    assert len(per_step) == CONFIG.max_train_steps
+    assert [b - a for a, b in zip(per_step, per_step[1:])] == [0] * (CONFIG.max_train_steps - 1)

@@ -13,17 +13,18 @@ imported lazily inside the functions, so importing this package never requires C
 How training runs on the MODEL that ComfyUI already loaded, without a second copy of the U-Net:
 
 * Loader nodes run under ``torch.inference_mode()``, so the frozen weights are inference tensors,
-  which autograd may not save for backward, and ComfyUI may stream weights that do not fit on the GPU
-  through cast buffers it reuses layer after layer. ``training.training_models`` clones the MODEL (and the CLIP
-  when the text encoders train) and registers a weight wrapper for every comfy.ops layer on the clone's
-  patcher; ComfyUI re-applies those on every load, full or partial, and its ``cast_bias_weight`` then
-  hands each layer a weight copy in the compute dtype that autograd may keep (one layer at a time, freed
-  with gradient checkpointing). The frozen U-Net stays in the dtype ComfyUI loaded it in. Under
-  DynamicVRAM the clone is made from ComfyUI's non-dynamic delegate (see ``training._non_dynamic``).
+  which autograd may not save for backward. ``training.training_models`` clones the MODEL (and the CLIP
+  when the text encoders train) and, for the run, puts an alias over each inference weight's memory that
+  autograd may save (no copy; inference tensors again on exit). ComfyUI may stream weights that do not fit on
+  the GPU through cast buffers it reuses layer after layer: a forward pre-hook gives exactly those layers a
+  weight wrapper, so ComfyUI's ``cast_bias_weight`` hands them a private copy (one layer at a time, freed with
+  gradient checkpointing), while resident weights are used in place. The frozen U-Net stays in the dtype
+  ComfyUI loaded it in. Under DynamicVRAM the clone is made from ComfyUI's non-dynamic delegate (see
+  ``training._non_dynamic``).
 * ComfyUI decides what is loaded where (``training.load_for_training``), in every memory mode.
 * LoRA branches are forward hooks on the shared modules (trainer/network/), registered only
   inside the training context; attention kernels and layers without a backward are swapped for the
-  block (``kernels.differentiable_attention``, ``kernels.differentiable_layers``). On exit every hook, weight wrapper,
-  forward override and ``requires_grad`` flag is restored, so every other node sees the MODEL exactly
-  as it came in.
+  block (``kernels.differentiable_attention``, ``kernels.differentiable_layers``). On exit every hook, weight
+  wrapper, weight alias, forward override and ``requires_grad`` flag is restored, so every other node sees the
+  MODEL exactly as it came in.
 """

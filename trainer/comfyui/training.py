@@ -15,44 +15,122 @@ from .models import WrongModelError
 
 
 def _private_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A weight wrapper: the cast weight as a tensor that autograd may keep for backward.
+    """A weight wrapper for streamed layers: the cast weight as a tensor autograd may keep for backward.
 
-    ComfyUI calls it inside ``comfy.ops.cast_bias_weight`` on every forward of every layer. Having a wrapper at
-    all makes the cast copy the weight; the copy is returned as it is. A copy is made here when the cast handed
-    back something autograd must not keep: an inference tensor (the loaded weight itself), or a view into a cast
-    buffer that ComfyUI reuses for the next layers (streamed weights; autograd would read another layer's
-    values in backward).
+    ComfyUI calls it inside ``comfy.ops.cast_bias_weight`` after it copied the weight over from the offload device.
+    With async offload streams (NVIDIA) that copy is a view into a cast buffer ComfyUI reuses for the next layers,
+    so autograd would read another layer's values in backward: such a view is cloned. So is a weight that still is
+    an inference tensor (its layer could not be given an alias, see ``_autograd_usable``).
     """
     if weight.is_inference() or weight._base is not None or isinstance(weight, torch.nn.Parameter):
         return weight.clone()
     return weight
 
 
-def _register_private_weights(patcher: Any) -> int:
-    """Register ``_private_weight`` on the patcher for every weight and bias of its comfy.ops layers.
+#: set on the aliases ``_autograd_usable`` puts in place of inference-tensor weights, to find them again on exit
+_ALIAS_MARK = "_sdxl_lora_autograd_alias"
 
-    Weight wrappers registered on the patcher are ComfyUI's own mechanism: every load (full, partial, after an
-    eviction, legacy or dynamic) rebuilds each layer's ``weight_function`` list from them, so they cannot be
-    lost the way a function appended to the list by hand is lost on the next load.
+
+def _alias(tensor: torch.Tensor, inference: bool) -> torch.nn.Parameter:
+    """A new frozen parameter over ``tensor``'s memory (no copy), an inference tensor or not."""
+    with torch.inference_mode(inference):
+        shared = tensor.new_empty(0).set_(tensor)
+        return torch.nn.Parameter(shared, requires_grad=False)
+
+
+def _autograd_usable(module: torch.nn.Module) -> bool:
+    """Give ``module`` weights autograd may save for backward, sharing the memory of the loaded ones.
+
+    Loader nodes run under ``torch.inference_mode()``, so the weights are inference tensors, and autograd refuses
+    to save those. Copying them on every forward (what a weight wrapper makes ComfyUI's cast do) moved the whole
+    U-Net through memory once per forward and once per checkpoint recompute; an alias made once per run costs
+    nothing. Returns False when a weight is still an inference tensor (a tensor type that cannot be aliased).
     """
-    n = 0
-    for name, m in patcher.model.named_modules():
-        if not isinstance(getattr(m, "weight_function", None), list):
+    usable = True
+    for name, weight in list(module._parameters.items()):
+        if weight is None or not weight.is_inference():
             continue
-        for param in ("weight", "bias"):
-            if getattr(m, param, None) is not None:
-                patcher.add_weight_wrapper(f"{name}.{param}", _private_weight)
-                n += 1
-    return n
+        try:
+            alias = _alias(weight, inference=False)
+        except (RuntimeError, TypeError, NotImplementedError):
+            alias = None
+        if alias is None or alias.is_inference() or alias.shape != weight.shape:
+            usable = False
+            continue
+        for key, value in weight.__dict__.items():
+            alias.__dict__.setdefault(key, value)
+        setattr(alias, _ALIAS_MARK, True)
+        module._parameters[name] = alias
+    return usable
 
 
-def _remove_private_weights(module: torch.nn.Module) -> None:
-    """Take the wrappers out of the layers' lists again (the next load of the incoming MODEL rebuilds them)."""
-    for m in module.modules():
-        for attr in ("weight_function", "bias_function"):
-            fns = getattr(m, attr, None)
-            if isinstance(fns, list) and _private_weight in fns:
-                setattr(m, attr, [f for f in fns if f is not _private_weight])
+def _is_comfy_layer(module: torch.nn.Module) -> bool:
+    return isinstance(getattr(module, "weight_function", None), list)
+
+
+def make_weights_autograd_usable(root: torch.nn.Module) -> None:
+    """``_autograd_usable`` for every comfy.ops layer under ``root``: at the start of a run and after each load
+    (a load may put back weights ComfyUI backed up under inference mode)."""
+    for m in root.modules():
+        if _is_comfy_layer(m):
+            _autograd_usable(m)
+
+
+def _restore_inference_weights(root: torch.nn.Module) -> None:
+    """On exit: the aliases become inference tensors again over the same memory, so every other node sees the
+    weights as the loader made them (wherever ComfyUI has moved them since)."""
+    for m in root.modules():
+        for name, weight in list(m._parameters.items()):
+            if weight is not None and getattr(weight, _ALIAS_MARK, False):
+                back = _alias(weight, inference=True)
+                for key, value in weight.__dict__.items():
+                    if key != _ALIAS_MARK:
+                        back.__dict__.setdefault(key, value)
+                m._parameters[name] = back
+
+
+def _place_private_weight(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of every comfy.ops layer while training: the weight wrapper only where it is needed.
+
+    Any weight wrapper makes ComfyUI's cast copy the weight, so a resident weight (on the compute device, usable by
+    autograd) gets none and is used as it is. A streamed weight (on the offload device: ComfyUI copies it over in
+    the cast anyway) gets ``_private_weight``. Decided at each forward, since ComfyUI may move layers between steps
+    (partial loads, evictions for previews or caption encodes, reloads), and its loads rebuild the lists.
+    """
+    x = args[0] if args else None
+    params = [p for p in (module._parameters.get("weight"), module._parameters.get("bias")) if p is not None]
+    needs_copy = (
+        not isinstance(x, torch.Tensor)
+        or any(p.device != x.device for p in params)
+        or any(p.is_inference() for p in params)
+    )
+    for attr in ("weight_function", "bias_function"):
+        if module._parameters.get(attr.split("_")[0]) is None:
+            continue
+        fns = getattr(module, attr)
+        if needs_copy and _private_weight not in fns:
+            setattr(module, attr, [*fns, _private_weight])
+        elif not needs_copy and _private_weight in fns:
+            setattr(module, attr, [f for f in fns if f is not _private_weight])
+
+
+@contextlib.contextmanager
+def _weights_for_autograd(root: torch.nn.Module) -> Iterator[None]:
+    """The frozen weights under ``root`` usable by autograd for the run, without a per-forward copy; undone on exit."""
+    layers = [m for m in root.modules() if _is_comfy_layer(m)]
+    handles = [m.register_forward_pre_hook(_place_private_weight) for m in layers]
+    make_weights_autograd_usable(root)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m in layers:
+            for attr in ("weight_function", "bias_function"):
+                fns = getattr(m, attr, None)
+                if isinstance(fns, list) and _private_weight in fns:
+                    setattr(m, attr, [f for f in fns if f is not _private_weight])
+        _restore_inference_weights(root)
 
 
 def _non_dynamic(patcher: Any, what: str) -> Any:
@@ -76,8 +154,8 @@ def _non_dynamic(patcher: Any, what: str) -> Any:
 
 @dataclasses.dataclass
 class TrainingModels:
-    """What a training run uses: clones of the incoming MODEL (and CLIP when the text encoders train) that carry
-    the weight wrappers, so the incoming objects stay exactly as they were for every other node."""
+    """What a training run uses: clones of the incoming MODEL (and CLIP when the text encoders train), so ComfyUI
+    loads them as objects of their own and the incoming ones stay exactly as they were for every other node."""
 
     model: Any  # ModelPatcher the U-Net trains through
     clip: Any  # CLIP to encode live captions with (the training clone when text encoders train)
@@ -87,25 +165,32 @@ class TrainingModels:
 @contextlib.contextmanager
 def _frozen(*modules: torch.nn.Module) -> Iterator[None]:
     """No frozen weight takes part in autograd (a custom loader may hand over weights that require grad); the
-    flags are given back on exit."""
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    flags are given back on exit, by module and name (the run may swap the parameter objects, see
+    ``_autograd_usable``)."""
+    flags = [
+        (m, name, p.requires_grad)
+        for root in modules
+        for m in root.modules()
+        for name, p in m._parameters.items()
+        if p is not None
+    ]
     try:
-        for p, flag in flags:
+        for m, name, flag in flags:
             if flag:
-                p.requires_grad_(False)
+                m._parameters[name].requires_grad_(False)
         yield
     finally:
-        for p, flag in flags:
-            if p.requires_grad != flag:
+        for m, name, flag in flags:
+            p = m._parameters.get(name)
+            if p is not None and p.requires_grad != flag:
                 with torch.inference_mode(p.is_inference()):  # torch allows it on inference tensors only there
                     p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
 def training_models(model: Any, clip: Any, train_text_encoders: bool) -> Iterator[TrainingModels]:
-    """Clones of MODEL/CLIP with autograd-safe, frozen weights in every memory mode; undone on exit."""
+    """Clones of MODEL/CLIP with frozen weights autograd may save, in every memory mode; undone on exit."""
     train_model = _non_dynamic(model, "MODEL").clone()
-    _register_private_weights(train_model)
     train_clip = clip
     if train_text_encoders:
         base = clip.clone(disable_dynamic=True) if clip.patcher.is_dynamic() else clip
@@ -115,15 +200,12 @@ def training_models(model: Any, clip: Any, train_text_encoders: bool) -> Iterato
                 "start ComfyUI with --disable-dynamic-vram."
             )
         train_clip = base.clone()
-        _register_private_weights(train_clip.patcher)
     frozen = [train_model.model] + ([train_clip.patcher.model] if train_text_encoders else [])
-    try:
-        with _frozen(*frozen):
-            yield TrainingModels(model=train_model, clip=train_clip, device=train_model.load_device)
-    finally:
-        _remove_private_weights(train_model.model)
-        if train_text_encoders:
-            _remove_private_weights(train_clip.patcher.model)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_frozen(*frozen))
+        for root in frozen:
+            stack.enter_context(_weights_for_autograd(root))
+        yield TrainingModels(model=train_model, clip=train_clip, device=train_model.load_device)
 
 
 @contextlib.contextmanager
@@ -178,7 +260,8 @@ def load_for_training(model: Any, memory_required: int = 0, mode: str = "auto", 
 
     ComfyUI decides what fits: everything on a large GPU (and with --highvram / --gpu-only), and on a small one
     (or with --lowvram / --novram) the rest stays on the offload device and is streamed per layer, which the
-    weight wrappers of ``training_models`` make safe for backward. ``memory_required``: what the step needs
+    weight wrappers of ``training_models`` make safe for backward; weights ComfyUI (re)loaded are made usable by
+    autograd (``make_weights_autograd_usable``). ``memory_required``: what the step needs
     besides the weights (the memory plan), which ComfyUI keeps free. ``mode`` "full" loads every weight whatever
     the plan says; "stream" also asks for room for the ``weights`` themselves, so ComfyUI keeps as few resident as
     it allows. On a CPU device ComfyUI always loads fully. Called before every U-Net forward: a no-op while the
@@ -191,6 +274,7 @@ def load_for_training(model: Any, memory_required: int = 0, mode: str = "auto", 
     else:
         extra = weights if mode == "stream" else 0
         mm.load_models_gpu([model], memory_required=memory_required + extra)
+    make_weights_autograd_usable(model.model)
     return model.load_device
 
 

@@ -329,6 +329,12 @@ def worker_ours(args, result: dict) -> None:
         def training_started(self, run) -> None:
             self.run = run
             step = run.optimizer.step
+            if args.compile_blocks:  # the regional torch.compile trial (bench/README.md): every transformer block
+                unet = comfy_models.diffusion_model(run.models.model)
+                blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+                for m in blocks:
+                    m.compile()
+                result["compiled_blocks"] = len(blocks)
 
             def timed_step(*a, **k):  # the optimizer's own share of a step (optimizers compared side by side)
                 start = time.perf_counter()
@@ -546,6 +552,7 @@ def run_worker(which: str, args, optimizer: str = "AdamW") -> dict:
         str(args.builtin_checkpoint_depth),
         "--optimizer",
         optimizer,
+        *(["--compile-blocks"] if args.compile_blocks else []),
     ]
     print(f"[{which}] {' '.join(cmd[1:])}  (RLIMIT_AS {args.mem_cap_gib} GiB)", flush=True)
     start = time.perf_counter()
@@ -713,6 +720,12 @@ def main() -> int:
         default="lora",
         help="our network algorithm (lora, loha, lokr, dora); comma-separated (e.g. lora,dora): ours once per "
         "algorithm, side by side (implies --only ours)",
+    )
+    ap.add_argument(
+        "--compile-blocks",
+        action="store_true",
+        help="ours: torch.compile each transformer block (Module.compile) when training starts: the regional "
+        "compile trial",
     )
     ap.add_argument("--name", default=None)
     ap.add_argument("--worker", choices=["ours", "builtin"], help=argparse.SUPPRESS)

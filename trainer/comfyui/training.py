@@ -114,6 +114,15 @@ def _place_private_weight(module: torch.nn.Module, args: tuple) -> None:
             setattr(module, attr, [f for f in fns if f is not _private_weight])
 
 
+def _cast_path(patcher: Any) -> None:
+    """Every comfy.ops layer of the training clone takes ComfyUI's cast path (``cast_bias_weight``), which casts a
+    weight stored in another dtype than the step computes in (fp16 weights, bf16 training) and applies the patches
+    ComfyUI keeps for forward time. ComfyUI's own switch, read by each load of this patcher and undone by the next
+    load of another (``force_cast_weights``, as ``set_model_compute_dtype`` sets it). A weight already in the compute
+    dtype on the compute device comes back from the cast as it is: no copy."""
+    patcher.force_cast_weights = True
+
+
 @contextlib.contextmanager
 def _weights_for_autograd(root: torch.nn.Module) -> Iterator[None]:
     """The frozen weights under ``root`` usable by autograd for the run, without a per-forward copy; undone on exit."""
@@ -191,6 +200,7 @@ def _frozen(*modules: torch.nn.Module) -> Iterator[None]:
 def training_models(model: Any, clip: Any, train_text_encoders: bool) -> Iterator[TrainingModels]:
     """Clones of MODEL/CLIP with frozen weights autograd may save, in every memory mode; undone on exit."""
     train_model = _non_dynamic(model, "MODEL").clone()
+    _cast_path(train_model)
     train_clip = clip
     if train_text_encoders:
         base = clip.clone(disable_dynamic=True) if clip.patcher.is_dynamic() else clip
@@ -200,6 +210,7 @@ def training_models(model: Any, clip: Any, train_text_encoders: bool) -> Iterato
                 "start ComfyUI with --disable-dynamic-vram."
             )
         train_clip = base.clone()
+        _cast_path(train_clip.patcher)
     frozen = [train_model.model] + ([train_clip.patcher.model] if train_text_encoders else [])
     with contextlib.ExitStack() as stack:
         stack.enter_context(_frozen(*frozen))

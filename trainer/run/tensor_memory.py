@@ -55,6 +55,11 @@ class PeakTensorMemory(TorchDispatchMode):
         kwargs = kwargs or {}
         self._note(tree_flatten((args, kwargs))[0], made_here=False)  # inputs seen first were made outside
         out = func(*args, **kwargs)
-        self._note(tree_flatten(out)[0], made_here=True)
+        # a result that aliases an input (a view, an in-place op's) makes no storage: under FakeTensorMode a real input
+        # (a loaded weight) becomes a fake tensor inside the op, and a view of it must not count as memory
+        returns = func._schema.returns
+        results = [out] if len(returns) == 1 else list(out or ())  # in-place foreach ops return nothing
+        for result, spec in zip(results, returns):
+            self._note(tree_flatten(result)[0], made_here=spec.alias_info is None)
         self.peak = max(self.peak, self.live)
         return out

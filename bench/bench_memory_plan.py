@@ -50,6 +50,9 @@ class Source:
     def latent(self, image, flipped):
         return self.latents[image.key]
 
+    def loss_mask(self, image, flipped):  # no masks in the benchmark
+        return None
+
     def encoding(self, image):
         return self.texts[image.key]
 

@@ -1,4 +1,6 @@
-"""Benchmark of a LoRA training step: this pack's trainer vs ComfyUI's built-in TrainLoraNode.
+"""Benchmark of a LoRA training step: this pack's trainer vs ComfyUI's built-in TrainLoraNode and kohya sd-scripts.
+
+kohya's ``sdxl_train_network.py`` is the third trainer (``--trainers ours,kohya,builtin``): see bench/kohya_trainer.py.
 
 Not a test (CI never runs it). Each trainer runs in its own subprocess whose address space is capped
 with RLIMIT_AS (--mem-cap-gib, default 22), so running out of memory is a MemoryError / allocator error

@@ -322,7 +322,11 @@ def test_text_encoder_training_gets_gradients_and_leaves_clip_unchanged(monkeypa
 # -- 10. exact resume ----------------------------------------------------------------------------------
 
 
-def test_resume_continues_bit_identically(random_data):
+@pytest.mark.parametrize("algo", ["lora", "dora"])
+def test_resume_continues_bit_identically(random_data, algo):
+    """Stopped after step 3 and resumed from the state: the same losses, learning rates and LoRA bytes as one run
+    (DoRA too: its magnitude vectors are trained parameters and part of the state)."""
+    net = RANDOM_NET if algo == "lora" else replace(RANDOM_NET, algo=algo, dropout=0.0, rank_dropout=0.0)
     total, stop_after = 5, 3
     config = TrainConfig(
         max_train_steps=total,
@@ -333,13 +337,13 @@ def test_resume_continues_bit_identically(random_data):
         gradient_accumulation_steps=2,
         noise=RANDOM_NOISE,
     )
-    full = tf.run_train(*random_data, RANDOM_NET, config)
+    full = tf.run_train(*random_data, net, config)
     assert full.steps_per_epoch == 2  # 3 batches at accumulation 2: the cut below falls inside epoch 2
 
     done = []
     part = tf.run_train(
         *random_data,
-        RANDOM_NET,
+        net,
         config,
         events=tf.StepWatcher(
             on_step=lambda record, run: done.append(record.step), stop_when=lambda: len(done) >= stop_after
@@ -352,7 +356,7 @@ def test_resume_continues_bit_identically(random_data):
         "scheduler": copy.deepcopy(part.scheduler.state_dict()),
         "loop": copy.deepcopy(part.state),
     }
-    resumed = tf.run_train(*random_data, RANDOM_NET, config, resume=resume)
+    resumed = tf.run_train(*random_data, net, config, resume=resume)
     assert resumed.state.global_step == total and not resumed.state.interrupted
     assert [(r.step, r.epoch, r.loss, r.lr, r.timestep_mean) for r in resumed.state.history] == [
         (r.step, r.epoch, r.loss, r.lr, r.timestep_mean) for r in full.state.history

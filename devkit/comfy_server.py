@@ -7,6 +7,7 @@ user's own ComfyUI folders are never touched.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -180,6 +181,17 @@ class ComfyServer:
 
     def run(self, prompt: dict, timeout: float = 600) -> dict:
         return self.wait(self.queue(prompt), timeout)
+
+    def run_successfully(self, prompt: dict, timeout: float = 900) -> dict:
+        """``run``, failing with the prompt's error and the tail of the server log when it did not succeed."""
+        entry = self.run(prompt, timeout)
+        error = execution_error(entry)
+        assert error is None, error + "\n" + self.log()[-3000:]
+        return entry
+
+    def trained_loras(self, pattern: str) -> list[str]:
+        """The LoRA files matching ``pattern`` in the train node's default subfolder of models/loras, sorted."""
+        return sorted(glob.glob(str(self.base / "models" / "loras" / "sdxl_lora_trainer" / pattern)))
 
     def interrupt(self) -> None:
         self.post("/interrupt", {})

@@ -7,7 +7,6 @@ import glob
 import json
 
 import torch
-from comfy_server import execution_error
 from dataset_factory import kohya_folder
 from example_prompts import train_then_test, training_only, with_run_options
 from safetensors import safe_open
@@ -15,16 +14,6 @@ from safetensors.torch import load_file
 
 RES = 64
 DECAY = 0.7
-
-
-def _lora_files(server, pattern: str) -> list[str]:
-    return sorted(glob.glob(str(server.base / "models" / "loras" / "sdxl_lora_trainer" / pattern)))
-
-
-def _run(server, prompt: dict) -> dict:
-    entry = server.run(prompt, timeout=900)
-    assert execution_error(entry) is None, execution_error(entry) + "\n" + server.log()[-3000:]
-    return entry
 
 
 def _prompt(folder: str, name: str, **options) -> dict:
@@ -39,15 +28,17 @@ def _prompt(folder: str, name: str, **options) -> dict:
 
 def test_ema_file_is_the_average_of_the_steps_and_resumes_exactly(server):
     kohya_folder(server.base / "input" / "ds_ema", {"1_cat": [(64, 64), (64, 48)]})
-    _run(server, _prompt("ds_ema", "emarun", checkpointing={"save_every_n_steps": 1, "save_state_every_n_steps": 3}))
+    server.run_successfully(
+        _prompt("ds_ema", "emarun", checkpointing={"save_every_n_steps": 1, "save_state_every_n_steps": 3})
+    )
 
-    final = [f for f in _lora_files(server, "emarun_*.safetensors") if "-step" not in f and "_ema" not in f]
+    final = [f for f in server.trained_loras("emarun_*.safetensors") if "-step" not in f and "_ema" not in f]
     assert len(final) == 1
     ema_path = final[0].replace(".safetensors", "_ema.safetensors")
     trained, averaged = load_file(final[0]), load_file(ema_path)
     assert trained.keys() == averaged.keys()
-    steps = [load_file(f) for f in _lora_files(server, "emarun_*-step00000?.safetensors")]
-    assert len(steps) == 6 and len(_lora_files(server, "emarun_*-step00000?_ema.safetensors")) == 6
+    steps = [load_file(f) for f in server.trained_loras("emarun_*-step00000?.safetensors")]
+    assert len(steps) == 6 and len(server.trained_loras("emarun_*-step00000?_ema.safetensors")) == 6
     # the plain formula over the weights of steps 1..6 (the first update copies)
     expected = {k: v.double() for k, v in steps[0].items()}
     for weights in steps[1:]:
@@ -63,9 +54,9 @@ def test_ema_file_is_the_average_of_the_steps_and_resumes_exactly(server):
 
     states = glob.glob(str(server.base / "output" / "sdxl_lora_trainer" / "state" / "emarun_*" / "step-000003"))
     assert len(states) == 1
-    entry = _run(server, _prompt("ds_ema", "emaresumed", checkpointing={"resume_from": states[0]}))
+    entry = server.run_successfully(_prompt("ds_ema", "emaresumed", checkpointing={"resume_from": states[0]}))
     assert "_ema.safetensors" in entry["outputs"]["7"]["text"][0]
-    resumed = [f for f in _lora_files(server, "emaresumed_*.safetensors") if "_ema" not in f]
+    resumed = [f for f in server.trained_loras("emaresumed_*.safetensors") if "_ema" not in f]
     again, again_ema = load_file(resumed[0]), load_file(resumed[0].replace(".safetensors", "_ema.safetensors"))
     for k in trained:
         assert torch.equal(trained[k], again[k]), k
@@ -92,13 +83,13 @@ def test_previews_render_the_ema_when_asked_and_never_change_the_training(server
         p["18"] = {"class_type": "PreviewImage", "inputs": {"images": ["7", 7]}}
         return p
 
-    trained = _run(server, prompt("prev_trained", False))
-    averaged = _run(server, prompt("prev_averaged", True))
+    trained = server.run_successfully(prompt("prev_trained", False))
+    averaged = server.run_successfully(prompt("prev_averaged", True))
     plain, ema = _preview_pixels(server, trained), _preview_pixels(server, averaged)
     assert len(plain) == len(ema) == 2  # steps 2 and 4
     assert plain != ema, "the previews did not change with use_for_previews"
     # rendering with the EMA swapped in leaves the trained weights bit for bit as they were
-    (a,) = [f for f in _lora_files(server, "prev_trained_*.safetensors") if "_ema" not in f]
-    (b,) = [f for f in _lora_files(server, "prev_averaged_*.safetensors") if "_ema" not in f]
+    (a,) = [f for f in server.trained_loras("prev_trained_*.safetensors") if "_ema" not in f]
+    (b,) = [f for f in server.trained_loras("prev_averaged_*.safetensors") if "_ema" not in f]
     first, second = load_file(a), load_file(b)
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -6,7 +6,7 @@ import glob
 import json
 
 import pytest
-from comfy_server import ServerError, execution_error
+from comfy_server import ServerError
 from dataset_factory import kohya_folder
 from example_prompts import train_then_test, training_only
 from safetensors import safe_open
@@ -18,12 +18,6 @@ RES = 64
 def folder(server) -> str:
     kohya_folder(server.base / "input" / "ds_network", {"1_cat": [(64, 64), (64, 48)]})
     return "ds_network"
-
-
-def run(server, prompt: dict) -> dict:
-    entry = server.run(prompt, timeout=900)
-    assert execution_error(entry) is None, execution_error(entry) + "\n" + server.log()[-3000:]
-    return entry
 
 
 def saved_file(server, entry: dict) -> str:
@@ -44,7 +38,7 @@ def queue_errors(server, prompt: dict, node: str) -> str:
 def test_loraplus_ratios_reach_the_optimizer_groups_and_the_metadata(server, folder):
     prompt = training_only(train_then_test(folder, steps=1, seed=3, resolution=RES, lr=1e-3, output_name="plus"))
     prompt["6"]["inputs"].update(loraplus_lr_ratio=16.0, loraplus_unet_lr_ratio=8.0)
-    entry = run(server, prompt)
+    entry = server.run_successfully(prompt)
     report = entry["outputs"]["7"]["text"][0]
     assert "parameter groups (kohya's names): unet lr 0.001, unet plus lr 0.008" in report, report
     with safe_open(saved_file(server, entry), "pt") as f:
@@ -52,7 +46,7 @@ def test_loraplus_ratios_reach_the_optimizer_groups_and_the_metadata(server, fol
     assert (args["loraplus_lr_ratio"], args["loraplus_unet_lr_ratio"]) == ("16.0", "8.0")
 
     plain = training_only(train_then_test(folder, steps=1, seed=3, resolution=RES, lr=1e-3, output_name="noplus"))
-    report = run(server, plain)["outputs"]["7"]["text"][0]
+    report = server.run_successfully(plain)["outputs"]["7"]["text"][0]
     assert "parameter groups (kohya's names): unet lr 0.001\n" in report + "\n", report
 
 
@@ -66,7 +60,7 @@ def test_loraplus_with_loha_is_refused_at_queue_time(server, folder):
 
 def test_start_from_mismatches_are_refused_at_queue_time(server, folder):
     first = training_only(train_then_test(folder, steps=1, seed=4, resolution=RES, output_name="unetonly"))
-    start = saved_file(server, run(server, first))
+    start = saved_file(server, server.run_successfully(first))
     name = start.split("/models/loras/", 1)[1]
     prompt = training_only(train_then_test(folder, steps=1, seed=4, resolution=RES, output_name="mismatch"))
     prompt["6"]["inputs"].update(start_from=name, train_clip_l=True)

@@ -21,16 +21,6 @@ def folder(server) -> str:
     return "ds_run"
 
 
-def lora_files(server, pattern: str) -> list[str]:
-    return sorted(glob.glob(str(server.base / "models" / "loras" / "sdxl_lora_trainer" / pattern)))
-
-
-def run(server, prompt: dict) -> dict:
-    entry = server.run(prompt, timeout=900)
-    assert execution_error(entry) is None, execution_error(entry) + "\n" + server.log()[-3000:]
-    return entry
-
-
 def test_progress_events_previews_and_intermediate_files(server, folder):
     prompt = with_run_options(
         training_only(train_then_test(folder, steps=6, seed=11, resolution=RES, output_name="inter")),
@@ -38,13 +28,13 @@ def test_progress_events_previews_and_intermediate_files(server, folder):
         previews={"every_n_steps": 3},
     )
     with WsListener(server) as ws:
-        run(server, prompt)
+        server.run_successfully(prompt)
     progress = [d for d in ws.of_type("sdxl_lora_trainer.progress") if d.get("node") == "7"]
     assert [d["step"] for d in progress] == [1, 2, 3, 4, 5, 6]
     assert all(d["total"] == 6 for d in progress)
     assert ws.binary >= 1, "no preview image reached the browser during the run"
-    finals = [f for f in lora_files(server, "inter_*.safetensors") if "-step" not in f]
-    inter = lora_files(server, "inter_*-step*.safetensors")
+    finals = [f for f in server.trained_loras("inter_*.safetensors") if "-step" not in f]
+    inter = server.trained_loras("inter_*-step*.safetensors")
     assert len(finals) == 1
     # steps 2, 4, 6 were saved; keep_last_n=2 removed step 2
     assert [os.path.basename(f).split("-step")[1] for f in inter] == ["000004.safetensors", "000006.safetensors"]
@@ -57,22 +47,22 @@ def test_progress_events_previews_and_intermediate_files(server, folder):
 
 def test_resume_equals_uninterrupted(server, folder):
     base = training_only(train_then_test(folder, steps=6, seed=5, resolution=RES, output_name="full"))
-    run(server, base)
-    full = load_file(lora_files(server, "full_*.safetensors")[-1])
+    server.run_successfully(base)
+    full = load_file(server.trained_loras("full_*.safetensors")[-1])
 
     first = with_run_options(
         training_only(train_then_test(folder, steps=6, seed=5, resolution=RES, output_name="half")),
         checkpointing={"save_state_every_n_steps": 3},
     )
-    run(server, first)
+    server.run_successfully(first)
     states = sorted(glob.glob(str(server.base / "output" / "sdxl_lora_trainer" / "state" / "half_*" / "step-000003")))
     assert states, "no state folder at step 3"
     resumed = with_run_options(
         training_only(train_then_test(folder, steps=6, seed=5, resolution=RES, output_name="resumed")),
         checkpointing={"resume_from": states[-1]},
     )
-    run(server, resumed)
-    again = load_file(lora_files(server, "resumed_*.safetensors")[-1])
+    server.run_successfully(resumed)
+    again = load_file(server.trained_loras("resumed_*.safetensors")[-1])
     assert full.keys() == again.keys()
     for k in full:
         assert full[k].dtype == again[k].dtype
@@ -91,7 +81,7 @@ def test_cancel_saves_a_loadable_lora_and_a_resumable_state(server, folder):
     assert entry["status"]["status_str"] == "error"  # ComfyUI reports an interrupted prompt so
     kinds = [m[0] for m in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds, kinds
-    files = lora_files(server, "cancelled_*.safetensors")
+    files = server.trained_loras("cancelled_*.safetensors")
     assert len(files) == 1
     weights = load_file(files[0])
     assert any(k.endswith(".lora_up.weight") for k in weights)
@@ -109,7 +99,7 @@ def test_cancel_saves_a_loadable_lora_and_a_resumable_state(server, folder):
         checkpointing={"resume_from": state_dir},
     )
     # the step count is part of max_train_steps only, so the saved state is accepted
-    entry = run(server, resumed)
+    entry = server.run_successfully(resumed)
     assert f"trained {steps_done + 2} steps" in entry["outputs"]["7"]["text"][0]
 
 
@@ -119,7 +109,7 @@ def test_resume_at_or_past_the_target_stops_and_a_raised_target_trains_on(server
         training_only(train_then_test(folder, steps=4, seed=8, resolution=RES, output_name="target")),
         checkpointing={"save_state_every_n_steps": 4},
     )
-    run(server, first)
+    server.run_successfully(first)
     states = glob.glob(str(server.base / "output" / "sdxl_lora_trainer" / "state" / "target_*" / "step-000004"))
     assert len(states) == 1, states
     for steps in (3, 4):
@@ -131,14 +121,14 @@ def test_resume_at_or_past_the_target_stops_and_a_raised_target_trains_on(server
         error = execution_error(entry)
         assert error is not None and f"{states[0]} is already at step 4 and max_train_steps is {steps}" in error
         assert "nothing was saved" in error and "raise max_train_steps (or max_train_epochs) above 4" in error
-        assert lora_files(server, "past_*") == []
+        assert server.trained_loras("past_*") == []
     raised = with_run_options(
         training_only(train_then_test(folder, steps=5, seed=8, resolution=RES, output_name="raised")),
         checkpointing={"resume_from": states[0]},
     )
-    entry = run(server, raised)
+    entry = server.run_successfully(raised)
     assert "trained 5 steps" in entry["outputs"]["7"]["text"][0]
-    assert len(lora_files(server, "raised_*.safetensors")) == 1
+    assert len(server.trained_loras("raised_*.safetensors")) == 1
 
 
 def lora_bytes(path: str) -> dict[str, bytes]:
@@ -157,16 +147,16 @@ def test_schedule_free_previews_and_intermediate_saves_do_not_change_the_run(ser
         prompt["7"]["inputs"]["optimizer"] = "AdamWScheduleFree"  # constant lr: the first 2 steps of 4 are a 2-step run
         return prompt
 
-    run(server, schedule_free("sf_two", 2))
-    run(server, schedule_free("sf_plain", 4))
+    server.run_successfully(schedule_free("sf_two", 2))
+    server.run_successfully(schedule_free("sf_plain", 4))
     busy = with_run_options(
         schedule_free("sf_busy", 4), checkpointing={"save_every_n_steps": 2}, previews={"every_n_steps": 2}
     )
-    run(server, busy)
-    [two] = lora_files(server, "sf_two_*.safetensors")
-    [plain] = lora_files(server, "sf_plain_*.safetensors")
-    [step2] = lora_files(server, "sf_busy_*-step000002.safetensors")
-    [final] = [f for f in lora_files(server, "sf_busy_*.safetensors") if "-step" not in f]
+    server.run_successfully(busy)
+    [two] = server.trained_loras("sf_two_*.safetensors")
+    [plain] = server.trained_loras("sf_plain_*.safetensors")
+    [step2] = server.trained_loras("sf_busy_*-step000002.safetensors")
+    [final] = [f for f in server.trained_loras("sf_busy_*.safetensors") if "-step" not in f]
     assert lora_bytes(step2) == lora_bytes(two)  # the averaged weights, not the training point
     assert lora_bytes(final) == lora_bytes(plain)  # previews and saves left the training point as it was
 
@@ -181,7 +171,7 @@ def test_full_disk_on_the_final_save_still_hands_the_trained_lora_on(server, fol
     del prompt["8"]  # no file to load: the KSampler takes the train node's MODEL
     prompt["13"]["inputs"]["model"] = ["7", 0]
     prompt["31"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["7", 2], "prefix": "rescued/lora"}}
-    entry = run(server, prompt)
+    entry = server.run_successfully(prompt)
     report = entry["outputs"]["7"]["text"][0]
     loras = server.base / "models" / "loras" / "sdxl_lora_trainer"
     assert "ERROR: the LoRA was NOT saved: could not write srvfull_" in report, report

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_server import WsListener, execution_error
+from comfy_server import WsListener
 from dataset_factory import kohya_folder
 from example_prompts import train_then_test, training_only
 from safetensors import safe_open
@@ -25,12 +25,6 @@ from safetensors.torch import load_file
 
 RES = 64
 TRAIN = "7"
-
-
-def run(server, prompt: dict) -> dict:
-    entry = server.run(prompt, timeout=1200)
-    assert execution_error(entry) is None, execution_error(entry) + "\n" + server.log()[-3000:]
-    return entry
 
 
 def lora_file(server, name: str) -> str:
@@ -55,7 +49,7 @@ def test_validation_loss_is_a_live_series_an_output_a_log_column_and_metadata(se
     prompt[TRAIN]["inputs"]["validation"] = ["30", 0]
     prompt["31"] = {"class_type": "LossGraphNode", "inputs": {"loss": [TRAIN, 8], "filename_prefix": "val_graph"}}
     with WsListener(server) as ws:
-        entry = run(server, prompt)
+        entry = server.run_successfully(prompt, timeout=1200)
     events = [d for d in ws.of_type("sdxl_lora_trainer.progress") if d.get("node") == TRAIN]
     steps = [d["step"] for d in events if not d.get("validation")]
     validations = [d for d in events if d.get("validation")]
@@ -120,7 +114,9 @@ def learning_prompt(folder: str, image: str, *, steps: int, seed: int, lr: float
 def test_a_lora_overfit_on_one_image_samples_that_image_through_comfyui(server, capsys):
     root = kohya_folder(server.base / "input" / "ds_learn", {"1_cat": [(RES, RES)]})
     shutil.copyfile(root / "1_cat" / "img_0.png", server.base / "input" / "learn_target.png")
-    run(server, learning_prompt("ds_learn", "learn_target.png", steps=60, seed=11, lr=1e-2, sample_steps=20))
+    server.run_successfully(
+        learning_prompt("ds_learn", "learn_target.png", steps=60, seed=11, lr=1e-2, sample_steps=20), timeout=1200
+    )
     target = _latent(server, "proof_target")
     base, lora = _latent(server, "proof_base"), _latent(server, "proof_lora")
     assert base.shape == lora.shape == target.shape == (1, 4, RES // 8, RES // 8)

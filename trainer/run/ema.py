@@ -57,6 +57,16 @@ class EmaSettings:
         if self.save_as not in EMA_SAVE_AS:
             raise ValueError(f"EMA save_as must be one of {list(EMA_SAVE_AS)}, got {self.save_as!r}")
 
+    def averaging(self) -> dict[str, float | int]:
+        """The settings that decide the averaged weights (not where they are saved or shown), in field order: what a
+        file of averaged weights records and what a resumed state must agree on."""
+        return {
+            "decay": self.decay,
+            "warmup_power": self.warmup_power,
+            "update_every_n_steps": self.update_every_n_steps,
+            "start_step": self.start_step,
+        }
+
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based, counted over the whole run) is averaged."""
         first = max(1, self.start_step)

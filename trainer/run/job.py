@@ -284,9 +284,13 @@ class TrainJob(RunEvents):
         """What the LoRA file and the node's outputs hold: the trained weights, or their EMA with save_as main_file."""
         run = self.run
         if run.ema is not None and self.ema.save_as == "main_file":
-            return shipped_weights(run.network, self.out, state=run.ema.state_dict_kohya())
+            return self._ema_weights()
         with averaged_weights(run.optimizer):  # a schedule-free optimizer saves its averaged weights
             return shipped_weights(run.network, self.out)
+
+    def _ema_weights(self) -> dict[str, torch.Tensor]:
+        """The EMA of the weights as a LoRA file holds them."""
+        return shipped_weights(self.run.network, self.out, state=self.run.ema.state_dict_kohya())
 
     def _save(self, suffix: str, step: int, epoch: int, weights: dict[str, torch.Tensor] | None = None) -> SavedLora:
         """The LoRA of this step (``weights``, default ``_main_weights``); with an EMA saved as an extra file, also
@@ -326,9 +330,8 @@ class TrainJob(RunEvents):
         if self.ema.save_as == "main_file":
             return save(main, extra_metadata=averaged_meta)
         saved = save(main)
-        averaged = shipped_weights(run.network, self.out, state=run.ema.state_dict_kohya())
         try:
-            saved.companions.append(save(averaged, extra_metadata=averaged_meta, companion_of=saved))
+            saved.companions.append(save(self._ema_weights(), extra_metadata=averaged_meta, companion_of=saved))
         except OSError as e:
             self.artifacts.warn(f"the EMA file of {saved.lora_name} was not saved: {e}")
         return saved
@@ -447,17 +450,7 @@ def _schedule_shape(config: TrainConfig) -> dict:
 
 def ema_metadata(settings: EmaSettings, updates: int) -> dict[str, str]:
     """What a file holding averaged weights says about them (not a kohya key: kohya's LoRA training has no EMA)."""
-    return {
-        "sdxl_lora_trainer.ema": json.dumps(
-            {
-                "decay": settings.decay,
-                "warmup_power": settings.warmup_power,
-                "update_every_n_steps": settings.update_every_n_steps,
-                "start_step": settings.start_step,
-                "updates": updates,
-            }
-        )
-    }
+    return {"sdxl_lora_trainer.ema": json.dumps({**settings.averaging(), "updates": updates})}
 
 
 def run_fingerprint(dataset, network_config, config: TrainConfig, ema: EmaSettings | None = None) -> dict:
@@ -476,5 +469,5 @@ def run_fingerprint(dataset, network_config, config: TrainConfig, ema: EmaSettin
         "loss": repr(config.loss),
         "noise": repr(config.noise),
         # only with an EMA, so states saved without one (and before EMA existed) keep their fingerprint
-        **({"ema": [ema.decay, ema.warmup_power, ema.update_every_n_steps, ema.start_step]} if ema else {}),
+        **({"ema": list(ema.averaging().values())} if ema else {}),
     }

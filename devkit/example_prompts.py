@@ -6,6 +6,7 @@ stands in for CheckpointLoaderSimple unless a checkpoint name is given.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 
@@ -189,31 +190,24 @@ def train_then_test(
     }
 
 
-def with_run_options(
-    prompt: dict[str, Any],
-    *,
-    checkpointing: dict[str, Any] | None = None,
-    previews: dict[str, Any] | None = None,
-    ema: dict[str, Any] | None = None,
-    logging: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Add 'Save Every N & Resume' (node 20), 'Sample Previews' (node 21), 'EMA' (node 22) and/or 'Logging (W&B)'
-    (node 23) to a train_then_test prompt."""
-    out = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
-    if checkpointing is not None:
-        inputs = {
+#: the run-option nodes with_run_options adds: train node input -> (node id, class, its inputs at their defaults)
+_RUN_OPTION_NODES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "checkpointing": (
+        "20",
+        "SDXLLoraCheckpointing",
+        {
             "save_every_n_steps": 0,
             "save_every_n_epochs": 0,
             "keep_last_n": 0,
             "save_state_every_n_steps": 0,
             "save_state_on_cancel": True,
             "resume_from": "",
-        }
-        inputs.update(checkpointing)
-        out["20"] = {"class_type": "SDXLLoraCheckpointing", "inputs": inputs}
-        out["7"]["inputs"]["checkpointing"] = ["20", 0]
-    if previews is not None:
-        inputs = {
+        },
+    ),
+    "previews": (
+        "21",
+        "SDXLLoraPreviews",
+        {
             "clip": ["1", 1],
             "vae": ["1", 2],
             "prompts": "cat photo 0",
@@ -226,25 +220,42 @@ def with_run_options(
             "sampler_name": "euler",
             "scheduler": "normal",
             "seed": 0,
-        }
-        inputs.update(previews)
-        out["21"] = {"class_type": "SDXLLoraPreviews", "inputs": inputs}
-        out["7"]["inputs"]["previews"] = ["21", 0]
-    if ema is not None:
-        inputs = {
+        },
+    ),
+    "ema": (
+        "22",
+        "SDXLLoraEMA",
+        {
             "decay": 0.999,
             "warmup_power": 0.0,
             "update_every_n_steps": 1,
             "start_step": 0,
             "save_as": "extra_file",
             "use_for_previews": True,
-        }
-        inputs.update(ema)
-        out["22"] = {"class_type": "SDXLLoraEMA", "inputs": inputs}
-        out["7"]["inputs"]["ema"] = ["22", 0]
-    if logging is not None:
-        out["23"] = {"class_type": "SDXLLoraLogging", "inputs": {"wandb_project": "", "wandb_run_name": "", **logging}}
-        out["7"]["inputs"]["logging"] = ["23", 0]
+        },
+    ),
+    "logging": ("23", "SDXLLoraLogging", {"wandb_project": "", "wandb_run_name": ""}),
+}
+
+
+def with_run_options(
+    prompt: dict[str, Any],
+    *,
+    checkpointing: dict[str, Any] | None = None,
+    previews: dict[str, Any] | None = None,
+    ema: dict[str, Any] | None = None,
+    logging: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Add 'Save Every N & Resume' (node 20), 'Sample Previews' (node 21), 'EMA' (node 22) and/or 'Logging (W&B)'
+    (node 23) to a train_then_test prompt, each with the given inputs over its defaults."""
+    out = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
+    chosen = {"checkpointing": checkpointing, "previews": previews, "ema": ema, "logging": logging}
+    for input_name, overrides in chosen.items():
+        if overrides is None:
+            continue
+        node_id, class_type, defaults = _RUN_OPTION_NODES[input_name]
+        out[node_id] = {"class_type": class_type, "inputs": {**copy.deepcopy(defaults), **overrides}}
+        out["7"]["inputs"][input_name] = [node_id, 0]
     return out
 
 

@@ -38,7 +38,7 @@ GIB = 1024**3
 
 
 def _kohya_reference():
-    """scripts/kohya_reference.py: its tokenizer folder writer and memory watchdog."""
+    """scripts/kohya_reference.py: its pictures, tokenizer folder writer, commit lookup and memory watchdog."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import kohya_reference
 
@@ -60,16 +60,10 @@ def ensure_checkpoint(path: Path) -> None:
 
 def write_run_folder(args, folder: Path, tokenizers: Path) -> list[str]:
     """Images, captions, config.toml and dataset.toml for kohya; returns its command-line arguments."""
-    import numpy as np
-    from PIL import Image
-
     images = folder / "images" / "1_bench"
     images.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    for i in range(args.images):  # coarse random blocks: structure for the VAE, as the round trip's pictures
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).resize((args.res, args.res)).save(
-            images / f"{i:03d}.png"
-        )
+    for i, picture in enumerate(_kohya_reference().block_pictures(args.images, args.res, seed=1)):
+        picture.save(images / f"{i:03d}.png")
         (images / f"{i:03d}.txt").write_text(f"image {i}", encoding="utf-8")
     config = {
         "pretrained_model_name_or_path": str(args.kohya_checkpoint),
@@ -127,9 +121,7 @@ def run_kohya(args, result_path: Path) -> dict:
     reference.write_tokenizer_folder(str(tokenizers), str(ROOT / ".comfyui" / "ComfyUI" / "comfy" / "sd1_tokenizer"))
     folder = KOHYA_HOME / "runs" / args.name
     kohya_args = write_run_folder(args, folder, tokenizers)
-    commit = subprocess.run(
-        ["git", "-C", str(sd_scripts), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = reference.sd_scripts_commit(str(sd_scripts))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = os.pathsep.join([str(deps), str(sd_scripts)])
     command = [sys.executable, __file__, "--timed", str(sd_scripts), str(result_path), str(args.threads), *kohya_args]

@@ -20,11 +20,9 @@
         WORKDIR/kohya_train.log; the result: printed and in WORKDIR/continued.json. Needs ~15 GB of free memory
         and ~6 minutes on 2 CPU cores.
 
-SD_SCRIPTS is a kohya-ss/sd-scripts checkout whose imports resolve (its requirements on PYTHONPATH, e.g.
-pip install --target DEPS --no-deps diffusers==0.32.1 accelerate==1.6.0 voluptuous==0.15.2 imagesize==1.4.1
-opencv-python-headless==4.10.0.84 ftfy==6.3.1 rich==14.1.0 wcwidth markdown-it-py mdurl pygments transformers==4.54.1
-"tokenizers>=0.21,<0.22" huggingface-hub==0.34.3, then PYTHONPATH=DEPS), run with the pack's Python
-($COMFYUI_PYTHON: torch and ComfyUI); roundtrip keeps PYTHONPATH for kohya only.
+SD_SCRIPTS is a kohya-ss/sd-scripts checkout whose imports resolve: `bash bench/setup_kohya.sh` clones it at the
+pinned commit and installs its requirements (without torch) into bench/out/kohya/deps; then PYTHONPATH=that folder,
+run with the pack's Python ($COMFYUI_PYTHON: torch and ComfyUI); roundtrip keeps PYTHONPATH for kohya only.
 """
 
 from __future__ import annotations
@@ -43,11 +41,16 @@ def _parser(sd_scripts: str) -> argparse.ArgumentParser:
     return sdxl_train_network.setup_parser()
 
 
-def dump_arguments(sd_scripts: str, out_path: str) -> None:
-    parser = _parser(sd_scripts)
-    commit = subprocess.run(
+def sd_scripts_commit(sd_scripts: str) -> str:
+    """The commit of a kohya-ss/sd-scripts checkout ("" when it is not a git checkout)."""
+    return subprocess.run(
         ["git", "-C", sd_scripts, "rev-parse", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
+
+
+def dump_arguments(sd_scripts: str, out_path: str) -> None:
+    parser = _parser(sd_scripts)
+    commit = sd_scripts_commit(sd_scripts)
     rows = []
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
@@ -145,13 +148,14 @@ def _pack_imports() -> None:
     import_comfy()
 
 
-def _roundtrip_images() -> list:
-    """Two seeded 256x256 pictures of coarse random blocks (structure for the VAE), with their captions."""
+def block_pictures(count: int, size: int, seed: int) -> list:
+    """``count`` seeded size x size pictures of coarse random blocks (structure for the VAE)."""
     import numpy as np  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).resize((256, 256)) for _ in range(2)]
+    rng = np.random.default_rng(seed)
+    blocks = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(count)]
+    return [Image.fromarray(b).resize((size, size)) for b in blocks]
 
 
 def _roundtrip_dataset():
@@ -160,7 +164,7 @@ def _roundtrip_dataset():
     from sdxl_lora_trainer.trainer.data.captions import CaptionOptions  # noqa: PLC0415
     from sdxl_lora_trainer.trainer.data.sources import items_from_images  # noqa: PLC0415
 
-    scan = items_from_images(_roundtrip_images(), ["a red cube", "a blue ball"])
+    scan = items_from_images(block_pictures(2, 256, seed=0), ["a red cube", "a blue ball"])
     return dataset_from_scan(scan, BucketSettings((256, 256)), 1, CaptionOptions())
 
 
@@ -356,9 +360,7 @@ def roundtrip(sd_scripts: str, workdir: str, steps: int, memory_gib: float) -> N
         raise SystemExit(f"exporting the run failed (exit {rc})")
     with open(os.path.join(workdir, "export_folder.txt"), encoding="utf-8") as f:
         folder = f.read().strip()
-    commit = subprocess.run(
-        ["git", "-C", sd_scripts, "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = sd_scripts_commit(sd_scripts)
     # the exported files as launch.sh passes them; the one addition: kohya's tokenizers from a local folder (offline)
     command = [
         sys.executable,

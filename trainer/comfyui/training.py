@@ -38,30 +38,28 @@ def _alias(tensor: torch.Tensor, inference: bool) -> torch.nn.Parameter:
         return torch.nn.Parameter(shared, requires_grad=False)
 
 
-def _autograd_usable(module: torch.nn.Module) -> bool:
+def _autograd_usable(module: torch.nn.Module) -> None:
     """Give ``module`` weights autograd may save for backward, sharing the memory of the loaded ones.
 
     Loader nodes run under ``torch.inference_mode()``, so the weights are inference tensors, and autograd refuses
     to save those. Copying them on every forward (what a weight wrapper makes ComfyUI's cast do) moved the whole
     U-Net through memory once per forward and once per checkpoint recompute; an alias made once per run costs
-    nothing. Returns False when a weight is still an inference tensor (a tensor type that cannot be aliased).
+    nothing. A weight of a tensor type that cannot be aliased stays an inference tensor (``_place_private_weight``
+    then gives its layer the copying wrapper).
     """
-    usable = True
     for name, weight in list(module._parameters.items()):
         if weight is None or not weight.is_inference():
             continue
         try:
             alias = _alias(weight, inference=False)
         except (RuntimeError, TypeError, NotImplementedError):
-            alias = None
-        if alias is None or alias.is_inference() or alias.shape != weight.shape:
-            usable = False
+            continue
+        if alias.is_inference() or alias.shape != weight.shape:
             continue
         for key, value in weight.__dict__.items():
             alias.__dict__.setdefault(key, value)
         setattr(alias, _ALIAS_MARK, True)
         module._parameters[name] = alias
-    return usable
 
 
 def _is_comfy_layer(module: torch.nn.Module) -> bool:
@@ -104,13 +102,20 @@ def _place_private_weight(module: torch.nn.Module, args: tuple) -> None:
         or any(p.device != x.device for p in params)
         or any(p.is_inference() for p in params)
     )
+    if not needs_copy:
+        _drop_private_weight(module)
+        return
     for attr in ("weight_function", "bias_function"):
-        if module._parameters.get(attr.split("_")[0]) is None:
-            continue
         fns = getattr(module, attr)
-        if needs_copy and _private_weight not in fns:
+        if module._parameters.get(attr.split("_")[0]) is not None and _private_weight not in fns:
             setattr(module, attr, [*fns, _private_weight])
-        elif not needs_copy and _private_weight in fns:
+
+
+def _drop_private_weight(module: torch.nn.Module) -> None:
+    """Take ``_private_weight`` out of the layer's weight and bias function lists (ComfyUI's own entries stay)."""
+    for attr in ("weight_function", "bias_function"):
+        fns = getattr(module, attr, None)
+        if isinstance(fns, list) and _private_weight in fns:
             setattr(module, attr, [f for f in fns if f is not _private_weight])
 
 
@@ -135,10 +140,7 @@ def _weights_for_autograd(root: torch.nn.Module) -> Iterator[None]:
         for handle in handles:
             handle.remove()
         for m in layers:
-            for attr in ("weight_function", "bias_function"):
-                fns = getattr(m, attr, None)
-                if isinstance(fns, list) and _private_weight in fns:
-                    setattr(m, attr, [f for f in fns if f is not _private_weight])
+            _drop_private_weight(m)
         _restore_inference_weights(root)
 
 

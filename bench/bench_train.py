@@ -69,6 +69,9 @@ import time
 import traceback
 from pathlib import Path
 
+from op_profile import StepProfiler
+from op_profile import compare as compare_profiles
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
 GIB = 1024**3
@@ -349,8 +352,12 @@ def worker_ours(args, result: dict) -> None:
         def step_finished(self, record) -> None:
             on_step(record, self.run.total_steps, self.run)
 
+    profiler = StepProfiler()
+
     def on_step(record, total, res):
         entered = time.perf_counter()
+        if profiler.running:
+            profiler.stop(profile_path(args, "ours"))
         step_s = entered - (marks[-1][1] if marks else t0)
         msg = (
             f"  ours step {record.step}/{total}: {step_s:.3f} s, loss {record.loss:.4f}, "
@@ -360,6 +367,8 @@ def worker_ours(args, result: dict) -> None:
             bare.append(bare_fwd_bwd(res))
             msg += f"; bare fwd+bwd {bare[-1]:.3f} s"
         print(msg, flush=True)
+        if args.profile_step and record.step + 1 == args.profile_step:
+            profiler.start()
         marks.append((entered, time.perf_counter()))
 
     network = NetworkConfig(
@@ -483,6 +492,11 @@ def worker_builtin(args, result: dict) -> None:
     result["losses"] = list(loss_map["loss"])
 
 
+def profile_path(args, trainer: str) -> Path:
+    """Where --profile-step writes a trainer's operator table (bench/op_profile.py)."""
+    return OUT_DIR / f"{args.name}_{trainer}.ops.json"
+
+
 def worker_main(args) -> int:
     import torch
 
@@ -554,6 +568,10 @@ def run_worker(which: str, args, optimizer: str = "AdamW") -> dict:
         str(args.builtin_checkpoint_depth),
         "--optimizer",
         optimizer,
+        "--name",
+        args.name,
+        "--profile-step",
+        str(args.profile_step),
         *(["--compile-blocks"] if args.compile_blocks else []),
     ]
     print(f"[{which}] {' '.join(cmd[1:])}  (RLIMIT_AS {args.mem_cap_gib} GiB)", flush=True)
@@ -729,6 +747,13 @@ def main() -> int:
         help="ours: torch.compile each transformer block (Module.compile) when training starts: the regional "
         "compile trial",
     )
+    ap.add_argument(
+        "--profile-step",
+        type=int,
+        default=0,
+        help="profile optimizer step N (2 or later) of ours and kohya and print where their times differ operator "
+        "by operator (bench/op_profile.py)",
+    )
     ap.add_argument("--name", default=None)
     ap.add_argument("--worker", choices=["ours", "builtin"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -740,9 +765,9 @@ def main() -> int:
     args.bare_reps = args.bare_reps or max(1, args.steps - 1)
     if args.res % 64:
         ap.error("--res must be a multiple of 64")
+    args.name = args.name or f"train_{args.model}_{args.dtype}_{args.res}"
     if args.worker:
         return worker_main(args)
-    args.name = args.name or f"train_{args.model}_{args.dtype}_{args.res}"
 
     results: dict[str, dict] = {}
     if args.optimizers:
@@ -773,6 +798,8 @@ def main() -> int:
             results[which if args.rounds == 1 else f"{which} #{round_}"] = r
     print_table(args, results)
     print_ratios(results, trainers, args.rounds)
+    if args.profile_step and all(profile_path(args, t).is_file() for t in ("ours", "kohya")):
+        compare_profiles(profile_path(args, "ours"), profile_path(args, "kohya"), "ours", "kohya")
     import torch  # only for the version string (after the workers, so the parent stays small while they run)
 
     report = {

@@ -30,8 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+from op_profile import StepProfiler
+
 ROOT = Path(__file__).resolve().parent.parent
-KOHYA_HOME = ROOT / "bench" / "out" / "kohya"
+OUT_DIR = ROOT / "bench" / "out"
+KOHYA_HOME = OUT_DIR / "kohya"
 #: the sd-scripts commit the figures in bench/README.md were taken with (setup_kohya.sh checks it out)
 KOHYA_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 GIB = 1024**3
@@ -124,6 +127,9 @@ def run_kohya(args, result_path: Path) -> dict:
     commit = reference.sd_scripts_commit(str(sd_scripts))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = os.pathsep.join([str(deps), str(sd_scripts)])
+    if args.profile_step:
+        env["BENCH_PROFILE_STEP"] = str(args.profile_step)
+        env["BENCH_PROFILE_OUT"] = str(OUT_DIR / f"{args.name}_kohya.ops.json")
     command = [sys.executable, __file__, "--timed", str(sd_scripts), str(result_path), str(args.threads), *kohya_args]
     print(f"[kohya] {sd_scripts} at {commit}: (cd {folder} && {' '.join(command[1:])})", flush=True)
     log_path = folder / "kohya.log"
@@ -176,9 +182,16 @@ def timed_main(sd_scripts: str, result_path: str, threads: int, kohya_args: list
     on_step_start, process_batch = trainer_class.on_step_start, trainer_class.process_batch
     accelerator_backward = accelerate.Accelerator.backward
 
+    profile_step = int(os.environ.get("BENCH_PROFILE_STEP", "0"))  # bench_train.py --profile-step
+    profiler = StepProfiler()
+
     def timed_on_step_start(self, *a, **k):
         if k.get("is_train", True):
+            if profiler.running:
+                profiler.stop(Path(os.environ["BENCH_PROFILE_OUT"]))
             starts.append(time.perf_counter())
+            if profile_step and len(starts) == profile_step:
+                profiler.start()
         return on_step_start(self, *a, **k)
 
     def timed_process_batch(self, *a, **k):

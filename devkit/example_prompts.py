@@ -262,3 +262,32 @@ def with_run_options(
 def training_only(prompt: dict[str, Any]) -> dict[str, Any]:
     """Drop the sampling half (nodes 8-17): the train node is an output node and runs alone."""
     return {k: v for k, v in prompt.items() if int(k) < 8 or int(k) >= 18}
+
+
+def add_latent_probes(
+    prompt: dict[str, Any], samplers: dict[str, str], image: str, vae: list[Any], prefix: str
+) -> None:
+    """Save what each sampler made and the latent of ``image`` (a LoadImage name, VAEEncode'd as the latent cache
+    does) as ``<prefix>/<kind>_*.latent``; ``samplers`` maps a kind ("base", "lora") to a KSampler node id. The
+    learning proofs (server test, demo) compare latents rather than decoded pixels."""
+    for kind, sampler in samplers.items():
+        prompt[f"probe_{kind}"] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": [sampler, 0], "filename_prefix": f"{prefix}/{kind}"},
+        }
+    prompt["probe_image"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    prompt["probe_encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["probe_image", 0], "vae": vae}}
+    prompt["probe_target"] = {
+        "class_type": "SaveLatent",
+        "inputs": {"samples": ["probe_encode", 0], "filename_prefix": f"{prefix}/target"},
+    }
+
+
+def probe_latent(output_dir: Any, prefix: str, kind: str) -> Any:
+    """The newest latent ``add_latent_probes`` saved for ``kind`` under ComfyUI's output folder, or None."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted((Path(output_dir) / prefix).glob(f"{kind}_*.latent"), key=lambda p: p.stat().st_mtime)
+    return load_file(str(files[-1]))["latent_tensor"].float() if files else None

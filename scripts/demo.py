@@ -26,12 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "devkit"))
 
 from comfy_server import PACK_NAME, ComfyServer, execution_error
+from example_prompts import add_latent_probes, probe_latent
 from workflow_convert import for_ci, nodes_of, only_node, workflow_to_prompt
 
 WORKFLOW = ROOT / "example_workflows" / "train_then_test_sdxl_lora.json"
 SAMPLE = ROOT / "example_workflows" / "sample_dataset"
 SAMPLE_FOLDER = "sdxl_lora_sample"  # the folder the example workflow reads, inside ComfyUI/input
 DEFAULT_BASE = ROOT / ".comfyui" / "demo-base"
+PROBES = "sdxl_lora_demo"  # the latent probes' folder inside ComfyUI/output
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,34 +122,19 @@ def training_image_for(prompt: Mapping[str, dict], dataset: Path) -> Path | None
     return None
 
 
-def add_latent_probes(prompt: dict, target: Path, base: Path, resolution: int) -> None:
-    """Save what each KSampler sampled and the training image's latent (VAEEncode at the training size, what the
-    latent cache holds) as .latent files, so the demo compares latents as the learning-proof test does."""
+def add_demo_probes(prompt: dict, target: Path, base: Path, resolution: int) -> None:
+    """The training image at the training size as an input, and latent probes after both KSamplers (as the
+    learning-proof test)."""
     from PIL import Image
 
     name = "sdxl_lora_demo_target.png"
     Image.open(target).convert("RGB").resize((resolution, resolution), Image.BOX).save(base / "input" / name)
     lora_models = set(nodes_of(prompt, "LoraLoader"))
-    vae = next(prompt[n]["inputs"]["vae"] for n in nodes_of(prompt, "VAEDecode"))
-    for n in nodes_of(prompt, "KSampler"):
-        kind = "lora" if prompt[n]["inputs"]["model"][0] in lora_models else "base"
-        prompt[f"probe_{kind}"] = {
-            "class_type": "SaveLatent",
-            "inputs": {"samples": [n, 0], "filename_prefix": f"sdxl_lora_demo/{kind}"},
-        }
-    prompt["probe_image"] = {"class_type": "LoadImage", "inputs": {"image": name}}
-    prompt["probe_encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["probe_image", 0], "vae": vae}}
-    prompt["probe_target"] = {
-        "class_type": "SaveLatent",
-        "inputs": {"samples": ["probe_encode", 0], "filename_prefix": "sdxl_lora_demo/target"},
+    samplers = {
+        "lora" if prompt[n]["inputs"]["model"][0] in lora_models else "base": n for n in nodes_of(prompt, "KSampler")
     }
-
-
-def probe_latent(base: Path, kind: str):
-    from safetensors.torch import load_file
-
-    files = sorted((base / "output" / "sdxl_lora_demo").glob(f"{kind}_*.latent"), key=lambda p: p.stat().st_mtime)
-    return load_file(str(files[-1]))["latent_tensor"].float() if files else None
+    vae = next(prompt[n]["inputs"]["vae"] for n in nodes_of(prompt, "VAEDecode"))
+    add_latent_probes(prompt, samplers, name, vae, PROBES)
 
 
 def mse_to(image: Path, target: Path) -> float:
@@ -212,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt[n]["inputs"].update(cfg=1.0)
         target = training_image_for(prompt, dataset)
         if target is not None:
-            add_latent_probes(prompt, target, base, resolution)
+            add_demo_probes(prompt, target, base, resolution)
         model = f"{ckpt_name} ({'CPU' if cpu else 'GPU'})" if real else "the tiny test SDXL"
         print(f"training {steps} steps at {resolution}px on {model} with {dataset} ...", flush=True)
         started = time.time()
@@ -244,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"learned (pixels): MSE to the training image with this caption ({target.name}): without "
                     f"LoRA {without:.4f}, with LoRA {with_lora:.4f} ({without / max(with_lora, 1e-12):.2f}x closer)"
                 )
-                latents = {kind: probe_latent(base, kind) for kind in ("base", "lora", "target")}
+                latents = {kind: probe_latent(base / "output", PROBES, kind) for kind in ("base", "lora", "target")}
                 if all(v is not None and v.shape == latents["target"].shape for v in latents.values()):
                     l_base = float(((latents["base"] - latents["target"]) ** 2).mean())
                     l_lora = float(((latents["lora"] - latents["target"]) ** 2).mean())

@@ -132,7 +132,7 @@ def test_max_token_length_and_bucketing_off_through_the_graph(server):
         return p
 
     def lora_meta(name: str) -> dict:
-        (path,) = (server.base / "models" / "loras" / "sdxl_lora_trainer").glob(f"{name}_*.safetensors")
+        (path,) = server.trained_loras(f"{name}_*.safetensors")
         with safe_open(str(path), "pt") as f:
             return f.metadata()
 

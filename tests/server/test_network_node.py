@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 
 import pytest
@@ -55,7 +54,7 @@ def test_loraplus_with_loha_is_refused_at_queue_time(server, folder):
     prompt["6"]["inputs"].update(algo="loha", loraplus_lr_ratio=16.0)
     messages = queue_errors(server, prompt, "6")
     assert "LoRA+ (loraplus_*_lr_ratio) is not supported with algo 'loha'" in messages, messages
-    assert not glob.glob(str(server.base / "models" / "loras" / "sdxl_lora_trainer" / "plusloha*"))
+    assert not server.trained_loras("plusloha*")
 
 
 def test_start_from_mismatches_are_refused_at_queue_time(server, folder):

@@ -9,26 +9,23 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from comfy_server import WsListener
 from dataset_factory import kohya_folder
-from example_prompts import train_then_test, training_only
+from example_prompts import add_latent_probes, probe_latent, train_then_test, training_only
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 RES = 64
 TRAIN = "7"
 
 
 def lora_file(server, name: str) -> str:
-    files = sorted(glob.glob(str(server.base / "models" / "loras" / "sdxl_lora_trainer" / f"{name}_*.safetensors")))
+    files = server.trained_loras(f"{name}_*.safetensors")
     assert len(files) == 1, files
     return files[0]
 
@@ -84,12 +81,6 @@ def test_validation_loss_is_a_live_series_an_output_a_log_column_and_metadata(se
     assert meta["ss_num_train_images"] == "2"
 
 
-def _latent(server, prefix: str) -> torch.Tensor:
-    files = sorted(glob.glob(str(server.base / "output" / f"{prefix}_*.latent")))
-    assert files, f"no {prefix} latent saved"
-    return load_file(files[-1])["latent_tensor"].float()
-
-
 def learning_prompt(folder: str, image: str, *, steps: int, seed: int, lr: float, sample_steps: int) -> dict:
     """Train on ``folder`` (one image), then KSampler at the training seed with and without the LoRA; the two
     samples and the training image's latent (VAEEncode, what the latent cache holds) are saved as .latent files."""
@@ -101,11 +92,7 @@ def learning_prompt(folder: str, image: str, *, steps: int, seed: int, lr: float
         prompt[node]["inputs"].update(seed=seed, cfg=1.0)
     for node in ("14", "15", "16", "17", "18"):
         del prompt[node]
-    prompt["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["12", 0], "filename_prefix": "proof_base"}}
-    prompt["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": "proof_lora"}}
-    prompt["16"] = {"class_type": "LoadImage", "inputs": {"image": image}}
-    prompt["17"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["16", 0], "vae": ["1", 2]}}
-    prompt["18"] = {"class_type": "SaveLatent", "inputs": {"samples": ["17", 0], "filename_prefix": "proof_target"}}
+    add_latent_probes(prompt, {"base": "12", "lora": "13"}, image, ["1", 2], "proof")
     return prompt
 
 
@@ -117,8 +104,8 @@ def test_a_lora_overfit_on_one_image_samples_that_image_through_comfyui(server, 
     server.run_successfully(
         learning_prompt("ds_learn", "learn_target.png", steps=60, seed=11, lr=1e-2, sample_steps=20), timeout=1200
     )
-    target = _latent(server, "proof_target")
-    base, lora = _latent(server, "proof_base"), _latent(server, "proof_lora")
+    base, lora, target = (probe_latent(server.base / "output", "proof", kind) for kind in ("base", "lora", "target"))
+    assert target is not None and base is not None and lora is not None, "a latent probe saved nothing"
     assert base.shape == lora.shape == target.shape == (1, 4, RES // 8, RES // 8)
     mse_base = float(((base - target) ** 2).mean())
     mse_lora = float(((lora - target) ** 2).mean())

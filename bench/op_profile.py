@@ -5,9 +5,10 @@ process) and prints where their times differ operator by operator: the way to fi
 slower than the other when both run the same torch kernels. Tables go to ``bench/out/<name>_<trainer>.ops.json``.
 
 Each row is one operator with one set of input shapes: self CPU time (time inside the operator, not in the
-operators it calls), calls, the slowest call's self time. Rows are matched between trainers by operator name and shapes; the comparison
-also sums by operator name alone, since the two U-Nets may reach the same kernel with differently laid out
-inputs.
+operators it calls), calls, the slowest call's self time. Rows are matched between trainers by operator name and
+shapes; the comparison also sums by operator name alone, since the two U-Nets may reach the same kernel with
+differently laid out inputs. The profiled step's own time is not comparable (profiler overhead; kohya's also
+includes writing the table): read s/step from an unprofiled run.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ class DoraNetwork(LycorisNetwork[LoConModule]):
                 module.dora_scale.copy_(input_axis_norm(base))
             module.magnitude_ready = True
         change = self.weight_change(module, base)
-        return output + module.op(x.to(change.dtype), change, None, **module.kw_dict).to(output.dtype)
+        # the weight math in float32, the layer call in x's dtype (kohya's autocast; lora.in_activation_dtype)
+        return output + module.op(x, change.to(x.dtype), None, **module.kw_dict).to(output.dtype)
 
     def copy_loaded(self, sd: Mapping[str, torch.Tensor]) -> None:
         """The file's magnitude is the module's (not re-taken from the layer at the first forward)."""

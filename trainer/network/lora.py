@@ -37,6 +37,22 @@ from .targets import AlphaLike, TargetModule, sdxl_block_index
 # one LoRA module
 
 
+def in_activation_dtype(layer: torch.nn.Linear | torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` computed in x's dtype, the float32 weight cast for the call (gradients reach it in float32).
+
+    kohya's mixed precision: its LoRA runs under autocast, so in a bf16/fp16 run the branch's matmuls, dropouts and
+    scaling are bf16/fp16 while the weights the optimizer steps stay float32 (LyCORIS's modules do the same with
+    ``.to(x)``). Computing the branch in float32 instead costs a float32 copy of every adapted layer's input, kept
+    for the backward, and float32 matmuls (about 8 % of a bf16 step on the CPU, bench/README.md)."""
+    weight = layer.weight
+    if weight.dtype == x.dtype:
+        return layer(x)
+    weight = weight.to(x.dtype)
+    if isinstance(layer, torch.nn.Linear):
+        return torch.nn.functional.linear(x, weight)
+    return layer._conv_forward(x, weight, None)
+
+
 class LoRAModule(torch.nn.Module):
     """kohya's LoRAModule: out = org(x) + up(down(x)) * multiplier * alpha/rank, with kohya's three dropouts.
 
@@ -134,10 +150,7 @@ class LoRAModule(torch.nn.Module):
         if train and self.module_dropout is not None and torch.rand(1) < self.module_dropout:
             return None  # kohya: a host draw; the module is skipped for this forward
 
-        w = self.lora_down.weight
-        if x.dtype != w.dtype:  # the LoRA computes in its own dtype (training never runs under autocast)
-            x = x.to(w.dtype)
-        lx = self.lora_down(x)
+        lx = in_activation_dtype(self.lora_down, x)
 
         if train and self.dropout is not None:
             lx = torch.nn.functional.dropout(lx, p=self.dropout)
@@ -152,7 +165,7 @@ class LoRAModule(torch.nn.Module):
             lx = lx * mask
             scale = self.scale * (1.0 / (1.0 - self.rank_dropout))  # kohya: as if the rank had shrunk
 
-        lx = self.lora_up(lx)
+        lx = in_activation_dtype(self.lora_up, lx)
         return lx * self.multiplier * scale
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from sdxl_lora_trainer.trainer.comfyui.models import layer_weight
 from sdxl_lora_trainer.trainer.network.config import NetworkConfig, PartSettings
 from sdxl_lora_trainer.trainer.network.dora import DoraNetwork, input_axis_norm
 from sdxl_lora_trainer.trainer.network.lora import LoRANetwork
+from sdxl_lora_trainer.trainer.network.targets import TargetModule
 from sdxl_lora_trainer.trainer.run.config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -167,6 +168,26 @@ def test_max_norm_and_param_groups_with_loraplus(tiny):
     assert plus == {id(m.lora_up.weight) for m in net.unet_loras}
     keys, mean, biggest = net.apply_max_norm(1e-3).read()
     assert keys == len(net.loras) and 0 < mean <= biggest <= 1e-3 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_a_bf16_layer_adds_the_change_in_bf16_as_under_kohyas_autocast(kind):
+    """The weight math (W + dW, its norm) in float32, the layer call with the change in the activation's dtype, as
+    kohya's bf16 autocast makes that call. A float32 call of a bf16 activation rounds otherwise (and costs a float32
+    matmul of the layer's full size)."""
+    conv = kind == "conv3x3"
+    base = (torch.nn.Conv2d(6, 5, 3, padding=1) if conv else torch.nn.Linear(16, 12)).to(torch.bfloat16)
+    target = TargetModule("lora_unet_test", base, 4, 2.0, "test", conv, 0, True)
+    net = randomise(DoraNetwork([DoraNetwork.build_module(target, config(), torch.Generator().manual_seed(0))]), 1)
+    x = torch.randn((1, 6, 8, 8) if conv else (3, 16), generator=torch.Generator().manual_seed(2)).bfloat16()
+    with net.attach():
+        got = base(x)
+    (module,) = net.loras
+    with torch.no_grad():
+        change = net.weight_change(module, base.weight.float())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = base(x) + module.op(x, change, None, **module.kw_dict)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
 def test_dropout_is_refused_for_dora():

@@ -112,6 +112,31 @@ def test_forward_through_hooks(math_cases, idx):
     torch.testing.assert_close(lora.apply(x, before), y, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("idx", range(len(CASE_KINDS)), ids=CASE_KINDS)
+def test_mixed_precision_branch_is_kohyas_autocast(math_cases, idx, dtype):
+    """A bf16/fp16 run: the layer and its input in that dtype, the LoRA weights float32. kohya runs its LoRAModule
+    under autocast, so the branch computes in the low dtype; ours must give the same output and float32 weight
+    gradients bit for bit (a branch computed in float32 and cast back rounds differently)."""
+    case = math_cases[idx]
+    base = make_base(case).to(dtype)
+    lora = make_lora(case, base)
+    x = T(case["x"], case["x_shape"]).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):  # kohya's LoRAModule.forward, as accelerate runs it
+        expected = base(x) + lora.lora_up(lora.lora_down(x)) * lora.multiplier * lora.scale
+    expected.float().square().sum().backward()
+    expected_grads = [p.grad.clone() for p in (lora.lora_down.weight, lora.lora_up.weight)]
+    lora.zero_grad(set_to_none=True)
+    with LoRANetwork.from_modules([lora]).eval().attach():
+        y = base(x)
+    assert y.dtype == dtype
+    assert torch.equal(y, expected)
+    y.float().square().sum().backward()
+    for p, g in zip((lora.lora_down.weight, lora.lora_up.weight), expected_grads):
+        assert p.grad.dtype == torch.float32
+        assert torch.equal(p.grad, g)
+
+
 @pytest.mark.parametrize("idx", range(len(CASE_KINDS)), ids=CASE_KINDS)
 def test_delta_and_merged_weight(math_cases, idx):
     case = math_cases[idx]

@@ -35,7 +35,7 @@ gradient checkpointing on):
 Measured for the built-in node (TrainLoraNode.execute called directly under inference mode, rank 8,
 "LoRA" fp32 adapters, AdamW, MSE, batch 1, gradient checkpointing at its default checkpoint_depth 1 (which
 wraps the whole UNetModel in one checkpoint; --builtin-checkpoint-depth 2 = ResBlock / SpatialTransformer
-level, like ours), no offloading):
+level; ours and kohya checkpoint each ResBlock and transformer block), no offloading):
 * s/step: the intervals between its progress-bar updates (one per step), median after the first;
 * peak RSS as above, or how it failed (out of memory: where and at what RSS);
 * step / fwd+bwd: the step over the time spent in TrainSampler.fwd_bwd (its forward + loss + backward;
@@ -69,6 +69,8 @@ import time
 import traceback
 from pathlib import Path
 
+from heap import describe as describe_heap
+from heap import heap_counters
 from op_profile import StepProfiler
 from op_profile import compare as compare_profiles
 
@@ -353,15 +355,17 @@ def worker_ours(args, result: dict) -> None:
             on_step(record, self.run.total_steps, self.run)
 
     profiler = StepProfiler()
+    heap: list[dict | None] = []  # malloc's live / kept-free bytes after each step (bench/heap.py)
 
     def on_step(record, total, res):
         entered = time.perf_counter()
         if profiler.running:
             profiler.stop(profile_path(args, "ours"))
         step_s = entered - (marks[-1][1] if marks else t0)
+        heap.append(heap_counters())
         msg = (
             f"  ours step {record.step}/{total}: {step_s:.3f} s, loss {record.loss:.4f}, "
-            f"rss {rss_bytes() / GIB:.2f} GiB"
+            f"rss {rss_bytes() / GIB:.2f} GiB, {describe_heap(heap[-1])}"
         )
         if record.step < total and len(bare) < args.bare_reps:  # interleaved, so both see the same machine load
             bare.append(bare_fwd_bwd(res))
@@ -398,6 +402,7 @@ def worker_ours(args, result: dict) -> None:
     result["lora_params"] = sum(p.numel() for p in res.network.parameters())
     result["lora_modules"] = len(res.network.state_dict_kohya()) // 3
     result["bare_fwd_bwd_s"] = bare
+    result["heap_after_step_gib"] = heap
     result["optimizer_step_s"] = optimizer_s
     result["losses"] = [r.loss for r in res.state.history]
 
@@ -711,7 +716,8 @@ def main() -> int:
         type=int,
         default=1,
         help="TrainLoraNode's checkpoint_depth (its default 1 checkpoints the whole UNetModel as one "
-        "unit; 2 = ResBlock / SpatialTransformer level, the granularity ours uses)",
+        "unit; 2 = ResBlock / SpatialTransformer level; ours checkpoints each ResBlock and transformer block, as "
+        "kohya)",
     )
     ap.add_argument("--only", choices=["ours", "builtin"], default=None)
     ap.add_argument(

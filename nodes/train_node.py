@@ -317,7 +317,8 @@ class TrainLora(io.ComfyNode):
                 io.Boolean.Input(
                     "gradient_checkpointing",
                     default=True,
-                    tooltip="Recompute each ResBlock/Transformer in backward: much less memory, ~30% slower.",
+                    tooltip="Recompute each ResBlock and transformer block in backward (as kohya): much less memory, "
+                    "~30% slower.",
                 ),
                 io.String.Input("output_name", default="my_sdxl_lora", tooltip="File name stem of the saved LoRA."),
                 io.String.Input(

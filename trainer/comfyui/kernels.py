@@ -9,10 +9,16 @@ from typing import Any
 
 import torch
 
+#: ComfyUI's classes for the modules kohya's SDXL U-Net checkpoints one by one (library/sdxl_original_unet.py:
+#: ResnetBlock2D, BasicTransformerBlock, Downsample2D, Upsample2D)
+CHECKPOINTED_CLASSES = ("ResBlock", "BasicTransformerBlock", "Downsample", "Upsample")
+
 
 def checkpoint_targets(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The ResBlock and SpatialTransformer modules: kohya checkpoints at this level, not the whole U-Net."""
-    return [m for m in unet.modules() if type(m).__name__ in ("ResBlock", "SpatialTransformer")]
+    """The modules recomputed in backward, at kohya's granularity: each transformer block on its own, not a whole
+    SpatialTransformer (at 1024² one of SDXL's 10-block transformers would keep all ten blocks' activations for
+    its backward at once)."""
+    return [m for m in unet.modules() if type(m).__name__ in CHECKPOINTED_CLASSES]
 
 
 @contextlib.contextmanager
@@ -42,7 +48,8 @@ def _checkpointed_forward(module: torch.nn.Module) -> Any:
 
 
 def gradient_checkpointing(unet: torch.nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[int]:
-    """Recompute each ResBlock / SpatialTransformer in backward instead of keeping its activations.
+    """Recompute each ResBlock / transformer block / down- and upsampler in backward instead of keeping its
+    activations.
 
     The override is an instance attribute on the shared module, removed on exit. The global RNG
     state is preserved across the recompute, so dropout inside a block sees the same masks twice.

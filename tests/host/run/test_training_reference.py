@@ -87,6 +87,20 @@ def test_initial_network_leaves_the_unet_output_bit_identical():
     torch.testing.assert_close(without, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_checkpointing_recomputes_each_block_kohya_checkpoints():
+    """kohya's SDXL U-Net checkpoints each ResnetBlock2D, BasicTransformerBlock, Downsample2D and Upsample2D on its
+    own; checkpointing a whole SpatialTransformer instead would keep all its (up to ten) blocks' activations for
+    its backward at once."""
+    unet = tf.inference_models()[0].model.diffusion_model
+    classes = ("ResBlock", "BasicTransformerBlock", "Downsample", "Upsample")
+    expected = [m for m in unet.modules() if type(m).__name__ in classes]
+    assert {type(m).__name__ for m in expected} == set(classes)
+    with comfy_kernels.gradient_checkpointing(unet, True) as count:
+        overridden = [m for m in unet.modules() if "forward" in m.__dict__]
+        assert count == len(expected) and overridden == expected
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
 # -- 2. loss and LoRA gradients of one batch = the first-principles reference ---------------------
 
 CASES = {

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from heap import describe as describe_heap
+from heap import heap_counters
 from op_profile import StepProfiler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,8 +154,8 @@ def run_kohya(args, result_path: Path) -> dict:
     result.update(
         sd_scripts_commit=commit, returncode=returncode, process_wall_s=wall, peak_anon_gib=peak_anon, log=str(log_path)
     )
-    for step in result.get("step_s", []):
-        print(f"  kohya step: {step:.3f} s", flush=True)
+    for step, counters in zip(result.get("step_s", []), result.get("heap_after_step_gib", [])):
+        print(f"  kohya step: {step:.3f} s, {describe_heap(counters)}", flush=True)
     return result
 
 
@@ -184,12 +186,14 @@ def timed_main(sd_scripts: str, result_path: str, threads: int, kohya_args: list
 
     profile_step = int(os.environ.get("BENCH_PROFILE_STEP", "0"))  # bench_train.py --profile-step
     profiler = StepProfiler()
+    heap: list[dict | None] = []
 
     def timed_on_step_start(self, *a, **k):
         if k.get("is_train", True):
             if profiler.running:
                 profiler.stop(Path(os.environ["BENCH_PROFILE_OUT"]))
             starts.append(time.perf_counter())
+            heap.append(heap_counters())  # after the previous step (the first: after kohya's setup)
             if profile_step and len(starts) == profile_step:
                 profiler.start()
         return on_step_start(self, *a, **k)
@@ -226,6 +230,7 @@ def timed_main(sd_scripts: str, result_path: str, threads: int, kohya_args: list
         result["train_wall_s"] = time.perf_counter() - begin
         result["step_s"] = [b - a for a, b in zip(starts, starts[1:])]
         result["fwd_bwd_s"] = [f + b for f, b in zip(forward, backward)][: len(result["step_s"])]
+        result["heap_after_step_gib"] = heap[1:]
         result["maxrss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
         lora = Path("output") / "bench.safetensors"
         if lora.is_file():

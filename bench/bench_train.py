@@ -272,6 +272,10 @@ def worker_ours(args, result: dict) -> None:
     from sdxl_lora_trainer.trainer.run.optimizers import OptimizerSettings
     from sdxl_lora_trainer.trainer.run.session import train
 
+    if args.keep_freed_heap:  # the A/B of trainer/run/host_memory.py: glibc keeps what each step freed
+        from sdxl_lora_trainer.trainer.run import session as run_session
+
+        run_session.release_freed_memory = lambda: False
     t0 = time.perf_counter()
     model, ctx_dim, pooled_dim = build_model(args.model, args.dtype)
     result["build_s"] = time.perf_counter() - t0
@@ -413,6 +417,10 @@ def worker_builtin(args, result: dict) -> None:
     import torch
     from comfy_extras import nodes_train
 
+    if args.keep_freed_heap:  # the A/B of trainer/run/host_memory.py: glibc keeps what each step freed
+        from sdxl_lora_trainer.trainer.run import session as run_session
+
+        run_session.release_freed_memory = lambda: False
     t0 = time.perf_counter()
     model, ctx_dim, pooled_dim = build_model(args.model, args.dtype)
     result["build_s"] = time.perf_counter() - t0
@@ -578,6 +586,7 @@ def run_worker(which: str, args, optimizer: str = "AdamW") -> dict:
         "--profile-step",
         str(args.profile_step),
         *(["--compile-blocks"] if args.compile_blocks else []),
+        *(["--keep-freed-heap"] if args.keep_freed_heap else []),
     ]
     print(f"[{which}] {' '.join(cmd[1:])}  (RLIMIT_AS {args.mem_cap_gib} GiB)", flush=True)
     start = time.perf_counter()
@@ -752,6 +761,12 @@ def main() -> int:
         action="store_true",
         help="ours: torch.compile each transformer block (Module.compile) when training starts: the regional "
         "compile trial",
+    )
+    ap.add_argument(
+        "--keep-freed-heap",
+        action="store_true",
+        help="ours: skip handing the C heap's free pages back after each step (trainer/run/host_memory.py), to "
+        "measure what that release saves",
     )
     ap.add_argument(
         "--profile-step",

@@ -22,7 +22,7 @@ from workflow_convert import workflow_to_prompt
 
 DRIVER = Path(__file__).with_name("example_workflows_driver.cjs")
 EXAMPLES = ROOT / "example_workflows"
-NAMES = ["train_then_test_sdxl_lora", "kohya_toml_dataset", "export_kohya_run", "continue_training"]
+NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))  # every committed example, none forgotten
 PLAYWRIGHT_CORE = ROOT / ".comfyui" / "node" / "node_modules" / "playwright-core"
 UNAVAILABLE = ROOT / ".comfyui" / "browser.unavailable"
 

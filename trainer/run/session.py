@@ -31,6 +31,7 @@ from .batch_loader import CachedBatchSource, LatentSource, TextSource
 from .config import DTYPES, TrainConfig
 from .ema import AdapterEma, EmaSettings
 from .events import RunEvents
+from .host_memory import release_freed_memory
 from .loop import LoopSettings, LoopState, run
 from .memory_plan import MemoryPlan, StepShape, activation_bytes, largest_step_shape
 from .memory_plan import plan as memory_plan_of
@@ -229,6 +230,20 @@ def _dataset_loss_notes(dataset: TrainingDataset, loss: LossSettings) -> list[st
             f"prior_loss_weight {loss.prior_loss_weight:g} has no effect: the dataset has no regularization images"
         )
     return notes
+
+
+def after_optimizer_step(averages: AdapterEma | None, device: torch.device) -> Callable[[int], Any] | None:
+    """What runs after each optimizer step: the EMA update, and on a CPU run the host heap handed back (the step's
+    activations live there; trainer/run/host_memory.py)."""
+    if device.type != "cpu":
+        return averages.after_step if averages is not None else None
+
+    def after(step: int) -> None:
+        if averages is not None:
+            averages.after_step(step)
+        release_freed_memory()
+
+    return after
 
 
 def train(
@@ -448,7 +463,7 @@ def train(
                     max_norm=network.apply_max_norm,
                     scaler=scaler,
                     validator=validator,
-                    after_optimizer_step=averages.after_step if averages is not None else None,
+                    after_optimizer_step=after_optimizer_step(averages, device),
                 )
                 if not result.state.interrupted:
                     events.training_finished()

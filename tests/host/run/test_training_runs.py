@@ -235,6 +235,19 @@ def test_model_is_unchanged_for_other_nodes(random_data):
     assert torch.equal(before, after)
 
 
+def test_a_cpu_run_hands_the_freed_heap_back_after_every_step(random_data, monkeypatch):
+    """On the CPU the activations live in the C heap: after each optimizer step its free pages go back to the
+    system (trainer/run/host_memory.py), with the EMA update still run."""
+    from sdxl_lora_trainer.trainer.run import session
+    from sdxl_lora_trainer.trainer.run.ema import EmaSettings
+
+    released: list[int] = []
+    monkeypatch.setattr(session, "release_freed_memory", lambda: released.append(1) or True)
+    config = TrainConfig(max_train_steps=3, gradient_accumulation_steps=2)
+    result = tf.run_train(*random_data, RANDOM_NET, config, ema=EmaSettings(decay=0.9))
+    assert result.state.global_step == 3 and len(released) == 3 and result.ema.updates == 3
+
+
 # -- 8. divergence ------------------------------------------------------------------------------------
 
 

@@ -71,7 +71,7 @@ from pathlib import Path
 
 from heap import describe as describe_heap
 from heap import heap_counters
-from op_profile import StepProfiler
+from op_profile import StepProfiler, table_path
 from op_profile import compare as compare_profiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -417,10 +417,6 @@ def worker_builtin(args, result: dict) -> None:
     import torch
     from comfy_extras import nodes_train
 
-    if args.keep_freed_heap:  # the A/B of trainer/run/host_memory.py: glibc keeps what each step freed
-        from sdxl_lora_trainer.trainer.run import session as run_session
-
-        run_session.release_freed_memory = lambda: False
     t0 = time.perf_counter()
     model, ctx_dim, pooled_dim = build_model(args.model, args.dtype)
     result["build_s"] = time.perf_counter() - t0
@@ -507,7 +503,7 @@ def worker_builtin(args, result: dict) -> None:
 
 def profile_path(args, trainer: str) -> Path:
     """Where --profile-step writes a trainer's operator table (bench/op_profile.py)."""
-    return OUT_DIR / f"{args.name}_{trainer}.ops.json"
+    return table_path(OUT_DIR, args.name, trainer)
 
 
 def worker_main(args) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from heap import describe as describe_heap
 from heap import heap_counters
-from op_profile import StepProfiler
+from op_profile import StepProfiler, table_path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
@@ -131,7 +131,7 @@ def run_kohya(args, result_path: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(deps), str(sd_scripts)])
     if args.profile_step:
         env["BENCH_PROFILE_STEP"] = str(args.profile_step)
-        env["BENCH_PROFILE_OUT"] = str(OUT_DIR / f"{args.name}_kohya.ops.json")
+        env["BENCH_PROFILE_OUT"] = str(table_path(OUT_DIR, args.name, "kohya"))
     command = [sys.executable, __file__, "--timed", str(sd_scripts), str(result_path), str(args.threads), *kohya_args]
     print(f"[kohya] {sd_scripts} at {commit}: (cd {folder} && {' '.join(command[1:])})", flush=True)
     log_path = folder / "kohya.log"

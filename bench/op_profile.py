@@ -18,6 +18,11 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def table_path(out_dir: Path, run_name: str, trainer: str) -> Path:
+    """Where a run's operator table of ``trainer`` goes (both trainers' processes write by this name)."""
+    return Path(out_dir) / f"{run_name}_{trainer}.ops.json"
+
+
 class StepProfiler:
     """Start before a step, stop after it; ``stop`` writes the table."""
 
